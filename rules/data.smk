@@ -1,0 +1,40 @@
+# Data preparation: decontamination against the evaluated benchmarks, then filtering and formatting.
+
+
+rule decontaminate:
+    input:
+        generations=get_generations(),
+        benchmarks=[get_benchmark_file(b) for b in benchmark_names()],
+    output:
+        out("data", "contamination.jsonl"),
+    params:
+        benchmark_names=benchmark_names(),
+        input_key=config["prepare_data"]["input_key"],
+        ngram_size=config["prepare_data"]["decontamination"]["ngram_size"],
+        threshold=config["prepare_data"]["decontamination"]["threshold"],
+    log:
+        out("logs", "decontaminate.log"),
+    benchmark:
+        out("benchmarks_time", "decontaminate.tsv")
+    script:
+        "../scripts/find_contamination.py"
+
+
+rule prepare_data:
+    input:
+        generations=get_generations(),
+        tokenizer=local_inputs(get_tokenizer()),
+        contamination=get_contamination(),
+    output:
+        data=out("data", "sft.jsonl"),
+        stats=out("data", "sft.stats.json"),
+    params:
+        cfg=config["prepare_data"],
+        tokenizer=get_tokenizer(),
+        chat_template=config["model"]["chat_template"],
+    log:
+        out("logs", "prepare_data.log"),
+    benchmark:
+        out("benchmarks_time", "prepare_data.tsv")
+    script:
+        "../scripts/prepare_data.py"

@@ -1,0 +1,151 @@
+"""Load, default-fill and validate configuration against config/schema.yaml.
+
+The schema is the single source of truth for config keys and their defaults: Snakemake's config and
+the command-line `++key=value` overrides of the scripts are both checked (and filled) here, so a typo
+fails before any work starts, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from sftflow.errors import SftflowError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO_ROOT / "config" / "schema.yaml"
+
+
+@lru_cache(maxsize=None)
+def load_schema(path: str = str(SCHEMA_PATH)) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _with_defaults(validator_class):
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, subschema in properties.items():
+                if "default" in subschema and key not in instance:
+                    instance[key] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def _key_path(prefix: str, path) -> str:
+    parts = [prefix] if prefix else []
+    parts += [str(p) for p in path]
+    return ".".join(parts) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError, prefix: str) -> str:
+    key = _key_path(prefix, error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        msgs = []
+        for name in extra:
+            full = f"{key}.{name}" if key != "<top level>" else name
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            msgs.append(f"unknown config key '{full}'{hint}; known keys here: {', '.join(allowed)}")
+        return "; ".join(msgs)
+    if error.validator == "enum":
+        return f"config key '{key}': {error.instance!r} is not one of {error.validator_value}"
+    if error.validator in ("type", "anyOf", "oneOf"):
+        want = error.schema.get("type") or [s.get("type") for s in error.schema.get(error.validator, [])]
+        return f"config key '{key}': {error.instance!r} has the wrong type (expected {want})"
+    return f"config key '{key}': {error.message}"
+
+
+def validate(instance: dict, schema: dict, prefix: str = "") -> dict:
+    """Fill defaults into `instance` (in place) and validate it; raise SftflowError naming the key."""
+    validator = _Validator(schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    if errors:
+        raise SftflowError("; ".join(dict.fromkeys(_describe(e, prefix) for e in errors)))
+    return instance
+
+
+def validate_workflow_config(config: dict) -> dict:
+    """Validate the Snakemake config (filling defaults) plus the checks a schema cannot express."""
+    validate(config, load_schema())
+    check_cross_keys(config)
+    return config
+
+
+def check_cross_keys(config: dict) -> None:
+    """Rules that span several keys; each error names the keys involved."""
+    prep = config["prepare_data"]
+    if prep["input_files"] is None and not config["demo"]["enabled"]:
+        raise SftflowError(
+            "config key 'prepare_data.input_files' is null but 'demo.enabled' is false: "
+            "point prepare_data.input_files at your generation outputs (e.g. 'gen/output-rs*.jsonl')"
+        )
+    if config["model"]["base_model"] is None and not config["demo"]["enabled"]:
+        raise SftflowError("config key 'model.base_model' is null but 'demo.enabled' is false: set a model path or hub name")
+    check_prepare_keys(prep, prefix="prepare_data.")
+
+
+def check_prepare_keys(prep: dict, prefix: str = "") -> None:
+    if prep["num_output_samples"] is not None and prep["downsampling_method"] is None:
+        raise SftflowError(
+            f"config key '{prefix}num_output_samples' is set but '{prefix}downsampling_method' is null: "
+            "choose 'fair' or 'random'"
+        )
+    if prep["downsampling_method"] is not None and prep["num_output_samples"] is None:
+        raise SftflowError(
+            f"config key '{prefix}downsampling_method' is '{prep['downsampling_method']}' "
+            f"but '{prefix}num_output_samples' is null: set how many rows to keep"
+        )
+    for what in ("problem", "solution"):
+        lo, hi = prep[f"min_{what}_length"], prep[f"max_{what}_length"]
+        if lo is not None and hi is not None and lo > hi:
+            raise SftflowError(f"config keys '{prefix}min_{what}_length' ({lo}) > '{prefix}max_{what}_length' ({hi})")
+
+
+def section_schema(name: str) -> dict:
+    return load_schema()["properties"][name]
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Parse NeMo-Skills/Hydra style `++a.b=value` arguments into a nested dict.
+
+    Values are parsed as YAML scalars/flow collections (true, null, 3, 0.5, [a, b], {k: v}); anything
+    YAML cannot parse (e.g. a glob starting with '*') is kept as a plain string.
+    """
+    result: dict[str, Any] = {}
+    for arg in args:
+        if not arg.startswith("++") or "=" not in arg:
+            raise SftflowError(f"argument {arg!r}: expected ++key=value (e.g. ++output_path=sft.jsonl)")
+        key, raw = arg[2:].split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise SftflowError(f"argument {arg!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (str, int, float, bool, list, dict)) or value is None:
+            pass
+        else:  # dates and other YAML types: keep what the user typed
+            value = raw
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SftflowError(f"argument {arg!r}: '{part}' is set both as a value and as a section")
+        node[parts[-1]] = value
+    return result

@@ -1,0 +1,45 @@
+"""Text utilities for math solutions: \\boxed{} extraction with balanced braces, problem normalisation."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def find_boxed(text: str) -> list[tuple[int, int, str]]:
+    """All \\boxed{...} spans as (start, end, content), braces balanced; an unclosed one is ignored."""
+    spans = []
+    for match in _BOXED.finditer(text):
+        depth, i = 1, match.end()
+        while i < len(text) and depth:
+            ch = text[i]
+            if ch == "\\" and i + 1 < len(text):
+                i += 2
+                continue
+            if ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+            i += 1
+        if depth == 0:
+            spans.append((match.start(), i, text[match.end() : i - 1]))
+    return spans
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{} in `text`, or None."""
+    spans = find_boxed(text)
+    return spans[-1][2] if spans else None
+
+
+_PUNCT = re.compile(r"[^\w\s]", flags=re.UNICODE)
+_SPACE = re.compile(r"\s+")
+
+
+def normalize_problem(text: str) -> str:
+    """Case-, whitespace- and punctuation-insensitive form of a problem, for matching copies."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = _PUNCT.sub(" ", text)
+    return _SPACE.sub(" ", text).strip()

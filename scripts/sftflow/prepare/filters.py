@@ -1,0 +1,163 @@
+"""Row filters of data preparation. Each takes a row, returns the (possibly modified) row or None to drop it.
+
+The filters mirror NeMo-Skills' math_sft.yaml semantics; each is switched on in `filters:` of the config.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from sftflow.mathtext import find_boxed, normalize_problem
+from sftflow.prepare import arithmetic
+
+CODE_ERROR_MARKERS = ("Traceback (most recent call last)", "<output cut>", "Timed out", "SyntaxError")
+MATPLOTLIB_MARKERS = ("from matplotlib", "import matplotlib")
+VERIFICATION_MARKERS = (
+    "Let's verify this with Python",
+    "Let's verify this using Python",
+    "Let's confirm this with Python",
+    "Let's use Python to plot",
+    "Let's verify this solution using Python",
+    "Let's use Python to verify",
+    "Let's confirm this result with some Python",
+)
+THINK_TAGS = ("<think>", "</think>")
+
+
+@dataclass
+class RowFilter:
+    """A named per-row step with its counters; `fn` returns the new row or None (drop)."""
+
+    name: str
+    fn: Callable[[dict], dict | None]
+    key: str  # the field this filter may rewrite; a changed value counts as "modified"
+    rows_in: int = 0
+    dropped: int = 0
+    modified: int = 0
+    notes: dict = field(default_factory=dict)
+
+    def __call__(self, row: dict) -> dict | None:
+        self.rows_in += 1
+        before = row[self.key]
+        out = self.fn(row)
+        if out is None:
+            self.dropped += 1
+        elif out[self.key] != before:
+            self.modified += 1
+        return out
+
+    def stats(self) -> dict:
+        result = {"stage": self.name, "rows_in": self.rows_in, "dropped": self.dropped, "modified": self.modified}
+        result.update(self.notes)
+        return result
+
+
+def drop_multi_boxed(key: str) -> Callable[[dict], dict | None]:
+    return lambda row: None if len(find_boxed(row[key])) > 1 else row
+
+
+def drop_if_contains(key: str, markers: Iterable[str]) -> Callable[[dict], dict | None]:
+    markers = tuple(markers)
+    return lambda row: None if any(m in row[key] for m in markers) else row
+
+
+def drop_unless_contains_all(key: str, markers: Iterable[str]) -> Callable[[dict], dict | None]:
+    markers = tuple(markers)
+    return lambda row: row if all(m in row[key] for m in markers) else None
+
+
+def remove_contaminated(key: str, contaminated: set[str]) -> Callable[[dict], dict | None]:
+    """`contaminated` holds normalize_problem() forms, so copies differing in case/spacing/punctuation match."""
+    return lambda row: None if normalize_problem(row[key]) in contaminated else row
+
+
+def majority_filter(min_votes: int, min_fraction: float, counter: dict) -> Callable[[dict], dict | None]:
+    def fn(row: dict) -> dict | None:
+        votes, total = row.get("majority_votes"), row.get("total_votes")
+        if votes is None or total is None:
+            counter["kept_without_vote_fields"] = counter.get("kept_without_vote_fields", 0) + 1
+            return row
+        if votes < min_votes or votes < total * min_fraction:
+            return None
+        return row
+
+    return fn
+
+
+def trim_prefix(key: str, prefix: str) -> Callable[[dict], dict | None]:
+    def fn(row: dict) -> dict:
+        if prefix and row[key].startswith(prefix):
+            row[key] = row[key][len(prefix) :]
+        return row
+
+    return fn
+
+
+def trim_after_last_boxed(text: str) -> str:
+    """Cut `text` at the end of the line that holds the end of its last \\boxed{}."""
+    spans = find_boxed(text)
+    if not spans:
+        return text
+    newline = text.find("\n", spans[-1][1])
+    return text if newline < 0 else text[:newline]
+
+
+def trim_solutions(key: str, counter: dict) -> Callable[[dict], dict | None]:
+    def fn(row: dict) -> dict:
+        trimmed = trim_after_last_boxed(row[key])
+        if trimmed is row[key] and not find_boxed(row[key]):
+            counter["kept_without_boxed"] = counter.get("kept_without_boxed", 0) + 1
+        row[key] = trimmed
+        return row
+
+    return fn
+
+
+def _equations(text: str):
+    for match in arithmetic.EQUATION.finditer(text):
+        if re.search(r"[-+*/]", match.group()):
+            yield match
+
+
+def drop_incorrect_arithmetic(key: str, rel_tol: float) -> Callable[[dict], dict | None]:
+    def fn(row: dict) -> dict | None:
+        for match in _equations(row[key]):
+            if arithmetic.equation_is_correct(match.group(), rel_tol) is False:
+                return None
+        return row
+
+    return fn
+
+
+def split_arithmetic(key: str) -> Callable[[dict], dict | None]:
+    def fn(row: dict) -> dict:
+        text, pieces, last = row[key], [], 0
+        for match in _equations(text):
+            expanded = arithmetic.split_equation(match.group())
+            if expanded is not None:
+                pieces.append(text[last : match.start()])
+                pieces.append(expanded)
+                last = match.end()
+        if pieces:
+            row[key] = "".join(pieces) + text[last:]
+        return row
+
+    return fn
+
+
+def code_text_choice(samples: list[dict], key: str, code_begin: str, mode: str) -> list[dict]:
+    """Choose between code and text solutions of one problem (NeMo-Skills' CodeTextFilter modes)."""
+    code = [s for s in samples if code_begin in s[key]]
+    text = [s for s in samples if code_begin not in s[key]]
+    half = len(samples) // 2
+    if mode == "all":
+        return code
+    if mode == "majority_code":
+        return code + (text if len(code) <= half else [])
+    if mode == "majority_text":
+        return code if len(code) > half else text
+    if mode == "any_code":
+        return code if code else text
+    raise ValueError(f"unknown code_text_filter mode {mode!r}")

@@ -1,0 +1,71 @@
+"""Prompt configs: YAML files with a `system` message, a `user` template and an optional few-shot `examples` block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from sftflow.errors import SftflowError
+
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
+KNOWN_KEYS = {"system", "user", "examples"}
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    name: str
+    system: str
+    user: str
+    examples_text: str = ""
+
+    def fill(self, row: dict, where: str = "") -> str:
+        """The user message for `row`: `{field}` placeholders filled from the row, `{examples}` from the config."""
+        try:
+            return self.user.format_map({**row, "examples": self.examples_text})
+        except KeyError as err:
+            raise SftflowError(
+                f"{where}prompt config '{self.name}' uses {{{err.args[0]}}} but the row has no such field "
+                f"(fields: {', '.join(sorted(row))})"
+            ) from None
+        except (IndexError, ValueError) as err:
+            raise SftflowError(f"prompt config '{self.name}': bad template ({err}); write literal braces as {{{{ }}}}") from None
+
+    def system_text(self) -> str:
+        return self.system.format_map({}) if self.system else ""
+
+
+def available() -> list[str]:
+    return sorted(str(p.relative_to(PROMPTS_DIR).with_suffix("")) for p in PROMPTS_DIR.rglob("*.yaml"))
+
+
+def load_prompt_config(name_or_path: str) -> PromptConfig:
+    """Load a bundled prompt config by name (e.g. 'generic/math') or the user's own YAML by path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PROMPTS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise SftflowError(
+            f"prompt_config '{name_or_path}': no such file and no bundled config of that name "
+            f"(bundled: {', '.join(available())})"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise SftflowError(f"{path}: invalid YAML ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("user"), str):
+        raise SftflowError(f"{path}: a prompt config needs a 'user' template string")
+    unknown = set(data) - KNOWN_KEYS
+    if unknown:
+        raise SftflowError(f"{path}: unknown keys {sorted(unknown)} (allowed: {sorted(KNOWN_KEYS)})")
+    examples_text = ""
+    if data.get("examples"):
+        block = data["examples"]
+        if not isinstance(block, dict) or "template" not in block or not isinstance(block.get("items"), list):
+            raise SftflowError(f"{path}: 'examples' needs 'template' and a list of 'items'")
+        try:
+            examples_text = "".join(block["template"].format_map(item) for item in block["items"])
+        except KeyError as err:
+            raise SftflowError(f"{path}: examples template uses {{{err.args[0]}}} missing from an item") from None
+    return PromptConfig(name=str(name_or_path), system=data.get("system") or "", user=data["user"], examples_text=examples_text)
