@@ -12,6 +12,8 @@ rule decontaminate:
         input_key=config["prepare_data"]["input_key"],
         ngram_size=config["prepare_data"]["decontamination"]["ngram_size"],
         threshold=config["prepare_data"]["decontamination"]["threshold"],
+    conda:
+        "../envs/data.yaml"
     log:
         out("logs", "decontaminate.log"),
     benchmark:
@@ -30,8 +32,10 @@ rule prepare_data:
         stats=out("data", "sft.stats.json"),
     params:
         cfg=config["prepare_data"],
-        tokenizer=get_tokenizer(),
+        tokenizer=lambda wildcards, input: input.tokenizer[0] if input.tokenizer else get_tokenizer(),
         chat_template=config["model"]["chat_template"],
+    conda:
+        "../envs/data.yaml"
     log:
         out("logs", "prepare_data.log"),
     benchmark:

@@ -7,6 +7,8 @@ rule demo_tokenizer:
     params:
         demo=config["demo"],
         what="tokenizer",
+    conda:
+        "../envs/data.yaml"
     log:
         out("logs", "demo_tokenizer.log"),
     benchmark:
@@ -23,6 +25,8 @@ rule demo_base_model:
     params:
         demo=config["demo"],
         what="model",
+    conda:
+        "../envs/data.yaml"
     log:
         out("logs", "demo_base_model.log"),
     benchmark:
@@ -38,6 +42,8 @@ rule demo_generations:
     params:
         demo=config["demo"],
         what="data",
+    conda:
+        "../envs/data.yaml"
     log:
         out("logs", "demo_generations.log"),
     benchmark:

@@ -4,6 +4,8 @@
 rule prepare_benchmark:
     output:
         out("benchmarks", "{benchmark}", "test.jsonl"),
+    conda:
+        "../envs/eval.yaml"
     log:
         out("logs", "prepare_benchmark_{benchmark}.log"),
     shell:
@@ -19,6 +21,8 @@ rule generate:
         benchmark=out("benchmarks", "{benchmark}", "test.jsonl"),
     output:
         out("eval", "{benchmark}", "output.jsonl"),
+    conda:
+        "../envs/eval.yaml"
     log:
         out("logs", "generate_{benchmark}.log"),
     shell:
@@ -30,6 +34,8 @@ rule eval_summary:
         [out("eval", b, "output.jsonl") for b in benchmark_names()],
     output:
         out("eval.json"),
+    conda:
+        "../envs/eval.yaml"
     log:
         out("logs", "eval_summary.log"),
     shell:

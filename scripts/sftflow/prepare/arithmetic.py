@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
+from functools import lru_cache
 
 _NUM = r"\d+(?:\.\d+)?"
 _TERM = rf"\(*\s*{_NUM}\s*\)*"
@@ -15,7 +16,7 @@ _OPS = {"+": (1, lambda a, b: a + b), "-": (1, lambda a, b: a - b), "*": (2, lam
 
 
 def tokenize(expr: str) -> list:
-    """Numbers become Fractions (exact), operators and parentheses stay strings."""
+    """Numbers become ints or Fractions (exact), operators and parentheses stay strings."""
     tokens, pos = [], 0
     expr = expr.rstrip()
     while pos < len(expr):
@@ -23,7 +24,10 @@ def tokenize(expr: str) -> list:
         if not m:
             raise ValueError(f"cannot parse {expr!r}")
         tok = m.group(1)
-        tokens.append(tok if tok in "+-*/()" else Fraction(tok))
+        if tok in "+-*/()":
+            tokens.append(tok)
+        else:
+            tokens.append(int(tok) if tok.isdigit() else Fraction(tok))
         pos = m.end()
     return tokens
 
@@ -50,13 +54,15 @@ def _step(tokens: list) -> list:
     if len(inner) < 3 or len(inner) % 2 == 0:
         raise ValueError("malformed expression")
     for i in range(1, len(inner), 2):
-        if not isinstance(inner[i], str) or inner[i] not in _OPS or not isinstance(inner[i - 1], Fraction):
+        if not isinstance(inner[i], str) or inner[i] not in _OPS or isinstance(inner[i - 1], str):
             raise ValueError("malformed expression")
     best = max(range(1, len(inner), 2), key=lambda i: (_OPS[inner[i]][0], -i))
     a, op, b = inner[best - 1], inner[best], inner[best + 1]
-    if not isinstance(b, Fraction):
+    if isinstance(b, str):
         raise ValueError("malformed expression")
-    value = _OPS[op][1](a, b)  # ZeroDivisionError propagates
+    value = Fraction(a, b) if op == "/" and isinstance(a, int) and isinstance(b, int) else _OPS[op][1](a, b)
+    if isinstance(value, Fraction) and value.denominator == 1:
+        value = value.numerator  # ZeroDivisionError propagates from the division above
     inner = inner[: best - 1] + [value] + inner[best + 2 :]
     result = tokens[:start] + inner + tokens[end:]
     if len(inner) == 1 and start > 0:
@@ -66,24 +72,26 @@ def _step(tokens: list) -> list:
 
 def solve_steps(expr: str) -> list[list]:
     """Every intermediate token list from `expr` to its value (the last list holds one Fraction)."""
-    tokens = tokenize(expr)
-    if tokens.count("(") != tokens.count(")"):
+    if expr.count("(") != expr.count(")"):
         raise ValueError("unbalanced parentheses")
+    tokens = tokenize(expr)
     steps = [tokens]
     while len(tokens) > 1:
         tokens = _step(tokens)
         steps.append(tokens)
-    if not isinstance(tokens[0], Fraction):
+    if isinstance(tokens[0], str):
         raise ValueError("malformed expression")
     return steps
 
 
-def evaluate(expr: str) -> Fraction:
+def evaluate(expr: str) -> int | Fraction:
     return solve_steps(expr)[-1][0]
 
 
-def format_number(value: Fraction) -> str | None:
+def format_number(value: int | Fraction) -> str | None:
     """Exact decimal text of `value`, or None if it has no finite decimal form."""
+    if isinstance(value, int):
+        return str(value)
     if value.denominator == 1:
         return str(value.numerator)
     den, twos, fives = value.denominator, 0, 0
@@ -104,7 +112,7 @@ def format_number(value: Fraction) -> str | None:
 def render(tokens: list) -> str | None:
     parts = []
     for tok in tokens:
-        if isinstance(tok, Fraction):
+        if not isinstance(tok, str):
             text = format_number(tok)
             if text is None:
                 return None
@@ -122,6 +130,7 @@ def stated_tolerance(side: str) -> Fraction:
     return Fraction(0)
 
 
+@lru_cache(maxsize=1 << 16)  # the same small computations recur across many solutions
 def equation_is_correct(equation: str, rel_tol: float) -> bool | None:
     """True/False if every side of the equation has the value of the first; None if it cannot be checked."""
     sides = equation.split("=")
@@ -141,6 +150,7 @@ def _is_plain_number(side: str) -> bool:
     return re.fullmatch(rf"\s*\(*\s*{_NUM}\s*\)*\s*", side) is not None
 
 
+@lru_cache(maxsize=1 << 16)
 def split_equation(equation: str) -> str | None:
     """'1 + 2 + 3 = 6' -> '1 + 2 + 3 = 3 + 3 = 6'; None if it is not a correct two-sided equation to expand."""
     sides = equation.split("=")

@@ -115,10 +115,22 @@ def trim_solutions(key: str, counter: dict) -> Callable[[dict], dict | None]:
     return fn
 
 
+# Runs of characters an equation can consist of; the (slow) EQUATION regex only looks inside these.
+_CANDIDATE = re.compile(r"[\d .+\-*/()=]{5,}")
+_OPERATOR = re.compile(r"[-+*/]")
+
+
 def _equations(text: str):
-    for match in arithmetic.EQUATION.finditer(text):
-        if re.search(r"[-+*/]", match.group()):
-            yield match
+    if "=" not in text:
+        return
+    for run in _CANDIDATE.finditer(text):
+        chunk = run.group()
+        if "=" not in chunk or not _OPERATOR.search(chunk):
+            continue
+        # endpos one past the run keeps the pattern's look-ahead honest about the next character
+        for match in arithmetic.EQUATION.finditer(text, run.start(), min(run.end() + 1, len(text))):
+            if _OPERATOR.search(match.group()):
+                yield match
 
 
 def drop_incorrect_arithmetic(key: str, rel_tol: float) -> Callable[[dict], dict | None]:
@@ -137,7 +149,8 @@ def split_arithmetic(key: str) -> Callable[[dict], dict | None]:
         for match in _equations(text):
             expanded = arithmetic.split_equation(match.group())
             if expanded is not None:
-                pieces.append(text[last : match.start()])
+                lead = match.group()[: len(match.group()) - len(match.group().lstrip())]
+                pieces.append(text[last : match.start()] + lead)
                 pieces.append(expanded)
                 last = match.end()
         if pieces:

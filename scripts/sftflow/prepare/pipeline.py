@@ -284,7 +284,9 @@ class Preparer:
     def to_record(self, row: dict) -> dict:
         where = row.pop("__where")
         solution = row[self.output_key]
-        record = self.formatter.record(row, solution, where + ": ")
+        # Bundled prompt configs say {problem}; with another input_key that field still fills it.
+        fields = row if "problem" in row else {**row, "problem": row[self.input_key]}
+        record = self.formatter.record(fields, solution, where + ": ")
         if self.cfg["exclude_optional_keys"]:
             if "expected_answer" in row:
                 record["expected_answer"] = row["expected_answer"]

@@ -1,0 +1,27 @@
+# The two commands of a fresh machine: `make demo` (the offline demo) and `make test` (the test suite).
+# Both create .venv first (torch pinned to the CPU build; see requirements.txt).
+VENV := .venv
+STAMP := $(VENV)/.installed
+CORES ?= 2
+DEMO_TARGET ?= results/data/sft.jsonl
+
+.PHONY: demo test lint install
+
+$(STAMP): requirements.txt requirements-nodeps.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/snakemake --cores $(CORES) $(DEMO_TARGET)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check scripts tests benchmarks
+	$(VENV)/bin/ruff format --check scripts tests benchmarks
+	$(VENV)/bin/snakemake --lint

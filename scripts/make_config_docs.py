@@ -1,0 +1,57 @@
+"""Write config/README.md from config/schema.yaml, so every config key is documented from one source."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = """# Configuration reference
+
+`config/config.yaml` is the experiment: edit it (or pass `--configfile my.yaml`) and rerun. Every key below
+has a default, taken from `config/schema.yaml`; the workflow validates the config against that schema
+before any job starts, and an unknown key or a wrong value fails with a message naming the key.
+`python scripts/prepare_data.py` takes the keys of the `prepare_data` section as `++key=value`
+(plus `++output_path`, `++tokenizer`, `++chat_template`).
+
+This file is generated: `python scripts/make_config_docs.py > config/README.md`.
+"""
+
+
+def fmt_default(node: dict) -> str:
+    if "default" not in node or isinstance(node.get("default"), dict) and node.get("type") == "object":
+        return ""
+    return f"`{json.dumps(node['default'])}`"
+
+
+def fmt_type(node: dict) -> str:
+    if "enum" in node:
+        return " \\| ".join("null" if v is None else str(v) for v in node["enum"])
+    t = node.get("type", "")
+    return " \\| ".join(t) if isinstance(t, list) else str(t)
+
+
+def walk(node: dict, prefix: str, rows: list) -> None:
+    for key, sub in node.get("properties", {}).items():
+        name = f"{prefix}{key}"
+        if sub.get("type") == "object" and "properties" in sub:
+            rows.append((f"**{name}**", "section", "", sub.get("description", "")))
+            walk(sub, name + ".", rows)
+        else:
+            rows.append((f"`{name}`", fmt_type(sub), fmt_default(sub), sub.get("description", "")))
+
+
+def render() -> str:
+    schema = yaml.safe_load((ROOT / "config" / "schema.yaml").read_text(encoding="utf-8"))
+    rows: list = []
+    walk(schema, "", rows)
+    lines = [HEADER, "| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| {k} | {t} | {d} | {m.replace('|', '/')} |" for k, t, d, m in rows]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())

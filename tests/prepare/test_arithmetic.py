@@ -1,0 +1,71 @@
+from fractions import Fraction
+
+import pytest
+
+from sftflow.prepare import arithmetic as A
+from sftflow.prepare import filters as F
+
+
+@pytest.mark.parametrize(
+    "equation, expanded",
+    [
+        ("1 + 2 + 3 + 4 = 10", "1 + 2 + 3 + 4 = 3 + 3 + 4 = 6 + 4 = 10"),
+        ("1 + 7 * 19 = 134", "1 + 7 * 19 = 1 + 133 = 134"),
+        ("3 * (1 + 7) / 4 = 6", "3 * (1 + 7) / 4 = 3 * 8 / 4 = 24 / 4 = 6"),
+        ("10 - 4 - 3 = 3", "10 - 4 - 3 = 6 - 3 = 3"),
+        ("1 / 4 + 1 = 1.25", "1 / 4 + 1 = 0.25 + 1 = 1.25"),
+    ],
+)
+def test_split_equation_expands_step_by_step(equation, expanded):
+    assert A.split_equation(equation) == expanded
+
+
+@pytest.mark.parametrize(
+    "equation",
+    [
+        "2 + 3 = 5",  # a single operation has nothing to expand
+        "1 + 2 + 3 = 7",  # wrong: left as it is
+        "1 / 3 + 1 / 3 = 0.67",  # intermediate 1/3 has no finite decimal form
+        "4 / (2 - 2) + 1 = 3",  # division by zero
+    ],
+)
+def test_split_equation_leaves_what_it_cannot_expand(equation):
+    assert A.split_equation(equation) is None
+
+
+@pytest.mark.parametrize(
+    "equation, ok",
+    [
+        ("1 + 2 + 3 + 4 = 10", True),
+        ("3 * (1 + 7) / 4 = 3 * 8 / 4 = 100", False),
+        ("3 * (1 + 7) / 4 = 3 * 8 / 4 = 6", True),
+        ("22 / 7 = 3.14", True),  # correctly rounded to the written places
+        ("1 / 3 = 0.3334", False),  # wrongly rounded
+        ("12 * 12 = 144", True),
+        ("12 * 12 = 145", False),
+    ],
+)
+def test_equation_is_correct(equation, ok):
+    assert A.equation_is_correct(equation, 1e-4) is ok
+
+
+def test_exact_fractions_and_formatting():
+    assert A.evaluate("1 / 4 + 1 / 4") == Fraction(1, 2)
+    assert A.format_number(Fraction(5, 4)) == "1.25"
+    assert A.format_number(Fraction(-1, 8)) == "-0.125"
+    assert A.format_number(Fraction(1, 3)) is None
+
+
+def test_equations_found_in_prose_with_sentence_punctuation():
+    text = "First 83 + 94 = 174. Then 2 * 3 = 6, done. Version 1.2 = 1.2 is not arithmetic."
+    found = [m.group().strip() for m in F._equations(text)]
+    assert found == ["83 + 94 = 174", "2 * 3 = 6"]
+
+
+def test_drop_incorrect_arithmetic_and_split_filters():
+    drop = F.drop_incorrect_arithmetic("generation", 1e-4)
+    assert drop({"generation": "So 83 + 94 = 174.\n\\boxed{174}"}) is None
+    assert drop({"generation": "So 83 + 94 = 177.\n\\boxed{177}"}) is not None
+    split = F.split_arithmetic("generation")
+    row = split({"generation": "Sum: 10 + 20 + 30 = 60. Also 5 * 2 = 10."})
+    assert row["generation"] == "Sum: 10 + 20 + 30 = 30 + 30 = 60. Also 5 * 2 = 10."

@@ -1,0 +1,95 @@
+"""Every kind of bad input gives a one-line error naming file and line, and leaves no output behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sftflow.prepare.cli import main
+
+GOOD = json.dumps({"problem": "p", "generation": "s \\boxed{1}", "symbolic_correct": True}) + "\n"
+BASE = ["++filters.remove_contaminated=false", "++filters.remove_len_outlier_problems=false"]
+
+
+def run(tmp_path, content: bytes | None, *args):
+    gen = tmp_path / "gen"
+    gen.mkdir(exist_ok=True)
+    if content is not None:
+        (gen / "output-rs0.jsonl").write_bytes(content)
+    out = tmp_path / "out" / "sft.jsonl"
+    rc = main([f"++input_files={gen}/output-rs*.jsonl", f"++output_path={out}", *BASE, *args])
+    return rc, out
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (GOOD.encode() + b"{not json\n", "output-rs0.jsonl:2: invalid JSON"),
+        (GOOD.encode() + b'{"generation": "s", "symbolic_correct": true}\n', "output-rs0.jsonl:2: row has no field 'problem'"),
+        (GOOD.encode() + b'{"problem": 5, "generation": "s", "symbolic_correct": true}\n', "output-rs0.jsonl:2: field 'problem' should be a string"),
+        (GOOD.encode() + b'{"problem": "p", "generation": "s", "symbolic_correct": "yes"}\n', "output-rs0.jsonl:2: field 'symbolic_correct' should be true/false"),
+        (GOOD.encode() + b"[1, 2]\n", "output-rs0.jsonl:2: expected a JSON object"),
+        (b"", "output-rs0.jsonl: file is empty"),
+        (GOOD.encode() + b'{"problem": "caf\xe9", "generation": "s"}\n', "output-rs0.jsonl:2: not valid UTF-8"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_and_no_output(tmp_path, capsys, content, message):
+    rc, out = run(tmp_path, content)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert message in err[-1]
+    assert err[-1].startswith("error: ")
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_pattern_matching_nothing_names_the_pattern(tmp_path, capsys):
+    rc = main([f"++input_files={tmp_path}/nothing-*.jsonl", f"++output_path={tmp_path}/o.jsonl", *BASE])
+    assert rc == 2
+    assert f"pattern '{tmp_path}/nothing-*.jsonl' matches no file" in capsys.readouterr().err
+
+
+def test_several_patterns_recursive_and_sorted(tmp_path):
+    for sub, name in (("b", "output-rs1.jsonl"), ("a/deep", "output-rs0.jsonl")):
+        (tmp_path / sub).mkdir(parents=True)
+        (tmp_path / sub / name).write_text(GOOD.replace('"p"', f'"{name}"'))
+    out = tmp_path / "o.jsonl"
+    rc = main([f"++input_files={tmp_path}/b/*.jsonl, {tmp_path}/**/output-rs0.jsonl", f"++output_path={out}", "++do_shuffle=false", "++exclude_optional_keys=false", *BASE])
+    assert rc == 0
+    stats = json.loads((tmp_path / "o.stats.json").read_text())
+    assert [f["path"] for f in stats["input_files"]] == [f"{tmp_path}/a/deep/output-rs0.jsonl", f"{tmp_path}/b/output-rs1.jsonl"]
+
+
+def test_skip_invalid_rows_counts_and_reports(tmp_path):
+    content = GOOD.encode() + b"{bad\n" + b'{"problem": 1, "generation": "x"}\n' + b'{"problem": "q", "generation": "s2", "symbolic_correct": true}\n'
+    rc, out = run(tmp_path, content, "++skip_invalid_rows=true")
+    assert rc == 0
+    stats = json.loads((out.parent / "sft.stats.json").read_text())
+    assert stats["invalid_rows"]["count"] == 2
+    assert any(":2: invalid JSON" in e for e in stats["invalid_rows"]["examples"])
+    assert any(":3: field 'problem' should be a string" in e for e in stats["invalid_rows"]["examples"])
+    assert stats["rows_read"] == 4 and stats["rows_written"] == 2
+    assert stats["input_files"][0]["invalid"] == 2
+
+
+def test_unknown_key_is_an_error(tmp_path, capsys):
+    rc, _ = run(tmp_path, GOOD.encode(), "++filters.drop_multi_boxd=true")
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'filters.drop_multi_boxd'" in err and "did you mean 'drop_multi_boxed'" in err
+
+
+def test_wrong_value_type_names_the_key(tmp_path, capsys):
+    rc, _ = run(tmp_path, GOOD.encode(), "++skip_first=many")
+    assert rc == 2
+    assert "config key 'skip_first'" in capsys.readouterr().err
+
+
+def test_failure_keeps_previous_output_untouched(tmp_path):
+    rc, out = run(tmp_path, GOOD.encode())
+    assert rc == 0
+    before = out.read_bytes()
+    rc, _ = run(tmp_path, GOOD.encode() + b"{broken\n")
+    assert rc == 2
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["sft.jsonl", "sft.stats.json"]

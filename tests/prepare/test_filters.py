@@ -1,0 +1,126 @@
+"""Each filter on its own, with the cases NeMo-Skills' math_sft.yaml pins, plus ours."""
+
+import pytest
+
+from sftflow.mathtext import find_boxed, last_boxed, normalize_problem
+from sftflow.prepare import filters as F
+
+K = "generation"
+
+
+def run(fn, text):
+    out = fn({K: text, "problem": "p"})
+    return None if out is None else out[K]
+
+
+def test_find_boxed_balances_braces_and_skips_unclosed():
+    text = r"a \boxed{\frac{1}{2}} b \boxed{x^{2}} c \boxed{open"
+    assert [c for _, _, c in find_boxed(text)] == [r"\frac{1}{2}", "x^{2}"]
+    assert last_boxed(r"\boxed{3} then \boxed{\{1,2\}}") == r"\{1,2\}"
+    assert last_boxed("no answer") is None
+
+
+def test_drop_multi_boxed():
+    fn = F.drop_multi_boxed(K)
+    assert run(fn, r"He had \boxed{3} 4090s and \boxed{2} 4080s") is None
+    assert run(fn, r"She had \boxed{6} 4090s") == r"She had \boxed{6} 4090s"
+    assert run(fn, "boxed boxed 42") == "boxed boxed 42"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Solution ends at \\boxed{0}\nThis line is useless.", "Solution ends at \\boxed{0}"),
+        ("Solution continues \\boxed{7} after boxed", "Solution continues \\boxed{7} after boxed"),
+        ("Solution\n\ncontinues \n\n\\boxed{7} after\n boxed", "Solution\n\ncontinues \n\n\\boxed{7} after"),
+        ("Works with newlines inside \\boxed{7\n5} and properly\ncuts after", "Works with newlines inside \\boxed{7\n5} and properly"),
+        ("\\boxed{1}\nmiddle\n\\boxed{2}\ntail", "\\boxed{1}\nmiddle\n\\boxed{2}"),
+        ("no boxed answer\nat all", "no boxed answer\nat all"),
+    ],
+)
+def test_trim_solutions_cuts_after_line_of_last_boxed(text, expected):
+    counter = {}
+    assert run(F.trim_solutions(K, counter), text) == expected
+
+
+def test_trim_solutions_counts_rows_without_boxed():
+    counter = {}
+    F.trim_solutions(K, counter)({K: "nothing"})
+    assert counter == {"kept_without_boxed": 1}
+
+
+def test_trim_prefix():
+    fn = F.trim_prefix(K, "My solution:\n")
+    assert run(fn, "My solution:\n2 + 2 = 4") == "2 + 2 = 4"
+    assert run(fn, "Not my solution:\nx") == "Not my solution:\nx"
+
+
+@pytest.mark.parametrize(
+    "markers, text, dropped",
+    [
+        (F.CODE_ERROR_MARKERS, "My solution:\n---Traceback (most recent call last)---\nSomething else", True),
+        (F.CODE_ERROR_MARKERS, "Some long output<output cut>\nx", True),
+        (F.CODE_ERROR_MARKERS, "My solution:\nTimed out\nSomething", True),
+        (F.CODE_ERROR_MARKERS, "\x1b[0;31mSyntaxError\x1b\nx", True),
+        (F.CODE_ERROR_MARKERS, "My solution, no errors", False),
+        (F.MATPLOTLIB_MARKERS, "x\nimport matplotlib.pyplot as plt", True),
+        (F.MATPLOTLIB_MARKERS, "from matplotlib import pyplot", True),
+        (F.MATPLOTLIB_MARKERS, "plain text", False),
+        (F.VERIFICATION_MARKERS, "Here it is. Let's verify this with Python. It works.", True),
+        (F.VERIFICATION_MARKERS, "Let's use Python to plot the results.", True),
+        (F.VERIFICATION_MARKERS, "This is the correct solution without any verification code.", False),
+    ],
+)
+def test_drop_if_contains(markers, text, dropped):
+    assert (run(F.drop_if_contains(K, markers), text) is None) is dropped
+
+
+@pytest.mark.parametrize(
+    "text, kept",
+    [("<tool_call>code</tool_call>", True), ("x <tool_call> y", False), ("code</tool_call>", False), ("none", False)],
+)
+def test_remove_no_code_needs_both_tags(text, kept):
+    assert (run(F.drop_unless_contains_all(K, ("<tool_call>", "</tool_call>")), text) is not None) is kept
+
+
+@pytest.mark.parametrize("text, kept", [("<think>t</think>s", True), ("</think>s", False), ("<think>s", False)])
+def test_remove_no_think_tags(text, kept):
+    assert (run(F.drop_unless_contains_all(K, F.THINK_TAGS), text) is not None) is kept
+
+
+def test_remove_contaminated_matches_normalised_copies():
+    bad = {normalize_problem("What is 12 + 30?")}
+    fn = F.remove_contaminated("problem", bad)
+    assert fn({"problem": "WHAT  is 12 + 30"}) is None
+    assert fn({"problem": "what is 12 + 31?"}) is not None
+
+
+def test_majority_filter_thresholds_and_rows_without_votes():
+    counter = {}
+    fn = F.majority_filter(min_votes=3, min_fraction=0.5, counter=counter)
+    assert fn({"majority_votes": 2, "total_votes": 3}) is None  # too few votes
+    assert fn({"majority_votes": 3, "total_votes": 8}) is None  # too small a fraction
+    assert fn({"majority_votes": 4, "total_votes": 8}) is not None
+    assert fn({"generation": "x"}) is not None
+    assert counter == {"kept_without_vote_fields": 1}
+
+
+@pytest.mark.parametrize(
+    "mode, kept",
+    [
+        ("all", ["c1", "c2"]),
+        ("majority_code", ["c1", "c2", "t1", "t2"]),  # 2 code of 4 is not a majority: text kept too
+        ("majority_text", ["t1", "t2"]),
+        ("any_code", ["c1", "c2"]),
+    ],
+)
+def test_code_text_choice(mode, kept):
+    samples = [{K: "<tool_call>a"}, {K: "<tool_call>b"}, {K: "text a"}, {K: "text b"}]
+    names = {id(s): n for s, n in zip(samples, ["c1", "c2", "t1", "t2"])}
+    assert [names[id(s)] for s in F.code_text_choice(samples, K, "<tool_call>", mode)] == kept
+
+
+def test_code_text_choice_falls_back_to_text_without_code():
+    samples = [{K: "t1"}, {K: "t2"}]
+    assert F.code_text_choice(samples, K, "<tool_call>", "any_code") == samples
+    assert F.code_text_choice(samples, K, "<tool_call>", "all") == []
