@@ -35,7 +35,9 @@ def synthesize(path: Path, rows: int, seed: int = 0) -> None:
         for i in range(rows):
             p = i // 4
             a, b = p % 997 + 10, p % 89 + 3
-            problem = f"Problem {p}: a store sells {a} boxes with {b} pencils each. How many pencils are there in total?"
+            problem = (
+                f"Problem {p}: a store sells {a} boxes with {b} pencils each. How many pencils are there in total?"
+            )
             correct = rng.random() < 0.75
             value = a * b if correct else a * b + rng.choice([-1, 1])
             style = rng.randrange(3)  # few styles -> duplicates across seeds
@@ -93,17 +95,42 @@ def main() -> None:
     if not src.exists():
         t = time.perf_counter()
         synthesize(src, args.rows)
-        print(f"synthesized {args.rows} rows ({src.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f}s", flush=True)
+        print(
+            f"synthesized {args.rows} rows ({src.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f}s",
+            flush=True,
+        )
     py = sys.executable
     results = {"rows": args.rows, "input_mib": round(src.stat().st_size / 2**20, 1)}
     results["orjson_floor"] = measure([py, "-c", FLOOR, str(src), str(work / "floor.jsonl")])
     filters = [
         f"++filters.{name}=true"
-        for name in ("drop_multi_boxed", "trim_solutions", "trim_prefix", "drop_incorrect_arithmetic", "split_arithmetic", "remove_code_errors", "remove_matplotlib", "remove_verification_code", "majority_filter")
+        for name in (
+            "drop_multi_boxed",
+            "trim_solutions",
+            "trim_prefix",
+            "drop_incorrect_arithmetic",
+            "split_arithmetic",
+            "remove_code_errors",
+            "remove_matplotlib",
+            "remove_verification_code",
+            "majority_filter",
+        )
     ]
-    common = [py, str(ROOT / "scripts" / "prepare_data.py"), f"++input_files={src}", "++filters.remove_contaminated=false", "++filters.remove_len_outlier_problems=false", "++majority_filter.min_majority_votes=2", *filters]
-    results["prepare_streaming"] = measure([*common, f"++output_path={work / 'sft-stream.jsonl'}", "++do_shuffle=false"])
-    results["prepare_shuffled"] = measure([*common, f"++output_path={work / 'sft-shuffled.jsonl'}", "++do_shuffle=true"])
+    common = [
+        py,
+        str(ROOT / "scripts" / "prepare_data.py"),
+        f"++input_files={src}",
+        "++filters.remove_contaminated=false",
+        "++filters.remove_len_outlier_problems=false",
+        "++majority_filter.min_majority_votes=2",
+        *filters,
+    ]
+    results["prepare_streaming"] = measure(
+        [*common, f"++output_path={work / 'sft-stream.jsonl'}", "++do_shuffle=false"]
+    )
+    results["prepare_shuffled"] = measure(
+        [*common, f"++output_path={work / 'sft-shuffled.jsonl'}", "++do_shuffle=true"]
+    )
     stats = json.loads((work / "sft-stream.stats.json").read_text())
     results["rows_written"] = stats["rows_written"]
     floor = results["orjson_floor"]["seconds"]

@@ -25,7 +25,17 @@ def run(smk) -> None:
     elif what == "model":
         from sftflow.demo.model import build_model
 
-        sizes = {k: demo[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "max_position_embeddings")}
+        sizes = {
+            k: demo[k]
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "intermediate_size",
+                "max_position_embeddings",
+            )
+        }
         build_model(smk.input.tokenizer, smk.output.model, demo["seed"], **sizes)
         LOG.info("built a random Llama model %s -> %s", sizes, smk.output.model)
     elif what == "data":

@@ -22,4 +22,6 @@ def test_config_readme_is_generated_from_the_schema():
     spec = importlib.util.spec_from_file_location("make_config_docs", REPO / "scripts" / "make_config_docs.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert (REPO / "config" / "README.md").read_text() == module.render(), "run: python scripts/make_config_docs.py > config/README.md"
+    assert (REPO / "config" / "README.md").read_text() == module.render(), (
+        "run: python scripts/make_config_docs.py > config/README.md"
+    )

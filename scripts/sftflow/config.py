@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "config" / "schema.yaml"
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(path: str = str(SCHEMA_PATH)) -> dict:
     with open(path, encoding="utf-8") as f:
         return yaml.safe_load(f)
@@ -95,7 +95,9 @@ def check_cross_keys(config: dict) -> None:
             "point prepare_data.input_files at your generation outputs (e.g. 'gen/output-rs*.jsonl')"
         )
     if config["model"]["base_model"] is None and not config["demo"]["enabled"]:
-        raise SftflowError("config key 'model.base_model' is null but 'demo.enabled' is false: set a model path or hub name")
+        raise SftflowError(
+            "config key 'model.base_model' is null but 'demo.enabled' is false: set a model path or hub name"
+        )
     check_prepare_keys(prep, prefix="prepare_data.")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import orjson
 
@@ -39,7 +38,12 @@ class ContaminationIndex:
         norm = normalize_problem(problem)
         if norm in self.exact:
             i = self.exact[norm]
-            return {"benchmark": self.problems[i][0], "matched_problem": self.problems[i][1], "overlap": 1.0, "how": "exact"}
+            return {
+                "benchmark": self.problems[i][0],
+                "matched_problem": self.problems[i][1],
+                "overlap": 1.0,
+                "how": "exact",
+            }
         grams = ngrams(norm.split(), self.n)
         if not grams:
             return None
@@ -49,11 +53,18 @@ class ContaminationIndex:
         i, count = hits.most_common(1)[0]
         overlap = count / len(grams)
         if overlap >= self.threshold:
-            return {"benchmark": self.problems[i][0], "matched_problem": self.problems[i][1], "overlap": round(overlap, 4), "how": f"{self.n}-gram"}
+            return {
+                "benchmark": self.problems[i][0],
+                "matched_problem": self.problems[i][1],
+                "overlap": round(overlap, 4),
+                "how": f"{self.n}-gram",
+            }
         return None
 
 
-def find_contamination(train_files: list[str], benchmarks: dict[str, str], output: str, key: str, n: int, threshold: float) -> dict:
+def find_contamination(
+    train_files: list[str], benchmarks: dict[str, str], output: str, key: str, n: int, threshold: float
+) -> dict:
     """Write a NeMo-Skills style contamination file: one row per distinct training problem with `contaminated`."""
     test = []
     for name, path in benchmarks.items():

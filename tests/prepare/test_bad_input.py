@@ -26,9 +26,18 @@ def run(tmp_path, content: bytes | None, *args):
     "content, message",
     [
         (GOOD.encode() + b"{not json\n", "output-rs0.jsonl:2: invalid JSON"),
-        (GOOD.encode() + b'{"generation": "s", "symbolic_correct": true}\n', "output-rs0.jsonl:2: row has no field 'problem'"),
-        (GOOD.encode() + b'{"problem": 5, "generation": "s", "symbolic_correct": true}\n', "output-rs0.jsonl:2: field 'problem' should be a string"),
-        (GOOD.encode() + b'{"problem": "p", "generation": "s", "symbolic_correct": "yes"}\n', "output-rs0.jsonl:2: field 'symbolic_correct' should be true/false"),
+        (
+            GOOD.encode() + b'{"generation": "s", "symbolic_correct": true}\n',
+            "output-rs0.jsonl:2: row has no field 'problem'",
+        ),
+        (
+            GOOD.encode() + b'{"problem": 5, "generation": "s", "symbolic_correct": true}\n',
+            "output-rs0.jsonl:2: field 'problem' should be a string",
+        ),
+        (
+            GOOD.encode() + b'{"problem": "p", "generation": "s", "symbolic_correct": "yes"}\n',
+            "output-rs0.jsonl:2: field 'symbolic_correct' should be true/false",
+        ),
         (GOOD.encode() + b"[1, 2]\n", "output-rs0.jsonl:2: expected a JSON object"),
         (b"", "output-rs0.jsonl: file is empty"),
         (GOOD.encode() + b'{"problem": "caf\xe9", "generation": "s"}\n', "output-rs0.jsonl:2: not valid UTF-8"),
@@ -54,14 +63,30 @@ def test_several_patterns_recursive_and_sorted(tmp_path):
         (tmp_path / sub).mkdir(parents=True)
         (tmp_path / sub / name).write_text(GOOD.replace('"p"', f'"{name}"'))
     out = tmp_path / "o.jsonl"
-    rc = main([f"++input_files={tmp_path}/b/*.jsonl, {tmp_path}/**/output-rs0.jsonl", f"++output_path={out}", "++do_shuffle=false", "++exclude_optional_keys=false", *BASE])
+    rc = main(
+        [
+            f"++input_files={tmp_path}/b/*.jsonl, {tmp_path}/**/output-rs0.jsonl",
+            f"++output_path={out}",
+            "++do_shuffle=false",
+            "++exclude_optional_keys=false",
+            *BASE,
+        ]
+    )
     assert rc == 0
     stats = json.loads((tmp_path / "o.stats.json").read_text())
-    assert [f["path"] for f in stats["input_files"]] == [f"{tmp_path}/a/deep/output-rs0.jsonl", f"{tmp_path}/b/output-rs1.jsonl"]
+    assert [f["path"] for f in stats["input_files"]] == [
+        f"{tmp_path}/a/deep/output-rs0.jsonl",
+        f"{tmp_path}/b/output-rs1.jsonl",
+    ]
 
 
 def test_skip_invalid_rows_counts_and_reports(tmp_path):
-    content = GOOD.encode() + b"{bad\n" + b'{"problem": 1, "generation": "x"}\n' + b'{"problem": "q", "generation": "s2", "symbolic_correct": true}\n'
+    content = (
+        GOOD.encode()
+        + b"{bad\n"
+        + b'{"problem": 1, "generation": "x"}\n'
+        + b'{"problem": "q", "generation": "s2", "symbolic_correct": true}\n'
+    )
     rc, out = run(tmp_path, content, "++skip_invalid_rows=true")
     assert rc == 0
     stats = json.loads((out.parent / "sft.stats.json").read_text())

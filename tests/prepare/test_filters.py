@@ -33,7 +33,10 @@ def test_drop_multi_boxed():
         ("Solution ends at \\boxed{0}\nThis line is useless.", "Solution ends at \\boxed{0}"),
         ("Solution continues \\boxed{7} after boxed", "Solution continues \\boxed{7} after boxed"),
         ("Solution\n\ncontinues \n\n\\boxed{7} after\n boxed", "Solution\n\ncontinues \n\n\\boxed{7} after"),
-        ("Works with newlines inside \\boxed{7\n5} and properly\ncuts after", "Works with newlines inside \\boxed{7\n5} and properly"),
+        (
+            "Works with newlines inside \\boxed{7\n5} and properly\ncuts after",
+            "Works with newlines inside \\boxed{7\n5} and properly",
+        ),
         ("\\boxed{1}\nmiddle\n\\boxed{2}\ntail", "\\boxed{1}\nmiddle\n\\boxed{2}"),
         ("no boxed answer\nat all", "no boxed answer\nat all"),
     ],

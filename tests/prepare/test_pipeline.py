@@ -84,7 +84,10 @@ def test_use_judgement_overrides_symbolic_correct(tmp_path):
 
 
 def test_dedup_across_files_and_skip_first(tmp_path):
-    files = {"output-rs0.jsonl": [row("p0", "first-line"), row("p1", "s")], "output-rs1.jsonl": [row("p0", "other"), row("p1", "s"), row("p2", "t")]}
+    files = {
+        "output-rs0.jsonl": [row("p0", "first-line"), row("p1", "s")],
+        "output-rs1.jsonl": [row("p0", "other"), row("p1", "s"), row("p2", "t")],
+    }
     rc, out, stats = prepare(tmp_path, files, "++skip_first=1", "++exclude_optional_keys=false")
     assert [(r["problem"], r["generation"]) for r in out] == [("p1", "s"), ("p2", "t")]
     assert stats["skipped_first"] == 2
@@ -105,7 +108,13 @@ def test_exclude_optional_keys_and_metadata(tmp_path):
 
 def test_input_and_output_keys(tmp_path):
     rows = [{"question": "q1", "generated_solution": "s1", "symbolic_correct": True}]
-    _, out, _ = prepare(tmp_path, {"a.jsonl": rows}, "++input_key=question", "++output_key=generated_solution", "++prompt_config=generic/default")
+    _, out, _ = prepare(
+        tmp_path,
+        {"a.jsonl": rows},
+        "++input_key=question",
+        "++output_key=generated_solution",
+        "++prompt_config=generic/default",
+    )
     assert out == [{"input": "q1", "output": "s1"}]
 
 
@@ -115,7 +124,13 @@ def _many(n_problems=10, per_problem=5):
 
 def test_downsampling_fair_is_round_robin_over_problems(tmp_path):
     rows = [row("big", f"b{j}") for j in range(20)] + [row(f"small{i}", "s") for i in range(5)]
-    _, out, stats = prepare(tmp_path, {"a.jsonl": rows}, "++downsampling_method=fair", "++num_output_samples=10", "++exclude_optional_keys=false")
+    _, out, stats = prepare(
+        tmp_path,
+        {"a.jsonl": rows},
+        "++downsampling_method=fair",
+        "++num_output_samples=10",
+        "++exclude_optional_keys=false",
+    )
     counts = Counter(r["problem"] for r in out)
     assert len(out) == 10
     # fair: every problem gets one before any gets a second
@@ -141,8 +156,14 @@ def test_num_output_samples_without_method_is_an_error(tmp_path, capsys):
 
 
 def test_code_text_filter_per_problem(tmp_path):
-    rows = [row("p1", "<tool_call>x</tool_call> \\boxed{1}"), row("p1", "text \\boxed{1}"), row("p2", "only text \\boxed{1}")]
-    _, out, stats = prepare(tmp_path, {"a.jsonl": rows}, "++filters.code_text_filter=any_code", "++exclude_optional_keys=false")
+    rows = [
+        row("p1", "<tool_call>x</tool_call> \\boxed{1}"),
+        row("p1", "text \\boxed{1}"),
+        row("p2", "only text \\boxed{1}"),
+    ]
+    _, out, stats = prepare(
+        tmp_path, {"a.jsonl": rows}, "++filters.code_text_filter=any_code", "++exclude_optional_keys=false"
+    )
     assert sorted(r["generation"] for r in out) == ["<tool_call>x</tool_call> \\boxed{1}", "only text \\boxed{1}"]
     stage = next(s for s in stats["funnel"] if s["stage"] == "code_text_filter")
     assert stage["dropped"] == 1
@@ -153,12 +174,17 @@ def test_chat_template_formatting_matches_full_conversation(tmp_path, demo_token
 
     tok = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
     rows = [row("What is 2 + 2?", "2 + 2 = 4.\nThe answer is \\boxed{4}.")]
-    _, out, stats = prepare(tmp_path, {"a.jsonl": rows}, f"++tokenizer={demo_tokenizer_dir}", "++system_message=Be brief.")
+    _, out, stats = prepare(
+        tmp_path, {"a.jsonl": rows}, f"++tokenizer={demo_tokenizer_dir}", "++system_message=Be brief."
+    )
     rec = out[0]
     full = tok.apply_chat_template(
         [
             {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Solve the following math problem. Make sure to put the answer (and only answer) inside \\boxed{}.\n\nWhat is 2 + 2?"},
+            {
+                "role": "user",
+                "content": "Solve the following math problem. Make sure to put the answer (and only answer) inside \\boxed{}.\n\nWhat is 2 + 2?",
+            },
             {"role": "assistant", "content": rows[0]["generation"]},
         ],
         tokenize=False,
@@ -188,7 +214,9 @@ def test_base_tokenizer_without_template_gets_bos_plus_prompt(tmp_path, demo_tok
     cfg.pop("chat_template", None)
     (base / "tokenizer_config.json").write_text(json.dumps(cfg))
     (base / "chat_template.jinja").unlink(missing_ok=True)
-    _, out, stats = prepare(tmp_path, {"a.jsonl": [row("What is 3 + 4?", "7")]}, f"++tokenizer={base}", "++prompt_config=generic/math-base")
+    _, out, stats = prepare(
+        tmp_path, {"a.jsonl": [row("What is 3 + 4?", "7")]}, f"++tokenizer={base}", "++prompt_config=generic/math-base"
+    )
     assert stats["formatting"]["mode"] == "bos_prompt"
     assert out[0]["input"].startswith("<|endoftext|>Solve each problem step by step")
     assert "Problem:\nWhat is 3 + 4?\n\nSolution:" in out[0]["input"]
@@ -204,14 +232,22 @@ def test_user_prompt_config_file(tmp_path):
 
 def test_length_filters_min_or_max_alone(tmp_path, demo_tokenizer_dir):
     rows = [row("What is 1 + 1?", "2"), row("What is 1 + 2?", "The sum is three, written as 3 " * 20)]
-    base = [f"++tokenizer={demo_tokenizer_dir}", "++filters.remove_len_outlier_solutions=true", "++exclude_optional_keys=false"]
-    _, out, stats = prepare(tmp_path, {"a.jsonl": rows}, *base, "++min_solution_length=null", "++max_solution_length=20")
+    base = [
+        f"++tokenizer={demo_tokenizer_dir}",
+        "++filters.remove_len_outlier_solutions=true",
+        "++exclude_optional_keys=false",
+    ]
+    _, out, stats = prepare(
+        tmp_path, {"a.jsonl": rows}, *base, "++min_solution_length=null", "++max_solution_length=20"
+    )
     assert [r["problem"] for r in out] == ["What is 1 + 1?"]
     stage = next(s for s in stats["funnel"] if s["stage"] == "remove_len_outlier_solutions")
     assert stage["dropped_too_long"] == 1 and stage["dropped_too_short"] == 0
     _, out, _ = prepare(tmp_path, {}, *base, "++min_solution_length=3", "++max_solution_length=null")
     assert [r["problem"] for r in out] == ["What is 1 + 2?"]
-    _, out, _ = prepare(tmp_path, {}, *base, "++min_solution_length=3", "++max_solution_length=null", "++use_chars_for_min_length=true")
+    _, out, _ = prepare(
+        tmp_path, {}, *base, "++min_solution_length=3", "++max_solution_length=null", "++use_chars_for_min_length=true"
+    )
     assert [r["problem"] for r in out] == ["What is 1 + 2?"]
 
 
@@ -228,7 +264,11 @@ def test_contamination_file_removes_listed_problems(tmp_path):
     )
     rows = [row("what is 5+5", "x"), row("What is 5 + 5 ?", "y"), row("What is 6 + 6?", "z")]
     _, out, stats = prepare(
-        tmp_path, {"a.jsonl": rows}, "++filters.remove_contaminated=true", f"++contamination_file={contamination}", "++exclude_optional_keys=false"
+        tmp_path,
+        {"a.jsonl": rows},
+        "++filters.remove_contaminated=true",
+        f"++contamination_file={contamination}",
+        "++exclude_optional_keys=false",
     )
     assert [r["problem"] for r in out] == ["What is 6 + 6?"]
     stage = next(s for s in stats["funnel"] if s["stage"] == "remove_contaminated")
@@ -244,15 +284,66 @@ def test_remove_contaminated_without_file_is_an_error(tmp_path, capsys):
 def test_funnel_counts_every_row(tmp_path, demo_tokenizer_dir):
     from sftflow.demo.data import write_demo_data
 
-    write_demo_data(tmp_path / "gen", tmp_path / "bench.jsonl", seed=3, num_train=80, num_test=10, num_seeds=3, num_contaminated=2)
-    on = [f"++filters.{f}=true" for f in ("drop_multi_boxed", "drop_incorrect_arithmetic", "split_arithmetic", "trim_prefix", "remove_code_errors", "remove_matplotlib", "remove_verification_code", "majority_filter", "remove_len_outlier_solutions")]
-    _, out, stats = prepare(tmp_path, {}, f"++tokenizer={demo_tokenizer_dir}", "++max_solution_length=150", "++majority_filter.min_majority_votes=2", "++add_incorrect=true", *on)
+    write_demo_data(
+        tmp_path / "gen", tmp_path / "bench.jsonl", seed=3, num_train=80, num_test=10, num_seeds=3, num_contaminated=2
+    )
+    on = [
+        f"++filters.{f}=true"
+        for f in (
+            "drop_multi_boxed",
+            "drop_incorrect_arithmetic",
+            "split_arithmetic",
+            "trim_prefix",
+            "remove_code_errors",
+            "remove_matplotlib",
+            "remove_verification_code",
+            "majority_filter",
+            "remove_len_outlier_solutions",
+        )
+    ]
+    _, out, stats = prepare(
+        tmp_path,
+        {},
+        f"++tokenizer={demo_tokenizer_dir}",
+        "++max_solution_length=150",
+        "++majority_filter.min_majority_votes=2",
+        "++add_incorrect=true",
+        *on,
+    )
     assert stats["rows_read"] == 3 * 82
     assert accounted(stats) == stats["rows_read"]
     assert stats["rows_written"] == len(out) > 0
-    assert all(s["dropped"] > 0 for s in stats["funnel"] if s["stage"] not in ("trim_prefix", "split_arithmetic", "remove_len_outlier_problems"))
+    assert all(
+        s["dropped"] > 0
+        for s in stats["funnel"]
+        if s["stage"] not in ("trim_prefix", "split_arithmetic", "remove_len_outlier_problems")
+    )
 
 
 def test_parse_overrides():
     parsed = C.parse_overrides(["++a=1", "++b.c=true", "++d=null", "++e=*.jsonl", "++f=[1, 2]", "++g=x y", "++h="])
     assert parsed == {"a": 1, "b": {"c": True}, "d": None, "e": "*.jsonl", "f": [1, 2], "g": "x y", "h": ""}
+
+
+@pytest.mark.parametrize("shuffle", ["false", "true"])
+def test_worker_processes_give_the_same_output_and_stats(tmp_path, monkeypatch, demo_tokenizer_dir, shuffle):
+    from sftflow.demo.data import write_demo_data
+    from sftflow.prepare import pipeline
+
+    write_demo_data(
+        tmp_path / "gen", tmp_path / "bench.jsonl", seed=5, num_train=300, num_test=10, num_seeds=2, num_contaminated=0
+    )
+    monkeypatch.setattr(pipeline, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(pipeline, "CHUNK_ROWS", 37)
+    args = [
+        f"++tokenizer={demo_tokenizer_dir}",
+        "++filters.drop_multi_boxed=true",
+        "++filters.remove_len_outlier_solutions=true",
+        "++max_solution_length=100",
+        f"++do_shuffle={shuffle}",
+    ]
+    _, one, stats_one = prepare(tmp_path, {}, *args, "++num_workers=1")
+    _, two, stats_two = prepare(tmp_path, {}, *args, "++num_workers=2")
+    assert one == two and len(one) > 100
+    for key in ("funnel", "selection", "rows_read", "rows_written", "input_files"):
+        assert stats_one[key] == stats_two[key], key

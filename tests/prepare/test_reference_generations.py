@@ -44,9 +44,19 @@ def test_correct_only_keeps_exactly_the_correct_rows_minus_duplicates(tmp_path):
 
 def test_incorrect_only(tmp_path):
     out = tmp_path / "sft.jsonl"
-    main([f"++input_files={GEN}/output-rs*.jsonl", f"++output_path={out}", "++add_correct=false", "++add_incorrect=true", *PLAIN])
+    main(
+        [
+            f"++input_files={GEN}/output-rs*.jsonl",
+            f"++output_path={out}",
+            "++add_correct=false",
+            "++add_incorrect=true",
+            *PLAIN,
+        ]
+    )
     assert all(r["symbolic_correct"] is False for r in read_jsonl(out))
-    assert len(read_jsonl(out)) == len({(r["problem"], r["generation"]) for r in source_rows() if r["symbolic_correct"] is False})
+    assert len(read_jsonl(out)) == len(
+        {(r["problem"], r["generation"]) for r in source_rows() if r["symbolic_correct"] is False}
+    )
 
 
 def test_trim_solutions_on_real_generations(tmp_path):
@@ -74,4 +84,6 @@ def test_demo_tokenizer_formatting_on_real_data(tmp_path, demo_tokenizer_dir):
     )
     assert rc == 0
     rows = read_jsonl(out)
-    assert rows and all(r["input"].startswith("<|im_start|>user\n") and r["output"].endswith("<|im_end|>\n") for r in rows)
+    assert rows and all(
+        r["input"].startswith("<|im_start|>user\n") and r["output"].endswith("<|im_end|>\n") for r in rows
+    )

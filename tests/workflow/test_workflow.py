@@ -36,7 +36,18 @@ def test_dry_run_plans_every_stage(workdir):
     result = snakemake("-n", "--cores", "1", "results/eval.json", cwd=workdir)
     assert result.returncode == 0, result.stderr
     text = result.stdout + result.stderr
-    for rule in ("demo_tokenizer", "demo_base_model", "demo_generations", "decontaminate", "prepare_data", "pack_data", "train_job", "convert_final", "generate", "eval_summary"):
+    for rule in (
+        "demo_tokenizer",
+        "demo_base_model",
+        "demo_generations",
+        "decontaminate",
+        "prepare_data",
+        "pack_data",
+        "train_job",
+        "convert_final",
+        "generate",
+        "eval_summary",
+    ):
         assert f"rule {rule}:" in text, rule
 
 
@@ -52,7 +63,10 @@ def test_dry_run_has_one_training_job_per_chained_job(workdir):
 @pytest.mark.parametrize(
     "config_text, message",
     [
-        ("prepare_data:\n  filters:\n    drop_multi_boxd: true\n", "unknown config key 'prepare_data.filters.drop_multi_boxd' (did you mean 'drop_multi_boxed'?)"),
+        (
+            "prepare_data:\n  filters:\n    drop_multi_boxd: true\n",
+            "unknown config key 'prepare_data.filters.drop_multi_boxd' (did you mean 'drop_multi_boxed'?)",
+        ),
         ("training:\n  backend: tpu\n", "config key 'training.backend': 'tpu' is not one of"),
         ("prepare_data:\n  skip_first: -1\n", "config key 'prepare_data.skip_first'"),
         ("demo:\n  enabled: false\n", "config key 'prepare_data.input_files' is null but 'demo.enabled' is false"),
@@ -88,7 +102,16 @@ def test_demo_data_stage_runs_for_real(workdir):
     assert stats["rows_written"] == len(rows) > 500
     assert stats["rows_read"] == 4 * 606
     by_stage = {s["stage"]: s for s in stats["funnel"]}
-    for stage in ("drop_multi_boxed", "remove_contaminated", "remove_code_errors", "remove_matplotlib", "remove_verification_code", "drop_incorrect_arithmetic", "remove_len_outlier_solutions", "deduplicate"):
+    for stage in (
+        "drop_multi_boxed",
+        "remove_contaminated",
+        "remove_code_errors",
+        "remove_matplotlib",
+        "remove_verification_code",
+        "drop_incorrect_arithmetic",
+        "remove_len_outlier_solutions",
+        "deduplicate",
+    ):
         assert by_stage[stage]["dropped"] > 0, stage
     for stage in ("trim_prefix", "trim_solutions", "split_arithmetic"):
         assert by_stage[stage]["modified"] > 0, stage
@@ -99,7 +122,9 @@ def test_demo_data_stage_runs_for_real(workdir):
     test_problems = {normalize_problem(b["problem"]) for b in bench}
     contamination = read_jsonl(results / "data" / "contamination.jsonl")
     assert sum(c["contaminated"] for c in contamination) == 6
-    assert not any(normalize_problem(r["input"].split("\n\n", 1)[1].split("<|im_end|>")[0]) in test_problems for r in rows)
+    assert not any(
+        normalize_problem(r["input"].split("\n\n", 1)[1].split("<|im_end|>")[0]) in test_problems for r in rows
+    )
     log = (results / "logs" / "prepare_data.log").read_text()
     assert "wrote" in log and "remove_contaminated" in log
     # every output: the demo model loads and its tokenizer has the chat template

@@ -79,7 +79,9 @@ def generated_solution(expr: str, value: int, rng: random.Random) -> tuple[str, 
         if variant == "traceback":
             code = f"<tool_call>\nprint({expr}\n</tool_call>\n```output\nTraceback (most recent call last):\nSyntaxError: unexpected EOF\n```\n"
         elif variant == "matplotlib":
-            code = f"<tool_call>\nimport matplotlib.pyplot as plt\nprint({expr})\n</tool_call>\n```output\n{value}\n```\n"
+            code = (
+                f"<tool_call>\nimport matplotlib.pyplot as plt\nprint({expr})\n</tool_call>\n```output\n{value}\n```\n"
+            )
         elif variant == "verify":
             code = f"{expr} = {value}. Let's verify this with Python.\n" + code
         return f"{code}The answer is \\boxed{{{value}}}.", value
@@ -103,7 +105,15 @@ def perturb(problem: str, rng: random.Random) -> str:
     return text
 
 
-def write_demo_data(out_dir: str | Path, benchmark_path: str | Path, seed: int, num_train: int, num_test: int, num_seeds: int, num_contaminated: int) -> dict:
+def write_demo_data(
+    out_dir: str | Path,
+    benchmark_path: str | Path,
+    seed: int,
+    num_train: int,
+    num_test: int,
+    num_seeds: int,
+    num_contaminated: int,
+) -> dict:
     """Write output-rs{i}.jsonl generation files and the test benchmark; return counts for the log."""
     rng = random.Random(seed)
     test = make_problems(num_test, rng)
@@ -128,7 +138,9 @@ def write_demo_data(out_dir: str | Path, benchmark_path: str | Path, seed: int, 
             else:
                 correct = predicted is not None and predicted == str(value)
                 row["symbolic_correct"] = correct
-                row["judgement"] = f"Reasoning: the final answer {'matches' if correct else 'does not match'}.\nJudgement: {'Yes' if correct else 'No'}"
+                row["judgement"] = (
+                    f"Reasoning: the final answer {'matches' if correct else 'does not match'}.\nJudgement: {'Yes' if correct else 'No'}"
+                )
             per_seed[s].append(row)
         votes = Counter(a for a in answers if a is not None)
         majority = votes.most_common(1)[0][1] if votes else 0
@@ -142,7 +154,12 @@ def write_demo_data(out_dir: str | Path, benchmark_path: str | Path, seed: int, 
             tmp.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     with atomic_path(benchmark_path) as tmp:
         tmp.write_bytes(b"".join(orjson.dumps({"problem": p, "expected_answer": str(v)}) + b"\n" for p, _, v in test))
-    return {"train_problems": len(train), "planted_test_problems": len(planted), "test_problems": len(test), "rows_per_seed": len(train_all)}
+    return {
+        "train_problems": len(train),
+        "planted_test_problems": len(planted),
+        "test_problems": len(test),
+        "rows_per_seed": len(train_all),
+    }
 
 
 def corpus(seed: int, n: int = 3000) -> list[str]:

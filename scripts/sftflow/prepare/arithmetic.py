@@ -12,7 +12,12 @@ _EXPR = rf"{_TERM}(?:\s*[-+*/]\s*{_TERM})*"
 # At least one '=' and at least one operator somewhere in the chain.
 EQUATION = re.compile(rf"(?<![\w.]){_EXPR}(?:\s*=\s*{_EXPR})+(?!\w)(?!\.\d)")
 _TOKEN = re.compile(rf"\s*({_NUM}|[-+*/()])")
-_OPS = {"+": (1, lambda a, b: a + b), "-": (1, lambda a, b: a - b), "*": (2, lambda a, b: a * b), "/": (2, lambda a, b: a / b)}
+_OPS = {
+    "+": (1, lambda a, b: a + b),
+    "-": (1, lambda a, b: a - b),
+    "*": (2, lambda a, b: a * b),
+    "/": (2, lambda a, b: a / b),
+}
 
 
 def tokenize(expr: str) -> list:

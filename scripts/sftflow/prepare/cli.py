@@ -14,9 +14,20 @@ from sftflow.prepare.pipeline import Preparer, summary_lines
 LOG = logging.getLogger("sftflow.prepare")
 
 CLI_ONLY_KEYS = {
-    "output_path": {"type": "string", "description": "Where to write the SFT JSONL (stats go beside it as <name>.stats.json)."},
-    "tokenizer": {"type": ["string", "null"], "default": None, "description": "Tokenizer path or hub name (chat template, token counts)."},
-    "chat_template": {"type": ["string", "null"], "default": None, "description": "Jinja chat template file replacing the tokenizer's."},
+    "output_path": {
+        "type": "string",
+        "description": "Where to write the SFT JSONL (stats go beside it as <name>.stats.json).",
+    },
+    "tokenizer": {
+        "type": ["string", "null"],
+        "default": None,
+        "description": "Tokenizer path or hub name (chat template, token counts).",
+    },
+    "chat_template": {
+        "type": ["string", "null"],
+        "default": None,
+        "description": "Jinja chat template file replacing the tokenizer's.",
+    },
 }
 
 
@@ -38,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: python scripts/prepare_data.py ++input_files='dir/output-rs*.jsonl' ++output_path=sft.jsonl "
-              "[++prompt_config=generic/math] [++tokenizer=PATH] [++filters.NAME=true|false] ...\n"
-              "Every key is documented in config/README.md (section prepare_data).")
+        print(
+            "usage: python scripts/prepare_data.py ++input_files='dir/output-rs*.jsonl' ++output_path=sft.jsonl "
+            "[++prompt_config=generic/math] [++tokenizer=PATH] [++filters.NAME=true|false] ...\n"
+            "Every key is documented in config/README.md (section prepare_data)."
+        )
         return 0
     try:
         cfg = C.validate(C.parse_overrides(argv), cli_schema())

@@ -36,7 +36,8 @@ class RowFilter:
     rows_in: int = 0
     dropped: int = 0
     modified: int = 0
-    notes: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)  # extra counters, e.g. rows kept for lack of a field
+    info: dict = field(default_factory=dict)  # fixed facts about the stage, e.g. its contamination file
 
     def __call__(self, row: dict) -> dict | None:
         self.rows_in += 1
@@ -48,8 +49,24 @@ class RowFilter:
             self.modified += 1
         return out
 
+    def take_counts(self) -> tuple:
+        """Counters since the last call (a worker process sends these back per chunk), then reset."""
+        counts = (self.rows_in, self.dropped, self.modified, dict(self.notes))
+        self.rows_in = self.dropped = self.modified = 0
+        self.notes.clear()
+        return counts
+
+    def add_counts(self, counts: tuple) -> None:
+        rows_in, dropped, modified, notes = counts
+        self.rows_in += rows_in
+        self.dropped += dropped
+        self.modified += modified
+        for k, v in notes.items():
+            self.notes[k] = self.notes.get(k, 0) + v
+
     def stats(self) -> dict:
         result = {"stage": self.name, "rows_in": self.rows_in, "dropped": self.dropped, "modified": self.modified}
+        result.update(self.info)
         result.update(self.notes)
         return result
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
+import multiprocessing
+import os
 import random
 import re
 import time
@@ -26,6 +28,15 @@ from sftflow.prepare.prompts import load_prompt_config
 
 LOG = logging.getLogger("sftflow.prepare")
 CHUNK_ROWS = 4096
+PARALLEL_MIN_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
+SELECTION_KEYS = tuple(f"{k}_{w}" for k in ("correct", "incorrect", "unlabeled") for w in ("seen", "kept"))
+_WORKER: Preparer | None = None
+
+
+def _work_in_worker(task):
+    return _WORKER.process_chunk(*task)
+
+
 MAX_EXAMPLES = 20
 _JUDGEMENT = re.compile(r"judge?ment\s*:\s*\**\s*(yes|no)\b", re.IGNORECASE)
 
@@ -114,7 +125,9 @@ class Preparer:
                 )
             contaminated, rows = load_contaminated(cfg["contamination_file"], self.input_key)
             stage = add("remove_contaminated", F.remove_contaminated(self.input_key, contaminated), self.input_key)
-            stage.notes.update(contamination_file=str(cfg["contamination_file"]), contaminated_problems=len(contaminated))
+            stage.info.update(
+                contamination_file=str(cfg["contamination_file"]), contaminated_problems=len(contaminated)
+            )
         if on["remove_code_errors"]:
             add("remove_code_errors", F.drop_if_contains(key, F.CODE_ERROR_MARKERS))
         if on["remove_matplotlib"]:
@@ -140,10 +153,15 @@ class Preparer:
             add("drop_incorrect_arithmetic", F.drop_incorrect_arithmetic(key, cfg["arithmetic_tolerance"]))
         if on["split_arithmetic"]:
             add("split_arithmetic", F.split_arithmetic(key))
-        for what, field, flag in (("problem", self.input_key, "remove_len_outlier_problems"), ("solution", key, "remove_len_outlier_solutions")):
+        for what, field, flag in (
+            ("problem", self.input_key, "remove_len_outlier_problems"),
+            ("solution", key, "remove_len_outlier_solutions"),
+        ):
             if on[flag]:
                 if self.tokenizer is None:
-                    raise SftflowError(f"filters.{flag} counts tokens and needs a tokenizer: set ++tokenizer=<path or hub name>")
+                    raise SftflowError(
+                        f"filters.{flag} counts tokens and needs a tokenizer: set ++tokenizer=<path or hub name>"
+                    )
                 self.length_stages.append(
                     {
                         "stage": flag,
@@ -156,75 +174,130 @@ class Preparer:
                     }
                 )
 
-    # ----------------------------------------------------------------- reading
-    def _invalid(self, where: str, reason: str) -> None:
+    # ----------------------------------------------------------------- reading (main process)
+    def raw_chunks(self, files: list[Path]):
+        """Yield (path, [(line_number, raw_bytes), ...]) batches; skip_first and per-file row counts happen here."""
+        for path in files:
+            if not path.is_file():
+                raise SftflowError(f"{path}: file not found")
+            if path.stat().st_size == 0:
+                raise SftflowError(f"{path}: file is empty (expected one JSON object per line)")
+            info = {"path": str(path), "rows": 0, "skipped_first": 0, "invalid": 0}
+            self.stats["input_files"].append(info)
+            batch = []
+            with open(path, "rb") as f:
+                for line_number, raw in enumerate(f, start=1):
+                    if not raw.strip():
+                        continue
+                    info["rows"] += 1
+                    if info["rows"] <= self.cfg["skip_first"]:
+                        info["skipped_first"] += 1
+                        continue
+                    batch.append((line_number, raw))
+                    if len(batch) >= CHUNK_ROWS:
+                        yield info, str(path), batch
+                        batch = []
+            if batch:
+                yield info, str(path), batch
+
+    # ----------------------------------------------------------------- per-chunk work (worker processes)
+    def process_chunk(self, path: str, batch: list[tuple[int, bytes]], for_spool: bool) -> dict:
+        """Parse, validate, select and filter one batch of lines; return kept rows as (digest, problem, bytes) + counters."""
+        cfg = self.cfg
+        wanted = {"correct": cfg["add_correct"], "incorrect": cfg["add_incorrect"], "unlabeled": cfg["add_unlabeled"]}
+        result = {"selection": dict.fromkeys(SELECTION_KEYS, 0), "invalid": [], "rows": []}
+        kept = []
+        for line_number, raw in batch:
+            where = f"{path}:{line_number}"
+            row = self._parse(raw, where, result)
+            if row is None or not self._valid_fields(row, where, result):
+                continue
+            label = self._label(row, where, result)
+            if label is None:
+                continue
+            result["selection"][f"{label}_seen"] += 1
+            if not wanted[label]:
+                continue
+            result["selection"][f"{label}_kept"] += 1
+            row["__where"] = where
+            for stage in self.filters:
+                row = stage(row)
+                if row is None:
+                    break
+            else:
+                kept.append(row)
+        for row in self._length_filter(kept):
+            digest = hashlib.blake2b(
+                row[self.input_key].encode() + b"\x00" + row[self.output_key].encode(), digest_size=16
+            ).digest()
+            payload = orjson.dumps(row) if for_spool else orjson.dumps(self.to_record(row)) + b"\n"
+            result["rows"].append((digest, row[self.input_key] if for_spool else None, payload))
+        result["filters"] = [stage.take_counts() for stage in self.filters]
+        result["length"] = [
+            {k: st.pop(k) for k in ("rows_in", "dropped_too_short", "dropped_too_long")} for st in self.length_stages
+        ]
+        for st in self.length_stages:
+            st.update(rows_in=0, dropped_too_short=0, dropped_too_long=0)
+        return result
+
+    def _parse(self, raw: bytes, where: str, result: dict) -> dict | None:
+        try:
+            row = orjson.loads(raw)
+        except orjson.JSONDecodeError as err:
+            try:
+                raw.decode("utf-8")
+                reason = f"invalid JSON ({err})"
+            except UnicodeDecodeError as uerr:
+                reason = f"not valid UTF-8 (byte {uerr.start}: {raw[uerr.start : uerr.start + 1]!r})"
+            return self._invalid(where, reason, result)
+        if not isinstance(row, dict):
+            return self._invalid(where, f"expected a JSON object, got {type(row).__name__}", result)
+        return row
+
+    def _invalid(self, where: str, reason: str, result: dict) -> None:
         if not self.cfg["skip_invalid_rows"]:
             raise SftflowError(f"{where}: {reason}")
-        inv = self.stats["invalid_rows"]
-        inv["count"] += 1
-        if len(inv["examples"]) < MAX_EXAMPLES:
-            inv["examples"].append(f"{where}: {reason}")
+        result["invalid"].append(f"{where}: {reason}")
+        return None
 
-    def _label(self, row: dict, where: str) -> str | None:
+    def _label(self, row: dict, where: str, result: dict) -> str | None:
         """'correct' / 'incorrect' / 'unlabeled', or None for an invalid row (already reported)."""
         if self.cfg["use_judgement"]:
             if "judgement" not in row or row["judgement"] is None:
                 return "unlabeled"
             verdict = is_correct_judgement(row["judgement"])
             if verdict is None:
-                self._invalid(where, f"field 'judgement' has no 'Judgement: Yes/No' verdict: {str(row['judgement'])[:80]!r}")
-                return None
+                return self._invalid(
+                    where,
+                    f"field 'judgement' has no 'Judgement: Yes/No' verdict: {str(row['judgement'])[:80]!r}",
+                    result,
+                )
             return "correct" if verdict else "incorrect"
         for field in ("symbolic_correct", "is_correct"):
             if field in row and row[field] is not None:
                 if not isinstance(row[field], bool):
-                    self._invalid(where, f"field '{field}' should be true/false, got {type(row[field]).__name__} {row[field]!r}")
-                    return None
+                    return self._invalid(
+                        where,
+                        f"field '{field}' should be true/false, got {type(row[field]).__name__} {row[field]!r}",
+                        result,
+                    )
                 return "correct" if row[field] else "incorrect"
         return "unlabeled"
 
-    def read_rows(self, files: list[Path]):
-        cfg = self.cfg
-        wanted = {"correct": cfg["add_correct"], "incorrect": cfg["add_incorrect"], "unlabeled": cfg["add_unlabeled"]}
-        sel = self.stats["selection"] = {f"{k}_{w}": 0 for k in wanted for w in ("seen", "kept")}
-        for path in files:
-            info = {"path": str(path), "rows": 0, "skipped_first": 0, "invalid": 0}
-            self.stats["input_files"].append(info)
-            bad_lines: list | None = [] if cfg["skip_invalid_rows"] else None
-            invalid_before = self.stats["invalid_rows"]["count"]
-            for line, row in iter_jsonl(path, bad_lines):
-                info["rows"] += 1
-                if info["rows"] <= cfg["skip_first"]:
-                    info["skipped_first"] += 1
-                    continue
-                where = f"{path}:{line}"
-                if not self._valid_fields(row, where):
-                    continue
-                label = self._label(row, where)
-                if label is None:
-                    continue
-                sel[f"{label}_seen"] += 1
-                if not wanted[label]:
-                    continue
-                sel[f"{label}_kept"] += 1
-                row["__where"] = where
-                yield row
-            for line, reason in bad_lines or []:
-                info["rows"] += 1
-                self._invalid(f"{path}:{line}", reason)
-            info["invalid"] = self.stats["invalid_rows"]["count"] - invalid_before
-
-    def _valid_fields(self, row: dict, where: str) -> bool:
+    def _valid_fields(self, row: dict, where: str, result: dict) -> bool:
         for key in (self.input_key, self.output_key):
             if key not in row:
-                self._invalid(where, f"row has no field '{key}' (fields: {', '.join(sorted(row)) or 'none'}); set input_key/output_key")
+                self._invalid(
+                    where,
+                    f"row has no field '{key}' (fields: {', '.join(sorted(row)) or 'none'}); set input_key/output_key",
+                    result,
+                )
                 return False
             if not isinstance(row[key], str):
-                self._invalid(where, f"field '{key}' should be a string, got {type(row[key]).__name__}")
+                self._invalid(where, f"field '{key}' should be a string, got {type(row[key]).__name__}", result)
                 return False
         return True
 
-    # ----------------------------------------------------------------- filtering
     def _length_filter(self, rows: list[dict]) -> list[dict]:
         for stage in self.length_stages:
             if not rows:
@@ -244,42 +317,6 @@ class Preparer:
             rows = kept
         return rows
 
-    def filtered_chunks(self, rows):
-        dedup = {"stage": "deduplicate", "rows_in": 0, "dropped": 0}
-        self.stats["deduplicate"] = dedup
-        seen: set[bytes] = set()
-        chunk: list[dict] = []
-
-        def flush(chunk):
-            kept = self._length_filter(chunk)
-            if not self.cfg["deduplicate"]:
-                return kept
-            out = []
-            for row in kept:
-                dedup["rows_in"] += 1
-                digest = hashlib.blake2b(
-                    row[self.input_key].encode() + b"\x00" + row[self.output_key].encode(), digest_size=16
-                ).digest()
-                if digest in seen:
-                    dedup["dropped"] += 1
-                    continue
-                seen.add(digest)
-                out.append(row)
-            return out
-
-        for row in rows:
-            for stage in self.filters:
-                row = stage(row)
-                if row is None:
-                    break
-            else:
-                chunk.append(row)
-                if len(chunk) >= CHUNK_ROWS:
-                    yield flush(chunk)
-                    chunk = []
-        if chunk:
-            yield flush(chunk)
-
     # ----------------------------------------------------------------- output
     def to_record(self, row: dict) -> dict:
         where = row.pop("__where")
@@ -298,43 +335,92 @@ class Preparer:
         return record
 
     def needs_reordering(self) -> bool:
-        return bool(self.cfg["do_shuffle"] or self.cfg["downsampling_method"] or self.cfg["filters"]["code_text_filter"])
+        return bool(
+            self.cfg["do_shuffle"] or self.cfg["downsampling_method"] or self.cfg["filters"]["code_text_filter"]
+        )
+
+    def _results(self, files: list[Path], for_spool: bool):
+        """Chunk results in input order, computed in worker processes when there is enough work."""
+        workers = self.cfg["num_workers"] or min(os.cpu_count() or 1, 8)
+        chunks = self.raw_chunks(files)
+        total_bytes = sum(p.stat().st_size for p in files if p.is_file())
+        if workers <= 1 or total_bytes < PARALLEL_MIN_BYTES:
+            for info, path, batch in chunks:
+                yield info, self.process_chunk(path, batch, for_spool)
+            return
+        global _WORKER
+        _WORKER = self  # inherited by the forked workers: filters, tokenizer and formatter are set up once
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        infos: list[dict] = []
+
+        def tasks():
+            for info, path, batch in chunks:
+                infos.append(info)
+                yield path, batch, for_spool
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for i, result in enumerate(pool.imap(_work_in_worker, tasks(), chunksize=1)):
+                yield infos[i], result
+
+    def filtered_rows(self, files: list[Path], for_spool: bool):
+        """(problem, payload bytes) of every surviving row, deduplicated, with every counter merged into the stats."""
+        dedup = self.stats["deduplicate"] = {"stage": "deduplicate", "rows_in": 0, "dropped": 0}
+        sel = self.stats["selection"] = dict.fromkeys(SELECTION_KEYS, 0)
+        inv = self.stats["invalid_rows"]
+        length_totals = [{"rows_in": 0, "dropped_too_short": 0, "dropped_too_long": 0} for _ in self.length_stages]
+        self.stats["_length_totals"] = length_totals
+        seen: set[bytes] = set()
+        for info, result in self._results(files, for_spool):
+            for k, v in result["selection"].items():
+                sel[k] += v
+            info["invalid"] += len(result["invalid"])
+            inv["count"] += len(result["invalid"])
+            inv["examples"].extend(result["invalid"][: MAX_EXAMPLES - len(inv["examples"])])
+            for stage, counts in zip(self.filters, result["filters"]):
+                stage.add_counts(counts)
+            for total, counts in zip(length_totals, result["length"]):
+                for k, v in counts.items():
+                    total[k] += v
+            for digest, problem, payload in result["rows"]:
+                if self.cfg["deduplicate"]:
+                    dedup["rows_in"] += 1
+                    if digest in seen:
+                        dedup["dropped"] += 1
+                        continue
+                    seen.add(digest)
+                yield problem, payload
 
     def run(self, output_path: str | Path) -> dict:
         start = time.time()
         files = expand_input_files(self.cfg["input_files"])
         LOG.info("reading %d file(s): %s", len(files), ", ".join(map(str, files)))
-        rows = self.read_rows(files)
         written = 0
         with atomic_path(output_path) as tmp:
             if not self.needs_reordering():
                 with open(tmp, "wb") as out:
-                    for chunk in self.filtered_chunks(rows):
-                        out.write(b"".join(orjson.dumps(self.to_record(r)) + b"\n" for r in chunk))
-                        written += len(chunk)
+                    for _, payload in self.filtered_rows(files, for_spool=False):
+                        out.write(payload)
+                        written += 1
             else:
-                written = self._write_reordered(self.filtered_chunks(rows), tmp)
+                written = self._write_reordered(self.filtered_rows(files, for_spool=True), tmp)
             self.stats["rows_written"] = written
             self._finish_stats(files, start, output_path)
             write_json(stats_path_for(output_path), self.stats)
         return self.stats
 
-    def _write_reordered(self, chunks, tmp: Path) -> int:
+    def _write_reordered(self, rows, tmp: Path) -> int:
         """Spool surviving rows to disk, reorder an index of (offset, length, problem), then write in order."""
-        cfg = self.cfg
         spool_path = tmp.with_name(tmp.name + ".spool")
         index: list[tuple[int, int, int]] = []
         problem_ids: dict[str, int] = {}
         try:
             with open(spool_path, "wb") as spool:
                 offset = 0
-                for chunk in chunks:
-                    for row in chunk:
-                        data = orjson.dumps(row)
-                        pid = problem_ids.setdefault(row[self.input_key], len(problem_ids))
-                        index.append((offset, len(data), pid))
-                        spool.write(data)
-                        offset += len(data)
+                for problem, data in rows:
+                    pid = problem_ids.setdefault(problem, len(problem_ids))
+                    index.append((offset, len(data), pid))
+                    spool.write(data)
+                    offset += len(data)
             order = self._reorder(index, spool_path)
             with open(spool_path, "rb") as spool, open(tmp, "wb") as out:
                 for off, length, _ in order:
@@ -359,7 +445,12 @@ class Preparer:
                     samples = []
                     for off, length, pid in entries:
                         spool.seek(off)
-                        samples.append({self.output_key: orjson.loads(spool.read(length))[self.output_key], "__entry": (off, length, pid)})
+                        samples.append(
+                            {
+                                self.output_key: orjson.loads(spool.read(length))[self.output_key],
+                                "__entry": (off, length, pid),
+                            }
+                        )
                     chosen = F.code_text_choice(samples, self.output_key, cfg["code_begin"], mode)
                     kept.extend(s["__entry"] for s in chosen)
             kept.sort()
@@ -399,8 +490,8 @@ class Preparer:
         s["rows_read"] = sum(f["rows"] for f in s["input_files"])
         s["skipped_first"] = sum(f["skipped_first"] for f in s["input_files"])
         funnel = [st.stats() for st in self.filters]
-        for st in self.length_stages:
-            funnel.append({**st, "dropped": st["dropped_too_short"] + st["dropped_too_long"]})
+        for st, totals in zip(self.length_stages, s.pop("_length_totals")):
+            funnel.append({**st, **totals, "dropped": totals["dropped_too_short"] + totals["dropped_too_long"]})
         if self.cfg["deduplicate"]:
             funnel.append(s.pop("deduplicate"))
         else:
@@ -410,12 +501,22 @@ class Preparer:
                 funnel.append(s.pop(name))
         s["funnel"] = funnel
         sel = s["selection"]
-        s["dropped_by_selection"] = sum(sel[f"{k}_seen"] - sel[f"{k}_kept"] for k in ("correct", "incorrect", "unlabeled"))
+        s["dropped_by_selection"] = sum(
+            sel[f"{k}_seen"] - sel[f"{k}_kept"] for k in ("correct", "incorrect", "unlabeled")
+        )
         s["output_path"] = str(output_path)
-        s["formatting"] = {"mode": self.formatter.mode, "output_format": self.cfg["output_format"], "prompt_config": self.cfg["prompt_config"]}
+        s["formatting"] = {
+            "mode": self.formatter.mode,
+            "output_format": self.cfg["output_format"],
+            "prompt_config": self.cfg["prompt_config"],
+        }
         s["seconds"] = round(time.time() - start, 3)
         accounted = (
-            s["skipped_first"] + s["invalid_rows"]["count"] + s["dropped_by_selection"] + sum(st["dropped"] for st in funnel) + s["rows_written"]
+            s["skipped_first"]
+            + s["invalid_rows"]["count"]
+            + s["dropped_by_selection"]
+            + sum(st["dropped"] for st in funnel)
+            + s["rows_written"]
         )
         if accounted != s["rows_read"]:  # every row must be accounted for somewhere in the funnel
             raise RuntimeError(f"internal error: funnel accounts for {accounted} rows of {s['rows_read']} read")

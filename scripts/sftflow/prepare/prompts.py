@@ -30,7 +30,9 @@ class PromptConfig:
                 f"(fields: {', '.join(sorted(row))})"
             ) from None
         except (IndexError, ValueError) as err:
-            raise SftflowError(f"prompt config '{self.name}': bad template ({err}); write literal braces as {{{{ }}}}") from None
+            raise SftflowError(
+                f"prompt config '{self.name}': bad template ({err}); write literal braces as {{{{ }}}}"
+            ) from None
 
     def system_text(self) -> str:
         return self.system.format_map({}) if self.system else ""
@@ -68,4 +70,6 @@ def load_prompt_config(name_or_path: str) -> PromptConfig:
             examples_text = "".join(block["template"].format_map(item) for item in block["items"])
         except KeyError as err:
             raise SftflowError(f"{path}: examples template uses {{{err.args[0]}}} missing from an item") from None
-    return PromptConfig(name=str(name_or_path), system=data.get("system") or "", user=data["user"], examples_text=examples_text)
+    return PromptConfig(
+        name=str(name_or_path), system=data.get("system") or "", user=data["user"], examples_text=examples_text
+    )
