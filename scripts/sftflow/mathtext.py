@@ -6,12 +6,17 @@ import re
 import unicodedata
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_FLAT_CONTENT = re.compile(r"[^{}\\]*\}")  # content without braces or escapes: no need to count depth
 
 
 def find_boxed(text: str) -> list[tuple[int, int, str]]:
     """All \\boxed{...} spans as (start, end, content), braces balanced; an unclosed one is ignored."""
     spans = []
     for match in _BOXED.finditer(text):
+        flat = _FLAT_CONTENT.match(text, match.end())
+        if flat:
+            spans.append((match.start(), flat.end(), text[match.end() : flat.end() - 1]))
+            continue
         depth, i = 1, match.end()
         while i < len(text) and depth:
             ch = text[i]

@@ -133,7 +133,7 @@ def trim_solutions(key: str, counter: dict) -> Callable[[dict], dict | None]:
 
 
 # Runs of characters an equation can consist of; the (slow) EQUATION regex only looks inside these.
-_CANDIDATE = re.compile(r"[\d .+\-*/()=]{5,}")
+_CANDIDATE = re.compile(r"[\d(][\d .+\-*/()=]{4,}")
 _OPERATOR = re.compile(r"[-+*/]")
 
 

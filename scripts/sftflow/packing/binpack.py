@@ -1,0 +1,125 @@
+"""Bin packing of sequence lengths: best-fit-decreasing and first-fit-decreasing in O(n log n)."""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Sequence
+
+import numpy as np
+
+ALGORITHMS = ("best_fit_decreasing", "first_fit_decreasing")
+
+
+def _decreasing_order(lengths: np.ndarray) -> np.ndarray:
+    # A stable sort of the negated lengths: longest first, equal lengths in their original order,
+    # so the packing is a pure function of the input (no dependence on sort internals).
+    return np.argsort(-lengths, kind="stable")
+
+
+def _best_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> np.ndarray:
+    """Each item into the bin with the least remaining room that still fits it (fullest bin)."""
+    bin_of = np.empty(len(lengths), dtype=np.int64)
+    # Remaining capacities are integers in 1..capacity, so bins are bucketed by exact remaining
+    # room: `free` is the sorted list of distinct non-empty buckets (at most `capacity` entries, so
+    # insort/remove are short memmoves) and each bucket is a min-heap of bin ids, which makes the
+    # choice among equally full bins deterministic (lowest bin id).
+    free: list[int] = []
+    buckets: dict[int, list[int]] = {}
+    num_bins = 0
+    for item, size in zip(order.tolist(), lengths[order].tolist(), strict=True):
+        pos = bisect.bisect_left(free, size)
+        if pos == len(free):
+            b = num_bins
+            num_bins += 1
+            room = capacity - size
+        else:
+            room_before = free[pos]
+            bucket = buckets[room_before]
+            b = heapq.heappop(bucket)
+            if not bucket:
+                del buckets[room_before]
+                del free[pos]
+            room = room_before - size
+        bin_of[item] = b
+        if room > 0:  # a full bin can take nothing more: stop tracking it
+            bucket = buckets.get(room)
+            if bucket is None:
+                buckets[room] = [b]
+                bisect.insort(free, room)
+            else:
+                heapq.heappush(bucket, b)
+    return bin_of
+
+
+def _first_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> np.ndarray:
+    """Each item into the lowest-numbered bin that still fits it."""
+    n = len(lengths)
+    bin_of = np.empty(n, dtype=np.int64)
+    # A max segment tree over bin ids holding remaining room. Unopened bins start with full room,
+    # and opened bins are always a prefix of the ids, so "leftmost leaf with room >= size" is the
+    # first fit among open bins or, when none fits, the next new bin; no separate open-bin case.
+    size_pow2 = 1
+    while size_pow2 < max(n, 1):
+        size_pow2 *= 2
+    tree = [capacity] * (2 * size_pow2)
+    num_bins = 0
+    for item, size in zip(order.tolist(), lengths[order].tolist(), strict=True):
+        node = 1
+        while node < size_pow2:
+            node *= 2
+            if tree[node] < size:
+                node += 1
+        b = node - size_pow2
+        bin_of[item] = b
+        if b >= num_bins:
+            num_bins = b + 1
+        tree[node] -= size
+        node //= 2
+        while node:
+            best = max(tree[2 * node], tree[2 * node + 1])
+            if tree[node] == best:  # ancestors above are unchanged too
+                break
+            tree[node] = best
+            node //= 2
+    return bin_of
+
+
+def assign_bins(lengths: Sequence[int] | np.ndarray, capacity: int, algorithm: str) -> np.ndarray:
+    """Return bin_of[i], the bin of sequence i, packing `lengths` into bins of `capacity` tokens.
+
+    Bins are numbered in the order they are opened; every length must be in 1..capacity.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.ndim != 1:
+        raise ValueError("lengths must be one-dimensional")
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
+        raise ValueError(f"every length must be in 1..{capacity} (got {lengths.min()}..{lengths.max()})")
+    order = _decreasing_order(lengths)
+    if algorithm == "best_fit_decreasing":
+        return _best_fit(lengths, order, capacity)
+    if algorithm == "first_fit_decreasing":
+        return _first_fit(lengths, order, capacity)
+    raise ValueError(f"unknown packing algorithm {algorithm!r} (expected one of {', '.join(ALGORITHMS)})")
+
+
+def bins_from_assignment(bin_of: np.ndarray, lengths: Sequence[int] | np.ndarray) -> list[list[int]]:
+    """Group sequence ids by bin; within a bin, in the order the packer placed them (longest first)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(bin_of) == 0:
+        return []
+    placement_rank = np.empty(len(lengths), dtype=np.int64)
+    placement_rank[_decreasing_order(lengths)] = np.arange(len(lengths))
+    ordered = np.lexsort((placement_rank, bin_of))
+    counts = np.bincount(bin_of)
+    return [chunk.tolist() for chunk in np.split(ordered, np.cumsum(counts)[:-1])]
+
+
+def pack_lengths(lengths: Sequence[int] | np.ndarray, capacity: int, algorithm: str) -> list[list[int]]:
+    """Pack sequence lengths into bins of `capacity`; return each bin's sequence ids (every id exactly once)."""
+    return bins_from_assignment(assign_bins(lengths, capacity, algorithm), lengths)
+
+
+def one_per_bin(num_sequences: int) -> list[list[int]]:
+    """The no-packing layout: bin i holds only sequence i."""
+    return [[i] for i in range(num_sequences)]

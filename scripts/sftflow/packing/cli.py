@@ -1,0 +1,66 @@
+"""Entry points of the packing stage: the command line and the pack_data Snakemake rule."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from sftflow.errors import SftflowError
+from sftflow.logs import setup_logging
+from sftflow.packing.binpack import ALGORITHMS
+from sftflow.packing.pipeline import pack_jsonl
+
+LOG = logging.getLogger("sftflow.packing")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python scripts/pack_data.py",
+        description="Tokenize prepared SFT rows (assistant-only loss mask) and pack them into sftflow-packed-v1 shards. "
+        "Options left out take the defaults of the packing section of config/schema.yaml.",
+    )
+    p.add_argument("--input", required=True, help="prepared SFT JSONL (input/output or messages rows)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub name")
+    p.add_argument("--output", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--max-total-sequence-length", type=int, help="tokens per bin and per sequence")
+    p.add_argument("--no-packing", action="store_true", help="one sequence per bin (padded batches)")
+    p.add_argument("--algorithm", choices=ALGORITHMS)
+    p.add_argument("--overlong", choices=("truncate", "drop"))
+    p.add_argument("--bins-per-shard", type=int)
+    p.add_argument("--seed", type=int, help="seed of the bin order")
+    p.add_argument("--chat-template", help="Jinja chat template file replacing the tokenizer's")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = parser().parse_args(argv)
+    cfg: dict = {"enabled": not args.no_packing}
+    for key in ("max_total_sequence_length", "algorithm", "overlong", "bins_per_shard", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            cfg[key] = value
+    try:
+        pack_jsonl(args.input, args.output, args.tokenizer, cfg, chat_template=args.chat_template)
+    except SftflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_from_snakemake(smk) -> None:
+    """Called by the pack_data rule's script: packing config and tokenizer in params, paths in input/output."""
+    setup_logging(smk.log[0] if smk.log else None)
+    try:
+        pack_jsonl(
+            str(smk.input.data),
+            str(smk.output.packed),
+            smk.params.tokenizer,
+            dict(smk.params.cfg),
+            chat_template=smk.params.chat_template,
+            chat_template_kwargs=dict(smk.params.get("chat_template_kwargs", None) or {}),
+        )
+    except SftflowError as err:
+        LOG.error("%s", err)
+        raise SystemExit(f"error: {err}") from None

@@ -1,0 +1,207 @@
+"""pack_jsonl: prepared SFT JSONL -> tokenized, filtered, bin-packed, sharded directory plus stats."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sftflow import config as C
+from sftflow.errors import SftflowError
+from sftflow.io import atomic_path, iter_jsonl, write_json
+from sftflow.packing.binpack import assign_bins
+from sftflow.packing.shards import trainable_loss_tokens, write_packed
+from sftflow.packing.tokenize import tokenize_rows
+
+LOG = logging.getLogger("sftflow.packing")
+
+
+def validate_cfg(cfg: dict) -> dict:
+    """A defaults-filled, schema-checked copy of a `packing:` config section (errors name packing.<key>)."""
+    return C.validate(copy.deepcopy(dict(cfg)), C.section_schema("packing"), prefix="packing")
+
+
+def _load_tokenizer(tokenizer: Any, chat_template: str | None) -> tuple[Any, str]:
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from sftflow.prepare.formatting import load_tokenizer
+
+        return load_tokenizer(str(tokenizer), chat_template), str(tokenizer)
+    if chat_template:
+        raise SftflowError(
+            "chat_template: pass it only with a tokenizer name/path (set it on a loaded tokenizer yourself)"
+        )
+    return tokenizer, str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def _pad_token_id(tokenizer: Any, name: str) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    raise SftflowError(f"tokenizer '{name}' has neither a pad nor an eos token; cannot choose a padding id")
+
+
+def pack_jsonl(
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    tokenizer: Any,
+    cfg: dict,
+    *,
+    chat_template: str | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> dict:
+    """Tokenize, filter and pack `input_path` into the sftflow-packed-v1 directory `output_dir`; return the stats.
+
+    `tokenizer` is a loaded HF tokenizer or a path/hub name (then `chat_template`, a Jinja file, replaces
+    its template); `cfg` is a `packing:` config section (missing keys take the schema defaults);
+    `chat_template_kwargs` go to the template when rendering messages rows. Nothing is left at
+    `output_dir` if anything fails.
+    """
+    t_start = time.perf_counter()
+    cfg = validate_cfg(cfg)
+    input_path = Path(input_path)
+    tok, tok_name = _load_tokenizer(tokenizer, chat_template)
+    pad_id = _pad_token_id(tok, tok_name)
+    max_len = cfg["max_total_sequence_length"]
+
+    counts = {"rows": 0, "overlong": 0, "truncated_tokens": 0, "dropped_overlong": 0, "dropped_overlong_tokens": 0}
+    counts |= {"dropped_no_loss": 0, "dropped_no_loss_truncated": 0}
+    id_chunks: list[np.ndarray] = []
+    mask_chunks: list[np.ndarray] = []
+    lengths: list[int] = []
+    rows = ((f"{input_path}:{line}", row) for line, row in iter_jsonl(input_path))
+    for _where, ids, mask in tokenize_rows(tok, rows, chat_template_kwargs):
+        counts["rows"] += 1
+        if counts["rows"] % 100_000 == 0:
+            LOG.info("tokenized %d rows", counts["rows"])
+        truncated = False
+        if len(ids) > max_len:
+            counts["overlong"] += 1
+            if cfg["overlong"] == "drop":
+                counts["dropped_overlong"] += 1
+                counts["dropped_overlong_tokens"] += len(ids)
+                continue
+            counts["truncated_tokens"] += len(ids) - max_len
+            ids, mask = ids[:max_len], mask[:max_len]
+            truncated = True
+        # A sequence whose only loss tokens are at position 0 (or none, after truncation) would
+        # contribute nothing but padding-like compute; never keep it silently.
+        if not mask[1:].any():
+            counts["dropped_no_loss"] += 1
+            counts["dropped_no_loss_truncated"] += int(truncated)
+            continue
+        id_chunks.append(ids)
+        mask_chunks.append(mask)
+        lengths.append(len(ids))
+    t_tokenized = time.perf_counter()
+    if not lengths:
+        raise SftflowError(
+            f"{input_path}: no sequence left to pack ({counts['rows']} rows read, {counts['dropped_overlong']} dropped "
+            f"as over-long, {counts['dropped_no_loss']} without loss tokens); check packing.max_total_sequence_length"
+        )
+
+    lens = np.asarray(lengths, dtype=np.int64)
+    seq_offsets = np.concatenate([[0], np.cumsum(lens)])
+    tokens = np.concatenate(id_chunks)
+    loss_mask = np.concatenate(mask_chunks)
+    del id_chunks, mask_chunks
+
+    bin_of = assign_bins(lens, max_len, cfg["algorithm"]) if cfg["enabled"] else np.arange(len(lens))
+    seq_order, bin_sizes = _shuffled_layout(bin_of, lens, cfg["seed"])
+    t_packed = time.perf_counter()
+
+    with atomic_path(output_dir) as tmp:
+        tmp.mkdir()
+        meta = {
+            "packing": cfg["enabled"],
+            "max_total_sequence_length": max_len,
+            "pad_token_id": pad_id,
+            "tokenizer": tok_name,
+            "source": str(input_path),
+        }
+        index = write_packed(tmp, tokens, loss_mask, seq_offsets, seq_order, bin_sizes, cfg["bins_per_shard"], meta)
+        t_written = time.perf_counter()
+        stats = _stats(cfg, counts, lens, index, loss_mask, seq_offsets)
+        stats["seconds"] = {
+            "tokenize": round(t_tokenized - t_start, 3),
+            "pack": round(t_packed - t_tokenized, 3),
+            "write": round(t_written - t_packed, 3),
+            "total": round(time.perf_counter() - t_start, 3),
+        }
+        write_json(tmp / "stats.json", stats)
+    for line in summary_lines(stats):
+        LOG.info(line)
+    return stats
+
+
+def _shuffled_layout(bin_of: np.ndarray, lengths: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Storage order of sequences and size of each bin, with bins in a seeded random order."""
+    num_bins = int(bin_of.max()) + 1
+    new_position = np.random.default_rng(seed).permutation(num_bins)
+    shuffled_bin = new_position[bin_of]
+    # Within a bin keep the packer's placement order (longest first, ties by original index).
+    placement_rank = np.empty(len(lengths), dtype=np.int64)
+    placement_rank[np.argsort(-lengths, kind="stable")] = np.arange(len(lengths))
+    seq_order = np.lexsort((placement_rank, shuffled_bin))
+    return seq_order, np.bincount(shuffled_bin, minlength=num_bins)
+
+
+def _stats(cfg: dict, counts: dict, lens: np.ndarray, index: dict, loss_mask: np.ndarray, offsets: np.ndarray) -> dict:
+    max_len = cfg["max_total_sequence_length"]
+    num_bins = index["num_bins"]
+    total = int(lens.sum())
+    lower_bound = math.ceil(total / max_len)
+    return {
+        "source": index["source"],
+        "tokenizer": index["tokenizer"],
+        "packing": cfg["enabled"],
+        "algorithm": cfg["algorithm"] if cfg["enabled"] else None,
+        "max_total_sequence_length": max_len,
+        "rows_read": counts["rows"],
+        "sequences_kept": len(lens),
+        "overlong": {
+            "count": counts["overlong"],
+            "action": cfg["overlong"],
+            "tokens_truncated": counts["truncated_tokens"],
+            "tokens_dropped": counts["dropped_overlong_tokens"],
+        },
+        "dropped": {
+            "overlong": counts["dropped_overlong"],
+            "no_loss_tokens": counts["dropped_no_loss"],
+            "no_loss_tokens_after_truncation": counts["dropped_no_loss_truncated"],
+        },
+        "bins": num_bins,
+        "shards": len(index["shards"]),
+        "total_tokens": total,
+        "loss_tokens": trainable_loss_tokens(loss_mask, offsets),
+        "fill_ratio": round(total / (num_bins * max_len), 6),
+        "lower_bound_bins": lower_bound,
+        "bins_over_lower_bound": round(num_bins / lower_bound, 6),
+        "mean_sequences_per_bin": round(len(lens) / num_bins, 4),
+        "mean_sequence_length": round(float(lens.mean()), 2),
+        "max_sequence_length": int(lens.max()),
+    }
+
+
+def summary_lines(stats: dict) -> list[str]:
+    """A readable summary of pack_jsonl's stats, for the log."""
+    ov, dr = stats["overlong"], stats["dropped"]
+    how = f"packed with {stats['algorithm']}" if stats["packing"] else "one sequence per bin (packing disabled)"
+    return [
+        f"read {stats['rows_read']} rows from {stats['source']}; kept {stats['sequences_kept']} sequences",
+        f"over-long (> {stats['max_total_sequence_length']} tokens): {ov['count']} ({ov['action']}; "
+        f"{ov['tokens_truncated']} tokens truncated, {ov['tokens_dropped']} tokens in dropped sequences)",
+        f"dropped: {dr['overlong']} over-long, {dr['no_loss_tokens']} with no loss tokens "
+        f"({dr['no_loss_tokens_after_truncation']} of them after truncation)",
+        f"{how}: {stats['bins']} bins in {stats['shards']} shards, {stats['total_tokens']} tokens "
+        f"({stats['loss_tokens']} loss tokens), fill ratio {stats['fill_ratio']:.4f}, "
+        f"{stats['bins_over_lower_bound']:.4f} x the lower bound of {stats['lower_bound_bins']} bins",
+        f"sequence length mean {stats['mean_sequence_length']}, max {stats['max_sequence_length']}; "
+        f"{stats['mean_sequences_per_bin']} sequences per bin; took {stats['seconds']['total']} s",
+    ]

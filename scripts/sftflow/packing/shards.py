@@ -1,0 +1,150 @@
+"""Write and read sftflow-packed-v1 shard directories (format described in sftflow.packing)."""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from sftflow.errors import SftflowError
+
+FORMAT = "sftflow-packed-v1"
+SHARD_NAME = "shard_{:05d}.safetensors"
+
+
+def trainable_loss_tokens(loss_mask: np.ndarray, seq_offsets: np.ndarray) -> int:
+    """Loss tokens that are not the first token of their sequence (only those can be predicted)."""
+    firsts = seq_offsets[:-1][seq_offsets[:-1] < seq_offsets[1:]]
+    return int(loss_mask.sum(dtype=np.int64) - loss_mask[firsts].sum(dtype=np.int64))
+
+
+def write_packed(
+    directory: str | os.PathLike,
+    tokens: np.ndarray,
+    loss_mask: np.ndarray,
+    seq_offsets: np.ndarray,
+    seq_order: np.ndarray,
+    bin_sizes: np.ndarray,
+    bins_per_shard: int,
+    meta: dict[str, Any],
+) -> dict:
+    """Write shards + index.json into an existing empty `directory`; return the index.
+
+    `tokens`/`loss_mask` hold all sequences back to back, sequence i at seq_offsets[i]:seq_offsets[i+1];
+    `seq_order` lists sequence ids in storage order and `bin_sizes[b]` how many of them bin b takes.
+    `meta` supplies packing, max_total_sequence_length, pad_token_id, tokenizer and source.
+    """
+    directory = Path(directory)
+    lengths = np.diff(seq_offsets)
+    bin_starts = np.concatenate([[0], np.cumsum(bin_sizes, dtype=np.int64)])
+    shards = []
+    for first_bin in range(0, len(bin_sizes), bins_per_shard):
+        last_bin = min(first_bin + bins_per_shard, len(bin_sizes))
+        seqs = seq_order[bin_starts[first_bin] : bin_starts[last_bin]]
+        seq_lens = lengths[seqs]
+        cu = np.concatenate([[0], np.cumsum(seq_lens, dtype=np.int64)])
+        # Gather all the shard's tokens with one fancy index: position p of sequence j in the shard
+        # comes from seq_offsets[seqs[j]] + p, i.e. global index = shard index + (start_j - cu_j).
+        gather = np.arange(cu[-1], dtype=np.int64) + np.repeat(seq_offsets[seqs] - cu[:-1], seq_lens)
+        shard_tokens = np.ascontiguousarray(tokens[gather], dtype=np.int32)
+        shard_mask = np.ascontiguousarray(loss_mask[gather], dtype=np.uint8)
+        name = SHARD_NAME.format(len(shards))
+        save_file(
+            {
+                "tokens": shard_tokens,
+                "loss_mask": shard_mask,
+                "cu_seqlens": cu.astype(np.int64),
+                "bin_offsets": (bin_starts[first_bin : last_bin + 1] - bin_starts[first_bin]).astype(np.int64),
+            },
+            str(directory / name),
+            metadata={"format": FORMAT},
+        )
+        shards.append(
+            {
+                "file": name,
+                "num_bins": int(last_bin - first_bin),
+                "num_sequences": len(seqs),
+                "num_tokens": int(cu[-1]),
+                "num_loss_tokens": trainable_loss_tokens(shard_mask, cu),
+            }
+        )
+    index = {
+        "format": FORMAT,
+        "packing": bool(meta["packing"]),
+        "max_total_sequence_length": int(meta["max_total_sequence_length"]),
+        "pad_token_id": int(meta["pad_token_id"]),
+        "num_bins": int(len(bin_sizes)),
+        "num_sequences": int(len(seq_order)),
+        "num_tokens": int(sum(s["num_tokens"] for s in shards)),
+        "num_loss_tokens": int(sum(s["num_loss_tokens"] for s in shards)),
+        "shards": shards,
+        "tokenizer": str(meta["tokenizer"]),
+        "source": str(meta["source"]),
+    }
+    (directory / "index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return index
+
+
+class PackedDataset:
+    """Random access to the bins of a packed directory; shards are memory-mapped lazily on first use."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        index_file = self.path / "index.json"
+        if not index_file.is_file():
+            raise SftflowError(f"{self.path}: not a packed data directory (no index.json); run the pack_data rule")
+        self.index: dict = json.loads(index_file.read_text(encoding="utf-8"))
+        if self.index.get("format") != FORMAT:
+            raise SftflowError(f"{index_file}: format {self.index.get('format')!r} is not {FORMAT!r}; re-run pack_data")
+        self._bin_starts = [0]
+        for shard in self.index["shards"]:
+            self._bin_starts.append(self._bin_starts[-1] + shard["num_bins"])
+        self._cache: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self._bin_starts[-1]
+
+    def _shard(self, k: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        # DataLoader workers fork: each process opens its own handles rather than sharing the parent's.
+        if os.getpid() != self._pid:
+            self._cache, self._pid = {}, os.getpid()
+        cached = self._cache.get(k)
+        if cached is None:
+            handle = safe_open(str(self.path / self.index["shards"][k]["file"]), framework="pt")
+            # The offset tables are small (8 bytes per sequence/bin): load them whole; tokens stay mapped.
+            cached = (handle, handle.get_tensor("bin_offsets"), handle.get_tensor("cu_seqlens"))
+            self._cache[k] = cached
+        return cached
+
+    def get_bin(self, i: int) -> dict:
+        """Bin i as {input_ids: LongTensor[n], loss_mask: BoolTensor[n], seq_lens: list[int]}."""
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"bin {i} out of range (dataset has {len(self)} bins)")
+        k = bisect.bisect_right(self._bin_starts, i) - 1
+        handle, bin_offsets, cu_seqlens = self._shard(k)
+        b = i - self._bin_starts[k]
+        s0, s1 = int(bin_offsets[b]), int(bin_offsets[b + 1])
+        offsets = cu_seqlens[s0 : s1 + 1]
+        t0, t1 = int(offsets[0]), int(offsets[-1])
+        return {
+            "input_ids": handle.get_slice("tokens")[t0:t1].to(torch.long),
+            "loss_mask": handle.get_slice("loss_mask")[t0:t1].to(torch.bool),
+            "seq_lens": (offsets[1:] - offsets[:-1]).tolist(),
+        }
+
+    def __getitem__(self, i: int) -> dict:
+        return self.get_bin(i)
+
+    def __getstate__(self) -> dict:
+        # Open safetensors handles cannot be pickled (spawned DataLoader workers): reopen lazily instead.
+        return {**self.__dict__, "_cache": {}}

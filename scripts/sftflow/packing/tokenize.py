@@ -1,0 +1,139 @@
+"""Turn prepared SFT rows (input/output or messages) into token ids plus an assistant-only loss mask."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from sftflow.errors import SftflowError
+
+# A row becomes a list of (text, is_loss) segments; each segment is tokenized on its own and the
+# ids are concatenated. Splitting at the loss boundary (rather than tokenizing the whole text and
+# mapping character offsets) means no token can straddle prompt and answer, and it is exactly how
+# input/output rows are defined: tok(input) + tok(output).
+Segments = list[tuple[str, bool]]
+
+_SENTINEL = "\u2063SFTFLOW_ASSISTANT_TURN\u2063"
+
+
+def row_segments(row: dict, where: str, tokenizer: Any = None, chat_template_kwargs: dict | None = None) -> Segments:
+    """Split one prepared row into (text, is_loss) segments; `where` ("file:line") prefixes every error."""
+    has_io = "input" in row or "output" in row
+    has_messages = "messages" in row
+    if has_io and has_messages:
+        raise SftflowError(f"{where}: row has both 'messages' and 'input'/'output'; expected one shape")
+    if has_messages:
+        return _message_segments(row["messages"], where, tokenizer, chat_template_kwargs or {})
+    if not has_io:
+        keys = ", ".join(sorted(row)) or "none"
+        raise SftflowError(
+            f"{where}: row is neither an input/output row nor a messages row (keys: {keys}); "
+            "expected the output of prepare_data"
+        )
+    inp, out = row.get("input"), row.get("output")
+    if not isinstance(inp, str):
+        raise SftflowError(f"{where}: 'input' must be a string, got {type(inp).__name__}")
+    if not isinstance(out, str):
+        raise SftflowError(f"{where}: 'output' must be a string, got {type(out).__name__}")
+    if not out.strip():
+        raise SftflowError(f"{where}: 'output' is empty (nothing to train on)")
+    return [(inp, False), (out, True)]
+
+
+def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, where: str, kwargs: dict) -> str:
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+    except Exception as err:  # jinja errors (raise_exception in templates) surface as many types
+        raise SftflowError(f"{where}: the chat template failed on this conversation ({err})") from None
+    if not isinstance(text, str):
+        raise SftflowError(f"{where}: the chat template did not render to text")
+    return text
+
+
+def _message_segments(messages: Any, where: str, tokenizer: Any, kwargs: dict) -> Segments:
+    if not isinstance(messages, list) or not messages:
+        raise SftflowError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise SftflowError(f"{where}: messages[{k}] must be an object with string 'role' and 'content'")
+    assistant = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    if not assistant:
+        raise SftflowError(f"{where}: 'messages' has no assistant message (nothing to train on)")
+    for k in assistant:
+        if not messages[k]["content"].strip():
+            raise SftflowError(f"{where}: messages[{k}] (assistant) has empty content")
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise SftflowError(
+            f"{where}: messages rows need a tokenizer with a chat template (set model.chat_template or use "
+            "prepare_data.output_format: input_output)"
+        )
+    # What an assistant turn contributes is the text between "conversation so far + generation
+    # prompt" and "conversation including this turn": its content plus the template's end-of-turn
+    # text. That only works for templates whose renders of growing prefixes are prefixes of the
+    # full render; templates that rewrite earlier turns (e.g. strip old reasoning) are refused.
+    full = _render(tokenizer, messages, False, where, kwargs)
+    segments: Segments = []
+    cursor = 0
+    for k in assistant:
+        before = _render(tokenizer, messages[:k], True, where, kwargs) if k else None
+        upto = _render(tokenizer, messages[: k + 1], False, where, kwargs)
+        if k == 0:
+            # No earlier turns (and templates may not render an empty conversation): the prefix is
+            # whatever the template writes before a lone assistant turn's content, found with a
+            # sentinel content so that no coincidence with the template's own text can mislead.
+            probe = _render(tokenizer, [{"role": "assistant", "content": _SENTINEL}], False, where, kwargs)
+            before = probe.split(_SENTINEL, 1)[0] if _SENTINEL in probe else None
+        if before is None or not upto.startswith(before) or not full.startswith(upto) or len(before) < cursor:
+            raise SftflowError(
+                f"{where}: the chat template does not render messages[{k}] (assistant) as an extension of the "
+                "conversation before it, so its tokens cannot be located; use input_output rows instead"
+            )
+        span = upto[len(before) :]
+        if messages[k]["content"].strip() not in span:
+            raise SftflowError(f"{where}: the chat template dropped the content of messages[{k}] (assistant)")
+        segments.append((full[cursor : len(before)], False))
+        segments.append((span, True))
+        cursor = len(upto)
+    segments.append((full[cursor:], False))
+    return [(text, loss) for text, loss in segments if text]
+
+
+def tokenize_segments(tokenizer: Any, rows_segments: list[Segments]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Tokenize a batch of rows' segments in one tokenizer call; yield (ids int32, loss_mask uint8) per row."""
+    texts = [text for segs in rows_segments for text, _ in segs]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    k = 0
+    for segs in rows_segments:
+        ids_parts, mask_parts = [], []
+        for _, loss in segs:
+            ids = encoded[k]
+            k += 1
+            ids_parts.append(np.asarray(ids, dtype=np.int32))
+            mask_parts.append(np.full(len(ids), 1 if loss else 0, dtype=np.uint8))
+        if ids_parts:
+            yield np.concatenate(ids_parts), np.concatenate(mask_parts)
+        else:
+            yield np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.uint8)
+
+
+def tokenize_rows(
+    tokenizer: Any, rows: Iterable[tuple[str, dict]], chat_template_kwargs: dict | None = None, batch_size: int = 1024
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Yield (where, ids, loss_mask) for each (where, row), tokenizing in batches for speed."""
+    batch: list[tuple[str, Segments]] = []
+    for where, row in rows:
+        batch.append((where, row_segments(row, where, tokenizer, chat_template_kwargs)))
+        if len(batch) >= batch_size:
+            yield from _flush(tokenizer, batch)
+            batch = []
+    if batch:
+        yield from _flush(tokenizer, batch)
+
+
+def _flush(tokenizer: Any, batch: list[tuple[str, Segments]]) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    for (where, _), (ids, mask) in zip(batch, tokenize_segments(tokenizer, [s for _, s in batch]), strict=True):
+        yield where, ids, mask
