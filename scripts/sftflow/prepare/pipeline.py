@@ -117,17 +117,15 @@ class Preparer:
 
         if on["drop_multi_boxed"]:
             add("drop_multi_boxed", F.drop_multi_boxed(key))
-        if on["remove_contaminated"]:
-            if not cfg["contamination_file"]:
-                raise SftflowError(
-                    "filters.remove_contaminated is on but contamination_file is not set: "
-                    "set ++contamination_file=<file> or ++filters.remove_contaminated=false"
-                )
+        self.skipped_stages: list[dict] = []
+        if on["remove_contaminated"] and not cfg["contamination_file"]:
+            # NeMo-Skills' default is on with no file; say loudly that nothing was checked.
+            LOG.warning("filters.remove_contaminated is on but no contamination_file is set: nothing is decontaminated")
+            self.skipped_stages.append({"stage": "remove_contaminated", "skipped": "no contamination_file set", "rows_in": 0, "dropped": 0})
+        elif on["remove_contaminated"]:
             contaminated, rows = load_contaminated(cfg["contamination_file"], self.input_key)
             stage = add("remove_contaminated", F.remove_contaminated(self.input_key, contaminated), self.input_key)
-            stage.info.update(
-                contamination_file=str(cfg["contamination_file"]), contaminated_problems=len(contaminated)
-            )
+            stage.info.update(contamination_file=str(cfg["contamination_file"]), contaminated_problems=len(contaminated))
         if on["remove_code_errors"]:
             add("remove_code_errors", F.drop_if_contains(key, F.CODE_ERROR_MARKERS))
         if on["remove_matplotlib"]:
@@ -489,7 +487,7 @@ class Preparer:
         s = self.stats
         s["rows_read"] = sum(f["rows"] for f in s["input_files"])
         s["skipped_first"] = sum(f["skipped_first"] for f in s["input_files"])
-        funnel = [st.stats() for st in self.filters]
+        funnel = self.skipped_stages + [st.stats() for st in self.filters]
         for st, totals in zip(self.length_stages, s.pop("_length_totals")):
             funnel.append({**st, **totals, "dropped": totals["dropped_too_short"] + totals["dropped_too_long"]})
         if self.cfg["deduplicate"]:
@@ -533,6 +531,9 @@ def summary_lines(stats: dict) -> list[str]:
     for k in ("correct", "incorrect", "unlabeled"):
         lines.append(f"  {k}: {sel[f'{k}_seen']} seen, {sel[f'{k}_kept']} kept")
     for st in stats["funnel"]:
+        if "skipped" in st:
+            lines.append(f"  {st['stage']}: skipped ({st['skipped']})")
+            continue
         extra = f", modified {st['modified']}" if st.get("modified") else ""
         lines.append(f"  {st['stage']}: {st['rows_in']} in, dropped {st['dropped']}{extra}")
     lines.append(f"wrote {stats['rows_written']} rows to {stats['output_path']}")
