@@ -1,0 +1,1 @@
+"""Evaluation core: benchmark normalisation, answer grading (math-verify) and metrics (pass@k, majority@k)."""
