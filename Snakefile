@@ -26,5 +26,5 @@ include: "rules/eval.smk"
 
 rule all:
     input:
-        out("eval.json"),
+        all_targets(),
     default_target: True

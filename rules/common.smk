@@ -17,6 +17,23 @@ def out(*parts):
     return str(OUT.joinpath(*parts))
 
 
+def not_implemented(stage, issue):
+    """Shell command for a stage a later issue implements: fail with a clear message, never a fake output."""
+    return (
+        f"echo 'sftflow: the {stage} stage is not implemented yet (tracked in issue {issue}); "
+        f"run the stages before it, e.g. snakemake --cores 2 {out('final_hf_model')}' >&2; exit 1"
+    )
+
+
+def all_targets():
+    """Default targets - the eval summary, plus the conversion_step export when that key is set."""
+    targets = [out("eval.json")]
+    step = config["training"]["conversion_step"]
+    if step is not None:
+        targets.append(out("hf_models", f"step_{step}"))
+    return targets
+
+
 def get_generations():
     """The generation files data preparation reads: the demo's, or the user's globs (expanded now)."""
     patterns = config["prepare_data"]["input_files"]

@@ -1,48 +1,142 @@
-# Packing, N chained training jobs, and HF export. Issue 3 implements these stages.
+# Packing, N chained training jobs, and HF export.
+#
+# Rerun triggers. The checkpoint directory out("checkpoints") is shared state, not an output: every job
+# resumes from its latest complete checkpoint, so a rerun never redoes finished steps. The training
+# config is therefore *not* passed as params (the launcher reads it from the workflow config at run
+# time), so editing e.g. learning_rate does not rerun finished jobs. Only the last job carries, as
+# params, the keys that decide where training ends (max_num_steps, max_num_epochs,
+# train_global_batch_size, num_training_jobs, time_limit): raising one of them reruns just that job,
+# which continues from the last checkpoint. Raising num_training_jobs adds jobs; the former last job
+# reruns too (its params change) and, its checkpoint already past its new target, only rewrites its
+# done-file. Start training over by deleting out("checkpoints").
+#
+# training.conversion_step: X is exported by the target out("hf_models", "step_X") (rule convert_step).
 
 
-def not_implemented(stage, issue):
-    return (
-        f"echo 'sftflow: the {stage} stage is not implemented yet (tracked in issue {issue}); "
-        f"run the stages before it, e.g. snakemake --cores 2 {out('data', 'sft.jsonl')}' >&2; exit 1"
-    )
-
-
-def get_previous_checkpoint(wildcards):
-    job = int(wildcards.job)
-    return [] if job == 0 else out("checkpoints", f"job{job - 1}.done")
+# The keys that decide the final step and the last job's length (rerun trigger of the last job only).
+TRAINING_PLAN_KEYS = (
+    "max_num_steps",
+    "max_num_epochs",
+    "train_global_batch_size",
+    "num_training_jobs",
+    "time_limit",
+)
+LAST_JOB_DONE = out(
+    "checkpoints", f"job{config['training']['num_training_jobs'] - 1}.done"
+)
 
 
 rule pack_data:
     input:
         data=out("data", "sft.jsonl"),
+        tokenizer=local_inputs(get_tokenizer()),
     output:
         packed=directory(out("data", "packed")),
+    params:
+        cfg=config["packing"],
+        tokenizer=lambda wildcards, input: (
+            input.tokenizer[0] if input.tokenizer else get_tokenizer()
+        ),
+        chat_template=config["model"]["chat_template"],
+        chat_template_kwargs=config["prepare_data"]["chat_template_kwargs"],
+    conda:
+        "../envs/data.yaml"
     log:
         out("logs", "pack_data.log"),
-    shell:
-        not_implemented("packing", 3)
+    benchmark:
+        out("benchmarks_time", "pack_data.tsv")
+    script:
+        "../scripts/pack_data.py"
 
 
 rule train_job:
     input:
         packed=out("data", "packed"),
         model=local_inputs(get_base_model()),
-        previous=get_previous_checkpoint,
+        tokenizer=local_inputs(get_tokenizer()),
+        validation=local_inputs(*filter(None, [config["training"]["validation_data"]])),
+        previous=lambda wildcards: (
+            []
+            if int(wildcards.job) == 0
+            else out("checkpoints", f"job{int(wildcards.job) - 1}.done")
+        ),
     output:
         done=out("checkpoints", "job{job}.done"),
     log:
         out("logs", "train_job{job}.log"),
-    shell:
-        not_implemented("training", 3)
+    benchmark:
+        out("benchmarks_time", "train_job{job}.tsv")
+    conda:
+        "../envs/train.yaml"
+    params:
+        checkpoint_dir=lambda wildcards, output: str(Path(output.done).parent),
+        metrics_dir=lambda wildcards, output: str(Path(output.done).parent / "metrics"),
+        model=lambda wildcards, input: (
+            input.model[0] if input.model else get_base_model()
+        ),
+        tokenizer=lambda wildcards, input: (
+            input.tokenizer[0] if input.tokenizer else get_tokenizer()
+        ),
+        chat_template=config["model"]["chat_template"],
+        plan=lambda wildcards: (
+            {key: config["training"][key] for key in TRAINING_PLAN_KEYS}
+            if int(wildcards.job) == config["training"]["num_training_jobs"] - 1
+            else {}
+        ),
+    script:
+        "../scripts/train.py"
 
 
 rule convert_final:
     input:
-        last_job=out("checkpoints", f"job{config['training']['num_training_jobs'] - 1}.done"),
+        last_job=LAST_JOB_DONE,
+        model=local_inputs(get_base_model()),
+        tokenizer=local_inputs(get_tokenizer()),
     output:
         model=directory(out("final_hf_model")),
     log:
         out("logs", "convert_final.log"),
-    shell:
-        not_implemented("HF conversion", 3)
+    benchmark:
+        out("benchmarks_time", "convert_final.tsv")
+    conda:
+        "../envs/train.yaml"
+    params:
+        checkpoint_dir=lambda wildcards, input: str(Path(input.last_job).parent),
+        model=lambda wildcards, input: (
+            input.model[0] if input.model else get_base_model()
+        ),
+        tokenizer=lambda wildcards, input: (
+            input.tokenizer[0] if input.tokenizer else get_tokenizer()
+        ),
+        chat_template=config["model"]["chat_template"],
+    script:
+        "../scripts/convert_checkpoint.py"
+
+
+rule convert_step:
+    input:
+        last_job=LAST_JOB_DONE,
+        model=local_inputs(get_base_model()),
+        tokenizer=local_inputs(get_tokenizer()),
+    output:
+        model=directory(out("hf_models", "step_{step}")),
+    log:
+        out("logs", "convert_step_{step}.log"),
+    benchmark:
+        out("benchmarks_time", "convert_step_{step}.tsv")
+    wildcard_constraints:
+        step=r"\d+",
+    conda:
+        "../envs/train.yaml"
+    params:
+        checkpoint_dir=lambda wildcards, input: str(Path(input.last_job).parent),
+        model=lambda wildcards, input: (
+            input.model[0] if input.model else get_base_model()
+        ),
+        tokenizer=lambda wildcards, input: (
+            input.tokenizer[0] if input.tokenizer else get_tokenizer()
+        ),
+        chat_template=config["model"]["chat_template"],
+        step=lambda wildcards: int(wildcards.step),
+    script:
+        "../scripts/convert_checkpoint.py"

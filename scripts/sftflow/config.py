@@ -99,6 +99,9 @@ def check_cross_keys(config: dict) -> None:
             "config key 'model.base_model' is null but 'demo.enabled' is false: set a model path or hub name"
         )
     check_prepare_keys(prep, prefix="prepare_data.")
+    from sftflow.train.config import check_training_keys  # imports torch-free code only
+
+    check_training_keys(config)
 
 
 def check_prepare_keys(prep: dict, prefix: str = "") -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, read_jsonl
 
@@ -99,8 +100,9 @@ def test_demo_data_stage_runs_for_real(workdir):
     results = workdir / "results"
     stats = json.loads((results / "data" / "sft.stats.json").read_text())
     rows = read_jsonl(results / "data" / "sft.jsonl")
+    demo = yaml.safe_load((workdir / "config" / "config.yaml").read_text())["demo"]
     assert stats["rows_written"] == len(rows) > 500
-    assert stats["rows_read"] == 4 * 606
+    assert stats["rows_read"] == demo["num_seeds"] * (demo["num_train_problems"] + 6)
     by_stage = {s["stage"]: s for s in stats["funnel"]}
     for stage in (
         "drop_multi_boxed",

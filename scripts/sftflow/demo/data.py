@@ -49,13 +49,51 @@ def make_problems(n: int, rng: random.Random, exclude: set[str] = frozenset()) -
     return problems
 
 
+PLACES = ("ones", "tens", "hundreds")
+
+
+def worked_steps(expr: str) -> str:
+    """Digit-by-digit working (the way a tiny model can learn it: each line is a one-digit fact)."""
+    parts = expr.split()
+    if len(parts) == 5:  # a + b + c: two additions
+        a, b, c = int(parts[0]), int(parts[2]), int(parts[4])
+        return f"First {a} + {b} = {a + b}.\nThen {a + b} + {c} = {a + b + c}.\n"
+    a, op, b = int(parts[0]), parts[1], int(parts[2])
+    lines, carry = [], 0
+    if op == "+":
+        for i, place in enumerate(PLACES[:2]):
+            x, y = a // 10**i % 10, b // 10**i % 10
+            total = x + y + carry
+            terms = f"{x} + {y}" + (f" + {carry}" if carry else "")
+            lines.append(f"{place}: {terms} = {total}, write {total % 10}" + (", carry 1." if total >= 10 else "."))
+            carry = total // 10
+        if carry:
+            lines.append("hundreds: write the carry 1.")
+    elif op == "-":
+        for i, place in enumerate(PLACES[:2]):
+            x, y = a // 10**i % 10, b // 10**i % 10
+            terms = f"{x} - 1 - {y}" if carry else f"{x} - {y}"
+            if x - carry < y:
+                lines.append(f"{place}: borrow, 1{terms} = {x + 10 - carry - y}.")
+                carry = 1
+            else:
+                lines.append(f"{place}: {terms} = {x - carry - y}.")
+                carry = 0
+    else:  # two-digit times one-digit
+        for i, place in enumerate(PLACES[:2]):
+            x = a // 10**i % 10
+            total = x * b + carry
+            terms = f"{x} * {b}" + (f" + {carry}" if carry else "")
+            lines.append(f"{place}: {terms} = {total}, write {total % 10}" + (f", carry {total // 10}." if total >= 10 else "."))
+            carry = total // 10
+        if carry:
+            lines.append(f"hundreds: write the carry {carry}.")
+    return "\n".join(lines) + "\n"
+
+
 def correct_solution(expr: str, value: int, rng: random.Random) -> str:
-    style = rng.choice([0, 0, 1, 2])
-    if style == 0:
-        return f"{expr} = {value}.\nThe answer is \\boxed{{{value}}}."
-    if style == 1:
-        return f"We compute {expr} = {value}.\nSo the answer is \\boxed{{{value}}}."
-    return f"Let us work it out: {expr} = {value}.\nTherefore the answer is \\boxed{{{value}}}."
+    ending = rng.choice(["The answer is", "The answer is", "So the answer is", "Therefore the answer is"])
+    return f"{worked_steps(expr)}So {expr} = {value}.\n{ending} \\boxed{{{value}}}."
 
 
 def generated_solution(expr: str, value: int, rng: random.Random) -> tuple[str, int | None]:
@@ -63,7 +101,7 @@ def generated_solution(expr: str, value: int, rng: random.Random) -> tuple[str, 
     r = rng.random()
     if r < 0.18:  # wrong answer
         wrong = value + rng.choice([-10, -2, -1, 1, 2, 10])
-        return f"{expr} = {wrong}.\nThe answer is \\boxed{{{wrong}}}.", wrong
+        return f"{worked_steps(expr)}So {expr} = {wrong}.\nThe answer is \\boxed{{{wrong}}}.", wrong
     if r < 0.22:  # two boxed answers
         other = value + rng.choice([-1, 1])
         return f"It is either \\boxed{{{other}}} or \\boxed{{{value}}}.", value

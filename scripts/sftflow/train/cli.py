@@ -1,0 +1,263 @@
+"""Command lines of scripts/train.py and scripts/convert_checkpoint.py, and their Snakemake launchers.
+
+Training (one invocation = one chained job, under torchrun)::
+
+    torchrun --standalone --nproc-per-node=2 scripts/train.py \\
+        --config train_config.json --packed results/data/packed --model results/demo/base_model \\
+        --checkpoint-dir results/checkpoints --job-index 0 --num-jobs 2 \\
+        --done-file results/checkpoints/job0.done [++training.max_num_steps=50 ...]
+
+`--config` is a JSON file {"training": {...}, "packing": {...}} (missing keys take the schema
+defaults); `++section.key=value` arguments override it. A plain `python scripts/train.py ...` is a
+world of one process.
+
+Export::
+
+    python scripts/convert_checkpoint.py --checkpoint-dir results/checkpoints --model BASE \\
+        --output results/final_hf_model [--step N | --done-file results/checkpoints/job1.done] \\
+        [--tokenizer TOK] [--chat-template FILE] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sftflow import config as C
+from sftflow.errors import SftflowError
+from sftflow.logs import setup_logging
+
+LOG = logging.getLogger("sftflow.train")
+
+
+def _deep_update(base: dict, overrides: dict) -> dict:
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Run one chained training job (launch with torchrun).")
+    p.add_argument("--config", required=True, help='JSON file {"training": {...}, "packing": {...}}')
+    p.add_argument("--packed", required=True, help="packed data directory (pack_data output)")
+    p.add_argument("--model", required=True, help="base model: local HF directory or hub name")
+    p.add_argument("--checkpoint-dir", required=True, help="checkpoint directory shared by all chained jobs")
+    p.add_argument("--job-index", type=int, default=0, help="this job's index i (0-based)")
+    p.add_argument("--num-jobs", type=int, default=1, help="number of chained jobs N")
+    p.add_argument("--done-file", default=None, help="JSON record written atomically when the job ends")
+    p.add_argument("--metrics-dir", default=None, help="metrics.jsonl + tensorboard/ (default: CHECKPOINT_DIR/metrics)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer for packing validation_data (default: --model)")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template file replacing the tokenizer's")
+    return p
+
+
+def load_train_config(path: str, overrides: list[str]) -> dict:
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SftflowError(f"--config {path}: cannot read JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise SftflowError(f"--config {path}: expected a JSON object with 'training' and 'packing' sections")
+    unknown = set(raw) - {"training", "packing"}
+    if unknown:
+        raise SftflowError(f"--config {path}: unknown sections {sorted(unknown)} (expected training, packing)")
+    _deep_update(raw, C.parse_overrides(overrides))
+    from sftflow.train.config import validate_sections
+
+    return validate_sections(raw)
+
+
+def _setup_rank_logging(rank: int, world_size: int) -> None:
+    """Progress from rank 0 only; other ranks report warnings and errors, tagged with their rank."""
+    setup_logging(level=logging.INFO if rank == 0 else logging.WARNING)
+    if world_size > 1:
+        fmt = f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s"
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(fmt))
+    # transformers' per-rank chatter (e.g. the same warning from every process) is not progress information
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args, extra = train_parser().parse_known_args(argv)
+    from sftflow.train.parallel import init_parallel, shutdown
+    from sftflow.train.trainer import JobSpec, run_job
+
+    try:
+        bad = [a for a in extra if not a.startswith("++")]
+        if bad:
+            raise SftflowError(f"unknown arguments {bad}; overrides look like ++training.max_num_steps=10")
+        if not 0 <= args.job_index < args.num_jobs:
+            raise SftflowError(
+                f"--job-index {args.job_index} is not in 0..{args.num_jobs - 1} (--num-jobs {args.num_jobs})"
+            )
+        cfg = load_train_config(args.config, extra)
+        parallel = init_parallel(cfg["training"]["tensor_model_parallel_size"])
+        _setup_rank_logging(parallel.rank, parallel.world_size)
+        spec = JobSpec(
+            packed=args.packed,
+            model=args.model,
+            checkpoint_dir=args.checkpoint_dir,
+            job_index=args.job_index,
+            num_jobs=args.num_jobs,
+            done_file=args.done_file,
+            metrics_dir=args.metrics_dir,
+            tokenizer=args.tokenizer,
+            chat_template=args.chat_template,
+        )
+        run_job(cfg, spec, parallel)
+    except SftflowError as err:
+        LOG.error("%s", err)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+def torchrun_command(train_script: str | os.PathLike, nproc_per_node: int, train_args: list[str]) -> list[str]:
+    """argv of a single-node torchrun launch (an argument list: no shell, no quoting issues)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc_per_node}",
+        str(train_script),
+        *train_args,
+    ]
+
+
+def launch_train_job(smk, train_script: str | os.PathLike) -> None:
+    """Snakemake `train_job` rule: write this job's config JSON and run torchrun on scripts/train.py.
+
+    The training config is read from the workflow config here, at run time, rather than passed as
+    rule params, so changing it does not make Snakemake rerun finished jobs (see rules/train.smk).
+    """
+    log_file = smk.log[0] if smk.log else None
+    setup_logging(log_file)
+    try:
+        training = dict(smk.config["training"])
+        if training["num_nodes"] > 1:
+            raise SftflowError(
+                f"config key 'training.num_nodes' is {training['num_nodes']}: the train_job rule launches "
+                "single-node torchrun only; multi-node launch goes through the Slurm profile"
+            )
+        job = int(smk.wildcards.job)
+        checkpoint_dir = Path(smk.params.checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        config_file = checkpoint_dir / f"job{job}.config.json"
+        from sftflow.io import write_json
+
+        write_json(config_file, {"training": training, "packing": dict(smk.config["packing"])})
+        train_args = [
+            "--config", str(config_file),
+            "--packed", str(smk.input.packed),
+            "--model", str(smk.params.model),
+            "--checkpoint-dir", str(checkpoint_dir),
+            "--job-index", str(job),
+            "--num-jobs", str(training["num_training_jobs"]),
+            "--done-file", str(smk.output.done),
+            "--metrics-dir", str(smk.params.metrics_dir),
+            "--tokenizer", str(smk.params.tokenizer),
+        ]  # fmt: skip
+        if smk.params.chat_template:
+            train_args += ["--chat-template", str(smk.params.chat_template)]
+        argv = torchrun_command(train_script, training["num_gpus"], train_args)
+    except SftflowError as err:
+        LOG.error("%s", err)
+        raise SystemExit(f"error: {err}") from None
+    LOG.info("launching: %s", " ".join(argv))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    log = open(log_file, "a", encoding="utf-8") if log_file else None  # noqa: SIM115
+    try:
+        rc = subprocess.run(argv, stdout=log or None, stderr=subprocess.STDOUT if log else None, check=False).returncode
+    finally:
+        if log:
+            log.close()
+    if rc != 0:
+        raise SystemExit(f"training job {smk.wildcards.job} failed (exit code {rc}); see {log_file}")
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Export a DCP training checkpoint as a Hugging Face model folder.")
+    p.add_argument("--checkpoint-dir", required=True, help="the training checkpoint directory")
+    p.add_argument("--output", required=True, help="HF model directory to write (atomically)")
+    p.add_argument("--model", required=True, help="base model (config.json, generation_config.json)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer to save with the model (default: --model)")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template file replacing the tokenizer's")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="export this saved step")
+    which.add_argument(
+        "--done-file", default=None, help="last job's done-file: export its checkpoint, if training is complete"
+    )
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: the base model's dtype"
+    )
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (GiB)")
+    return p
+
+
+def convert(args: argparse.Namespace) -> Path:
+    from sftflow.train.export import check_training_complete, export_checkpoint, resolve_checkpoint
+
+    checkpoint = None
+    if args.done_file:
+        record = check_training_complete(args.done_file)
+        checkpoint = record.get("checkpoint")
+        if not checkpoint or not Path(checkpoint).is_dir():
+            checkpoint = resolve_checkpoint(args.checkpoint_dir, None)
+    else:
+        checkpoint = resolve_checkpoint(args.checkpoint_dir, args.step)
+    return export_checkpoint(
+        checkpoint,
+        args.output,
+        args.model,
+        tokenizer=args.tokenizer,
+        chat_template=args.chat_template,
+        dtype=args.dtype,
+        max_shard_bytes=int(args.max_shard_gb * 1024**3),
+    )
+
+
+def convert_main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = convert_parser().parse_args(argv)
+    try:
+        convert(args)
+    except SftflowError as err:
+        LOG.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def convert_from_snakemake(smk) -> None:
+    """Snakemake `convert_final` / `convert_step` rules."""
+    setup_logging(smk.log[0] if smk.log else None)
+    argv = [
+        "--checkpoint-dir", str(smk.params.checkpoint_dir),
+        "--output", str(smk.output.model),
+        "--model", str(smk.params.model),
+        "--tokenizer", str(smk.params.tokenizer),
+    ]  # fmt: skip
+    if smk.params.chat_template:
+        argv += ["--chat-template", str(smk.params.chat_template)]
+    if smk.params.get("step", None) is not None:
+        argv += ["--step", str(smk.params.step)]
+    else:
+        argv += ["--done-file", str(smk.input.last_job)]
+    try:
+        convert(convert_parser().parse_args(argv))
+    except SftflowError as err:
+        LOG.error("%s", err)
+        raise SystemExit(f"error: {err}") from None

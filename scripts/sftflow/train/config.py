@@ -1,0 +1,90 @@
+"""Checks of the `training:` section that a JSON schema cannot express; errors name the key and the numbers.
+
+`check_training_keys(config)` takes the whole workflow config (defaults filled) and is meant to be
+called from `sftflow.config.check_cross_keys`, so a bad combination fails before any job starts.
+The trainer runs the same checks again with the real world size and model config.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from sftflow import config as C
+from sftflow.errors import SftflowError
+
+
+def _demo_or_local_model_config(config: dict) -> dict | None:
+    """Head counts of the model to train when they are known without downloading anything."""
+    base = config.get("model", {}).get("base_model")
+    if base is None and config.get("demo", {}).get("enabled"):
+        demo = config["demo"]
+        return {"num_attention_heads": demo["num_attention_heads"], "num_key_value_heads": demo["num_key_value_heads"]}
+    if base and (Path(base) / "config.json").is_file():
+        try:
+            return json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def check_training_keys(config: dict, world_size: int | None = None, model_config: dict | None = None) -> None:
+    """Reject training settings the fsdp trainer cannot run (instead of silently ignoring them).
+
+    `world_size` defaults to training.num_nodes x training.num_gpus; `model_config` (a config.json
+    dict) to the demo's sizes or a local base model's config.json when there is one.
+    """
+    t = config["training"]
+    if t["backend"] == "megatron":
+        raise SftflowError(
+            "config key 'training.backend': 'megatron' is not implemented yet; use backend: fsdp "
+            "(tensor_model_parallel_size is supported there, context parallelism is not)"
+        )
+    cp = t["context_parallel_size"]
+    if cp > 1:
+        raise SftflowError(
+            f"config key 'training.context_parallel_size' is {cp}, but backend 'fsdp' has no context "
+            "parallelism: set it to 1, or use backend: megatron for context parallelism"
+        )
+    world = world_size if world_size is not None else t["num_nodes"] * t["num_gpus"]
+    tp = t["tensor_model_parallel_size"]
+    if world % tp:
+        raise SftflowError(
+            f"config key 'training.tensor_model_parallel_size' ({tp}) must divide the number of GPUs "
+            f"(training.num_nodes x training.num_gpus = {world})"
+        )
+    dp = world // tp
+    gbs, mbs = t["train_global_batch_size"], t["train_micro_batch_size"]
+    if gbs % (mbs * dp):
+        raise SftflowError(
+            f"config key 'training.train_global_batch_size' ({gbs}) must be divisible by "
+            f"training.train_micro_batch_size x data-parallel size ({mbs} x {dp} = {mbs * dp}; "
+            f"data-parallel size = {world} GPUs / tensor_model_parallel_size {tp})"
+        )
+    if t["min_learning_rate"] > t["learning_rate"]:
+        raise SftflowError(
+            f"config key 'training.min_learning_rate' ({t['min_learning_rate']}) is above "
+            f"training.learning_rate ({t['learning_rate']})"
+        )
+    if t["time_limit"] is not None:
+        from sftflow.train.deadline import parse_time_limit
+
+        parse_time_limit(t["time_limit"])
+    model_config = model_config if model_config is not None else _demo_or_local_model_config(config)
+    if model_config and tp > 1:
+        heads = model_config.get("num_attention_heads")
+        kv = model_config.get("num_key_value_heads") or heads
+        for name, n in (("num_attention_heads", heads), ("num_key_value_heads", kv)):
+            if isinstance(n, int) and n % tp:
+                raise SftflowError(
+                    f"config key 'training.tensor_model_parallel_size' ({tp}) must divide the model's {name} ({n})"
+                )
+
+
+def validate_sections(config: dict) -> dict:
+    """A defaults-filled, schema-checked copy of {"training": ..., "packing": ...} (as the trainer receives it)."""
+    out = copy.deepcopy(config)
+    for section in ("training", "packing"):
+        out[section] = C.validate(dict(out.get(section) or {}), C.section_schema(section), prefix=section)
+    return out

@@ -1,0 +1,193 @@
+"""Export a DCP training checkpoint to a Hugging Face model folder, streaming, on CPU, without a process group.
+
+The DCP metadata lists every model tensor with its full shape and dtype, so the export plans the
+output shards first and then reads a few tensors at a time (`dcp.load` of a dict holding only those
+tensors, `no_dist=True`): memory stays around one output shard, never the whole model, and no GPU
+or optimizer state is touched. Output (written under a temporary name, renamed when complete):
+
+    model-00001-of-0000N.safetensors ...   weights in the base model's dtype (or --dtype)
+    model.safetensors.index.json           weight map
+    config.json, generation_config.json    from the base model (use_cache back on for inference)
+    tokenizer files                        with the chat template (model.chat_template overrides it)
+    sftflow_export.json                    which checkpoint and step this is
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from sftflow.errors import SftflowError
+from sftflow.io import atomic_path, write_json
+from sftflow.train.checkpoint import complete_checkpoints, read_meta
+
+LOG = logging.getLogger("sftflow.export")
+
+MODEL_PREFIX = "model."
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+READ_BATCH_BYTES = 256 * 1024**2
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_tensors(checkpoint: str | os.PathLike) -> dict[str, TensorStorageMetadata]:
+    """HF parameter name -> DCP tensor metadata, for the model part of a checkpoint."""
+    metadata = FileSystemReader(str(checkpoint)).read_metadata()
+    return {
+        key[len(MODEL_PREFIX) :]: md
+        for key, md in metadata.state_dict_metadata.items()
+        if key.startswith(MODEL_PREFIX) and isinstance(md, TensorStorageMetadata)
+    }
+
+
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Group names (in order) into shards of at most max_shard_bytes (a bigger tensor gets its own shard)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes.items():
+        if shards[-1] and used + nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def _read(checkpoint: Path, names: list[str], tensors: dict[str, TensorStorageMetadata]) -> dict[str, torch.Tensor]:
+    want = {MODEL_PREFIX + n: torch.empty(tuple(tensors[n].size), dtype=tensors[n].properties.dtype) for n in names}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(want, checkpoint_id=str(checkpoint), no_dist=True)
+    return {n: want[MODEL_PREFIX + n] for n in names}
+
+
+def resolve_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None) -> Path:
+    """The committed checkpoint of `step` (latest when None); errors list what exists."""
+    found = complete_checkpoints(checkpoint_dir)
+    if not found:
+        raise SftflowError(f"{checkpoint_dir}: no complete checkpoint to export; run the training jobs first")
+    if step is None:
+        return found[-1].path
+    for info in found:
+        if info.step == step:
+            return info.path
+    saved = ", ".join(str(i.step) for i in found)
+    raise SftflowError(
+        f"config key 'training.conversion_step': step {step} was never saved (checkpoints are written every "
+        f"training.save_period steps and at the end of each job; saved steps: {saved})"
+    )
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    base_model: str,
+    tokenizer: str | None = None,
+    chat_template: str | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write the HF folder for one checkpoint directory (step_XXXXXXXX); returns the output path."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    checkpoint = Path(checkpoint)
+    hf_config = AutoConfig.from_pretrained(base_model)
+    tensors = model_tensors(checkpoint)
+    if not tensors:
+        raise SftflowError(f"{checkpoint}: no model tensors in this checkpoint")
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    if tied:
+        # The input embedding is the output projection; HF stores it once and ties it on load.
+        tensors.pop("lm_head.weight", None)
+    out_dtype = DTYPES[dtype] if dtype else (getattr(hf_config, "dtype", None) or torch.float32)
+    if isinstance(out_dtype, str):
+        out_dtype = DTYPES.get(out_dtype, torch.float32)
+    names = sorted(tensors)
+    sizes = {n: torch.Size(tensors[n].size).numel() * out_dtype.itemsize for n in names}
+    shards = plan_shards(sizes, max_shard_bytes)
+
+    tok = AutoTokenizer.from_pretrained(tokenizer or base_model)
+    if chat_template:
+        tok.chat_template = Path(chat_template).read_text(encoding="utf-8")
+    if not getattr(tok, "chat_template", None):
+        LOG.warning("tokenizer %s has no chat template; the exported model will have none", tokenizer or base_model)
+
+    with atomic_path(output_dir) as tmp:
+        tmp.mkdir(parents=True)
+        weight_map: dict[str, str] = {}
+        total_bytes = 0
+        for k, shard_names in enumerate(shards, start=1):
+            filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            shard: dict[str, torch.Tensor] = {}
+            batch: list[str] = []
+            batch_bytes = 0
+            for name in [*shard_names, None]:
+                if name is not None:
+                    batch.append(name)
+                    batch_bytes += sizes[name]
+                if batch and (name is None or batch_bytes >= READ_BATCH_BYTES):
+                    for n, t in _read(checkpoint, batch, tensors).items():
+                        shard[n] = t.to(out_dtype).contiguous()
+                    batch, batch_bytes = [], 0
+            save_file(shard, str(tmp / filename), metadata={"format": "pt"})
+            for n in shard_names:
+                weight_map[n] = filename
+            total_bytes += sum(sizes[n] for n in shard_names)
+            LOG.info("wrote %s (%d tensors)", filename, len(shard_names))
+            del shard
+        write_json(
+            tmp / "model.safetensors.index.json", {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        )
+
+        hf_config.use_cache = True
+        hf_config.dtype = out_dtype
+        if hasattr(hf_config, "_attn_implementation_internal"):
+            hf_config._attn_implementation_internal = None
+        hf_config.save_pretrained(tmp)
+        try:
+            generation = GenerationConfig.from_pretrained(base_model)
+        except OSError:
+            generation = GenerationConfig.from_model_config(hf_config)
+        generation.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        meta = read_meta(checkpoint)
+        (tmp / "sftflow_export.json").write_text(
+            json.dumps(
+                {
+                    "checkpoint": str(checkpoint),
+                    "step": meta.get("step"),
+                    "base_model": base_model,
+                    "dtype": str(out_dtype),
+                },
+                indent=2,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
+    LOG.info("exported %s -> %s", checkpoint, output_dir)
+    return Path(output_dir)
+
+
+def check_training_complete(done_file: str | os.PathLike) -> dict:
+    """The last job's done record, or SftflowError saying how much is left and what to raise."""
+    path = Path(done_file)
+    if not path.is_file():
+        raise SftflowError(f"{path}: the last training job's done-file is missing; run the training jobs first")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if not record.get("complete"):
+        remaining = record.get("remaining_steps", record["total_steps"] - record["end_step"])
+        raise SftflowError(
+            f"training is incomplete: step {record['end_step']} of {record['total_steps']} after "
+            f"{record.get('num_jobs', '?')} jobs, {remaining} steps remain. Raise config key "
+            "'training.num_training_jobs' (more chained jobs) or 'training.time_limit' (longer jobs) and rerun; "
+            "or lower 'training.max_num_steps' to stop here"
+        )
+    return record

@@ -1,0 +1,400 @@
+"""One chained training job, top to bottom: set up, resume, train until the job's target step or deadline, save.
+
+Job i of N trains until step ceil(total_steps x (i+1) / N), where
+
+    total_steps = min(max_num_steps, max_num_epochs x floor(bins / train_global_batch_size)).
+
+It resumes from the latest complete checkpoint, whichever job wrote it; if that checkpoint is already
+at or past the target it only writes its done-file. Each optimizer step:
+
+1. every dp rank collates its micro-batches (the global batch split by BinSampler);
+2. the number of loss tokens of the *whole* global batch is summed over micro-batches and dp ranks
+   before any backward, so each micro-batch's backward uses  sum of token losses / global count;
+3. FSDP sums (not averages) gradients over dp ranks, so the update equals a single process running the
+   whole global batch, whatever the split into ranks and micro-batches;
+4. gradient-norm clipping over the sharded gradients, AdamW, warmup + cosine learning rate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from sftflow.errors import SftflowError
+from sftflow.io import write_json
+from sftflow.train.checkpoint import Checkpointer, fault_point, latest_checkpoint, read_meta
+from sftflow.train.config import check_training_keys
+from sftflow.train.data import BinSampler, TrainingPlan, eval_batches, job_target_step
+from sftflow.train.deadline import Deadline, StopSignal
+from sftflow.train.lr_schedule import WarmupCosineSchedule
+from sftflow.train.metrics import MetricsLogger
+from sftflow.train.model import build_model, count_parameters, model_inputs
+from sftflow.train.parallel import ParallelDims, init_parallel
+
+LOG = logging.getLogger("sftflow.train")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class JobSpec:
+    """Where one chained job reads and writes (the command line of scripts/train.py)."""
+
+    packed: str
+    model: str
+    checkpoint_dir: str
+    job_index: int = 0
+    num_jobs: int = 1
+    done_file: str | None = None
+    metrics_dir: str | None = None
+    tokenizer: str | None = None
+    chat_template: str | None = None
+
+
+def data_fingerprint(packed_dir: str | os.PathLike) -> str:
+    """Identifies the packed data a checkpoint was trained on (its index.json lists every shard's counts)."""
+    return hashlib.sha256((Path(packed_dir) / "index.json").read_bytes()).hexdigest()[:16]
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of the cross-entropies of all target tokens (in fp32, whatever the compute dtype)."""
+    return F.cross_entropy(
+        logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """Total L2 norm of all gradients (sharded by FSDP and/or TP) and, with `max_norm`, clip them to it.
+
+    Each rank sums the squares of its local gradient shards, grouped by DTensor layout; a group's sum
+    is all-reduced over the mesh dimensions its gradients are sharded on (not over replicated ones,
+    which would count a replica twice). A final MAX over all ranks makes every rank use the very same
+    value, so the clipped updates cannot drift apart by rounding.
+    """
+    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for p in parameters:
+        if p.grad is not None:
+            g = p.grad
+            key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
+            groups[key].append(g)
+    device = next((p.device for p in parameters), torch.device("cpu"))
+    total_sq = torch.zeros((), dtype=torch.float64, device=device)
+    for key, grads in groups.items():
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        group_sq = torch.stack([n.double() ** 2 for n in torch._foreach_norm(local)]).sum()
+        if key is not None:
+            mesh, placements = key
+            for dim, placement in enumerate(placements):
+                if placement.is_partial():
+                    raise RuntimeError(f"gradient with pending reduction {placements} cannot be clipped")
+                if placement.is_shard():
+                    dist.all_reduce(group_sq, group=mesh.get_group(dim))
+        total_sq += group_sq
+    if dist.is_initialized():
+        dist.all_reduce(total_sq, op=dist.ReduceOp.MAX)
+    total = float(total_sq.sqrt())
+    if max_norm is not None and total > max_norm:
+        coef = max_norm / (total + 1e-6)
+        for grads in groups.values():
+            torch._foreach_mul_(grads, coef)
+    return total
+
+
+def evaluate(model, dataset, parallel: ParallelDims, micro_batch: int) -> tuple[float, int]:
+    """Mean token loss over every bin of `dataset` (each dp rank takes a stride of the bins)."""
+    from sftflow.packing import collate_bins
+
+    seq_len = int(dataset.index["max_total_sequence_length"])
+    pad = int(dataset.index["pad_token_id"])
+    # Every rank must run the same number of forwards (FSDP all-gathers are collective): ranks
+    # short of data run a one-token dummy bin that carries no loss.
+    per_rank = math.ceil(len(dataset) / parallel.dp_size)
+    num_batches = math.ceil(per_rank / micro_batch)
+    dummy = {"input_ids": torch.tensor([pad]), "loss_mask": torch.tensor([False]), "seq_lens": [1]}
+    batches = list(eval_batches(len(dataset), micro_batch, parallel.dp_rank, parallel.dp_size))
+    loss_sum, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for k in range(num_batches):
+            ids = batches[k] if k < len(batches) else []
+            bins = [dataset.get_bin(i) for i in ids] or [dummy]
+            batch = collate_bins(bins, seq_len, pad)
+            logits = model(**model_inputs(batch, parallel.device)).logits
+            loss_sum += float(token_loss_sum(logits, batch["targets"].to(parallel.device)))
+            count += batch["num_loss_tokens"]
+    model.train()
+    total = parallel.dp_sum(loss_sum)
+    total_count = int(parallel.dp_sum(count))
+    return total / max(total_count, 1), total_count
+
+
+def _prepare_validation(cfg: dict, spec: JobSpec, parallel: ParallelDims):
+    """Pack training.validation_data like the training data, once, into the checkpoint directory."""
+    from sftflow.packing import PackedDataset, pack_jsonl
+
+    source = cfg["training"]["validation_data"]
+    if not source:
+        return None
+    if not Path(source).is_file():
+        raise SftflowError(f"config key 'training.validation_data': file {source} not found")
+    tokenizer = spec.tokenizer or spec.model
+    # Named after everything that shapes it, so a changed file, packing config or tokenizer is repacked.
+    recipe = json.dumps([cfg["packing"], tokenizer, spec.chat_template], sort_keys=True).encode()
+    digest = hashlib.sha256(Path(source).read_bytes() + recipe).hexdigest()[:12]
+    target = Path(spec.checkpoint_dir) / f"validation_packed_{digest}"
+
+    def pack_once() -> None:  # rank 0 decides and packs; every rank takes part in on_main's collective
+        if not (target / "index.json").is_file():
+            LOG.info("packing validation data %s -> %s", source, target)
+            pack_jsonl(source, target, tokenizer, cfg["packing"], chat_template=spec.chat_template)
+
+    parallel.on_main(pack_once)
+    return PackedDataset(target)
+
+
+def _done_record(spec: JobSpec, start_step: int, end_step: int, plan: TrainingPlan, target: int, ckpt) -> dict:
+    return {
+        "job_index": spec.job_index,
+        "num_jobs": spec.num_jobs,
+        "start_step": start_step,
+        "end_step": end_step,
+        "target_step": target,
+        "total_steps": plan.total_steps,
+        "complete": end_step >= plan.total_steps,
+        "remaining_steps": max(0, plan.total_steps - end_step),
+        "checkpoint": str(ckpt) if ckpt else None,
+    }
+
+
+def _check_resume_compatible(meta: dict, fingerprint: str, spec: JobSpec, path: Path) -> None:
+    if meta.get("data_fingerprint") not in (None, fingerprint):
+        raise SftflowError(
+            f"checkpoint {path} was trained on different packed data than {spec.packed} "
+            f"(fingerprint {meta['data_fingerprint']} vs {fingerprint}); delete {spec.checkpoint_dir} to train from scratch"
+        )
+    if meta.get("model") not in (None, spec.model):
+        raise SftflowError(
+            f"checkpoint {path} continues base model {meta['model']!r}, not {spec.model!r} (config key "
+            f"'model.base_model'); delete {spec.checkpoint_dir} to train the new model from scratch"
+        )
+
+
+def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, clock=time.time) -> dict:
+    """Run one chained job; returns (and writes to spec.done_file) the done record. Collective.
+
+    `clock` (wall-clock seconds) drives the deadline; tests pass a fake one.
+    """
+    t_process_start = clock()
+    tcfg = cfg["training"]
+    parallel = parallel or init_parallel(tcfg["tensor_model_parallel_size"])
+    check_training_keys(cfg, world_size=parallel.world_size)
+    torch.manual_seed(tcfg["seed"])
+    random.seed(tcfg["seed"])
+
+    # --- data and the step plan -------------------------------------------------------------------
+    from sftflow.packing import PackedDataset, collate_bins
+
+    dataset = PackedDataset(spec.packed)
+    seq_len = int(dataset.index["max_total_sequence_length"])
+    pad_id = int(dataset.index["pad_token_id"])
+    plan = TrainingPlan.make(tcfg, len(dataset), parallel.dp_size)
+    target = job_target_step(plan.total_steps, spec.job_index, spec.num_jobs)
+    fingerprint = data_fingerprint(spec.packed)
+    LOG.info(
+        "job %d/%d: %d bins of %d tokens, %d steps per epoch, total %d steps, this job trains to step %d; "
+        "world %d = dp %d x tp %d, micro-batch %d, gradient accumulation %d",
+        spec.job_index,
+        spec.num_jobs,
+        plan.num_bins,
+        seq_len,
+        plan.steps_per_epoch,
+        plan.total_steps,
+        target,
+        parallel.world_size,
+        parallel.dp_size,
+        parallel.tp,
+        plan.micro_batch,
+        plan.grad_accum,
+    )
+
+    # --- resume point -----------------------------------------------------------------------------
+    checkpointer = Checkpointer(spec.checkpoint_dir, parallel)
+    checkpointer.clean_partial()
+    latest = latest_checkpoint(spec.checkpoint_dir)
+    if latest is not None:
+        _check_resume_compatible(read_meta(latest.path), fingerprint, spec, latest.path)
+    if latest is not None and latest.step >= target:
+        LOG.info("checkpoint %s is at or past this job's target step %d: nothing to train", latest.path, target)
+        record = _done_record(spec, latest.step, latest.step, plan, target, latest.path)
+        if spec.done_file and parallel.is_main:
+            write_json(spec.done_file, record)
+        parallel.barrier()
+        return record
+
+    # --- model, optimizer, schedule ---------------------------------------------------------------
+    bf16 = parallel.device.type == "cuda" and tcfg["precision"] == "bf16"
+    model = build_model(
+        spec.model,
+        parallel,
+        param_dtype=torch.bfloat16 if bf16 else None,
+        activation_checkpointing=tcfg["activation_checkpointing"],
+        max_seq_len=seq_len,
+    )
+    params = list(model.parameters())
+    # As in HF Trainer: no weight decay on biases and norm weights (1-D parameters).
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tcfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tcfg["learning_rate"],
+        betas=(tcfg["adam_beta1"], tcfg["adam_beta2"]),
+        eps=tcfg["adam_eps"],
+    )
+    schedule = WarmupCosineSchedule(
+        optimizer,
+        peak=tcfg["learning_rate"],
+        minimum=tcfg["min_learning_rate"],
+        warmup=tcfg["warmup_steps"],
+        total=plan.total_steps,
+    )
+    sampler = BinSampler(plan, parallel.dp_rank, tcfg["seed"])
+    deadline = Deadline.from_config(
+        tcfg["time_limit"], tcfg["time_margin_seconds"], t_process_start, dict(os.environ), clock=clock
+    )
+
+    step = 0
+    if latest is not None:
+        t0 = time.perf_counter()
+        state = checkpointer.load(latest.path, model, optimizer)
+        step = state["step"]
+        sampler.load_state_dict(state)
+        schedule.load_state_dict(state["scheduler"])
+        load_seconds = time.perf_counter() - t0
+        deadline.estimate_save_from_load(load_seconds)
+        LOG.info("resumed from %s (step %d, epoch %d) in %.1f s", latest.path, step, sampler.epoch, load_seconds)
+    start_step = step
+
+    validation = _prepare_validation(cfg, spec, parallel)
+    meta = {
+        "data_fingerprint": fingerprint,
+        "model": spec.model,
+        "total_steps": plan.total_steps,
+        "world_size": parallel.world_size,
+        "tensor_model_parallel_size": parallel.tp,
+        "training": tcfg,
+    }
+    num_params = count_parameters(model)
+    metrics = MetricsLogger(
+        spec.metrics_dir or Path(spec.checkpoint_dir) / "metrics",
+        enabled=parallel.is_main,
+        total_steps=plan.total_steps,
+        target_step=target,
+        start_step=start_step,
+        log_period=tcfg["log_period"],
+        num_params=num_params,
+        num_gpus=parallel.world_size if parallel.device.type == "cuda" else 0,
+        device_name=torch.cuda.get_device_name(parallel.device) if parallel.device.type == "cuda" else "",
+    )
+
+    def save(at_step: int) -> Path:
+        train_state = {"step": at_step, **sampler.state_dict(), "scheduler": schedule.state_dict()}
+        path, seconds = checkpointer.save(at_step, model, optimizer, train_state, meta)
+        deadline.record_save(seconds)
+        LOG.info("saved %s in %.1f s", path, seconds)
+        return path
+
+    def validate(at_step: int) -> None:
+        if validation is not None:
+            loss, n = evaluate(model, validation, parallel, plan.micro_batch)
+            metrics.log_validation(at_step, loss, n)
+
+    # --- the loop ---------------------------------------------------------------------------------
+    last_saved = latest.path if latest is not None else None
+    last_saved_step = start_step if latest is not None else -1
+    stopped_early = False
+    stop_signal = StopSignal()
+    while step < target:
+        out_of_time = parallel.is_main and deadline.should_stop()
+        if parallel.any_rank(out_of_time or stop_signal.received is not None):
+            if out_of_time:
+                LOG.warning(
+                    "stopping at step %d before the deadline (%.0f s left; step %.1f s, save %.1f s, margin %.0f s)",
+                    step,
+                    deadline.seconds_left() or 0.0,
+                    deadline.average_step,
+                    deadline.save_seconds,
+                    deadline.margin,
+                )
+            else:
+                LOG.warning("stopping at step %d: a rank received %s", step, stop_signal.received or "a stop signal")
+            stopped_early = True
+            break
+        t_step = time.perf_counter()
+        micro_bins = [[dataset.get_bin(i) for i in ids] for ids in sampler.next_step()]
+        batches = [collate_bins(bins, seq_len, pad_id) for bins in micro_bins]
+        real_tokens = parallel.dp_sum(sum(len(b["input_ids"]) for bins in micro_bins for b in bins))
+        global_count = parallel.dp_sum(sum(b["num_loss_tokens"] for b in batches))
+        lr = schedule.apply(step)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=parallel.device)  # no host sync per micro-batch
+        for batch in batches:
+            logits = model(**model_inputs(batch, parallel.device)).logits
+            micro_loss = token_loss_sum(logits, batch["targets"].to(parallel.device))
+            (micro_loss / max(global_count, 1.0)).backward()
+            loss_sum += micro_loss.detach().double()
+            del logits, micro_loss
+        grad_norm = clip_grad_norm(params, tcfg["max_grad_norm"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        fault_point("step", step)
+        loss = parallel.dp_sum(float(loss_sum)) / max(global_count, 1.0)
+        seconds = time.perf_counter() - t_step
+        deadline.record_step(seconds)
+        metrics.log_step(
+            step,
+            {
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "lr": lr,
+                "tokens_per_second": real_tokens / seconds,
+                "loss_tokens": int(global_count),
+                "epoch": sampler.epoch,
+                "step_seconds": seconds,
+            },
+        )
+        if tcfg["val_period"] and step % tcfg["val_period"] == 0 and step < plan.total_steps:
+            validate(step)
+        if step % tcfg["save_period"] == 0 and step < target:
+            last_saved, last_saved_step = save(step), step
+
+    if step != last_saved_step and step > 0:
+        last_saved = save(step)
+    stop_signal.restore()
+    if step >= plan.total_steps and not stopped_early:
+        validate(step)
+    metrics.close()
+    record = _done_record(spec, start_step, step, plan, target, last_saved)
+    if spec.done_file and parallel.is_main:
+        write_json(spec.done_file, record)
+    parallel.barrier()
+    LOG.info(
+        "job %d done: steps %d -> %d of %d%s",
+        spec.job_index,
+        start_step,
+        step,
+        plan.total_steps,
+        " (training complete)" if record["complete"] else f" ({record['remaining_steps']} steps remain)",
+    )
+    return record

@@ -1,0 +1,83 @@
+"""Training settings the fsdp trainer cannot honour are rejected up front, naming the key and the numbers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from sftflow import config as C
+from sftflow.errors import SftflowError
+from sftflow.train.config import check_training_keys
+
+
+@pytest.fixture
+def config() -> dict:
+    return C.validate({}, C.load_schema())  # every default: the demo, 1 GPU
+
+
+def _with(config: dict, **training) -> dict:
+    cfg = copy.deepcopy(config)
+    cfg["training"].update(training)
+    return cfg
+
+
+def test_defaults_pass(config):
+    check_training_keys(config)
+
+
+@pytest.mark.parametrize(
+    "training, message",
+    [
+        ({"context_parallel_size": 2}, r"'training.context_parallel_size' is 2.*backend: megatron"),
+        ({"backend": "megatron"}, r"'training.backend': 'megatron' is not implemented"),
+        (
+            {"num_gpus": 4, "train_global_batch_size": 6, "train_micro_batch_size": 1},
+            r"'training.train_global_batch_size' \(6\) must be divisible by .* \(1 x 4 = 4",
+        ),
+        (
+            {
+                "num_gpus": 4,
+                "tensor_model_parallel_size": 2,
+                "train_global_batch_size": 12,
+                "train_micro_batch_size": 4,
+            },
+            r"\(12\) must be divisible by .* \(4 x 2 = 8",
+        ),
+        (
+            {"num_gpus": 3, "tensor_model_parallel_size": 2},
+            r"'training.tensor_model_parallel_size' \(2\) must divide the number of GPUs .* = 3",
+        ),
+        ({"num_gpus": 4, "tensor_model_parallel_size": 4}, r"\(4\) must divide the model's num_key_value_heads \(2\)"),
+        ({"min_learning_rate": 1.0}, r"'training.min_learning_rate' \(1.0\) is above"),
+        ({"time_limit": "4 hours"}, r"'training.time_limit': '4 hours' is not a duration"),
+    ],
+)
+def test_rejected_settings_name_the_key(config, training, message):
+    with pytest.raises(SftflowError, match=message):
+        check_training_keys(_with(config, **training))
+
+
+def test_tp_must_divide_the_heads_of_a_local_base_model(config, tmp_path):
+    (tmp_path / "config.json").write_text('{"num_attention_heads": 6, "num_key_value_heads": 6}')
+    cfg = _with(config, num_gpus=4, tensor_model_parallel_size=4, train_global_batch_size=4)
+    cfg["model"]["base_model"] = str(tmp_path)
+    with pytest.raises(SftflowError, match=r"must divide the model's num_attention_heads \(6\)"):
+        check_training_keys(cfg)
+
+
+def test_trainer_uses_the_real_world_size(config):
+    check_training_keys(_with(config, train_global_batch_size=6), world_size=2)
+    with pytest.raises(SftflowError, match=r"\(1 x 4 = 4"):
+        check_training_keys(_with(config, train_global_batch_size=6), world_size=4)
+
+
+def test_sequences_longer_than_a_sliding_window_are_refused():
+    from transformers import MistralConfig, Qwen2Config
+
+    from sftflow.train.model import check_no_sliding_window
+
+    check_no_sliding_window(MistralConfig(sliding_window=4096), 4096)
+    with pytest.raises(SftflowError, match=r"'packing.max_total_sequence_length' \(8192\) exceeds .* window \(4096\)"):
+        check_no_sliding_window(MistralConfig(sliding_window=4096), 8192)
+    check_no_sliding_window(Qwen2Config(sliding_window=4096, use_sliding_window=False), 8192)

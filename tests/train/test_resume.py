@@ -1,0 +1,96 @@
+"""Exact resume: chained jobs and crashes (SIGKILL mid-run and mid-save) end with bitwise the same weights.
+
+Every run here is a fresh process (as a real chained job is), with OMP_NUM_THREADS=1 so that all of
+them use the same floating-point reduction order. The model has attention dropout, so the random
+state matters too.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+
+import pytest
+import torch
+
+from sftflow.train.checkpoint import latest_checkpoint
+from tests.train.helpers import (
+    final_weights,
+    logged,
+    make_model,
+    optimizer_state,
+    run_train,
+    subprocess_env,
+    train_command,
+    training_config,
+    write_config,
+)
+
+STEPS = dict(max_num_steps=8, save_period=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """The tiny Llama with attention dropout: resume must also restore every rank's random state."""
+    return make_model(tmp_path_factory.mktemp("dropout") / "model", attention_dropout=0.2)
+
+
+def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs by {(a[name] - b[name]).abs().max()}"
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    return write_config(tmp_path_factory.mktemp("cfg") / "config.json", training_config(**STEPS))
+
+
+@pytest.fixture(scope="module")
+def one_job(tmp_path_factory, config_file, packed, tiny_model):
+    ckpt = tmp_path_factory.mktemp("one_job") / "ckpt"
+    run_train(config_file, packed, tiny_model, ckpt)
+    return ckpt
+
+
+def _killed(cmd: list[str], env_fault: str) -> subprocess.CompletedProcess:
+    env = subprocess_env() | {"SFTFLOW_TEST_KILL_AT": env_fault}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == -9, f"expected SIGKILL, got {result.returncode}:\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.mark.slow
+def test_three_chained_jobs_end_bitwise_equal_to_one_job(tmp_path, config_file, packed, tiny_model, one_job):
+    ckpt = tmp_path / "ckpt"
+    for job in range(3):  # targets ceil(8/3)=3, ceil(16/3)=6, 8
+        run_train(config_file, packed, tiny_model, ckpt, job=job, jobs=3)
+    assert latest_checkpoint(ckpt).step == 8
+    assert sorted(p.name for p in ckpt.glob("step_*")) == [f"step_0000000{s}" for s in (2, 3, 4, 6, 8)]
+    _assert_bitwise_equal(final_weights(ckpt), final_weights(one_job))
+    _assert_bitwise_equal(optimizer_state(ckpt), optimizer_state(one_job))
+    assert logged(ckpt) == logged(one_job)  # same loss at every step, logged once per step
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_and_mid_save_then_rerun_ends_bitwise_equal(tmp_path, config_file, packed, tiny_model, one_job):
+    ckpt = tmp_path / "ckpt"
+    cmd = train_command(config_file, packed, tiny_model, ckpt)
+    kill_step = random.Random().randint(1, 5)
+    print(f"killing at step {kill_step}")
+    _killed(cmd, f"step:{kill_step}")
+    latest = latest_checkpoint(ckpt)
+    assert (latest.step if latest else 0) == (kill_step - 1) // 2 * 2  # killed before step k was saved
+    assert not (ckpt / "job0.done").exists()
+
+    # Second crash: all ranks wrote step 6, but the process dies before the rename commits it.
+    _killed(cmd, "save:6")
+    assert (ckpt / "step_00000006.tmp" / ".metadata").exists()
+    assert latest_checkpoint(ckpt).step == 4  # the torn checkpoint is not picked up
+
+    run_train(config_file, packed, tiny_model, ckpt)
+    assert not list(ckpt.glob("*.tmp"))
+    assert latest_checkpoint(ckpt).step == 8
+    _assert_bitwise_equal(final_weights(ckpt), final_weights(one_job))
+    _assert_bitwise_equal(optimizer_state(ckpt), optimizer_state(one_job))
+    assert logged(ckpt) == logged(one_job)
