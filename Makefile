@@ -3,7 +3,7 @@
 VENV := .venv
 STAMP := $(VENV)/.installed
 CORES ?= 2
-DEMO_TARGET ?= results/data/sft.jsonl
+DEMO_TARGET ?= results/final_hf_model
 
 .PHONY: demo test lint install
 

@@ -223,7 +223,7 @@ def run_ours(work: Path, inputs: dict, args) -> dict:
         "training": {
             "num_gpus": 1,
             "train_global_batch_size": GLOBAL_BATCH,
-            "train_micro_batch_size": MICRO_BATCH,
+            "train_micro_batch_size": args.ours_micro_batch,
             "max_num_steps": args.warmup_steps + args.steps,
             "max_num_epochs": 1000,
             "learning_rate": args.lr,
@@ -481,6 +481,12 @@ def main() -> None:
     p.add_argument("--sigma", type=float, default=0.6, help="lognormal sigma of the row lengths")
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only")
+    p.add_argument(
+        "--ours-micro-batch",
+        type=int,
+        default=MICRO_BATCH,
+        help="packed rows per forward pass in our trainer (the global batch stays 8; TRL keeps 1x8, its best with padding-free packing)",
+    )
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.add_argument("--workdir", default=None, help="working directory (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the working directory")

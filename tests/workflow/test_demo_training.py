@@ -1,0 +1,61 @@
+"""The demo trained for real by snakemake: chained jobs, final_hf_model, and raising max_num_steps later."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.workflow.test_workflow import snakemake, workdir  # noqa: F401  (fixture)
+
+SMALL = """
+demo:
+  num_train_problems: 300
+  num_test_problems: 20
+  num_seeds: 2
+training:
+  num_training_jobs: 2
+  max_num_steps: 12
+  save_period: 5
+  train_global_batch_size: 4
+  train_micro_batch_size: 2
+"""
+
+
+def metrics(workdir):
+    path = workdir / "results" / "checkpoints" / "metrics" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_demo_trains_chained_jobs_and_exports_then_continues(workdir):  # noqa: F811
+    (workdir / "small.yaml").write_text(SMALL)
+    result = snakemake("--cores", "2", "results/final_hf_model", "--configfile", "small.yaml", cwd=workdir)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    results = workdir / "results"
+    jobs = [json.loads((results / "checkpoints" / f"job{i}.done").read_text()) for i in range(2)]
+    assert [(j["start_step"], j["end_step"]) for j in jobs] == [(0, 6), (6, 12)]
+    assert jobs[1]["complete"] is True
+    steps = [m["step"] for m in metrics(workdir) if "loss" in m]
+    assert steps == list(range(1, 13))
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(results / "final_hf_model")
+    tok = AutoTokenizer.from_pretrained(results / "final_hf_model")
+    assert model.config.model_type == "llama" and tok.chat_template
+    assert (results / "final_hf_model" / "generation_config.json").exists()
+    packed_stats = json.loads((results / "data" / "packed" / "stats.json").read_text())
+    assert packed_stats["bins"] > 0
+
+    # Raising max_num_steps continues from the last checkpoint: job 0 is not redone.
+    (workdir / "more.yaml").write_text(SMALL.replace("max_num_steps: 12", "max_num_steps: 16"))
+    plan = snakemake("-n", "--cores", "2", "results/final_hf_model", "--configfile", "more.yaml", cwd=workdir)
+    planned = plan.stdout + plan.stderr
+    assert "results/checkpoints/job1.done" in planned and "output: results/checkpoints/job0.done" not in planned
+    result = snakemake("--cores", "2", "results/final_hf_model", "--configfile", "more.yaml", cwd=workdir)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    steps = [m["step"] for m in metrics(workdir) if "loss" in m]
+    assert steps == list(range(1, 17))  # steps 13..16 added, 1..12 not trained again
+    job0 = json.loads((results / "checkpoints" / "job0.done").read_text())
+    assert (job0["start_step"], job0["end_step"]) == (0, 6)
