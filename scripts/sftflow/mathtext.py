@@ -39,12 +39,21 @@ def last_boxed(text: str) -> str | None:
     return spans[-1][2] if spans else None
 
 
-_PUNCT = re.compile(r"[^\w\s]", flags=re.UNICODE)
+# Sentence punctuation carries no meaning for matching copies; math symbols (+ - * / = ^ < > ( ) ...) do,
+# so they are kept, as separate tokens. A '.' or ',' between digits is part of a number.
+_SENTENCE_PUNCT = re.compile(r"[!?;:\"'`\u2018\u2019\u201c\u201d]|(?<!\d)[.,]|[.,](?!\d)")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+_SYMBOL = re.compile(r"([^\w\s.,])")
 _SPACE = re.compile(r"\s+")
 
 
 def normalize_problem(text: str) -> str:
-    """Case-, whitespace- and punctuation-insensitive form of a problem, for matching copies."""
+    """Case-, whitespace- and sentence-punctuation-insensitive form of a problem, for matching copies.
+
+    'What is 47 + 86?' and 'WHAT  IS 47+86' match; 'What is 47 - 86?' does not.
+    """
     text = unicodedata.normalize("NFKC", text).lower()
-    text = _PUNCT.sub(" ", text)
+    text = _THOUSANDS.sub("", text)
+    text = _SENTENCE_PUNCT.sub(" ", text)
+    text = _SYMBOL.sub(r" \1 ", text)
     return _SPACE.sub(" ", text).strip()

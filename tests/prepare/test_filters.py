@@ -127,3 +127,17 @@ def test_code_text_choice_falls_back_to_text_without_code():
     samples = [{K: "t1"}, {K: "t2"}]
     assert F.code_text_choice(samples, K, "<tool_call>", "any_code") == samples
     assert F.code_text_choice(samples, K, "<tool_call>", "all") == []
+
+
+@pytest.mark.parametrize(
+    "a, b, same",
+    [
+        ("What is 47 + 86?", "WHAT  IS 47+86", True),
+        ("What is 47 + 86?", "what is 47 + 86 .", True),
+        ("What is 47 + 86?", "What is 47 - 86?", False),  # operators are meaning, not punctuation
+        ("Compute 3.5 * 2.", "Compute 35 * 2.", False),  # a decimal point is part of the number
+        ("Sell 1,000 pens.", "Sell 1000 pens", True),
+    ],
+)
+def test_normalize_problem_ignores_case_space_punctuation_not_math(a, b, same):
+    assert (normalize_problem(a) == normalize_problem(b)) is same
