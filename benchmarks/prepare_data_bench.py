@@ -125,6 +125,10 @@ def main() -> None:
         "++majority_filter.min_majority_votes=2",
         *filters,
     ]
+    # NeMo-Skills' math_sft.yaml defaults that need no tokenizer or contamination file: selection, trim_solutions, dedup.
+    results["prepare_defaults"] = measure(
+        [*common[:5], f"++output_path={work / 'sft-defaults.jsonl'}", "++do_shuffle=false"]
+    )
     results["prepare_streaming"] = measure(
         [*common, f"++output_path={work / 'sft-stream.jsonl'}", "++do_shuffle=false"]
     )
@@ -134,7 +138,7 @@ def main() -> None:
     stats = json.loads((work / "sft-stream.stats.json").read_text())
     results["rows_written"] = stats["rows_written"]
     floor = results["orjson_floor"]["seconds"]
-    for key in ("prepare_streaming", "prepare_shuffled"):
+    for key in ("prepare_defaults", "prepare_streaming", "prepare_shuffled"):
         results[key]["rows_per_second"] = round(args.rows / results[key]["seconds"])
         results[key]["x_floor"] = round(results[key]["seconds"] / floor, 2)
     results["orjson_floor"]["rows_per_second"] = round(args.rows / floor)

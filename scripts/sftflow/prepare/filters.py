@@ -132,22 +132,39 @@ def trim_solutions(key: str, counter: dict) -> Callable[[dict], dict | None]:
     return fn
 
 
-# Runs of characters an equation can consist of; the (slow) EQUATION regex only looks inside these.
-_CANDIDATE = re.compile(r"[\d(][\d .+\-*/()=]{4,}")
+_EQUATION_CHARS = frozenset("0123456789 .+-*/()=")
 _OPERATOR = re.compile(r"[-+*/]")
 
 
-def _equations(text: str):
-    if "=" not in text:
-        return
-    for run in _CANDIDATE.finditer(text):
-        chunk = run.group()
-        if "=" not in chunk or not _OPERATOR.search(chunk):
+def _equation_regions(text: str) -> list[tuple[int, int]]:
+    """Spans of equation characters around each '=' (an equation needs one): the regex then scans only these."""
+    regions: list[tuple[int, int]] = []
+    pos = text.find("=")
+    while pos >= 0:
+        start, end = pos, pos + 1
+        while start > 0 and text[start - 1] in _EQUATION_CHARS:
+            start -= 1
+        while end < len(text) and text[end] in _EQUATION_CHARS:
+            end += 1
+        if regions and start <= regions[-1][1]:
+            start = regions[-1][0]
+            regions.pop()
+        regions.append((start, end))
+        pos = text.find("=", end)
+    return regions
+
+
+def _equations(text: str) -> list:
+    """Arithmetic equations in `text` (regex matches with at least one operator)."""
+    found = []
+    for start, end in _equation_regions(text):
+        if not _OPERATOR.search(text, start, end):
             continue
-        # endpos one past the run keeps the pattern's look-ahead honest about the next character
-        for match in arithmetic.EQUATION.finditer(text, run.start(), min(run.end() + 1, len(text))):
+        # endpos one past the region keeps the pattern's look-ahead honest about the next character
+        for match in arithmetic.EQUATION.finditer(text, start, min(end + 1, len(text))):
             if _OPERATOR.search(match.group()):
-                yield match
+                found.append(match)
+    return found
 
 
 def drop_incorrect_arithmetic(key: str, rel_tol: float) -> Callable[[dict], dict | None]:
