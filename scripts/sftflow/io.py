@@ -62,30 +62,40 @@ def iter_jsonl(path: str | os.PathLike, invalid_rows: list | None = None) -> Ite
     unless `invalid_rows` is a list: then the problem is appended to it as (line, reason) and the
     line is skipped, so the caller can count and report it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SftflowError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise SftflowError(f"{path}: file is empty (expected one JSON object per line)")
+    path = check_input_file(path)
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
-            reason = None
-            try:
-                row = orjson.loads(raw)
-            except orjson.JSONDecodeError as err:
-                try:
-                    raw.decode("utf-8")
-                    reason = f"invalid JSON ({err})"
-                except UnicodeDecodeError as uerr:
-                    reason = f"not valid UTF-8 (byte {uerr.start}: {raw[uerr.start : uerr.start + 1]!r})"
-            else:
-                if not isinstance(row, dict):
-                    reason = f"expected a JSON object, got {type(row).__name__}"
+            row, reason = parse_json_object(raw)
             if reason is None:
                 yield line_number, row
             elif invalid_rows is not None:
                 invalid_rows.append((line_number, reason))
             else:
                 raise SftflowError(f"{path}:{line_number}: {reason}")
+
+
+def check_input_file(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or SftflowError if it is missing or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise SftflowError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise SftflowError(f"{path}: file is empty (expected one JSON object per line)")
+    return path
+
+
+def parse_json_object(raw: bytes) -> tuple[dict | None, str | None]:
+    """(object, None) for a line holding a JSON object, else (None, why not): bad UTF-8, bad JSON, not an object."""
+    try:
+        row = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as uerr:
+            return None, f"not valid UTF-8 (byte {uerr.start}: {raw[uerr.start : uerr.start + 1]!r})"
+        return None, f"invalid JSON ({err})"
+    if not isinstance(row, dict):
+        return None, f"expected a JSON object, got {type(row).__name__}"
+    return row, None

@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 
 from sftflow.errors import SftflowError
-from sftflow.io import atomic_path, iter_jsonl, write_json
+from sftflow.io import atomic_path, check_input_file, iter_jsonl, parse_json_object, write_json
 from sftflow.mathtext import normalize_problem
 from sftflow.prepare import filters as F
 from sftflow.prepare.formatting import Formatter, load_tokenizer
@@ -121,11 +121,15 @@ class Preparer:
         if on["remove_contaminated"] and not cfg["contamination_file"]:
             # NeMo-Skills' default is on with no file; say loudly that nothing was checked.
             LOG.warning("filters.remove_contaminated is on but no contamination_file is set: nothing is decontaminated")
-            self.skipped_stages.append({"stage": "remove_contaminated", "skipped": "no contamination_file set", "rows_in": 0, "dropped": 0})
+            self.skipped_stages.append(
+                {"stage": "remove_contaminated", "skipped": "no contamination_file set", "rows_in": 0, "dropped": 0}
+            )
         elif on["remove_contaminated"]:
             contaminated, rows = load_contaminated(cfg["contamination_file"], self.input_key)
             stage = add("remove_contaminated", F.remove_contaminated(self.input_key, contaminated), self.input_key)
-            stage.info.update(contamination_file=str(cfg["contamination_file"]), contaminated_problems=len(contaminated))
+            stage.info.update(
+                contamination_file=str(cfg["contamination_file"]), contaminated_problems=len(contaminated)
+            )
         if on["remove_code_errors"]:
             add("remove_code_errors", F.drop_if_contains(key, F.CODE_ERROR_MARKERS))
         if on["remove_matplotlib"]:
@@ -176,10 +180,7 @@ class Preparer:
     def raw_chunks(self, files: list[Path]):
         """Yield (path, [(line_number, raw_bytes), ...]) batches; skip_first and per-file row counts happen here."""
         for path in files:
-            if not path.is_file():
-                raise SftflowError(f"{path}: file not found")
-            if path.stat().st_size == 0:
-                raise SftflowError(f"{path}: file is empty (expected one JSON object per line)")
+            check_input_file(path)
             info = {"path": str(path), "rows": 0, "skipped_first": 0, "invalid": 0}
             self.stats["input_files"].append(info)
             batch = []
@@ -239,18 +240,8 @@ class Preparer:
         return result
 
     def _parse(self, raw: bytes, where: str, result: dict) -> dict | None:
-        try:
-            row = orjson.loads(raw)
-        except orjson.JSONDecodeError as err:
-            try:
-                raw.decode("utf-8")
-                reason = f"invalid JSON ({err})"
-            except UnicodeDecodeError as uerr:
-                reason = f"not valid UTF-8 (byte {uerr.start}: {raw[uerr.start : uerr.start + 1]!r})"
-            return self._invalid(where, reason, result)
-        if not isinstance(row, dict):
-            return self._invalid(where, f"expected a JSON object, got {type(row).__name__}", result)
-        return row
+        row, reason = parse_json_object(raw)
+        return row if reason is None else self._invalid(where, reason, result)
 
     def _invalid(self, where: str, reason: str, result: dict) -> None:
         if not self.cfg["skip_invalid_rows"]:
