@@ -278,7 +278,12 @@ def test_contamination_file_removes_listed_problems(tmp_path):
 def test_remove_contaminated_without_file_is_reported_not_silent(tmp_path, capsys):
     _, out, stats = prepare(tmp_path, {"a.jsonl": [row("p", "s")]}, "++filters.remove_contaminated=true")
     assert len(out) == 1
-    assert stats["funnel"][0] == {"stage": "remove_contaminated", "skipped": "no contamination_file set", "rows_in": 0, "dropped": 0}
+    assert stats["funnel"][0] == {
+        "stage": "remove_contaminated",
+        "skipped": "no contamination_file set",
+        "rows_in": 0,
+        "dropped": 0,
+    }
     err = capsys.readouterr().err
     assert "nothing is decontaminated" in err and "remove_contaminated: skipped (no contamination_file set)" in err
 

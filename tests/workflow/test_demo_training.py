@@ -22,8 +22,8 @@ training:
 """
 
 
-def metrics(workdir):
-    path = workdir / "results" / "checkpoints" / "metrics" / "metrics.jsonl"
+def metrics(root):
+    path = root / "results" / "checkpoints" / "metrics" / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -84,7 +84,9 @@ def worked_steps(expr: str) -> str:
             x = a // 10**i % 10
             total = x * b + carry
             terms = f"{x} * {b}" + (f" + {carry}" if carry else "")
-            lines.append(f"{place}: {terms} = {total}, write {total % 10}" + (f", carry {total // 10}." if total >= 10 else "."))
+            lines.append(
+                f"{place}: {terms} = {total}, write {total % 10}" + (f", carry {total // 10}." if total >= 10 else ".")
+            )
             carry = total // 10
         if carry:
             lines.append(f"hundreds: write the carry {carry}.")
