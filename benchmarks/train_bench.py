@@ -99,11 +99,10 @@ def synth_rows(tokenizer, num_tokens: int, median: float, sigma: float, seed: in
 
 def prepare_inputs(work: Path, args) -> dict:
     """Tokenizer + random model (saved once, loaded by both trainers), SFT rows, our packed data."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from sftflow.demo.data import corpus
-    from sftflow.demo.model import build_tokenizer
+    from sftflow.demo.model import build_model, build_tokenizer
     from sftflow.packing import PackedDataset, pack_jsonl
 
     model_dir, packed_dir, rows_path = work / "model", work / "packed", work / "sft.jsonl"
@@ -113,19 +112,9 @@ def prepare_inputs(work: Path, args) -> dict:
     rows = synth_rows(tokenizer, int(needed * 1.1), args.median_tokens, args.sigma, args.seed)
     rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-        **MODEL_SIZES,
-    )
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
+    # The demo's model builder: random Llama sized by MODEL_SIZES, saved with safetensors and the tokenizer.
+    build_model(work / "tokenizer", model_dir, args.seed, **MODEL_SIZES)
+    model = LlamaForCausalLM.from_pretrained(model_dir)
     num_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
     stats = pack_jsonl(rows_path, packed_dir, tokenizer, {"max_total_sequence_length": SEQ_LEN})
