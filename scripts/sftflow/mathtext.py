@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _FLAT_CONTENT = re.compile(r"[^{}\\]*\}")  # content without braces or escapes: no need to count depth
 
 
+@lru_cache(maxsize=8)  # several filters in a row ask about the same solution text
 def find_boxed(text: str) -> list[tuple[int, int, str]]:
     """All \\boxed{...} spans as (start, end, content), braces balanced; an unclosed one is ignored."""
     spans = []

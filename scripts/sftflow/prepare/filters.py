@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from dataclasses import dataclass, field
 
 from sftflow.mathtext import find_boxed, normalize_problem
@@ -76,8 +77,8 @@ def drop_multi_boxed(key: str) -> Callable[[dict], dict | None]:
 
 
 def drop_if_contains(key: str, markers: Iterable[str]) -> Callable[[dict], dict | None]:
-    markers = tuple(markers)
-    return lambda row: None if any(m in row[key] for m in markers) else row
+    pattern = re.compile("|".join(map(re.escape, markers)))  # one C-level scan instead of one per marker
+    return lambda row: None if pattern.search(row[key]) else row
 
 
 def drop_unless_contains_all(key: str, markers: Iterable[str]) -> Callable[[dict], dict | None]:
@@ -154,6 +155,7 @@ def _equation_regions(text: str) -> list[tuple[int, int]]:
     return regions
 
 
+@lru_cache(maxsize=8)  # drop_incorrect_arithmetic and split_arithmetic look at the same text in turn
 def _equations(text: str) -> list:
     """Arithmetic equations in `text` (regex matches with at least one operator)."""
     found = []
