@@ -32,8 +32,11 @@ def synthesize(path: Path, rows: int, seed: int = 0) -> None:
     filler = "We simplify the expression step by step, keeping track of every term carefully. " * 4
     with open(path, "wb") as f:
         buf = []
+        problems = max(rows // 4, 1)
         for i in range(rows):
-            p = i // 4
+            # Seed-major order, as when output-rs0..3.jsonl are read one after another: a problem's
+            # duplicates are a quarter of the file apart, not neighbours.
+            p = i % problems
             a, b = p % 997 + 10, p % 89 + 3
             problem = (
                 f"Problem {p}: a store sells {a} boxes with {b} pencils each. How many pencils are there in total?"
@@ -91,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    src = work / f"generated-{args.rows}.jsonl"
+    src = work / f"generated-seedmajor-{args.rows}.jsonl"
     if not src.exists():
         t = time.perf_counter()
         synthesize(src, args.rows)

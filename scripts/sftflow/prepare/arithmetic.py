@@ -135,9 +135,22 @@ def stated_tolerance(side: str) -> Fraction:
     return Fraction(0)
 
 
+# "a op b = c" with integers a and b: most equations in solutions, checked without the general parser.
+_OPERATORS_IN = re.compile(r"[-+*/]")
+_SIMPLE = re.compile(rf"\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*({_NUM})\s*")
+
+
 @lru_cache(maxsize=1 << 16)  # the same small computations recur across many solutions
 def equation_is_correct(equation: str, rel_tol: float) -> bool | None:
     """True/False if every side of the equation has the value of the first; None if it cannot be checked."""
+    simple = _SIMPLE.fullmatch(equation)
+    if simple:
+        a, op, b, stated = int(simple[1]), simple[2], int(simple[3]), simple[4]
+        if op == "/" and b == 0:
+            return None
+        value = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else Fraction(a, b)
+        allowed = max(Fraction(rel_tol) * abs(value), stated_tolerance(stated))
+        return abs(Fraction(stated) - value) <= allowed
     sides = equation.split("=")
     try:
         values = [evaluate(side) for side in sides]
@@ -159,8 +172,8 @@ def _is_plain_number(side: str) -> bool:
 def split_equation(equation: str) -> str | None:
     """'1 + 2 + 3 = 6' -> '1 + 2 + 3 = 3 + 3 = 6'; None if it is not a correct two-sided equation to expand."""
     sides = equation.split("=")
-    if len(sides) != 2 or not _is_plain_number(sides[1]):
-        return None
+    if len(sides) != 2 or len(_OPERATORS_IN.findall(sides[0])) < 2 or not _is_plain_number(sides[1]):
+        return None  # one operation (or none) leaves nothing to expand
     try:
         steps = solve_steps(sides[0])
         answer = evaluate(sides[1])
