@@ -225,3 +225,13 @@ def run_inprocess(parallel, ckpt: Path, packed: Path, model: Path, job: int = 0,
 def logged(ckpt: Path, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(line) for line in (ckpt / "metrics" / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r[key] for r in rows if key in r}
+
+
+WEIGHTS_ATOL = 2e-5  # fp32 accumulation-order noise after a few AdamW steps at lr 3e-3
+
+
+def assert_weights_close(a: dict, b: dict, atol: float = WEIGHTS_ATOL) -> None:
+    """Same parameter names, and every tensor equal to `atol` (no relative slack)."""
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)

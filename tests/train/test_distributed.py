@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.train.helpers import (
+    assert_weights_close,
     final_weights,
     logged,
     make_model,
@@ -16,14 +17,7 @@ from tests.train.helpers import (
     write_config,
 )
 
-ATOL = 2e-5
 STEPS = dict(max_num_steps=4, save_period=2)
-
-
-def _assert_close(a: dict, b: dict, atol: float = ATOL) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def test_fsdp_two_processes_train_like_one_process(single_process, fsdp_two_rank
         assert logged(ckpt)[step] == pytest.approx(loss, rel=1e-6)
     for step, norm in logged(single_process, "grad_norm").items():
         assert logged(ckpt, "grad_norm")[step] == pytest.approx(norm, rel=1e-5)
-    _assert_close(final_weights(ckpt), final_weights(single_process))
+    assert_weights_close(final_weights(ckpt), final_weights(single_process))
 
 
 @pytest.mark.slow
@@ -78,4 +72,4 @@ def test_tensor_parallel_two_ranks_trains_like_one_process(tmp_path, single_proc
     for step, norm in logged(single_process, "grad_norm").items():
         assert logged(tmp_path / "ckpt", "grad_norm")[step] == pytest.approx(norm, rel=1e-5)
     # DCP stores full tensors, so TP shards come back as the full q/k/v/o/MLP weights
-    _assert_close(final_weights(tmp_path / "ckpt"), final_weights(single_process))
+    assert_weights_close(final_weights(tmp_path / "ckpt"), final_weights(single_process))

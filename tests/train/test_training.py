@@ -8,15 +8,7 @@ import pytest
 import torch
 
 from sftflow.errors import SftflowError
-from tests.train.helpers import final_weights, logged, make_packed, run_inprocess
-
-ATOL = 2e-5  # fp32 accumulation-order noise after a few AdamW steps at lr 3e-3
-
-
-def _assert_weights_close(a: dict, b: dict, atol: float = ATOL) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+from tests.train.helpers import assert_weights_close, final_weights, logged, make_packed, run_inprocess
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +29,7 @@ def test_loss_and_update_do_not_depend_on_the_split_into_micro_batches(
     assert ref_loss.keys() == loss.keys() == {1, 2, 3, 4}
     for step in ref_loss:
         assert loss[step] == pytest.approx(ref_loss[step], rel=1e-6)
-    _assert_weights_close(final_weights(ckpt), final_weights(reference_1x8))
+    assert_weights_close(final_weights(ckpt), final_weights(reference_1x8))
 
 
 def test_logged_loss_is_the_token_mean_over_the_global_batch(world1, packed, tiny_model, reference_1x8):
@@ -74,7 +66,7 @@ def test_activation_checkpointing_gives_the_same_weights(tmp_path, world1, packe
     run_inprocess(
         world1, ckpt, packed, tiny_model, train_micro_batch_size=8, max_num_steps=4, activation_checkpointing=True
     )
-    _assert_weights_close(final_weights(ckpt), final_weights(reference_1x8), atol=1e-6)
+    assert_weights_close(final_weights(ckpt), final_weights(reference_1x8), atol=1e-6)
 
 
 def test_raising_max_num_steps_continues_without_redoing_steps(tmp_path, world1, packed, tiny_model):
