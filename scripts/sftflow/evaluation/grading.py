@@ -76,7 +76,6 @@ _WHITESPACE = re.compile(r"\s+")
 # stay tuples/lists.
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _SPACE_AROUND_COMMA = re.compile(r"\s*,(\s*)")
-_SPACE_RUN = re.compile(r"\s+")
 _MCQ = re.compile(r"^\(?\s*([A-E])\s*\)?$")
 _WORDS = re.compile(r"^[A-Za-z][A-Za-z '\-]*$")
 
@@ -120,7 +119,7 @@ def _squeeze_spaces(text: str) -> str:
         after = text[match.end()] if match.end() < len(text) else ""
         return " " if before == "," or (before.isalpha() and after.isalpha()) else ""
 
-    return _SPACE_RUN.sub(keep, text)
+    return _WHITESPACE.sub(keep, text)
 
 
 def normalize_answer(answer: str) -> str:
