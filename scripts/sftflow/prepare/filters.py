@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from functools import lru_cache
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from sftflow.mathtext import find_boxed, normalize_problem
 from sftflow.prepare import arithmetic

@@ -29,6 +29,7 @@ from sftflow.prepare.prompts import load_prompt_config
 LOG = logging.getLogger("sftflow.prepare")
 CHUNK_ROWS = 4096
 PARALLEL_MIN_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
+LENGTH_COUNTERS = ("rows_in", "dropped_too_short", "dropped_too_long")
 SELECTION_KEYS = tuple(f"{k}_{w}" for k in ("correct", "incorrect", "unlabeled") for w in ("seen", "kept"))
 _WORKER: Preparer | None = None
 
@@ -170,9 +171,7 @@ class Preparer:
                         "field": field,
                         "min": cfg[f"min_{what}_length"],
                         "max": cfg[f"max_{what}_length"],
-                        "rows_in": 0,
-                        "dropped_too_short": 0,
-                        "dropped_too_long": 0,
+                        **dict.fromkeys(LENGTH_COUNTERS, 0),
                     }
                 )
 
@@ -232,11 +231,10 @@ class Preparer:
             payload = orjson.dumps(row) if for_spool else orjson.dumps(self.to_record(row)) + b"\n"
             result["rows"].append((digest, row[self.input_key] if for_spool else None, payload))
         result["filters"] = [stage.take_counts() for stage in self.filters]
-        result["length"] = [
-            {k: st.pop(k) for k in ("rows_in", "dropped_too_short", "dropped_too_long")} for st in self.length_stages
-        ]
-        for st in self.length_stages:
-            st.update(rows_in=0, dropped_too_short=0, dropped_too_long=0)
+        result["length"] = []
+        for st in self.length_stages:  # counts since the last chunk, then reset (as RowFilter.take_counts)
+            result["length"].append({k: st[k] for k in LENGTH_COUNTERS})
+            st.update(dict.fromkeys(LENGTH_COUNTERS, 0))
         return result
 
     def _parse(self, raw: bytes, where: str, result: dict) -> dict | None:
@@ -356,7 +354,7 @@ class Preparer:
         dedup = self.stats["deduplicate"] = {"stage": "deduplicate", "rows_in": 0, "dropped": 0}
         sel = self.stats["selection"] = dict.fromkeys(SELECTION_KEYS, 0)
         inv = self.stats["invalid_rows"]
-        length_totals = [{"rows_in": 0, "dropped_too_short": 0, "dropped_too_long": 0} for _ in self.length_stages]
+        length_totals = [dict.fromkeys(LENGTH_COUNTERS, 0) for _ in self.length_stages]
         self.stats["_length_totals"] = length_totals
         seen: set[bytes] = set()
         for info, result in self._results(files, for_spool):
