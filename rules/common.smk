@@ -1,5 +1,6 @@
 # Path helpers and input functions shared by every rule file.
 import re
+import sys
 
 
 OUT = Path(config["output_dir"])
@@ -10,6 +11,7 @@ wildcard_constraints:
     job=r"\d+",
     seed=r"\d+",
     benchmark=r"[A-Za-z0-9_\-]+",
+    model=r"final|base|averaged|step_\d+",
 
 
 def out(*parts):
@@ -54,19 +56,85 @@ def get_tokenizer():
 
 
 def local_inputs(*paths):
-    """Only the paths that are files/dirs we make or that exist locally (hub names are not DAG inputs)."""
-    made_here = out("demo")
-    return [p for p in paths if p.startswith(made_here) or Path(p).exists()]
+    """Only the paths the workflow makes (under output_dir) or that exist locally (hub names are not DAG inputs)."""
+    return [p for p in paths if Path(p).is_relative_to(OUT) or Path(p).exists()]
+
+
+def benchmark_seeds():
+    """{name: seeds} from eval.benchmarks ("gsm8k:4,math" -> {"gsm8k": 4, "math": 0}); 0 means greedy."""
+    from sftflow.evaluation.benchmarks import parse_benchmarks_spec
+
+    return dict(parse_benchmarks_spec(config["eval"]["benchmarks"]))
 
 
 def benchmark_names():
-    """Benchmark names from eval.benchmarks ("gsm8k:4,math" -> ["gsm8k", "math"])."""
-    names = []
-    for item in config["eval"]["benchmarks"].split(","):
-        item = item.strip()
-        if item:
-            names.append(item.split(":")[0])
-    return names
+    return list(benchmark_seeds())
+
+
+def eval_models():
+    """The model labels eval.json reports (eval.models, or its default)."""
+    models = config["eval"]["models"]
+    if models is None:
+        return ["averaged"] if config["training"]["average_steps"] else ["final"]
+    return list(dict.fromkeys(models))
+
+
+def eval_model_path(label):
+    """Where the model with this label is (a directory made by the workflow, or the base model's name)."""
+    if label == "final":
+        return out("final_hf_model")
+    if label == "averaged":
+        return out("averaged_hf_model")
+    if label == "base":
+        return get_base_model()
+    return out("hf_models", label)  # step_N
+
+
+def eval_tokenizer(label):
+    """Tokenizer that renders the prompts: exported models carry their own; the base model uses model.tokenizer."""
+    return get_tokenizer() if label == "base" else eval_model_path(label)
+
+
+def python_exe():
+    """The interpreter for shell rules: the conda env's python under --sdm conda, else Snakemake's own."""
+    if "conda" in {str(m).lower() for m in workflow.deployment_settings.deployment_method}:
+        return "python"
+    return sys.executable
+
+
+def eval_settings():
+    """The eval.* keys generate.py reads, with the training-side prompt settings filled in."""
+    e, prep = config["eval"], config["prepare_data"]
+    return {
+        **{k: e[k] for k in ("server_type", "server_address", "server_model", "api_key_env", "endpoint")},
+        **{k: e[k] for k in ("max_new_tokens", "temperature", "top_p", "concurrency", "max_retries")},
+        **{k: e[k] for k in ("request_timeout", "server_start_timeout", "grading_timeout", "max_samples")},
+        "prompt_config": e["prompt_config"] or prep["prompt_config"],
+        "system_message": prep["system_message"],
+        "chat_template_kwargs": prep["chat_template_kwargs"],
+        "chat_template": config["model"]["chat_template"],
+    }
+
+
+def generate_command(wildcards, input, output):
+    """The generate rule's command line: scripts/generate.py, then '--' and the server command, all quoted."""
+    import json
+    import shlex
+
+    from sftflow.evaluation.server import server_command
+
+    e = config["eval"]
+    model = input.model[0] if input.model else eval_model_path(wildcards.model)
+    tokenizer = input.tokenizer[0] if input.tokenizer else eval_tokenizer(wildcards.model)
+    args = [python_exe(), str(Path(workflow.basedir) / "scripts" / "generate.py")]
+    args += ["--model-label", wildcards.model, "--model", model, "--tokenizer", tokenizer]
+    args += ["--benchmark", wildcards.benchmark, "--benchmark-file", input.benchmark]
+    args += ["--seeds", str(benchmark_seeds()[wildcards.benchmark]), "--output-dir", output[0]]
+    args += ["--resume-dir", out("eval", ".inprogress", wildcards.model, wildcards.benchmark)]
+    logs = {kind: out("logs", f"{kind}_{wildcards.model}_{wildcards.benchmark}.log") for kind in ("generate", "server")}
+    args += ["--server-log", logs["server"], "--log", logs["generate"], "--settings", json.dumps(eval_settings())]
+    server = server_command(e["server_type"], model, e["server_gpus"], e["server_args"], python=python_exe())
+    return shlex.join(args + ["--", *server])
 
 
 def get_benchmark_file(name):

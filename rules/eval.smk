@@ -1,15 +1,25 @@
-# Benchmarks, generation through an inference server, grading, results/eval.json. Issue 4 implements these.
+# Benchmarks, generation through an inference server, grading, and results/eval.json.
+#
+# Each (model, benchmark) pair is one `generate` job: it starts the server for the model on its node,
+# sends the requests, grades the answers and writes out("eval", model, benchmark)/ (NeMo-Skills-format
+# output[-rsN].jsonl plus metrics.json). Answers of an interrupted job wait in
+# out("eval", ".inprogress", ...) - not an output, so Snakemake keeps them - and a rerun only asks
+# for the missing ones. eval_summary gathers every metrics.json into out("eval.json") and a table.
 
 
 rule prepare_benchmark:
     output:
         out("benchmarks", "{benchmark}", "test.jsonl"),
+    params:
+        source=lambda wildcards: config["eval"]["benchmark_files"].get(wildcards.benchmark),
     conda:
         "../envs/eval.yaml"
     log:
         out("logs", "prepare_benchmark_{benchmark}.log"),
-    shell:
-        not_implemented("benchmark download ({wildcards.benchmark})", 4)
+    benchmark:
+        out("benchmarks_time", "prepare_benchmark_{benchmark}.tsv")
+    script:
+        "../scripts/prepare_benchmark.py"
 
 
 ruleorder: demo_generations > prepare_benchmark
@@ -17,26 +27,39 @@ ruleorder: demo_generations > prepare_benchmark
 
 rule generate:
     input:
-        model=out("final_hf_model"),
+        model=lambda wildcards: local_inputs(eval_model_path(wildcards.model)),
+        tokenizer=lambda wildcards: local_inputs(eval_tokenizer(wildcards.model)),
         benchmark=out("benchmarks", "{benchmark}", "test.jsonl"),
     output:
-        out("eval", "{benchmark}", "output.jsonl"),
+        directory(out("eval", "{model}", "{benchmark}")),
+    params:
+        command=generate_command,
+    log:
+        # Written by generate.py (the paths are in its command line too, see generate_command).
+        generate=out("logs", "generate_{model}_{benchmark}.log"),
+        server=out("logs", "server_{model}_{benchmark}.log"),
+    benchmark:
+        out("benchmarks_time", "generate_{model}_{benchmark}.tsv")
     conda:
         "../envs/eval.yaml"
-    log:
-        out("logs", "generate_{benchmark}.log"),
     shell:
-        not_implemented("generation", 4)
+        "{params.command}"
 
 
 rule eval_summary:
     input:
-        [out("eval", b, "output.jsonl") for b in benchmark_names()],
+        [out("eval", m, b) for m in eval_models() for b in benchmark_names()],
     output:
-        out("eval.json"),
+        json=out("eval.json"),
+        markdown=out("eval.md"),
+    params:
+        benchmarks=config["eval"]["benchmarks"],
+        models={m: eval_model_path(m) for m in eval_models()},
     conda:
         "../envs/eval.yaml"
     log:
         out("logs", "eval_summary.log"),
-    shell:
-        not_implemented("evaluation summary", 4)
+    benchmark:
+        out("benchmarks_time", "eval_summary.tsv")
+    script:
+        "../scripts/summarize_eval.py"

@@ -140,3 +140,21 @@ rule convert_step:
         step=lambda wildcards: int(wildcards.step),
     script:
         "../scripts/convert_checkpoint.py"
+
+
+rule average_checkpoints:
+    input:
+        # Sorted: the last model (whose config and tokenizer files are copied) is the most trained.
+        models=[out("hf_models", f"step_{s}") for s in sorted(config["training"]["average_steps"] or [])],
+    output:
+        model=directory(out("averaged_hf_model")),
+    log:
+        out("logs", "average_checkpoints.log"),
+    benchmark:
+        out("benchmarks_time", "average_checkpoints.tsv")
+    conda:
+        "../envs/train.yaml"
+    params:
+        steps=sorted(config["training"]["average_steps"] or []),
+    script:
+        "../scripts/average_checkpoints.py"

@@ -102,6 +102,45 @@ def check_cross_keys(config: dict) -> None:
     from sftflow.train.config import check_training_keys  # imports torch-free code only
 
     check_training_keys(config)
+    check_eval_keys(config)
+
+
+def check_eval_keys(config: dict) -> None:
+    """eval.*: benchmarks that exist, models that the workflow can make, a server it can reach."""
+    from sftflow.evaluation.benchmarks import NORMALIZED_BENCHMARKS, parse_benchmarks_spec
+
+    e, t = config["eval"], config["training"]
+    names = [name for name, _ in parse_benchmarks_spec(e["benchmarks"], NORMALIZED_BENCHMARKS)]
+    if "demo" in names and not config["demo"]["enabled"]:
+        raise SftflowError(
+            "config key 'eval.benchmarks' lists 'demo', but 'demo.enabled' is false (the demo benchmark is "
+            "made by the demo): remove it or enable the demo"
+        )
+    for name in e["benchmark_files"]:
+        if name not in NORMALIZED_BENCHMARKS:
+            raise SftflowError(
+                f"config key 'eval.benchmark_files.{name}': unknown benchmark; known: {', '.join(NORMALIZED_BENCHMARKS)}"
+            )
+    models = e["models"] or []
+    if "averaged" in models and not t["average_steps"]:
+        raise SftflowError(
+            "config key 'eval.models' lists 'averaged', but 'training.average_steps' is null: "
+            "set the steps to average (e.g. [100, 200, 300]) or drop 'averaged'"
+        )
+    if "base" in models and config["model"]["base_model"] is None and not config["demo"]["enabled"]:
+        raise SftflowError("config key 'eval.models' lists 'base', but there is no base model (model.base_model)")
+    from sftflow.averaging import check_average_steps
+
+    if t["average_steps"]:
+        check_average_steps(t["average_steps"], t["save_period"], t["max_num_steps"], key="training.average_steps")
+    steps = [int(m.split("_", 1)[1]) for m in models if m.startswith("step_")]
+    if steps:
+        check_average_steps(steps, t["save_period"], t["max_num_steps"], key="eval.models")
+    if e["server_type"] == "openai" and not e["server_address"]:
+        raise SftflowError(
+            "config key 'eval.server_address' is null, but 'eval.server_type' is 'openai' (no server is started): "
+            "set the base URL of the running server, e.g. http://host:8000/v1"
+        )
 
 
 def check_prepare_keys(prep: dict, prefix: str = "") -> None:

@@ -18,8 +18,11 @@ in tests, so only its error path is tested.
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import re
+import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
@@ -47,6 +50,8 @@ __all__ = [
 # The config option through which a user points a benchmark at a local file instead of downloading
 # it; named in the download error so that an offline user knows the way out.
 LOCAL_PATH_OPTION = "eval.benchmark_files"
+
+log = logging.getLogger("sftflow.benchmarks")
 
 # Same characters as the workflow's {benchmark} wildcard (rules/common.smk), since names become paths.
 BENCHMARK_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -203,6 +208,10 @@ _NORMALIZERS: dict[str, Callable[[dict, str], dict[str, Any]]] = {
 }
 
 
+# Every benchmark the workflow can prepare (and therefore evaluate).
+NORMALIZED_BENCHMARKS = tuple(sorted(_NORMALIZERS))
+
+
 def normalize_row(name: str, row: dict, where: str = "<row>") -> dict[str, Any]:
     """One source row of benchmark `name` as a grading row; `where` (file:line) prefixes errors."""
     try:
@@ -294,3 +303,54 @@ def _raise_download_error(name: str, source: BenchmarkSource, reason: object, er
         f"could not download benchmark {name!r} from {source.location}: {reason}; "
         f"without network access, {_offline_hint(name)}"
     ) from err
+
+
+# --- entry points (scripts/prepare_benchmark.py) -----------------------------------------------
+
+
+def prepare_one(name: str, output_path: str | os.PathLike, source: str | None) -> int:
+    """Normalise benchmark `name` from the local `source` file, or from a fresh download when it is None."""
+    if source is not None:
+        log.info("benchmark %s: reading the local source %s (%s.%s)", name, source, LOCAL_PATH_OPTION, name)
+        count = prepare_benchmark(name, source, output_path)
+    else:
+        with tempfile.TemporaryDirectory(dir=Path(output_path).parent) as tmp:
+            raw = Path(tmp) / "source.jsonl"
+            log.info("benchmark %s: downloading %s", name, SOURCES[name].location if name in SOURCES else name)
+            download_benchmark(name, raw)
+            count = prepare_benchmark(name, raw, output_path)
+    expected = SOURCES[name].rows if name in SOURCES else None
+    log.info("benchmark %s: %d problems -> %s", name, count, output_path)
+    if expected is not None and count != expected:
+        log.warning("benchmark %s: %d problems, but its public test split has %d", name, count, expected)
+    return count
+
+
+def prepare_from_snakemake(smk) -> None:
+    from sftflow.logs import setup_logging
+
+    setup_logging(smk.log[0] if smk.log else None)
+    try:
+        prepare_one(smk.wildcards.benchmark, smk.output[0], smk.params.source)
+    except SftflowError as err:
+        log.error("%s", err)
+        raise SystemExit(f"error: {err}") from None
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from sftflow.logs import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python scripts/prepare_benchmark.py")
+    parser.add_argument("name", help=", ".join(sorted(_NORMALIZERS)))
+    parser.add_argument("output")
+    parser.add_argument("--source", help="local source JSONL (default: download it)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        prepare_one(args.name, args.output, args.source)
+    except SftflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -171,7 +171,7 @@ def _column_order(columns: list[str]) -> list[str]:
     return lead + passes + majorities + other + trail
 
 
-def metrics_table(results: Mapping[str, Mapping[str, Any]]):
+def metrics_table(results: Mapping[str, Mapping[str, Any]], index_name: str = "benchmark"):
     """A pandas DataFrame with one row per benchmark (index "benchmark") and one column per metric.
 
     Benchmarks with fewer seeds simply have no pass@8 etc. (NaN), so several benchmarks fit one table.
@@ -182,7 +182,7 @@ def metrics_table(results: Mapping[str, Mapping[str, Any]]):
     for metrics in results.values():
         columns.extend(c for c in metrics if c not in columns)
     frame = pd.DataFrame([{c: m.get(c) for c in columns} for m in results.values()], index=list(results))
-    frame.index.name = "benchmark"
+    frame.index.name = index_name
     return frame[_column_order(columns)]
 
 
@@ -197,14 +197,17 @@ def _cell(value: Any, digits: int) -> str:
 
 
 def metrics_markdown(
-    results: Mapping[str, Mapping[str, Any]], digits: int = 2, use_tabulate: bool | None = None
+    results: Mapping[str, Mapping[str, Any]],
+    digits: int = 2,
+    use_tabulate: bool | None = None,
+    index_name: str = "benchmark",
 ) -> str:
     """The metrics of several benchmarks as a Markdown table (rows: benchmarks).
 
     Uses `DataFrame.to_markdown` when `tabulate` is installed, else a renderer of our own with the
     same content; `use_tabulate` forces one or the other (tests use it).
     """
-    frame = metrics_table(results)
+    frame = metrics_table(results, index_name)
     if use_tabulate is None:
         try:
             import tabulate  # noqa: F401  (only checking that to_markdown can work)

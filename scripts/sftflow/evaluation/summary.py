@@ -1,0 +1,74 @@
+"""results/eval.json: every (model, benchmark) metrics.json of the generate jobs in one file, plus a table.
+
+eval.json layout: {"benchmarks": spec, "models": {label: path}, "results": {label: {benchmark:
+metrics}}, "details": {label: {benchmark: generation / grading counts}}}. The same numbers are
+printed as a pandas-rendered table (rows: model / benchmark) and saved as Markdown beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sftflow.errors import SftflowError
+from sftflow.evaluation.metrics import metrics_markdown
+from sftflow.io import atomic_path, write_json
+
+__all__ = ["summarize", "summarize_from_snakemake"]
+
+log = logging.getLogger("sftflow.eval_summary")
+
+
+def _load(directory: Path) -> dict[str, Any]:
+    path = directory / "metrics.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SftflowError(f"{path}: missing (the generate job for {directory} did not finish)") from None
+    except ValueError as err:
+        raise SftflowError(f"{path}: invalid JSON ({err})") from None
+    for key in ("model", "benchmark", "metrics"):
+        if key not in data:
+            raise SftflowError(f"{path}: no '{key}' key")
+    return data
+
+
+def summarize(
+    eval_dirs: Sequence[str | Path],
+    json_path: str | Path,
+    markdown_path: str | Path,
+    benchmarks: str,
+    models: Mapping[str, str],
+) -> dict[str, Any]:
+    results: dict[str, dict[str, Any]] = {}
+    details: dict[str, dict[str, Any]] = {}
+    for directory in map(Path, eval_dirs):
+        data = _load(directory)
+        results.setdefault(data["model"], {})[data["benchmark"]] = data["metrics"]
+        details.setdefault(data["model"], {})[data["benchmark"]] = {
+            k: data.get(k) for k in ("model_path", "seeds", "num_problems_in_benchmark", "generation", "grading")
+        }
+    summary = {"benchmarks": benchmarks, "models": dict(models), "results": results, "details": details}
+    rows = {f"{m} / {b}": metrics for m, per in results.items() for b, metrics in per.items()}
+    table = metrics_markdown(rows, index_name="model / benchmark")
+    write_json(json_path, summary)
+    with atomic_path(markdown_path) as tmp:
+        tmp.write_text(f"# Evaluation ({benchmarks})\n\n{table}\n", encoding="utf-8")
+    return {"summary": summary, "table": table}
+
+
+def summarize_from_snakemake(smk) -> None:
+    from sftflow.logs import setup_logging
+
+    setup_logging(smk.log[0] if smk.log else None)
+    try:
+        result = summarize(smk.input, smk.output.json, smk.output.markdown, smk.params.benchmarks, smk.params.models)
+    except SftflowError as err:
+        log.error("%s", err)
+        raise SystemExit(f"error: {err}") from None
+    log.info("results in %s:\n%s", smk.output.json, result["table"])
+    print(result["table"], file=sys.stdout, flush=True)

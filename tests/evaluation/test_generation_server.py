@@ -1,0 +1,186 @@
+"""The eval path against a real `transformers serve` process on localhost: no mock of client or server.
+
+A tiny random Llama model is served; generate.py starts the server, sends the requests, grades and
+writes NeMo-Skills-format outputs. One test kills the server mid-run and checks that the rerun sends
+only the missing requests (counted in the server's own access log) and that the outputs equal an
+uninterrupted run's (greedy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sftflow.evaluation.server import server_command
+from tests.conftest import REPO, read_jsonl, write_jsonl
+
+SETTINGS = {
+    "server_type": "transformers",
+    "server_address": None,
+    "server_model": None,
+    "api_key_env": None,
+    "endpoint": "completions",
+    "prompt_config": "generic/math",
+    "system_message": None,
+    "chat_template": None,
+    "chat_template_kwargs": {},
+    "max_new_tokens": 12,
+    "temperature": 0.7,
+    "top_p": 0.95,
+    "concurrency": 2,
+    "max_retries": 2,
+    "request_timeout": 60,
+    "server_start_timeout": 180,
+    "grading_timeout": 5,
+    "max_samples": None,
+}
+NUM_PROBLEMS = 24
+
+
+@pytest.fixture(scope="module")
+def tiny_model(demo_tokenizer_dir, tmp_path_factory) -> Path:
+    from sftflow.demo.model import build_model
+
+    path = tmp_path_factory.mktemp("serve") / "model"
+    build_model(
+        demo_tokenizer_dir,
+        path,
+        seed=0,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def benchmark_file(tmp_path_factory) -> Path:
+    rows = [{"problem": f"Compute {i} + {i + 3}.", "expected_answer": str(2 * i + 3)} for i in range(NUM_PROBLEMS)]
+    return write_jsonl(tmp_path_factory.mktemp("bench") / "test.jsonl", rows)
+
+
+def command(model: Path, bench: Path, root: Path, run: str, seeds: int = 0, **settings) -> list[str]:
+    cmd = [sys.executable, str(REPO / "scripts" / "generate.py"), "--model-label", "final", "--model", str(model)]
+    cmd += ["--benchmark", "demo", "--benchmark-file", str(bench), "--seeds", str(seeds)]
+    cmd += ["--output-dir", str(root / run / "out"), "--resume-dir", str(root / "resume")]
+    cmd += ["--server-log", str(root / run / "server.log"), "--log", str(root / run / "generate.log")]
+    cmd += ["--settings", json.dumps({**SETTINGS, **settings}), "--"]
+    return cmd + server_command("transformers", str(model), 0, python=sys.executable)
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def completions_served(server_log: Path) -> int:
+    return sum("POST /v1/completions" in line for line in server_log.read_text().splitlines())
+
+
+def server_pids(model: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # The server itself (generate.py's own argv holds the server command too, after '--').
+        if argv[1:4] == [b"-m", b"transformers.cli.transformers", b"serve"] and str(model).encode() in argv:
+            pids.append(int(proc.name))
+    return pids
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "generation_seconds"} for row in rows]
+
+
+@pytest.mark.slow
+def test_kill_server_mid_run_then_rerun_sends_only_missing(tiny_model, benchmark_file, tmp_path):
+    # Uninterrupted reference run.
+    ref = run(command(tiny_model, benchmark_file, tmp_path / "ref", "run"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    reference = read_jsonl(tmp_path / "ref" / "run" / "out" / "output.jsonl")
+    assert len(reference) == NUM_PROBLEMS
+    assert completions_served(tmp_path / "ref" / "run" / "server.log") == NUM_PROBLEMS
+    assert not (tmp_path / "ref" / "resume").exists()  # removed once everything is written
+    for i, row in enumerate(reference):
+        assert row["problem"] == f"Compute {i} + {i + 3}." and row["expected_answer"] == str(2 * i + 3)
+        assert isinstance(row["generation"], str) and row["num_generated_tokens"] <= SETTINGS["max_new_tokens"]
+        assert isinstance(row["symbolic_correct"], bool) and "predicted_answer" in row
+    metrics = json.loads((tmp_path / "ref" / "run" / "out" / "metrics.json").read_text())
+    assert metrics["metrics"]["num_entries"] == NUM_PROBLEMS and metrics["generation"]["to_send"] == NUM_PROBLEMS
+
+    # Interrupted run: kill -9 the server once some answers are on disk.
+    root = tmp_path / "crash"
+    async_file = root / "resume" / "output.jsonl-async"
+    proc = subprocess.Popen(
+        command(tiny_model, benchmark_file, root, "first"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if async_file.exists() and len(async_file.read_text().splitlines()) >= 6:
+            break
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    pids = server_pids(tiny_model)
+    assert pids, "server process not found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "inference server exited" in stderr, stderr[-3000:]
+    assert not (root / "first" / "out").exists()  # no partial output
+    answered = len(async_file.read_text().splitlines())
+    assert 6 <= answered < NUM_PROBLEMS
+    assert not server_pids(tiny_model)
+
+    # The rerun asks only for what is missing, and ends with the same rows as the uninterrupted run.
+    rerun = run(command(tiny_model, benchmark_file, root, "second"))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming: {answered} of {NUM_PROBLEMS} answers already on disk; sending {NUM_PROBLEMS - answered}" in (
+        rerun.stderr
+    )
+    assert completions_served(root / "second" / "server.log") == NUM_PROBLEMS - answered
+    assert without_timing(read_jsonl(root / "second" / "out" / "output.jsonl")) == without_timing(reference)
+    metrics = json.loads((root / "second" / "out" / "metrics.json").read_text())
+    assert metrics["generation"]["resumed"] == answered
+    assert not server_pids(tiny_model)
+
+
+@pytest.mark.slow
+def test_sampled_seeds_write_one_file_per_seed(tiny_model, benchmark_file, tmp_path):
+    result = run(command(tiny_model, benchmark_file, tmp_path, "run", seeds=2, max_samples=8, temperature=1.0))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "run" / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "output-rs0.jsonl", "output-rs1.jsonl"]
+    rs0, rs1 = read_jsonl(out / "output-rs0.jsonl"), read_jsonl(out / "output-rs1.jsonl")
+    assert len(rs0) == len(rs1) == 8
+    assert [r["generation"] for r in rs0] != [r["generation"] for r in rs1]  # different seeds sample differently
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["num_samples"] == 2 and "pass@2" in metrics and "majority@2" in metrics
+    assert "evaluating 8 of 24 problems" in result.stderr
+
+
+def test_server_that_cannot_start_is_reported_with_its_log(tiny_model, benchmark_file, tmp_path):
+    cmd = command(tiny_model, benchmark_file, tmp_path, "run")
+    cmd = cmd[: cmd.index("--") + 1] + [sys.executable, "-c", "import sys; print('bad flag --frobnicate'); sys.exit(3)"]
+    result = run(cmd)
+    assert result.returncode == 2
+    assert "did not start" in result.stderr and "exited with code 3" in result.stderr
+    assert "bad flag --frobnicate" in result.stderr
+    assert not (tmp_path / "run" / "out").exists()
