@@ -124,6 +124,12 @@ def test_demo_data_stage_runs_for_real(workdir):
     test_problems = {normalize_problem(b["problem"]) for b in bench}
     contamination = read_jsonl(results / "data" / "contamination.jsonl")
     assert sum(c["contaminated"] for c in contamination) == 6
+    # ... and the stats list them for audit: verbatim copies and copies differing in case/spacing/punctuation
+    matches = by_stage["remove_contaminated"]["matches"]
+    assert len(matches) == 6 and {m["benchmark"] for m in matches} == {"demo"}
+    assert {normalize_problem(m["matched_problem"]) for m in matches} <= test_problems
+    assert any(m["problem"] != m["matched_problem"] for m in matches)  # a re-cased / re-spaced copy
+    assert any(m["problem"] == m["matched_problem"] for m in matches)
     assert not any(
         normalize_problem(r["input"].split("\n\n", 1)[1].split("<|im_end|>")[0]) in test_problems for r in rows
     )

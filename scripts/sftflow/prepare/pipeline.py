@@ -74,9 +74,15 @@ def is_correct_judgement(judgement) -> bool | None:
     return found[-1].lower() == "yes" if found else None
 
 
-def load_contaminated(path: str, key: str) -> tuple[set[str], int]:
-    """Normalised problems marked contaminated in a NeMo-Skills style contamination file."""
+# How many contamination matches the stats list in full (the count is always complete).
+MAX_LISTED_MATCHES = 1000
+
+
+def load_contaminated(path: str, key: str) -> tuple[set[str], int, list[dict]]:
+    """Normalised problems marked contaminated in a NeMo-Skills style contamination file, the row count,
+    and the contaminated rows themselves (with benchmark / matched_problem / how when our rule wrote them)."""
     contaminated = set()
+    matches = []
     rows = 0
     for line, row in iter_jsonl(path):
         rows += 1
@@ -84,7 +90,13 @@ def load_contaminated(path: str, key: str) -> tuple[set[str], int]:
             raise SftflowError(f"{path}:{line}: contamination row has no string field '{key}'")
         if row.get("contaminated", True):
             contaminated.add(normalize_problem(row[key]))
-    return contaminated, rows
+            matches.append(
+                {
+                    "problem": row[key],
+                    **{k: row[k] for k in ("benchmark", "matched_problem", "how", "overlap") if k in row},
+                }
+            )
+    return contaminated, rows, matches
 
 
 class Preparer:
@@ -126,10 +138,14 @@ class Preparer:
                 {"stage": "remove_contaminated", "skipped": "no contamination_file set", "rows_in": 0, "dropped": 0}
             )
         elif on["remove_contaminated"]:
-            contaminated, rows = load_contaminated(cfg["contamination_file"], self.input_key)
+            contaminated, rows, matches = load_contaminated(cfg["contamination_file"], self.input_key)
             stage = add("remove_contaminated", F.remove_contaminated(self.input_key, contaminated), self.input_key)
+            # The matches themselves, so that a user can audit what decontamination removed (and why).
             stage.info.update(
-                contamination_file=str(cfg["contamination_file"]), contaminated_problems=len(contaminated)
+                contamination_file=str(cfg["contamination_file"]),
+                contaminated_problems=len(contaminated),
+                matches=matches[:MAX_LISTED_MATCHES],
+                matches_listed=min(len(matches), MAX_LISTED_MATCHES),
             )
         if on["remove_code_errors"]:
             add("remove_code_errors", F.drop_if_contains(key, F.CODE_ERROR_MARKERS))
@@ -525,5 +541,14 @@ def summary_lines(stats: dict) -> list[str]:
             continue
         extra = f", modified {st['modified']}" if st.get("modified") else ""
         lines.append(f"  {st['stage']}: {st['rows_in']} in, dropped {st['dropped']}{extra}")
+        for match in st.get("matches", [])[:10]:
+            how = (
+                f" ({match['how']} match with {match['benchmark']}: {match['matched_problem']!r})"
+                if "how" in match
+                else ""
+            )
+            lines.append(f"    contaminated: {match['problem']!r}{how}")
+        if len(st.get("matches", [])) > 10:
+            lines.append(f"    ... {len(st['matches']) - 10} more in the stats file")
     lines.append(f"wrote {stats['rows_written']} rows to {stats['output_path']}")
     return lines
