@@ -10,6 +10,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 from sftflow.config import validate_workflow_config  # noqa: E402
 
@@ -22,6 +25,7 @@ include: "rules/demo.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/eval.smk"
+include: "rules/report.smk"
 
 
 rule all:
