@@ -19,6 +19,12 @@ training:
   save_period: 5
   train_global_batch_size: 4
   train_micro_batch_size: 2
+eval:
+  models: [final, base]
+  server_gpus: 0
+  max_new_tokens: 24
+  max_samples: 8
+  concurrency: 2
 """
 
 
@@ -59,3 +65,22 @@ def test_demo_trains_chained_jobs_and_exports_then_continues(workdir):  # noqa: 
     assert steps == list(range(1, 17))  # steps 13..16 added, 1..12 not trained again
     job0 = json.loads((results / "checkpoints" / "job0.done").read_text())
     assert (job0["start_step"], job0["end_step"]) == (0, 6)
+
+    # Evaluation: both models served by a real `transformers serve`, graded, gathered in eval.json.
+    result = snakemake("--cores", "2", "results/eval.json", "--configfile", "more.yaml", cwd=workdir)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    summary = json.loads((results / "eval.json").read_text())
+    assert set(summary["results"]) == {"final", "base"}
+    for model in ("final", "base"):
+        scores = summary["results"][model]["demo"]
+        assert scores["num_entries"] == 8 and scores["num_samples"] == 1 and 0 <= scores["pass@1"] <= 100
+        rows = [
+            json.loads(line) for line in (results / "eval" / model / "demo" / "output.jsonl").read_text().splitlines()
+        ]
+        assert len(rows) == 8 and all({"generation", "predicted_answer", "symbolic_correct"} <= set(r) for r in rows)
+        assert all(r["num_generated_tokens"] <= 24 for r in rows)
+        assert "inference server healthy" in (results / "logs" / f"generate_{model}_demo.log").read_text()
+    assert summary["models"]["base"] == "results/demo/base_model"
+    assert "final / demo" in (results / "eval.md").read_text()
+    assert "final / demo" in result.stdout  # the table is printed
+    assert not (results / "eval" / ".inprogress" / "final" / "demo").exists()
