@@ -7,6 +7,7 @@ import shlex
 
 import pytest
 
+from tests.conftest import SHARED_DATA, read_jsonl
 from tests.workflow.test_workflow import snakemake, workdir  # noqa: F401  (fixture)
 
 
@@ -103,3 +104,31 @@ def test_bad_eval_config_fails_at_planning(workdir, config_text, message):  # no
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
     assert not (workdir / "results").exists()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "gsm8k" / "test.jsonl").exists(), reason="../shared/data absent")
+def test_benchmarks_prepared_from_local_files_and_decontaminated_against(workdir):  # noqa: F811
+    config = (
+        "eval:\n  benchmarks: 'gsm8k:4,math500,demo'\n"
+        f"  benchmark_files:\n    gsm8k: {SHARED_DATA / 'gsm8k' / 'test.jsonl'}\n"
+        f"    math500: {SHARED_DATA / 'math500' / 'test.jsonl'}\n"
+    )
+    (workdir / "c.yaml").write_text(config)
+    result = snakemake("--cores", "2", "results/data/contamination.jsonl", "--configfile", "c.yaml", cwd=workdir)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    gsm8k = read_jsonl(workdir / "results" / "benchmarks" / "gsm8k" / "test.jsonl")
+    math500 = read_jsonl(workdir / "results" / "benchmarks" / "math500" / "test.jsonl")
+    assert len(gsm8k) == 1319 and len(math500) == 500
+    assert gsm8k[0]["expected_answer"] == "18" and "<<" not in gsm8k[0]["reference_solution"]
+    assert all(row["problem"] and row["expected_answer"] for row in gsm8k + math500)
+    log = (workdir / "results" / "logs" / "decontaminate.log").read_text()
+    assert "'test_problems': 2019" in log  # 1319 + 500 + the demo's 200
+
+
+def test_a_benchmark_that_cannot_be_downloaded_fails_naming_the_local_option(workdir):  # noqa: F811
+    (workdir / "c.yaml").write_text("eval:\n  benchmarks: gsm8k\n")
+    result = snakemake("--cores", "1", "results/benchmarks/gsm8k/test.jsonl", "--configfile", "c.yaml", cwd=workdir)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "could not download benchmark 'gsm8k'" in text and "eval.benchmark_files.gsm8k" in text
+    assert not (workdir / "results" / "benchmarks" / "gsm8k" / "test.jsonl").exists()
