@@ -28,12 +28,19 @@ def not_implemented(stage, issue):
 
 
 def all_targets():
-    """Default targets - the eval summary, plus the conversion_step export when that key is set."""
-    targets = [out("eval.json")]
+    """Default targets - the eval summary, the report's plots and tables, and the conversion_step export if set."""
+    targets = [out("eval.json"), *report_assets()]
     step = config["training"]["conversion_step"]
     if step is not None:
         targets.append(out("hf_models", f"step_{step}"))
     return targets
+
+
+def report_assets():
+    """What `snakemake --report` shows (rules/report.smk); `all` builds them."""
+    names = ("data_funnel.png", "data_prep.html", "contamination.html", "packing.html", "training_curves.png")
+    names += ("throughput.png", "training_summary.html", "eval.html", "config.html", "config.yaml")
+    return [out("report", name) for name in names]
 
 
 def get_generations():

@@ -1,0 +1,185 @@
+"""Training curves (loss, learning rate, grad norm), tokens/s, and a per-run throughput summary from metrics.jsonl.
+
+The chained jobs append to one metrics.jsonl; each training process restarts `elapsed_seconds` at zero, so a
+fall in it marks where a new run (a job, or a job resumed after a crash) took over. Runs are drawn as dashed
+lines and summarised one row each.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+
+from sftflow.report.inputs import Metrics
+from sftflow.report.render import new_figure, save_png
+
+CURVES = (("loss", "training loss"), ("lr", "learning rate"), ("grad_norm", "grad norm (before clipping)"))
+CURVE_PANEL_INCHES = 2.8
+THROUGHPUT_INCHES = 4.5
+LAST_STEPS = 10  # "final loss" is the mean of this many last steps: single steps are noisy
+
+
+def curves_height(num_panels: int) -> float:
+    return 0.6 + CURVE_PANEL_INCHES * num_panels
+
+
+def run_numbers(train: pd.DataFrame) -> pd.Series:
+    """0, 1, ... per row: the training process that logged the step (a new one starts where elapsed_seconds falls)."""
+    if "elapsed_seconds" not in train:
+        return pd.Series(0, index=train.index)
+    return train["elapsed_seconds"].diff().lt(0).cumsum()
+
+
+def job_of_run(first_step: int, jobs: list[dict]) -> int | None:
+    """The job whose done-file covers `first_step`; None for a run whose work a later run redid or continued."""
+    for job in jobs:
+        if job["start_step"] < first_step <= job["end_step"]:
+            return job["job"]
+    return None
+
+
+def run_starts(train: pd.DataFrame, jobs: list[dict]) -> list[tuple[int, str]]:
+    """(first step, label) of each run after the first: where the curves get a dashed line."""
+    starts = []
+    for run, group in train.groupby(run_numbers(train), sort=True):
+        if run == 0:
+            continue
+        first = int(group["step"].iloc[0])
+        job = job_of_run(first, jobs)
+        starts.append((first, f"job {job}" if job is not None else f"run {run}"))
+    return starts
+
+
+def _mark_runs(ax: Axes, starts: list[tuple[int, str]], label: bool) -> None:
+    for step, name in starts:
+        ax.axvline(step - 0.5, color="#64748b", linestyle="--", linewidth=1)
+        if label:
+            ax.annotate(name, (step - 0.5, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", fontsize=8, color="#475569")  # fmt: skip
+
+
+def _smoothing_window(num_steps: int) -> int:
+    return max(5, num_steps // 40) if num_steps >= 20 else 1
+
+
+def _plot_series(ax: Axes, steps: pd.Series, values: pd.Series, color: str, smooth: bool = True) -> None:
+    """The per-step values, and over them a centred moving average when there are enough steps to be noisy."""
+    window = _smoothing_window(len(values)) if smooth else 1
+    if window == 1:
+        ax.plot(steps, values, color=color, linewidth=1.5, label="per step")
+        return
+    ax.plot(steps, values, color=color, linewidth=0.7, alpha=0.35, label="per step")
+    mean = values.rolling(window, center=True, min_periods=1).mean()
+    ax.plot(steps, mean, color=color, linewidth=1.8, label=f"mean of {window} steps")
+
+
+def plot_training_curves(metrics: Metrics, jobs: list[dict], path: str | os.PathLike) -> None:
+    train = metrics.train
+    panels = [(key, title) for key, title in CURVES if key in train and train[key].notna().any()]
+    fig, axes = new_figure(curves_height(len(panels)), nrows=len(panels), sharex=True)
+    starts = run_starts(train, jobs)
+    for i, (ax, (key, title)) in enumerate(zip(axes, panels)):
+        values = train[key].astype(float)
+        _plot_series(ax, train["step"], values, "#2563eb", smooth=key != "lr")  # the schedule is not noisy
+        if key == "loss" and "val_loss" in metrics.validation:
+            val = metrics.validation
+            ax.plot(val["step"], val["val_loss"], "o-", color="#dc2626", markersize=4, label="validation loss")
+        if key == "grad_norm" and (values > 0).all() and values.max() / values.min() > 50:
+            ax.set_yscale("log")
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        _mark_runs(ax, starts, label=i == 0)
+        if key == "loss":
+            ax.legend(loc="upper right", fontsize=8)
+    axes[0].set_title(f"Training: steps {int(train['step'].iloc[0])}–{int(train['step'].iloc[-1])}")
+    axes[-1].set_xlabel("optimizer step")
+    save_png(fig, path)
+
+
+def plot_throughput(metrics: Metrics, jobs: list[dict], path: str | os.PathLike) -> None:
+    train = metrics.train
+    fig, (ax,) = new_figure(THROUGHPUT_INCHES)
+    if "tokens_per_second" in train and train["tokens_per_second"].notna().any():
+        tps = train["tokens_per_second"].astype(float)
+        _plot_series(ax, train["step"], tps, "#0f766e")
+        median = float(tps.median())
+        ax.axhline(median, color="#f59e0b", linestyle=":", linewidth=1.5, label=f"median {median:,.0f} tokens/s")
+        ax.set_ylim(bottom=0)
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "tokens_per_second was not logged", ha="center", va="center", transform=ax.transAxes)
+    _mark_runs(ax, run_starts(train, jobs), label=True)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("tokens / second (all ranks)")
+    ax.set_title("Training throughput")
+    ax.grid(alpha=0.3)
+    save_png(fig, path)
+
+
+def format_duration(seconds: float | None) -> str | None:
+    if seconds is None or np.isnan(seconds):
+        return None
+    h, rem = divmod(int(round(seconds)), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def _run_summary(group: pd.DataFrame) -> dict:
+    has = {key: key in group and group[key].notna().any() for key in ("step_seconds", "tokens_per_second")}
+    seconds = float(group["step_seconds"].sum()) if has["step_seconds"] else None
+    tokens = None
+    if has["step_seconds"] and has["tokens_per_second"]:
+        tokens = float((group["tokens_per_second"] * group["step_seconds"]).sum())
+    return {
+        "steps": len(group),
+        "step range": f"{int(group['step'].iloc[0])}–{int(group['step'].iloc[-1])}",
+        "training time (h:mm:ss)": format_duration(seconds),
+        "tokens": round(tokens) if tokens is not None else None,
+        "tokens/s (tokens ÷ time)": tokens / seconds if tokens is not None and seconds else None,
+        "median tokens/s of a step": float(group["tokens_per_second"].median()) if has["tokens_per_second"] else None,
+        "loss tokens": int(group["loss_tokens"].sum()) if "loss_tokens" in group else None,
+        "median MFU": float(group["mfu"].median()) if "mfu" in group and group["mfu"].notna().any() else None,
+    }
+
+
+def throughput_frame(train: pd.DataFrame, jobs: list[dict]) -> pd.DataFrame:
+    """One row per training run (job, or resumed job) and a total row; columns nothing was logged for are left out."""
+    rows = []
+    for run, group in train.groupby(run_numbers(train), sort=True):
+        job = job_of_run(int(group["step"].iloc[0]), jobs)
+        rows.append({"run": str(run), "job": job, **_run_summary(group)})
+    if len(rows) > 1:
+        rows.append({"run": "all", "job": None, **_run_summary(train)})
+    frame = pd.DataFrame(rows)
+    keep = [col for col in frame.columns if col in ("run", "job", "steps") or frame[col].notna().any()]
+    return frame[keep]
+
+
+def final_values_frame(metrics: Metrics) -> pd.DataFrame:
+    train, val = metrics.train, metrics.validation
+    last = train.tail(LAST_STEPS)
+    rows = [
+        ("last step", int(train["step"].iloc[-1])),
+        ("training loss at the first step", float(train["loss"].iloc[0])),
+        (f"training loss, mean of the last {len(last)} steps", float(last["loss"].mean())),
+    ]
+    if "val_loss" in val:
+        best = val.loc[val["val_loss"].idxmin()]
+        rows += [
+            (f"validation loss at step {int(val['step'].iloc[-1])} (last)", float(val["val_loss"].iloc[-1])),
+            (f"validation loss at step {int(best['step'])} (lowest)", float(best["val_loss"])),
+        ]
+    if "grad_norm" in train:
+        rows.append((f"grad norm, mean of the last {len(last)} steps", float(last["grad_norm"].mean())))
+        peak = train.loc[train["grad_norm"].idxmax()]
+        rows.append((f"grad norm at step {int(peak['step'])} (highest)", float(peak["grad_norm"])))
+    if "lr" in train:
+        rows.append(("learning rate at the last step", float(train["lr"].iloc[-1])))
+    if "epoch" in train:
+        rows.append(("epoch at the last step", int(train["epoch"].iloc[-1])))
+    return pd.DataFrame(rows, columns=["quantity", "value"])

@@ -1,0 +1,205 @@
+"""Small synthetic run outputs in the workflow's layout (same keys as the real files), and a PNG size reader."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from sftflow.report.cli import ReportInputs
+from tests.conftest import write_jsonl
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG, after checking its signature and header chunk; AssertionError if not a PNG."""
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR", f"{path}: no IHDR chunk"
+    assert data[-8:-4] == b"IEND", f"{path}: truncated PNG (no IEND chunk)"
+    return struct.unpack(">II", data[16:24])
+
+
+def sft_stats() -> dict:
+    """A funnel that accounts for all 100 rows read: 4 invalid, 16 by selection, 45 by stages, 35 written."""
+    return {
+        "input_files": [
+            {"path": "gen/output-rs0.jsonl", "rows": 50, "skipped_first": 0, "invalid": 4},
+            {"path": "gen/output-rs1.jsonl", "rows": 50, "skipped_first": 0, "invalid": 0},
+        ],
+        "invalid_rows": {"count": 4, "examples": [{"file": "gen/output-rs0.jsonl", "line": 3, "reason": "bad"}]},
+        "selection": {
+            "correct_seen": 80,
+            "correct_kept": 80,
+            "incorrect_seen": 12,
+            "incorrect_kept": 0,
+            "unlabeled_seen": 4,
+            "unlabeled_kept": 0,
+        },
+        "rows_written": 35,
+        "rows_read": 100,
+        "skipped_first": 0,
+        "funnel": [
+            {"stage": "drop_multi_boxed", "rows_in": 80, "dropped": 7, "modified": 0},
+            {
+                "stage": "remove_contaminated",
+                "rows_in": 73,
+                "dropped": 5,
+                "modified": 0,
+                "contamination_file": "results/data/contamination.jsonl",
+                "contaminated_problems": 3,
+            },
+            {"stage": "trim_solutions", "rows_in": 68, "dropped": 0, "modified": 11},
+            {
+                "stage": "remove_len_outlier_solutions",
+                "field": "generation",
+                "min": 0,
+                "max": 200,
+                "rows_in": 68,
+                "dropped_too_short": 0,
+                "dropped_too_long": 9,
+                "dropped": 9,
+            },
+            {"stage": "deduplicate", "rows_in": 59, "dropped": 24},
+        ],
+        "dropped_by_selection": 16,
+        "output_path": "results/data/sft.jsonl",
+        "formatting": {"mode": "chat_template", "output_format": "input_output", "prompt_config": "generic/math"},
+        "seconds": 0.5,
+    }
+
+
+def packing_stats() -> dict:
+    return {
+        "source": "results/data/sft.jsonl",
+        "packing": True,
+        "algorithm": "best_fit_decreasing",
+        "max_total_sequence_length": 512,
+        "rows_read": 35,
+        "sequences_kept": 35,
+        "overlong": {"count": 2, "action": "truncate", "tokens_truncated": 40, "tokens_dropped": 0},
+        "bins": 12,
+        "total_tokens": 5000,
+        "loss_tokens": 2000,
+        "fill_ratio": 0.813802,
+        "lower_bound_bins": 10,
+        "seconds": {"tokenize": 0.1, "total": 0.2},
+    }
+
+
+CONTAMINATION = [
+    {"problem": "What is 2 + 2?", "contaminated": False},
+    {
+        "problem": "Compute 3 + 4.",
+        "contaminated": True,
+        "benchmark": "demo",
+        "matched_problem": "Compute 3 + 4.",
+        "overlap": 1.0,
+        "how": "exact",
+    },
+    {
+        "problem": "Compute 9 - 4.",
+        "contaminated": True,
+        "benchmark": "demo",
+        "matched_problem": "Compute 9 + 4.",
+        "overlap": 1.0,
+        "how": "exact",
+    },
+    {
+        "problem": "A train leaves at noon and travels 60 miles",
+        "contaminated": True,
+        "benchmark": "gsm8k",
+        "matched_problem": "A train leaves at noon and travels 80 miles",
+        "overlap": 0.75,
+        "how": "5-gram",
+    },
+    {"problem": "What is 5 * 5?", "contaminated": False},
+]
+
+
+def metrics_rows(steps_per_job: int = 15, jobs: int = 2, validate_every: int = 5) -> list[dict]:
+    """Two chained jobs: elapsed_seconds restarts with each; tokens/s is 1000 in job 0 and 2000 in job 1."""
+    rows = []
+    for job in range(jobs):
+        for i in range(steps_per_job):
+            step = job * steps_per_job + i + 1
+            rows.append(
+                {
+                    "step": step,
+                    "loss": 3.0 - 0.05 * step,
+                    "grad_norm": 1.0 + (step % 3),
+                    "lr": 1e-3 * min(1.0, step / 5),
+                    "tokens_per_second": 1000.0 * (job + 1),
+                    "loss_tokens": 100,
+                    "epoch": 0,
+                    "step_seconds": 0.5,
+                    "elapsed_seconds": 0.5 * (i + 1),
+                }
+            )
+            if step % validate_every == 0:
+                rows.append({"step": step, "val_loss": 4.0 - 0.1 * step, "val_loss_tokens": 50})
+    return rows
+
+
+def job_records(steps_per_job: int = 15, jobs: int = 2) -> list[dict]:
+    """The job{i}.done contents as read_job_records returns them (it adds "job", the index in the file name)."""
+    return [
+        {
+            "job": j,
+            "job_index": j,
+            "num_jobs": jobs,
+            "start_step": j * steps_per_job,
+            "end_step": (j + 1) * steps_per_job,
+        }
+        for j in range(jobs)
+    ]
+
+
+def eval_summary() -> dict:
+    return {
+        "benchmarks": "demo:4,gsm8k",
+        "models": {"final": "results/final_hf_model"},
+        "results": {
+            "final": {
+                "demo": {
+                    "num_entries": 200,
+                    "pass@1": 62.5,
+                    "pass@1_stderr": 1.25,
+                    "majority@4": 70.0,
+                    "pass@4": 81.25,
+                    "no_answer": 2.5,
+                    "avg_tokens": 48.3,
+                    "gen_seconds": 12.7,
+                },
+                "gsm8k": {"num_entries": 1319, "pass@1": 3.1, "pass@1_stderr": None, "no_answer": 40.0},
+            }
+        },
+        "details": {"final": {"demo": {"seeds": 4, "generation": {"requests": 800, "retries": 3}}}},
+    }
+
+
+def write_results(root: Path) -> ReportInputs:
+    """Every file make_report reads, under `root` as under the workflow's output_dir."""
+    (root / "data" / "packed").mkdir(parents=True)
+    (root / "data" / "sft.stats.json").write_text(json.dumps(sft_stats()))
+    (root / "data" / "packed" / "stats.json").write_text(json.dumps(packing_stats()))
+    write_jsonl(root / "data" / "contamination.jsonl", CONTAMINATION)
+    write_jsonl(root / "checkpoints" / "metrics" / "metrics.jsonl", metrics_rows())
+    for record in job_records():
+        (root / "checkpoints" / f"job{record['job_index']}.done").write_text(json.dumps(record))
+    (root / "eval.json").write_text(json.dumps(eval_summary()))
+    return ReportInputs.from_output_dir(root, root / "data" / "contamination.jsonl")
+
+
+@pytest.fixture
+def results_dir(tmp_path) -> Path:
+    write_results(tmp_path / "results")
+    return tmp_path / "results"
+
+
+@pytest.fixture
+def report_inputs(results_dir) -> ReportInputs:
+    return ReportInputs.from_output_dir(results_dir, results_dir / "data" / "contamination.jsonl")

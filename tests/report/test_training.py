@@ -1,0 +1,78 @@
+"""Training curves, throughput plot and per-run summary from metrics.jsonl rows of chained jobs."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from sftflow.report import training
+from sftflow.report.inputs import read_metrics
+from sftflow.report.render import DPI, WIDTH_INCHES
+from tests.conftest import write_jsonl
+from tests.report.conftest import job_records, metrics_rows, png_size
+
+
+@pytest.fixture
+def metrics(tmp_path):
+    return read_metrics(write_jsonl(tmp_path / "metrics.jsonl", metrics_rows()))
+
+
+def test_metrics_split_into_training_steps_and_validation_evaluations(metrics):
+    assert metrics.train["step"].tolist() == list(range(1, 31))
+    assert metrics.validation["step"].tolist() == [5, 10, 15, 20, 25, 30]
+    assert metrics.validation["val_loss"].iloc[-1] == pytest.approx(1.0)
+
+
+def test_a_step_logged_twice_keeps_its_latest_value(tmp_path):
+    rows = metrics_rows(steps_per_job=3, jobs=1)
+    rows.append({**rows[-1], "loss": 0.123})  # e.g. a step redone after a crash
+    metrics = read_metrics(write_jsonl(tmp_path / "m.jsonl", rows))
+    assert metrics.train["step"].tolist() == [1, 2, 3] and metrics.train["loss"].iloc[-1] == 0.123
+
+
+def test_each_chained_job_is_one_run_matched_to_its_done_file(metrics):
+    runs = training.run_numbers(metrics.train)
+    assert runs.tolist() == [0] * 15 + [1] * 15
+    assert training.run_starts(metrics.train, job_records()) == [(16, "job 1")]
+    assert training.run_starts(metrics.train, []) == [(16, "run 1")]  # no done-file covers it
+
+
+def test_throughput_table_has_one_row_per_run_and_a_total(metrics):
+    frame = training.throughput_frame(metrics.train, job_records()).set_index("run")
+    assert frame.loc["0", "job"] == 0 and frame.loc["1", "job"] == 1 and pd.isna(frame.loc["all", "job"])
+    assert frame.loc["0", "step range"] == "1–15" and frame.loc["1", "steps"] == 15
+    assert frame.loc["0", "tokens"] == 15 * 0.5 * 1000 and frame.loc["1", "tokens"] == 15 * 0.5 * 2000
+    assert frame.loc["all", "tokens/s (tokens ÷ time)"] == pytest.approx((7500 + 15000) / 15)
+    assert frame.loc["1", "median tokens/s of a step"] == 2000
+    assert frame.loc["all", "training time (h:mm:ss)"] == "0:00:15"
+    assert frame.loc["all", "loss tokens"] == 3000
+    assert "median MFU" not in frame  # not logged on CPU: no empty column
+
+
+def test_final_values_average_the_last_steps_and_find_the_best_validation(metrics):
+    frame = training.final_values_frame(metrics)
+    values = dict(zip(frame["quantity"], frame["value"]))
+    assert values["last step"] == 30
+    assert values["training loss, mean of the last 10 steps"] == pytest.approx(3.0 - 0.05 * 25.5)
+    assert values["validation loss at step 30 (lowest)"] == pytest.approx(1.0)
+    assert values["learning rate at the last step"] == pytest.approx(1e-3)
+
+
+def test_training_curves_png_has_a_panel_per_logged_curve(tmp_path, metrics):
+    path = tmp_path / "curves.png"
+    training.plot_training_curves(metrics, job_records(), path)
+    assert png_size(path) == (WIDTH_INCHES * DPI, round(training.curves_height(3) * DPI))
+
+
+def test_training_curves_without_lr_and_grad_norm_show_the_loss_alone(tmp_path):
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 6)]
+    metrics = read_metrics(write_jsonl(tmp_path / "m.jsonl", rows))
+    training.plot_training_curves(metrics, [], tmp_path / "curves.png")
+    assert png_size(tmp_path / "curves.png") == (WIDTH_INCHES * DPI, round(training.curves_height(1) * DPI))
+    frame = training.throughput_frame(metrics.train, [])
+    assert list(frame.columns) == ["run", "job", "steps", "step range"]
+
+
+def test_throughput_png(tmp_path, metrics):
+    training.plot_throughput(metrics, job_records(), tmp_path / "tps.png")
+    assert png_size(tmp_path / "tps.png") == (WIDTH_INCHES * DPI, round(training.THROUGHPUT_INCHES * DPI))
