@@ -3,7 +3,7 @@
 VENV := .venv
 STAMP := $(VENV)/.installed
 CORES ?= 2
-DEMO_TARGET ?= results/final_hf_model
+DEMO_TARGET ?= all
 
 .PHONY: demo test lint install
 
@@ -17,6 +17,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/snakemake --cores $(CORES) $(DEMO_TARGET)
+	$(VENV)/bin/snakemake --cores 1 --report results/report.html
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
