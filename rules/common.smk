@@ -109,25 +109,12 @@ def python_exe():
     return sys.executable
 
 
-def eval_settings():
-    """The eval.* keys generate.py reads, with the training-side prompt settings filled in."""
-    e, prep = config["eval"], config["prepare_data"]
-    return {
-        **{k: e[k] for k in ("server_type", "server_address", "server_model", "api_key_env", "endpoint")},
-        **{k: e[k] for k in ("max_new_tokens", "temperature", "top_p", "concurrency", "max_retries")},
-        **{k: e[k] for k in ("request_timeout", "server_start_timeout", "grading_timeout", "max_samples")},
-        "prompt_config": e["prompt_config"] or prep["prompt_config"],
-        "system_message": prep["system_message"],
-        "chat_template_kwargs": prep["chat_template_kwargs"],
-        "chat_template": config["model"]["chat_template"],
-    }
-
-
 def generate_command(wildcards, input, output):
     """The generate rule's command line: scripts/generate.py, then '--' and the server command, all quoted."""
     import json
     import shlex
 
+    from sftflow.evaluation.run import settings_from_config
     from sftflow.evaluation.server import server_command
 
     e = config["eval"]
@@ -139,7 +126,7 @@ def generate_command(wildcards, input, output):
     args += ["--seeds", str(benchmark_seeds()[wildcards.benchmark]), "--output-dir", output[0]]
     args += ["--resume-dir", out("eval", ".inprogress", wildcards.model, wildcards.benchmark)]
     logs = {kind: out("logs", f"{kind}_{wildcards.model}_{wildcards.benchmark}.log") for kind in ("generate", "server")}
-    args += ["--server-log", logs["server"], "--log", logs["generate"], "--settings", json.dumps(eval_settings())]
+    args += ["--server-log", logs["server"], "--log", logs["generate"], "--settings", json.dumps(settings_from_config(config))]
     server = server_command(e["server_type"], model, e["server_gpus"], e["server_args"], python=python_exe())
     return shlex.join(args + ["--", *server])
 

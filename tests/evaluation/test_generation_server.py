@@ -18,29 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from sftflow.evaluation.run import default_settings
 from sftflow.evaluation.server import server_command
 from tests.conftest import REPO, read_jsonl, write_jsonl
 
-SETTINGS = {
-    "server_type": "transformers",
-    "server_address": None,
-    "server_model": None,
-    "api_key_env": None,
-    "endpoint": "completions",
-    "prompt_config": "generic/math",
-    "system_message": None,
-    "chat_template": None,
-    "chat_template_kwargs": {},
-    "max_new_tokens": 12,
-    "temperature": 0.7,
-    "top_p": 0.95,
-    "concurrency": 2,
-    "max_retries": 2,
-    "request_timeout": 60,
-    "server_start_timeout": 180,
-    "grading_timeout": 5,
-    "max_samples": None,
-}
+SETTINGS = default_settings(max_new_tokens=12, concurrency=2, max_retries=2, request_timeout=60)
+SETTINGS.update(server_start_timeout=180, grading_timeout=5)
 NUM_PROBLEMS = 24
 
 

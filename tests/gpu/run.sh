@@ -3,7 +3,9 @@
 #
 #   1. benchmarks/train_bench_gpu.py - our trainer on a ~0.8B random Llama, bf16, 4096-token packed rows:
 #      tokens/s and MFU (-> train_bench_gpu.json, train_bench_gpu.train.log, train_bench_gpu.log);
-#   2. pytest -m gpu tests/gpu, when tests/gpu has test files (-> pytest_gpu.log, pytest_gpu.xml).
+#   2. pytest -m gpu tests/gpu, when tests/gpu has test files (-> pytest_gpu.log, pytest_gpu.xml);
+#   3. benchmarks/eval_servers_check.py - the eval path through each inference server installed here
+#      (transformers serve always; vllm, sglang, trtllm-serve when present) -> eval_servers.json.
 #
 # Results go to $OUT when it is set, else results/gpu_checks/. Python: $PYTHON, else .venv/bin/python when it
 # exists, else python3. Extra arguments are passed to the benchmark (e.g. --steps 10 --nproc 8).
@@ -49,6 +51,12 @@ if (( ${#tests[@]} )); then
     fi
 else
     echo "no tests/gpu/test_*.py: skipping pytest -m gpu"
+fi
+
+echo "== eval servers =="
+if ! "$PY" benchmarks/eval_servers_check.py --out "$RESULTS/eval_servers.json" --gpus 1 2>&1 | tee "$RESULTS/eval_servers.log"; then
+    echo "eval_servers_check FAILED (see $RESULTS/eval_servers.log)" >&2
+    failed=1
 fi
 
 echo "results in $RESULTS"

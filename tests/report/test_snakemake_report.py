@@ -19,6 +19,7 @@ from sftflow.report.render import format_value
 from tests.conftest import read_jsonl
 from tests.report.chromium import CHROMIUM, Chromium
 from tests.report.conftest import png_size
+from tests.workflow.test_demo_training import SMALL_TRAINING
 from tests.workflow.test_workflow import REPO, WORKFLOW_PARTS, snakemake
 
 pytestmark = [
@@ -28,17 +29,9 @@ pytestmark = [
     ),
 ]
 
-SMALL = """
-demo:
-  num_train_problems: 300
-  num_test_problems: 20
-  num_seeds: 2
-training:
-  num_training_jobs: 2
-  max_num_steps: 12
-  save_period: 5
-  train_global_batch_size: 4
-  train_micro_batch_size: 2
+SMALL = (
+    SMALL_TRAINING
+    + """
 eval:
   benchmarks: "demo:2"
   models: [final, base]
@@ -47,6 +40,7 @@ eval:
   max_samples: 6
   concurrency: 2
 """
+)
 REPORT_TARGET = "results/report/data_funnel.png"  # any output of report_assets brings in all of them
 
 # (category, label in the menu, file, what the eye button shows)

@@ -8,7 +8,8 @@ import pytest
 
 from tests.workflow.test_workflow import snakemake, workdir  # noqa: F401  (fixture)
 
-SMALL = """
+# The small demo both this test and tests/report train: 2 chained jobs of 6 steps each.
+SMALL_TRAINING = """
 demo:
   num_train_problems: 300
   num_test_problems: 20
@@ -19,6 +20,10 @@ training:
   save_period: 5
   train_global_batch_size: 4
   train_micro_batch_size: 2
+"""
+SMALL = (
+    SMALL_TRAINING
+    + """
 eval:
   models: [final, base]
   server_gpus: 0
@@ -26,6 +31,7 @@ eval:
   max_samples: 8
   concurrency: 2
 """
+)
 
 
 def metrics(root):

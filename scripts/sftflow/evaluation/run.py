@@ -58,6 +58,31 @@ SETTING_KEYS = (
 )
 
 
+# The eval.* keys passed through unchanged; the prompt keys come from prepare_data / model (as in training).
+_PROMPT_KEYS = ("prompt_config", "system_message", "chat_template_kwargs", "chat_template")
+_DIRECT_KEYS = tuple(k for k in SETTING_KEYS if k not in _PROMPT_KEYS)
+
+
+def settings_from_config(config: dict) -> dict[str, Any]:
+    """The --settings of generate.py from a workflow config (defaults filled): eval.*, plus the training
+    prompt settings (prepare_data.prompt_config unless eval.prompt_config, system message, template)."""
+    e, prep = config["eval"], config["prepare_data"]
+    return {
+        **{k: e[k] for k in _DIRECT_KEYS},
+        "prompt_config": e["prompt_config"] or prep["prompt_config"],
+        "system_message": prep["system_message"],
+        "chat_template_kwargs": prep["chat_template_kwargs"],
+        "chat_template": config["model"]["chat_template"],
+    }
+
+
+def default_settings(**overrides: Any) -> dict[str, Any]:
+    """settings_from_config of the schema's defaults, with `overrides` (for tests and benchmarks)."""
+    from sftflow.config import load_schema, validate
+
+    return {**settings_from_config(validate({}, load_schema())), **overrides}
+
+
 def _prompts(rows: list[dict], settings: dict, tokenizer_path: str, where: str) -> list[str | list[dict]]:
     from sftflow.prepare.formatting import Formatter, load_tokenizer
     from sftflow.prepare.prompts import load_prompt_config

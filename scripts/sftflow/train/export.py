@@ -81,8 +81,9 @@ def resolve_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None) -> P
             return info.path
     saved = ", ".join(str(i.step) for i in found)
     raise SftflowError(
-        f"config key 'training.conversion_step': step {step} was never saved (checkpoints are written every "
-        f"training.save_period steps and at the end of each job; saved steps: {saved})"
+        f"step {step} was never saved in {checkpoint_dir} (asked for by training.conversion_step, "
+        f"training.average_steps or eval.models; checkpoints are written every training.save_period steps and "
+        f"at the end of each job; saved steps: {saved})"
     )
 
 
