@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.workflow.test_workflow import snakemake, workdir  # noqa: F401  (fixture)
 
@@ -90,3 +91,23 @@ def test_demo_trains_chained_jobs_and_exports_then_continues(workdir):  # noqa: 
     assert "final / demo" in (results / "eval.md").read_text()
     assert "final / demo" in result.stdout  # the table is printed
     assert not (results / "eval" / ".inprogress" / "final" / "demo").exists()
+
+    # Averaging saved steps: exported step by step, then averaged tensor by tensor.
+    (workdir / "avg.yaml").write_text(
+        SMALL.replace("  save_period: 5\n", "  save_period: 5\n  average_steps: [10, 5]\n")
+    )
+    result = snakemake("--cores", "2", "results/averaged_hf_model", "--configfile", "avg.yaml", cwd=workdir)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    record = json.loads((results / "averaged_hf_model" / "sftflow_average.json").read_text())
+    assert record["steps"] == [5, 10]
+    from safetensors.torch import load_file
+
+    def weights(model_dir):
+        (file,) = sorted((results / model_dir).glob("*.safetensors"))
+        return load_file(file)
+
+    step5, step10, averaged = weights("hf_models/step_5"), weights("hf_models/step_10"), weights("averaged_hf_model")
+    assert averaged.keys() == step5.keys()
+    for name, tensor in averaged.items():
+        assert torch.allclose(tensor, (step5[name] + step10[name]) / 2, atol=1e-6), name
+    assert any(not torch.equal(step5[name], step10[name]) for name in step5)  # the steps do differ
