@@ -167,3 +167,41 @@ def test_server_that_cannot_start_is_reported_with_its_log(tiny_model, benchmark
     assert "did not start" in result.stderr and "exited with code 3" in result.stderr
     assert "bad flag --frobnicate" in result.stderr
     assert not (tmp_path / "run" / "out").exists()
+
+
+@pytest.mark.slow
+def test_chat_endpoint_gives_the_same_answers_as_rendered_completions(tiny_model, benchmark_file, tmp_path):
+    # The server applies the model's chat template to the messages; we render the same template ourselves.
+    runs = {}
+    for endpoint in ("completions", "chat"):
+        result = run(command(tiny_model, benchmark_file, tmp_path / endpoint, "run", endpoint=endpoint, max_samples=6))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[endpoint] = without_timing(read_jsonl(tmp_path / endpoint / "run" / "out" / "output.jsonl"))
+    assert len(runs["chat"]) == 6 and runs["chat"] == runs["completions"]
+
+
+@pytest.mark.slow
+def test_openai_server_type_uses_a_running_server_and_starts_none(tiny_model, benchmark_file, tmp_path, monkeypatch):
+    from sftflow.evaluation.server import InferenceServer
+
+    reference = run(command(tiny_model, benchmark_file, tmp_path / "ref", "run", max_samples=5))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    cmd = server_command("transformers", str(tiny_model), 0, python=sys.executable)
+    with InferenceServer(cmd, tmp_path / "user_server.log", start_timeout=180) as server:
+        cmd = command(tiny_model, benchmark_file, tmp_path / "openai", "run", max_samples=5, server_type="openai")
+        cmd = cmd[: cmd.index("--")]  # no server command
+        settings = json.loads(cmd[cmd.index("--settings") + 1])
+        settings.update(server_address=server.base_url, server_model=str(tiny_model), api_key_env="SFTFLOW_TEST_KEY")
+        cmd[cmd.index("--settings") + 1] = json.dumps(settings)
+        monkeypatch.setenv("SFTFLOW_TEST_KEY", "sk-test-secret-123")
+        result = run(cmd)
+        assert server.alive()  # ours, untouched
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "starting the inference server" not in result.stderr
+    root = tmp_path / "openai" / "run"
+    assert without_timing(read_jsonl(root / "out" / "output.jsonl")) == without_timing(
+        read_jsonl(tmp_path / "ref" / "run" / "out" / "output.jsonl")
+    )
+    for path in (root / "generate.log", root / "out" / "metrics.json"):
+        assert "sk-test-secret-123" not in path.read_text()
+    assert "no server started" in (root / "server.log").read_text()

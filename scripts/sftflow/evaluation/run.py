@@ -155,6 +155,8 @@ def evaluate(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, An
         server = None
         context = contextlib.nullcontext()
         base_url = settings["server_address"]
+        Path(args.server_log).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.server_log).write_text(f"server_type openai: no server started; requests go to {base_url}\n")
     else:
         if not args.server_command:
             raise SftflowError("no server command after '--' (the generate rule supplies it)")
