@@ -141,3 +141,77 @@ def get_contamination():
     if not prep["filters"]["remove_contaminated"]:
         return []
     return prep["contamination_file"] or out("data", "contamination.jsonl")
+
+
+# --- Slurm resources (config key slurm.*): the profile holds none of them -----------------------
+
+
+def _slurm_placement(gpu_job):
+    s = config["slurm"]
+    res = {}
+    partition = (s["gpu_partition"] or s["partition"]) if gpu_job else s["partition"]
+    if partition:
+        res["slurm_partition"] = partition
+    if s["account"]:
+        res["slurm_account"] = s["account"]
+    if s["qos"]:
+        res["qos"] = s["qos"]
+    if gpu_job and s["constraint"]:
+        res["constraint"] = s["constraint"]
+    return res
+
+
+def cpu_resources():
+    """Data preparation, packing, conversion, averaging, summary, report: one CPU task."""
+    s = config["slurm"]
+    return {
+        "runtime": s["cpu_runtime"],
+        "mem_mb": s["cpu_mem_mb"],
+        "cpus_per_task": s["cpu_cpus"],
+        **_slurm_placement(False),
+    }
+
+
+def train_runtime_minutes():
+    """training.time_limit (the trainer's own deadline too), else slurm.train_runtime."""
+    from math import ceil
+
+    from sftflow.train.deadline import parse_time_limit
+
+    limit = config["training"]["time_limit"]
+    if limit is None:
+        return config["slurm"]["train_runtime"]
+    return max(1, ceil(parse_time_limit(limit) / 60))
+
+
+def _gpu_job_resources(nodes, gpus_per_node, runtime):
+    s = config["slurm"]
+    use_gpus = s["gpus"] and gpus_per_node > 0
+    per_node = max(gpus_per_node, 1)
+    res = {
+        "nodes": nodes,
+        "runtime": runtime,
+        "mem_mb": s["mem_mb_per_gpu"] * per_node,
+        "cpus_per_task": s["cpus_per_gpu"] * per_node,  # one task per node runs all its processes
+        **_slurm_placement(use_gpus),
+    }
+    if use_gpus:
+        # GPUs per node through gres; tasks_per_gpu 0 keeps the plugin from adding --ntasks-per-gpu.
+        res["gres"] = f"gpu:{gpus_per_node}"
+        res["tasks_per_gpu"] = 0
+    if nodes > 1:
+        # One task per node; the job's command runs in the batch step and starts `srun torchrun` itself.
+        res["mpi"] = "srun"
+        res["tasks"] = nodes
+    return res
+
+
+def train_resources():
+    t = config["training"]
+    return _gpu_job_resources(t["num_nodes"], t["num_gpus"], train_runtime_minutes())
+
+
+def eval_resources():
+    e = config["eval"]
+    gpus = e["server_gpus"] if e["server_type"] != "openai" else 0
+    return _gpu_job_resources(1, gpus, config["slurm"]["eval_runtime"])

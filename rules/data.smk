@@ -2,6 +2,8 @@
 
 
 rule decontaminate:
+    resources:
+        **cpu_resources(),
     input:
         generations=get_generations(),
         benchmarks=[get_benchmark_file(b) for b in benchmark_names()],
@@ -23,6 +25,8 @@ rule decontaminate:
 
 
 rule prepare_data:
+    resources:
+        **cpu_resources(),
     input:
         generations=get_generations(),
         tokenizer=local_inputs(get_tokenizer()),

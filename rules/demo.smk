@@ -2,6 +2,8 @@
 
 
 rule demo_tokenizer:
+    resources:
+        **cpu_resources(),
     output:
         tokenizer=directory(out("demo", "tokenizer")),
     params:
@@ -18,6 +20,8 @@ rule demo_tokenizer:
 
 
 rule demo_base_model:
+    resources:
+        **cpu_resources(),
     input:
         tokenizer=out("demo", "tokenizer"),
     output:
@@ -36,6 +40,8 @@ rule demo_base_model:
 
 
 rule demo_generations:
+    resources:
+        **cpu_resources(),
     output:
         generations=[out("demo", "generations", f"output-rs{i}.jsonl") for i in range(config["demo"]["num_seeds"])],
         benchmark=out("benchmarks", "demo", "test.jsonl"),

@@ -8,6 +8,8 @@
 
 
 rule prepare_benchmark:
+    resources:
+        **cpu_resources(),
     output:
         out("benchmarks", "{benchmark}", "test.jsonl"),
     params:
@@ -26,6 +28,8 @@ ruleorder: demo_generations > prepare_benchmark
 
 
 rule generate:
+    resources:
+        **eval_resources(),
     input:
         model=lambda wildcards: local_inputs(eval_model_path(wildcards.model)),
         tokenizer=lambda wildcards: local_inputs(eval_tokenizer(wildcards.model)),
@@ -47,6 +51,8 @@ rule generate:
 
 
 rule eval_summary:
+    resources:
+        **cpu_resources(),
     input:
         [out("eval", m, b) for m in eval_models() for b in benchmark_names()],
     output:

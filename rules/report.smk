@@ -3,6 +3,8 @@
 
 
 rule report_assets:
+    resources:
+        **cpu_resources(),
     input:
         sft_stats=out("data", "sft.stats.json"),
         packed=out("data", "packed"),

@@ -27,6 +27,8 @@ LAST_JOB_DONE = out(
 
 
 rule pack_data:
+    resources:
+        **cpu_resources(),
     input:
         data=out("data", "sft.jsonl"),
         tokenizer=local_inputs(get_tokenizer()),
@@ -50,6 +52,8 @@ rule pack_data:
 
 
 rule train_job:
+    resources:
+        **train_resources(),
     input:
         packed=out("data", "packed"),
         model=local_inputs(get_base_model()),
@@ -88,6 +92,8 @@ rule train_job:
 
 
 rule convert_final:
+    resources:
+        **cpu_resources(),
     input:
         last_job=LAST_JOB_DONE,
         model=local_inputs(get_base_model()),
@@ -114,6 +120,8 @@ rule convert_final:
 
 
 rule convert_step:
+    resources:
+        **cpu_resources(),
     input:
         last_job=LAST_JOB_DONE,
         model=local_inputs(get_base_model()),
@@ -143,6 +151,8 @@ rule convert_step:
 
 
 rule average_checkpoints:
+    resources:
+        **cpu_resources(),
     input:
         # Sorted: the last model (whose config and tokenizer files are copied) is the most trained.
         models=[out("hf_models", f"step_{s}") for s in sorted(config["training"]["average_steps"] or [])],

@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,81 @@ def torchrun_command(train_script: str | os.PathLike, nproc_per_node: int, train
     ]
 
 
+def srun_torchrun_command(
+    train_script: str | os.PathLike,
+    nnodes: int,
+    nproc_per_node: int,
+    head_address: str,
+    port: int,
+    job_id: str,
+    train_args: list[str],
+) -> list[str]:
+    """argv of a multi-node launch inside a Slurm allocation: one srun task per node, each a torchrun agent
+    that rendezvouses (c10d) on the allocation's first node; torchrun then starts nproc_per_node ranks."""
+    return [
+        "srun",
+        f"--nodes={nnodes}",
+        f"--ntasks={nnodes}",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={head_address}:{port}",
+        f"--rdzv-id=sftflow-{job_id}",
+        str(train_script),
+        *train_args,
+    ]
+
+
+def slurm_job_nodes(job_id: str, run=subprocess.run) -> list[str]:
+    """The node names of Slurm job `job_id`, from scontrol (the job's SLURM_* environment may have been
+    stripped: the Slurm executor plugin removes it before running a job's command)."""
+    shown = run(["scontrol", "show", "job", job_id, "--oneliner"], capture_output=True, text=True, check=False)
+    fields = dict(f.split("=", 1) for f in shown.stdout.split() if "=" in f)
+    nodelist = fields.get("NodeList")
+    if shown.returncode != 0 or not nodelist or nodelist == "(null)":
+        raise SftflowError(f"cannot read the nodes of Slurm job {job_id} from scontrol: {shown.stderr.strip()}")
+    names = run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return names.stdout.split()
+
+
+def slurm_node_address(node: str, run=subprocess.run) -> str:
+    """A node's NodeAddr (what other nodes connect to; often, not always, its name)."""
+    shown = run(["scontrol", "show", "node", node, "--oneliner"], capture_output=True, text=True, check=False).stdout
+    for field in shown.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1]
+    return node
+
+
+def launch_command(
+    training: dict, train_script: str | os.PathLike, train_args: list[str], master_port: int = 29500, env=None
+) -> list[str]:
+    """torchrun on this node, or srun + torchrun over every node of the Slurm allocation (training.num_nodes > 1)."""
+    env = dict(os.environ) if env is None else env
+    nnodes = training["num_nodes"]
+    if nnodes == 1:
+        return torchrun_command(train_script, training["num_gpus"], train_args)
+    job_id = env.get("SLURM_JOB_ID")
+    if not job_id:
+        raise SftflowError(
+            f"config key 'training.num_nodes' is {nnodes}: a multi-node job runs inside a Slurm allocation of that "
+            "many nodes (snakemake --profile profiles/slurm ...); run it there, or set num_nodes: 1"
+        )
+    nodes = slurm_job_nodes(job_id)
+    if len(nodes) != nnodes:
+        raise SftflowError(
+            f"config key 'training.num_nodes' is {nnodes}, but this Slurm job {job_id} has {len(nodes)} node(s)"
+        )
+    port = master_port + int(job_id) % 1000
+    head = slurm_node_address(nodes[0])
+    return srun_torchrun_command(train_script, nnodes, training["num_gpus"], head, port, job_id, train_args)
+
+
 def launch_train_job(smk, train_script: str | os.PathLike) -> None:
     """Snakemake `train_job` rule: write this job's config JSON and run torchrun on scripts/train.py.
 
@@ -146,11 +222,6 @@ def launch_train_job(smk, train_script: str | os.PathLike) -> None:
     setup_logging(log_file)
     try:
         training = dict(smk.config["training"])
-        if training["num_nodes"] > 1:
-            raise SftflowError(
-                f"config key 'training.num_nodes' is {training['num_nodes']}: the train_job rule launches "
-                "single-node torchrun only; multi-node launch goes through the Slurm profile"
-            )
         job = int(smk.wildcards.job)
         checkpoint_dir = Path(smk.params.checkpoint_dir)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -171,11 +242,11 @@ def launch_train_job(smk, train_script: str | os.PathLike) -> None:
         ]  # fmt: skip
         if smk.params.chat_template:
             train_args += ["--chat-template", str(smk.params.chat_template)]
-        argv = torchrun_command(train_script, training["num_gpus"], train_args)
+        argv = launch_command(training, train_script, train_args, smk.config["slurm"]["master_port"])
     except SftflowError as err:
         LOG.error("%s", err)
         raise SystemExit(f"error: {err}") from None
-    LOG.info("launching: %s", " ".join(argv))
+    LOG.info("launching: %s", shlex.join(argv))
     for handler in logging.getLogger().handlers:
         handler.flush()
     log = open(log_file, "a", encoding="utf-8") if log_file else None  # noqa: SIM115

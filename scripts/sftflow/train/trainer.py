@@ -164,7 +164,22 @@ def _prepare_validation(cfg: dict, spec: JobSpec, parallel: ParallelDims):
     return PackedDataset(target)
 
 
-def _done_record(spec: JobSpec, start_step: int, end_step: int, plan: TrainingPlan, target: int, ckpt) -> dict:
+def rank_placement(parallel: ParallelDims) -> list[str]:
+    """Where every rank runs, as "node/local_rank" (the Slurm node name when under Slurm), gathered on all ranks."""
+    import socket
+
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    mine = f"{node}/{os.environ.get('LOCAL_RANK', '0')}"
+    if parallel.world_size == 1 or not dist.is_initialized():
+        return [mine]
+    placement: list = [None] * parallel.world_size
+    dist.all_gather_object(placement, mine)
+    return placement
+
+
+def _done_record(
+    spec: JobSpec, start_step: int, end_step: int, plan: TrainingPlan, target: int, ckpt, ranks: list[str]
+) -> dict:
     return {
         "job_index": spec.job_index,
         "num_jobs": spec.num_jobs,
@@ -175,6 +190,7 @@ def _done_record(spec: JobSpec, start_step: int, end_step: int, plan: TrainingPl
         "complete": end_step >= plan.total_steps,
         "remaining_steps": max(0, plan.total_steps - end_step),
         "checkpoint": str(ckpt) if ckpt else None,
+        "ranks": ranks,
     }
 
 
@@ -200,6 +216,8 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
     tcfg = cfg["training"]
     parallel = parallel or init_parallel(tcfg["tensor_model_parallel_size"])
     check_training_keys(cfg, world_size=parallel.world_size)
+    ranks = rank_placement(parallel)
+    LOG.info("ranks (node/local rank): %s", ", ".join(ranks))
     torch.manual_seed(tcfg["seed"])
     random.seed(tcfg["seed"])
 
@@ -237,7 +255,7 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
         _check_resume_compatible(read_meta(latest.path), fingerprint, spec, latest.path)
     if latest is not None and latest.step >= target:
         LOG.info("checkpoint %s is at or past this job's target step %d: nothing to train", latest.path, target)
-        record = _done_record(spec, latest.step, latest.step, plan, target, latest.path)
+        record = _done_record(spec, latest.step, latest.step, plan, target, latest.path, ranks)
         if spec.done_file and parallel.is_main:
             write_json(spec.done_file, record)
         parallel.barrier()
@@ -385,7 +403,7 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
     if step >= plan.total_steps and not stopped_early:
         validate(step)
     metrics.close()
-    record = _done_record(spec, start_step, step, plan, target, last_saved)
+    record = _done_record(spec, start_step, step, plan, target, last_saved, ranks)
     if spec.done_file and parallel.is_main:
         write_json(spec.done_file, record)
     parallel.barrier()

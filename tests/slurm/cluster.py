@@ -1,0 +1,156 @@
+"""A real Slurm cluster on localhost for tests: munged, slurmctld and one slurmd per "node", stopped by PID.
+
+Debian's slurm-wlm + munge (installed by .ci/run). Every node is a slurmd on 127.0.0.1 with its own port,
+so one machine holds a multi-node cluster and `srun --nodes=2` spans two slurmds. Job completions are
+logged with jobcomp/filetxt, which `sacct --completion` reads (no slurmdbd / database needed).
+Clients find the cluster through SLURM_CONF (see `env()`) and, like on a real cluster, through
+/etc/slurm/slurm.conf (a symlink made for the test's duration): the Slurm executor plugin strips SLURM_*
+variables, SLURM_CONF included, before it runs a job's command, so `srun` inside a job needs the default path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "sacct", "squeue", "sinfo", "scontrol")
+
+
+def available() -> str | None:
+    """None if a cluster can be started here, else why not."""
+    missing = [b for b in BINARIES if shutil.which(b) is None]
+    if missing:
+        return f"Slurm/munge not installed (missing {', '.join(missing)}; apt-get install slurm-wlm munge)"
+    if os.geteuid() != 0:
+        return "the test cluster runs its daemons as root"
+    if not Path("/etc/munge/munge.key").exists():
+        return "/etc/munge/munge.key is missing (the munge package creates it)"
+    if SYSTEM_CONF.exists() and not SYSTEM_CONF.is_symlink():
+        return f"{SYSTEM_CONF} exists (a real cluster's config?); the test cluster will not replace it"
+    return None
+
+
+class SlurmCluster:
+    def __init__(self, root: Path, nodes: tuple[str, ...] = ("node1", "node2"), cpus: int = 2, mem_mb: int = 8000):
+        self.root = Path(root)
+        self.nodes = nodes
+        self.cpus = cpus
+        self.mem_mb = mem_mb
+        self.conf = self.root / "slurm.conf"
+        self.jobcomp = self.root / "log" / "jobcomp.txt"
+        self.pid_files: list[Path] = []
+        base = 20000 + os.getpid() % 20000  # ports of this cluster; tests on one machine must not share them
+        self.ports = {"ctld": base, "slurmd": base + 1, **{n: base + 2 + i for i, n in enumerate(nodes)}}
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def _write_conf(self) -> None:
+        r = self.root
+        for sub in ("state", "log", "munge", *(f"spool/{n}" for n in self.nodes)):
+            (r / sub).mkdir(parents=True, exist_ok=True)
+        lines = [
+            "ClusterName=sftflowtest",
+            "SlurmctldHost=localhost(127.0.0.1)",
+            f"SlurmctldPort={self.ports['ctld']}",
+            f"SlurmdPort={self.ports['slurmd']}",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={r / 'munge' / 'munge.socket'}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            f"StateSaveLocation={r / 'state'}",
+            f"SlurmdSpoolDir={r / 'spool'}/%n",
+            f"SlurmctldPidFile={r / 'slurmctld.pid'}",
+            f"SlurmdPidFile={r}/slurmd-%n.pid",
+            f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
+            f"SlurmdLogFile={r / 'log'}/slurmd-%n.log",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core_Memory",
+            "SchedulerType=sched/backfill",
+            "JobCompType=jobcomp/filetxt",
+            f"JobCompLoc={self.jobcomp}",
+            "AccountingStorageType=accounting_storage/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "MpiDefault=none",
+            "ReturnToService=2",
+            "KillWait=10",
+            "MinJobAge=600",
+            "SchedulerParameters=sched_interval=2",
+        ]
+        for name in self.nodes:
+            lines.append(
+                f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={self.ports[name]} "
+                f"CPUs={self.cpus} RealMemory={self.mem_mb} State=UNKNOWN"
+            )
+        lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    def start(self, timeout: float = 60) -> SlurmCluster:
+        self._write_conf()
+        SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
+        SYSTEM_CONF.unlink(missing_ok=True)  # only ever a symlink left by an earlier test run (see available())
+        SYSTEM_CONF.symlink_to(self.conf)
+        r = self.root
+        munge_dir = r / "munge"
+        subprocess.run(
+            ["munged", "--force", f"--socket={munge_dir / 'munge.socket'}", f"--pid-file={munge_dir / 'munged.pid'}",
+             f"--seed-file={munge_dir / 'seed'}", f"--log-file={munge_dir / 'munged.log'}"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        self.pid_files.append(munge_dir / "munged.pid")
+        env = self.env()
+        subprocess.run(["slurmctld", "-f", str(self.conf), "-i"], check=True, env=env, capture_output=True)
+        self.pid_files.append(r / "slurmctld.pid")
+        for name in self.nodes:
+            subprocess.run(["slurmd", "-f", str(self.conf), "-N", name], check=True, env=env, capture_output=True)
+            self.pid_files.append(r / f"slurmd-{name}.pid")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = subprocess.run(["sinfo", "-h", "-o", "%T %D"], env=env, capture_output=True, text=True).stdout
+            if out.split()[:2] == ["idle", str(len(self.nodes))]:
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"the test Slurm cluster did not come up: sinfo says {out!r}; logs in {r / 'log'}")
+
+    def stop(self) -> None:
+        """Cancel every job, then stop the daemons by their PIDs (slurmds first)."""
+        subprocess.run(["scancel", "--full", "-u", "root"], env=self.env(), capture_output=True)
+        for pid_file in reversed(self.pid_files):
+            try:
+                pid = int(pid_file.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            for _ in range(100):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        self.pid_files.clear()
+        if SYSTEM_CONF.is_symlink() and SYSTEM_CONF.resolve() == self.conf.resolve():
+            SYSTEM_CONF.unlink()
+
+    def completed_jobs(self) -> list[dict[str, str]]:
+        """Every finished job from the job-completion log, as read by `sacct --completion`."""
+        fields = "JobID,JobName,State,NNodes,NodeList,Start,End,ExitCode"
+        out = subprocess.run(
+            ["sacct", "--completion", "--parsable2", "--noheader", "--format", fields],
+            env=self.env(), capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        names = fields.split(",")
+        return [dict(zip(names, line.split("|"))) for line in out.splitlines() if line.strip()]
