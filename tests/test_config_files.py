@@ -25,3 +25,31 @@ def test_config_readme_is_generated_from_the_schema():
     assert (REPO / "config" / "README.md").read_text() == module.render(), (
         "run: python scripts/make_config_docs.py > config/README.md"
     )
+
+
+def test_conda_envs_pin_what_requirements_txt_pins():
+    """--sdm conda on a cluster must install the versions the tests ran with (requirements.txt)."""
+    import re
+
+    import yaml
+
+    pins = {}
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[re.sub(r"\[.*\]", "", name).lower()] = version.strip()
+    rules_envs = set()
+    for smk in (REPO / "rules").glob("*.smk"):
+        rules_envs |= set(re.findall(r'"\.\./(envs/\w+\.yaml)"', smk.read_text()))
+    assert rules_envs == {f"envs/{p.name}" for p in (REPO / "envs").glob("*.yaml")}  # every env used, none missing
+    for env_file in (REPO / "envs").glob("*.yaml"):
+        env = yaml.safe_load(env_file.read_text())
+        (pip,) = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
+        assert "python=3.11" in env["dependencies"], env_file
+        for requirement in pip:
+            if requirement.startswith("--"):  # pip options such as --extra-index-url
+                continue
+            assert "==" in requirement, f"{env_file}: {requirement} is not pinned"
+            name, version = requirement.split("==")
+            name = re.sub(r"\[.*\]", "", name).lower()
+            assert pins.get(name) == version, f"{env_file}: {requirement} vs requirements.txt {pins.get(name)}"
