@@ -1,0 +1,113 @@
+"""Run sftflow's DAG from Python with per-experiment overrides, through Snakemake's own API.
+
+The equivalent of NeMo-Skills' Python chaining (`sft_nemo_rl(...)` then `eval(..., run_after=...)`):
+there is no chaining to write, because results/eval.json depends on the model it evaluates. An
+experiment is a dict of config overrides merged over config/config.yaml (and any --configfile):
+
+    from run_experiment import run_experiment
+
+    run_experiment(
+        "results/lr1e-5/eval.json",
+        overrides={"output_dir": "results/lr1e-5", "training": {"learning_rate": 1e-5}},
+        configfiles=["config/examples/llama3.1-8b-8x8.yaml"],
+        executor="slurm",  # or "local" (default) / "dryrun"
+    )
+
+Command line: python scripts/run_experiment.py TARGET [--set training.learning_rate=1e-5 ...]
+[--configfile F] [--executor local|slurm|dryrun] [--cores N]. Values of --set are parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def merge(base: dict, overrides: Mapping) -> dict:
+    """`overrides` deep-merged over `base` (a new dict): nested sections merge, other values replace."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def experiment_config(overrides: Mapping | None = None, configfiles: Sequence[str | Path] = ()) -> dict:
+    """config/config.yaml, then each configfile, then `overrides`, merged the way Snakemake merges them."""
+    config: dict = {}
+    for path in [REPO / "config" / "config.yaml", *map(Path, configfiles)]:
+        config = merge(config, yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    return merge(config, overrides or {})
+
+
+def run_experiment(
+    target: str = "results/eval.json",
+    overrides: Mapping | None = None,
+    configfiles: Sequence[str | Path] = (),
+    executor: str = "local",
+    cores: int = 2,
+    workdir: str | Path | None = None,
+    executor_settings: Any = None,
+) -> None:
+    """Build `target` with the workflow in this repository; raises on failure (and on an invalid config,
+    naming the key, before any job starts). `workdir` is where results/ goes (default: the repository)."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
+
+    config = experiment_config(overrides, configfiles)
+    with SnakemakeApi(OutputSettings(printshellcmds=True, show_failed_logs=True)) as api:
+        workflow = api.workflow(
+            resource_settings=ResourceSettings(cores=cores),
+            # The whole merged config, replacing the Snakefile's own configfile: what you see is what runs.
+            config_settings=ConfigSettings(config=config, replace_workflow_config=True),
+            snakefile=REPO / "Snakefile",
+            workdir=Path(workdir) if workdir else REPO,
+        )
+        dag = workflow.dag(DAGSettings(targets={target}))
+        if executor == "slurm" and executor_settings is None:
+            from snakemake_executor_plugin_slurm import ExecutorSettings
+
+            executor_settings = ExecutorSettings(keep_successful_logs=True)
+        dag.execute_workflow(executor=executor, executor_settings=executor_settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("target", nargs="?", default="results/eval.json")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. training.max_num_steps=10"
+    )
+    parser.add_argument("--configfile", action="append", default=[])
+    parser.add_argument("--executor", default="local")
+    parser.add_argument("--cores", type=int, default=2)
+    args = parser.parse_args(argv)
+    overrides: dict = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        node = overrides
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    try:
+        run_experiment(args.target, overrides, args.configfile, args.executor, args.cores)
+    except Exception as err:  # noqa: BLE001 - Snakemake has printed the details; say it failed, briefly
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
