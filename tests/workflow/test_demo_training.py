@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -91,6 +93,18 @@ def test_demo_trains_chained_jobs_and_exports_then_continues(workdir):  # noqa: 
     assert "final / demo" in (results / "eval.md").read_text()
     assert "final / demo" in result.stdout  # the table is printed
     assert not (results / "eval" / ".inprogress" / "final" / "demo").exists()
+
+    # The eval outputs are NeMo-Skills generation files: prepare_data reads them back (rejection sampling).
+    prepared = subprocess.run(
+        [sys.executable, "scripts/prepare_data.py", "++input_files=results/eval/*/demo/output.jsonl",
+         "++output_path=resampled/sft.jsonl", "++add_incorrect=true", "++filters.remove_contaminated=false",
+         "++tokenizer=results/final_hf_model"],
+        cwd=workdir, capture_output=True, text=True,
+    )  # fmt: skip
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    stats = json.loads((workdir / "resampled" / "sft.stats.json").read_text())
+    assert stats["rows_read"] == 16  # 8 problems x 2 models
+    assert stats["selection"]["correct_seen"] + stats["selection"]["incorrect_seen"] == 16
 
     # Averaging saved steps: exported step by step, then averaged tensor by tensor.
     (workdir / "avg.yaml").write_text(
