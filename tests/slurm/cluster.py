@@ -44,7 +44,8 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.jobcomp = self.root / "log" / "jobcomp.txt"
         self.pid_files: list[Path] = []
-        base = 20000 + os.getpid() % 20000  # ports of this cluster; tests on one machine must not share them
+        # Ports of this cluster, below the ephemeral range (32768+); tests on one machine must not share them.
+        base = 10000 + os.getpid() % 20000
         self.ports = {"ctld": base, "slurmd": base + 1, **{n: base + 2 + i for i, n in enumerate(nodes)}}
 
     def env(self) -> dict[str, str]:
