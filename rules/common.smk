@@ -19,14 +19,6 @@ def out(*parts):
     return str(OUT.joinpath(*parts))
 
 
-def not_implemented(stage, issue):
-    """Shell command for a stage a later issue implements: fail with a clear message, never a fake output."""
-    return (
-        f"echo 'sftflow: the {stage} stage is not implemented yet (tracked in issue {issue}); "
-        f"run the stages before it, e.g. snakemake --cores 2 {out('final_hf_model')}' >&2; exit 1"
-    )
-
-
 def all_targets():
     """Default targets - the eval summary, the report's plots and tables, and the conversion_step export if set."""
     targets = [out("eval.json"), *report_assets()]

@@ -205,3 +205,27 @@ def test_openai_server_type_uses_a_running_server_and_starts_none(tiny_model, be
     for path in (root / "generate.log", root / "out" / "metrics.json"):
         assert "sk-test-secret-123" not in path.read_text()
     assert "no server started" in (root / "server.log").read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_server_and_keeps_the_answers(tiny_model, benchmark_file, tmp_path):
+    # What Slurm does on scancel or at the time limit: SIGTERM to the job's processes.
+    async_file = tmp_path / "resume" / "output.jsonl-async"
+    proc = subprocess.Popen(
+        command(tiny_model, benchmark_file, tmp_path, "run"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.monotonic() + 300
+    while not (async_file.exists() and async_file.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    assert server_pids(tiny_model)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr and "stopping the inference server" in stderr
+    assert not server_pids(tiny_model)
+    assert async_file.read_text().count("\n") >= 3 and not (tmp_path / "run" / "out").exists()

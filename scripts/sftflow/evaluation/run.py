@@ -27,7 +27,7 @@ from sftflow.errors import SftflowError
 from sftflow.evaluation.generation import Client, GenerationSettings, build_requests, generate, model_fingerprint
 from sftflow.evaluation.grading import Grader, grade_generation
 from sftflow.evaluation.metrics import Sample, compute_metrics
-from sftflow.evaluation.server import InferenceServer
+from sftflow.evaluation.server import InferenceServer, Terminated
 from sftflow.io import atomic_path, read_jsonl, write_json
 from sftflow.logs import setup_logging
 
@@ -262,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     except SftflowError as err:
         log.error("error: %s", err)
         return 2
+    except Terminated:
+        log.error("stopped by SIGTERM (Slurm cancel or time limit); the answers so far are kept for the rerun")
+        return 143
     except json.JSONDecodeError as err:
         print(f"error: --settings is not JSON ({err})", file=sys.stderr)
         return 2

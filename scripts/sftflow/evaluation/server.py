@@ -29,6 +29,7 @@ __all__ = [
     "PORT_PLACEHOLDER",
     "SERVER_TYPES",
     "InferenceServer",
+    "Terminated",
     "free_port",
     "server_command",
 ]
@@ -90,7 +91,7 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-class _Terminated(Exception):
+class Terminated(Exception):
     """SIGTERM arrived (Slurm cancels or times out the job); raised so that the server is stopped."""
 
 
@@ -213,7 +214,7 @@ class InferenceServer:
         if _in_main_thread():
 
             def on_sigterm(signum, frame):
-                raise _Terminated("received SIGTERM")
+                raise Terminated("received SIGTERM")
 
             self._previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
 
