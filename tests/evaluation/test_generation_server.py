@@ -65,6 +65,19 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
+def start(cmd: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_answers(proc: subprocess.Popen, async_file: Path, count: int, timeout: float = 300) -> None:
+    """Until `count` answers are in the resume file; fails if the run ends or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while not (async_file.exists() and len(async_file.read_text().splitlines()) >= count):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+
+
 def completions_served(server_log: Path) -> int:
     return sum("POST /v1/completions" in line for line in server_log.read_text().splitlines())
 
@@ -107,19 +120,8 @@ def test_kill_server_mid_run_then_rerun_sends_only_missing(tiny_model, benchmark
     # Interrupted run: kill -9 the server once some answers are on disk.
     root = tmp_path / "crash"
     async_file = root / "resume" / "output.jsonl-async"
-    proc = subprocess.Popen(
-        command(tiny_model, benchmark_file, root, "first"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if async_file.exists() and len(async_file.read_text().splitlines()) >= 6:
-            break
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
+    proc = start(command(tiny_model, benchmark_file, root, "first"))
+    wait_for_answers(proc, async_file, 6)
     pids = server_pids(tiny_model)
     assert pids, "server process not found"
     for pid in pids:
@@ -211,17 +213,8 @@ def test_openai_server_type_uses_a_running_server_and_starts_none(tiny_model, be
 def test_sigterm_stops_the_server_and_keeps_the_answers(tiny_model, benchmark_file, tmp_path):
     # What Slurm does on scancel or at the time limit: SIGTERM to the job's processes.
     async_file = tmp_path / "resume" / "output.jsonl-async"
-    proc = subprocess.Popen(
-        command(tiny_model, benchmark_file, tmp_path, "run"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    deadline = time.monotonic() + 300
-    while not (async_file.exists() and async_file.read_text().count("\n") >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
+    proc = start(command(tiny_model, benchmark_file, tmp_path, "run"))
+    wait_for_answers(proc, async_file, 3)
     assert server_pids(tiny_model)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import logging
+import re
 import shutil
 import sys
 import time
@@ -211,11 +212,7 @@ def evaluate(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, An
         m["num_entries"],
         m["num_samples"],
         m["no_answer"],
-        ", ".join(
-            f"{k} {v:.2f}%"
-            for k, v in m.items()
-            if k.startswith(("pass@", "majority@")) and k != "pass@1" and v is not None and "std_err" not in k
-        )
+        ", ".join(f"{k} {v:.2f}%" for k, v in m.items() if re.fullmatch(r"(pass|majority)@\d+", k) and k != "pass@1")
         or "greedy",
     )
     return result
