@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from tests.conftest import read_jsonl
 from tests.report.chromium import CHROMIUM, Chromium
 from tests.report.conftest import png_size
 from tests.workflow.test_demo_training import SMALL_TRAINING
-from tests.workflow.test_workflow import REPO, WORKFLOW_PARTS, snakemake
+from tests.workflow.test_workflow import copy_workflow, snakemake
 
 pytestmark = [
     pytest.mark.slow,
@@ -118,13 +117,7 @@ def rows_as_dicts(table: list[list[str]]) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """A workflow copy that has trained the small demo (two chained jobs) and made report.html."""
-    workdir = tmp_path_factory.mktemp("report_run")
-    for part in WORKFLOW_PARTS:
-        src = REPO / part
-        if src.is_dir():
-            shutil.copytree(src, workdir / part, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, workdir / part)
+    workdir = copy_workflow(tmp_path_factory.mktemp("report_run"))
     (workdir / "small.yaml").write_text(SMALL)
     config = ("--configfile", "small.yaml")
     # The whole workflow for real, evaluation through `transformers serve` included, then the report.

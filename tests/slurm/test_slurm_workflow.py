@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.workflow.test_demo_training import SMALL_TRAINING
-from tests.workflow.test_workflow import SNAKEMAKE, WORKFLOW_PARTS, snakemake, workdir  # noqa: F401  (fixture)
+from tests.workflow.test_workflow import SNAKEMAKE, copy_workflow, snakemake, workdir  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -88,13 +87,7 @@ def test_profile_runs_every_job_on_slurm_and_matches_a_local_run(slurm_cluster, 
     assert len(train) == 2 and train[0][1] <= train[1][0]  # the second started after the first ended
 
     # The same config run locally gives the same evaluation.
-    local = tmp_path / "local"
-    local.mkdir()
-    for part in WORKFLOW_PARTS:
-        if (workdir / part).is_dir():
-            shutil.copytree(workdir / part, local / part)
-        else:
-            shutil.copy(workdir / part, local / part)
+    local = copy_workflow(tmp_path / "local")
     (local / "c.yaml").write_text(config)
     result = snakemake("--cores", "2", "results/eval.json", "--configfile", "c.yaml", cwd=local)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

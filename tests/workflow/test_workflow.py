@@ -21,16 +21,21 @@ def snakemake(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.Co
     return subprocess.run([SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def workdir(tmp_path) -> Path:
-    """A fresh copy of the workflow, as a user's clone would be."""
+def copy_workflow(dest: Path) -> Path:
+    """A fresh copy of the workflow in `dest`, as a user's clone would be (no results, no caches)."""
+    dest.mkdir(parents=True, exist_ok=True)
     for part in WORKFLOW_PARTS:
         src = REPO / part
         if src.is_dir():
-            shutil.copytree(src, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
-            shutil.copy(src, tmp_path / part)
-    return tmp_path
+            shutil.copy(src, dest / part)
+    return dest
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    return copy_workflow(tmp_path)
 
 
 def test_dry_run_plans_every_stage(workdir):
