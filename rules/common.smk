@@ -123,6 +123,28 @@ def generate_command(wildcards, input, output):
     return shlex.join(args + ["--", *server])
 
 
+def train_command(wildcards, input, output):
+    """The train_job rule's command line: scripts/train.py launch, then '--' and the torchrun (or srun +
+    torchrun) command, with the training and packing keys that differ from the defaults as ++ arguments."""
+    import shlex
+
+    from sftflow.train.cli import config_overrides, planned_command
+
+    t = config["training"]
+    checkpoints = Path(output.done).parent
+    worker = ["--packed", input.packed, "--model", input.model[0] if input.model else get_base_model()]
+    worker += ["--checkpoint-dir", str(checkpoints), "--metrics-dir", str(checkpoints / "metrics")]
+    worker += ["--job-index", wildcards.job, "--num-jobs", str(t["num_training_jobs"]), "--done-file", output.done]
+    worker += ["--tokenizer", input.tokenizer[0] if input.tokenizer else get_tokenizer()]
+    if config["model"]["chat_template"]:
+        worker += ["--chat-template", config["model"]["chat_template"]]
+    worker += config_overrides(config)
+    script = Path(workflow.basedir) / "scripts" / "train.py"
+    log = out("logs", f"train_job{wildcards.job}.log")
+    command = planned_command(python_exe(), script, t, worker, output.done, log, config["slurm"]["master_port"])
+    return shlex.join(command)
+
+
 def get_benchmark_file(name):
     return out("benchmarks", name, "test.jsonl")
 

@@ -2,8 +2,9 @@
 #
 # Rerun triggers. The checkpoint directory out("checkpoints") is shared state, not an output: every job
 # resumes from its latest complete checkpoint, so a rerun never redoes finished steps. The training
-# config is therefore *not* passed as params (the launcher reads it from the workflow config at run
-# time), so editing e.g. learning_rate does not rerun finished jobs. Only the last job carries, as
+# config reaches the job inside its command line (train_command, a params function of input/output,
+# which Snakemake does not treat as a rerun trigger), so editing e.g. learning_rate does not rerun
+# finished jobs. Only the last job carries, as
 # params, the keys that decide where training ends (max_num_steps, max_num_epochs,
 # train_global_batch_size, num_training_jobs, time_limit): raising one of them reruns just that job,
 # which continues from the last checkpoint. Raising num_training_jobs adds jobs; the former last job
@@ -73,22 +74,15 @@ rule train_job:
     conda:
         "../envs/train.yaml"
     params:
-        checkpoint_dir=lambda wildcards, output: str(Path(output.done).parent),
-        metrics_dir=lambda wildcards, output: str(Path(output.done).parent / "metrics"),
-        model=lambda wildcards, input: (
-            input.model[0] if input.model else get_base_model()
-        ),
-        tokenizer=lambda wildcards, input: (
-            input.tokenizer[0] if input.tokenizer else get_tokenizer()
-        ),
-        chat_template=config["model"]["chat_template"],
+        # Derived from input/output, so not a rerun trigger: only `plan` is (see the header).
+        command=train_command,
         plan=lambda wildcards: (
             {key: config["training"][key] for key in TRAINING_PLAN_KEYS}
             if int(wildcards.job) == config["training"]["num_training_jobs"] - 1
             else {}
         ),
-    script:
-        "../scripts/train.py"
+    shell:
+        "{params.command}"
 
 
 rule convert_final:

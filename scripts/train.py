@@ -1,7 +1,8 @@
-"""One chained training job: `torchrun --standalone --nproc-per-node=N scripts/train.py --config ... --packed ...`.
+"""One chained training job: `torchrun --standalone --nproc-per-node=N scripts/train.py --packed ... [++key=value]`.
 
-See sftflow/train/cli.py for the arguments. Under Snakemake (the train_job rule's `script:`) this file
-is the launcher instead: it writes the job's config JSON and runs torchrun on itself.
+`scripts/train.py launch ... -- <command>` is the train_job rule's launcher: it fills in the Slurm
+allocation's rendezvous address, runs the torchrun (or srun + torchrun) command and checks the done-file.
+See sftflow/train/cli.py for the arguments.
 """
 
 import sys
@@ -9,9 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sftflow.train.cli import launch_train_job, train_main  # noqa: E402
+from sftflow.train.cli import launch_main, train_main  # noqa: E402
 
-if "snakemake" in globals():
-    launch_train_job(snakemake, Path(__file__).resolve())  # noqa: F821
-elif __name__ == "__main__":
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["launch"]:
+        sys.exit(launch_main(sys.argv[2:]))
     sys.exit(train_main())

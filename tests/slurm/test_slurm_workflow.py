@@ -1,8 +1,11 @@
 """`snakemake --profile profiles/slurm` against a live two-node Slurm cluster on localhost (tests/slurm/cluster.py).
 
-Every job of the small demo runs as its own Slurm job (checked with `sacct --completion`), the chained
-training jobs run in order, and results/eval.json equals a local run's. A second test trains across two
-Slurm nodes: srun starts one torchrun agent per node and the ranks rendezvous over c10d.
+Every job of the small demo runs as its own Slurm job under the cluster's account (checked with `sacct`,
+which the plugin also uses for its status checks), the chained training jobs run in order, and
+results/eval.json equals a local run's. A second test trains across two Slurm nodes: srun starts one
+torchrun agent per node and the ranks rendezvous over c10d. A third gives every training job Slurm's
+shortest wall time: the jobs stop, save and resume mid-training, and the weights equal an uninterrupted
+run's. The last two use the options for clusters without accounting (squeue status, no account).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
+from tests.slurm.cluster import ACCOUNT
 from tests.workflow.test_demo_training import SMALL_TRAINING
 from tests.workflow.test_workflow import SNAKEMAKE, copy_workflow, snakemake, workdir  # noqa: F401  (fixture)
 
@@ -43,11 +48,14 @@ eval:
 NO_ACCOUNTING = ("--slurm-status-command", "squeue", "--slurm-no-account")
 
 
-def run_on_slurm(cluster, workdir: Path, target: str, configfile: str) -> subprocess.CompletedProcess:  # noqa: F811
-    cmd = [SNAKEMAKE, "--profile", "profiles/slurm", target, *NO_ACCOUNTING]
+def run_on_slurm(
+    cluster, root: Path, target: str, configfile: str, options=NO_ACCOUNTING
+) -> subprocess.CompletedProcess:
+    """`snakemake --profile profiles/slurm TARGET` in the workflow copy `root`, against `cluster`."""
+    cmd = [SNAKEMAKE, "--profile", "profiles/slurm", target, *options]
     cmd += ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2"]
     cmd += ["--configfile", configfile]
-    return subprocess.run(cmd, cwd=workdir, env=cluster.env(), capture_output=True, text=True, timeout=1500)
+    return subprocess.run(cmd, cwd=root, env=cluster.env(), capture_output=True, text=True, timeout=1500)
 
 
 def slurm_jobs_by_rule(root: Path) -> dict[str, str]:
@@ -61,11 +69,12 @@ def slurm_jobs_by_rule(root: Path) -> dict[str, str]:
 
 def test_profile_runs_every_job_on_slurm_and_matches_a_local_run(slurm_cluster, workdir, tmp_path):  # noqa: F811
     config = SMALL_TRAINING + EVAL + SLURM
-    (workdir / "c.yaml").write_text(config)
-    result = run_on_slurm(slurm_cluster, workdir, "results/eval.json", "c.yaml")
+    # The plugin's defaults: job status from sacct; the account named in the config (validated with sacctmgr).
+    (workdir / "c.yaml").write_text(config + f"  account: {ACCOUNT}\n")
+    result = run_on_slurm(slurm_cluster, workdir, "results/eval.json", "c.yaml", options=())
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
 
-    # One Slurm job per Snakemake job, all COMPLETED, read back with sacct.
+    # One Slurm job per Snakemake job, all COMPLETED under the account, read back with sacct.
     completed = {job["JobID"]: job for job in slurm_cluster.completed_jobs()}
     by_rule = slurm_jobs_by_rule(workdir)
     rules = sorted(r.split("/")[0] for r in by_rule.values())
@@ -75,12 +84,15 @@ def test_profile_runs_every_job_on_slurm_and_matches_a_local_run(slurm_cluster, 
     ), by_rule
     for job_id, rule in by_rule.items():
         assert completed[job_id]["State"] == "COMPLETED", (rule, completed[job_id])
+        assert completed[job_id]["Account"] == ACCOUNT, (rule, completed[job_id])
     submitted = re.findall(r"submitted with SLURM jobid (\d+)", result.stdout + result.stderr)
     assert sorted(submitted) == sorted(by_rule)
 
     # The chained training jobs ran in order, each as its own Slurm job.
+    # On Slurm every job has a deadline (its wall time), so job 0 trains on past its share (6 steps) to the
+    # end, and job 1 finds nothing left (tests/slurm/...wall_time... shows a chain that needs every job).
     done = [json.loads((workdir / "results" / "checkpoints" / f"job{i}.done").read_text()) for i in range(2)]
-    assert [(d["start_step"], d["end_step"]) for d in done] == [(0, 6), (6, 12)]
+    assert [(d["start_step"], d["end_step"]) for d in done] == [(0, 12), (12, 12)]
     train = sorted(
         (completed[j]["Start"], completed[j]["End"]) for j, r in by_rule.items() if r.startswith("train_job")
     )
@@ -122,3 +134,55 @@ def test_training_spans_two_slurm_nodes(slurm_cluster, workdir):  # noqa: F811
     (train_job,) = [j for j, rule in slurm_jobs_by_rule(workdir).items() if rule.startswith("train_job")]
     (record,) = [j for j in slurm_cluster.completed_jobs() if j["JobID"] == train_job]
     assert record["NNodes"] == "2" and record["State"] == "COMPLETED"
+
+
+def final_weights(root: Path) -> dict:
+    from safetensors.torch import load_file
+
+    weights = {}
+    for shard in sorted((root / "results" / "final_hf_model").glob("*.safetensors")):
+        weights.update(load_file(shard))
+    return weights
+
+
+def test_wall_time_stops_saves_resumes_and_ends_with_uninterrupted_weights(slurm_cluster, workdir, tmp_path):  # noqa: F811
+    """Slurm's smallest limit (1 minute) per training job, about a minute of steps: the jobs stop, save and exit
+    before their limit, each resumes where the last stopped, and the weights equal one uninterrupted run."""
+    training = SMALL_TRAINING.replace("num_training_jobs: 2", "num_training_jobs: 3").replace(
+        "max_num_steps: 12\n  save_period: 5", "max_num_steps: 200\n  save_period: 50\n  time_margin_seconds: 10"
+    )
+    assert "max_num_steps: 200" in training
+    (workdir / "c.yaml").write_text(training + SLURM.replace("train_runtime: 20", "train_runtime: 1"))
+    result = run_on_slurm(slurm_cluster, workdir, "results/final_hf_model", "c.yaml")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+
+    checkpoints = workdir / "results" / "checkpoints"
+    done = [json.loads((checkpoints / f"job{i}.done").read_text()) for i in range(3)]
+    first = done[0]
+    assert 0 < first["end_step"] < 200 and not first["complete"]  # stopped mid-training, at its deadline
+    log = (workdir / "results" / "logs" / "train_job0.log").read_text()
+    assert re.search(r"deadline: \S+ \(Slurm job \d+'s end time\)", log), log[-3000:]
+    assert f"stopping at step {first['end_step']} before the deadline" in log
+    assert f"saved results/checkpoints/step_{first['end_step']:08d}" in log
+    assert done[-1]["complete"] and done[-1]["end_step"] == 200
+    # Each job (or its retry) resumed from the step the one before it stopped at.
+    steps = [json.loads(line)["step"] for line in (checkpoints / "metrics" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]  # fmt: skip
+    assert sorted(set(steps)) == list(range(1, 201))
+
+    # Every training job that stopped at its deadline ended COMPLETED, inside its 1-minute limit.
+    by_rule = slurm_jobs_by_rule(workdir)
+    train_jobs = [j for j in slurm_cluster.completed_jobs() if by_rule.get(j["JobID"], "").startswith("train_job")]
+    assert len(train_jobs) >= 2
+    job0 = next(j for j in train_jobs if by_rule[j["JobID"]] == "train_job/0")
+    assert job0["State"] == "COMPLETED" and job0["Timelimit"] == "00:01:00", job0
+
+    # The same config, uninterrupted (one local job, no wall time), ends with the same weights.
+    local = copy_workflow(tmp_path / "local")
+    (local / "c.yaml").write_text(training.replace("num_training_jobs: 3", "num_training_jobs: 1"))
+    result = snakemake("--cores", "2", "results/final_hf_model", "--configfile", "c.yaml", cwd=local)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    chained, uninterrupted = final_weights(workdir), final_weights(local)
+    assert chained.keys() == uninterrupted.keys() and chained
+    for name in chained:
+        assert torch.equal(chained[name], uninterrupted[name]), name

@@ -137,6 +137,32 @@ def test_job_stops_before_the_deadline_saves_and_reports_incomplete(tmp_path, wo
     assert (again["start_step"], again["end_step"], again["complete"]) == (5, 10, True)
 
 
+def test_with_a_deadline_a_job_trains_past_its_share_and_an_unfinished_last_job_fails(
+    tmp_path, world1, packed, tiny_model
+):
+    from sftflow.train.cli import last_job_unfinished
+
+    ckpt = tmp_path / "ckpt"
+    # No deadline: job 0 of 3 trains its share, ceil(9 / 3) = 3 steps.
+    share = run_inprocess(world1, ckpt, packed, tiny_model, job=0, jobs=3, max_num_steps=9)
+    assert (share["start_step"], share["end_step"], share["target_step"]) == (0, 3, 3)
+    assert last_job_unfinished(ckpt / "job0.done") is None  # not the last job
+    # A deadline far away: job 1 of 3 trains on to the end, and job 2 finds nothing left to do.
+    ahead = run_inprocess(world1, ckpt, packed, tiny_model, job=1, jobs=3, max_num_steps=9, time_limit="01:00:00")
+    assert (ahead["start_step"], ahead["end_step"], ahead["complete"]) == (3, 9, True)
+    last = run_inprocess(world1, ckpt, packed, tiny_model, job=2, jobs=3, max_num_steps=9, time_limit="01:00:00")
+    assert (last["start_step"], last["end_step"], last["complete"]) == (9, 9, True)
+    assert last_job_unfinished(ckpt / "job2.done") is None
+
+    # The last job stopped by its deadline with steps left: the launcher fails it (Snakemake retries it).
+    done = tmp_path / "job1.done"
+    done.write_text(json.dumps({**ahead, "job_index": 1, "num_jobs": 2, "end_step": 6, "complete": False,
+                                "remaining_steps": 3}))  # fmt: skip
+    why = last_job_unfinished(done)
+    assert "stopped before its deadline at step 6 of 9 (3 steps remain)" in why
+    assert "training.num_training_jobs" in why and "slurm.train_runtime" in why
+
+
 def test_validation_loss_every_val_period_and_at_the_end(tmp_path, world1, packed, tiny_model):
     import random as pyrandom
 

@@ -36,6 +36,21 @@ def test_example_plans_8_nodes_x_8_gpus_chained_jobs_and_vllm_eval(workdir):  # 
         assert job["runtime"] == "240"  # training.time_limit 04:00:00, also the trainer's deadline
         assert job["cpus_per_task"] == "128" and job["mem_mb"] == "480000"
         assert job["slurm_partition"] == "batch" and job["slurm_account"] == "my_account"
+    # The launch each training job runs, as its shell command: srun starts one torchrun agent per node, which
+    # rendezvous on the allocation's first node ({head}, {port} and {job_id} are filled in inside the job).
+    launches = re.findall(r"scripts/train\.py launch (.*)", text)
+    assert len(launches) == 4
+    for i, line in enumerate(launches):
+        assert line.startswith(f"--num-nodes 8 --master-port 29500 --done-file {OUT}/checkpoints/job{i}.done")
+        assert " -- srun --nodes=8 --ntasks=8 --ntasks-per-node=1 --kill-on-bad-exit=1 " in line
+        assert (
+            " -m torch.distributed.run --nnodes=8 --nproc-per-node=8 --rdzv-backend=c10d "
+            "'--rdzv-endpoint={head}:{port}' '--rdzv-id=sftflow-{job_id}' "
+        ) in line
+        assert f"--job-index {i} --num-jobs 4 " in line
+        for override in ("++training.num_nodes=8", "++training.num_gpus=8", "++training.tensor_model_parallel_size=8",
+                         "++training.time_limit=04:00:00", "++packing.max_total_sequence_length=8192"):  # fmt: skip
+            assert override in line, override
     for job in resources(text, "generate"):
         assert job["nodes"] == "1" and job["gres"] == "gpu:8" and "mpi" not in job
     for rule in ("prepare_data", "pack_data", "convert_step", "average_checkpoints", "eval_summary"):

@@ -12,5 +12,5 @@ One module per concept (torchtitan style):
 - trainer      one chained job, top to bottom
 - export       DCP checkpoint -> HF folder, streaming on CPU
 - config       cross-key checks of the training section
-- cli          command lines of scripts/train.py and scripts/convert_checkpoint.py, Snakemake launchers
+- cli          command lines of scripts/train.py (worker and `launch`) and scripts/convert_checkpoint.py
 """

@@ -3,13 +3,14 @@
 Training (one invocation = one chained job, under torchrun)::
 
     torchrun --standalone --nproc-per-node=2 scripts/train.py \\
-        --config train_config.json --packed results/data/packed --model results/demo/base_model \\
+        --packed results/data/packed --model results/demo/base_model \\
         --checkpoint-dir results/checkpoints --job-index 0 --num-jobs 2 \\
-        --done-file results/checkpoints/job0.done [++training.max_num_steps=50 ...]
+        --done-file results/checkpoints/job0.done [--config c.json] [++training.max_num_steps=50 ...]
 
-`--config` is a JSON file {"training": {...}, "packing": {...}} (missing keys take the schema
-defaults); `++section.key=value` arguments override it. A plain `python scripts/train.py ...` is a
-world of one process.
+The config is the schema defaults, then `--config` (a JSON file {"training": {...}, "packing": {...}}),
+then the `++section.key=value` arguments. A plain `python scripts/train.py ...` is a world of one process.
+The train_job rule runs `scripts/train.py launch ... -- <torchrun or srun + torchrun command>` (see
+planned_command), with the config as `++` arguments: the keys that differ from the defaults.
 
 Export::
 
@@ -29,6 +30,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from sftflow import config as C
 from sftflow.errors import SftflowError
 from sftflow.logs import setup_logging
@@ -47,7 +50,9 @@ def _deep_update(base: dict, overrides: dict) -> dict:
 
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Run one chained training job (launch with torchrun).")
-    p.add_argument("--config", required=True, help='JSON file {"training": {...}, "packing": {...}}')
+    p.add_argument(
+        "--config", default=None, help='JSON file {"training": {...}, "packing": {...}} (default: the schema defaults)'
+    )
     p.add_argument("--packed", required=True, help="packed data directory (pack_data output)")
     p.add_argument("--model", required=True, help="base model: local HF directory or hub name")
     p.add_argument("--checkpoint-dir", required=True, help="checkpoint directory shared by all chained jobs")
@@ -60,9 +65,9 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_train_config(path: str, overrides: list[str]) -> dict:
+def load_train_config(path: str | None, overrides: list[str]) -> dict:
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        raw = json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
     except (OSError, ValueError) as err:
         raise SftflowError(f"--config {path}: cannot read JSON ({err})") from None
     if not isinstance(raw, dict):
@@ -104,6 +109,11 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg = load_train_config(args.config, extra)
         parallel = init_parallel(cfg["training"]["tensor_model_parallel_size"])
         _setup_rank_logging(parallel.rank, parallel.world_size)
+        if parallel.is_main:  # the job's resolved config, for the record
+            from sftflow.io import write_json
+
+            Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            write_json(Path(args.checkpoint_dir) / f"job{args.job_index}.config.json", cfg)
         spec = JobSpec(
             packed=args.packed,
             model=args.model,
@@ -124,10 +134,16 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def torchrun_command(train_script: str | os.PathLike, nproc_per_node: int, train_args: list[str]) -> list[str]:
+# Placeholders in a planned multi-node command, filled in by `launch` inside the Slurm allocation.
+HEAD, PORT, JOB_ID = "{head}", "{port}", "{job_id}"
+
+
+def torchrun_command(
+    train_script: str | os.PathLike, nproc_per_node: int, train_args: list[str], python: str = sys.executable
+) -> list[str]:
     """argv of a single-node torchrun launch (an argument list: no shell, no quoting issues)."""
     return [
-        sys.executable,
+        python,
         "-m",
         "torch.distributed.run",
         "--standalone",
@@ -141,30 +157,78 @@ def srun_torchrun_command(
     train_script: str | os.PathLike,
     nnodes: int,
     nproc_per_node: int,
-    head_address: str,
-    port: int,
-    job_id: str,
     train_args: list[str],
+    python: str = sys.executable,
 ) -> list[str]:
     """argv of a multi-node launch inside a Slurm allocation: one srun task per node, each a torchrun agent
-    that rendezvouses (c10d) on the allocation's first node; torchrun then starts nproc_per_node ranks."""
+    that rendezvouses (c10d) on the allocation's first node ({head}:{port}, filled in by `launch`);
+    torchrun then starts nproc_per_node ranks on its node."""
     return [
         "srun",
         f"--nodes={nnodes}",
         f"--ntasks={nnodes}",
         "--ntasks-per-node=1",
         "--kill-on-bad-exit=1",
-        sys.executable,
+        python,
         "-m",
         "torch.distributed.run",
         f"--nnodes={nnodes}",
         f"--nproc-per-node={nproc_per_node}",
         "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={head_address}:{port}",
-        f"--rdzv-id=sftflow-{job_id}",
+        f"--rdzv-endpoint={HEAD}:{PORT}",
+        f"--rdzv-id=sftflow-{JOB_ID}",
         str(train_script),
         *train_args,
     ]
+
+
+def _yaml_value(value) -> str:
+    """`value` as the YAML text parse_overrides reads back to the same value (1.0e-05, '04:00:00', [1, 2])."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def config_overrides(config: dict, sections: tuple[str, ...] = ("training", "packing")) -> list[str]:
+    """`++section.key=value` for every key of `sections` that differs from the schema default.
+
+    The worker fills in the defaults again (validate_sections), so these arguments alone rebuild the
+    config: the command line shows exactly what an experiment changed, as NeMo-Skills' commands do.
+    """
+    from sftflow.train.config import validate_sections
+
+    defaults = validate_sections({})
+
+    def walk(prefix: str, value, default) -> list[str]:
+        if isinstance(value, dict) and isinstance(default, dict):
+            return [arg for key in value for arg in walk(f"{prefix}.{key}", value[key], default.get(key))]
+        return [] if value == default else [f"++{prefix}={_yaml_value(value)}"]
+
+    return [arg for section in sections for arg in walk(section, config.get(section, {}), defaults[section])]
+
+
+def planned_command(
+    python: str,
+    train_script: str | os.PathLike,
+    training: dict,
+    worker_args: list[str],
+    done_file: str,
+    log_file: str,
+    master_port: int = 29500,
+) -> list[str]:
+    """The whole launch of one chained job, as the train_job rule runs it (and `snakemake -n -p` prints it):
+
+        python scripts/train.py launch ... -- [srun ...] python -m torch.distributed.run ... scripts/train.py ...
+
+    `launch` fills in the rendezvous placeholders from the Slurm allocation, runs the rest, and fails the
+    last job if it stopped with steps left (see last_job_unfinished).
+    """
+    nnodes = training["num_nodes"]
+    if nnodes == 1:
+        run = torchrun_command(train_script, training["num_gpus"], worker_args, python)
+    else:
+        run = srun_torchrun_command(train_script, nnodes, training["num_gpus"], worker_args, python)
+    launcher = [python, str(train_script), "launch", "--num-nodes", str(nnodes), "--master-port", str(master_port)]
+    return [*launcher, "--done-file", str(done_file), "--log", str(log_file), "--", *run]
 
 
 def slurm_job_nodes(job_id: str, run=subprocess.run) -> list[str]:
@@ -188,75 +252,91 @@ def slurm_node_address(node: str, run=subprocess.run) -> str:
     return node
 
 
-def launch_command(
-    training: dict, train_script: str | os.PathLike, train_args: list[str], master_port: int = 29500, env=None
-) -> list[str]:
-    """torchrun on this node, or srun + torchrun over every node of the Slurm allocation (training.num_nodes > 1)."""
+def fill_placeholders(argv: list[str], nnodes: int, master_port: int, env=None, run=subprocess.run) -> list[str]:
+    """Put the Slurm allocation's first node, a per-job port and the job id into a planned multi-node command."""
+    if not any(mark in arg for arg in argv for mark in (HEAD, PORT, JOB_ID)):
+        return list(argv)
     env = dict(os.environ) if env is None else env
-    nnodes = training["num_nodes"]
-    if nnodes == 1:
-        return torchrun_command(train_script, training["num_gpus"], train_args)
     job_id = env.get("SLURM_JOB_ID")
     if not job_id:
         raise SftflowError(
             f"config key 'training.num_nodes' is {nnodes}: a multi-node job runs inside a Slurm allocation of that "
             "many nodes (snakemake --profile profiles/slurm ...); run it there, or set num_nodes: 1"
         )
-    nodes = slurm_job_nodes(job_id)
+    nodes = slurm_job_nodes(job_id, run=run)
     if len(nodes) != nnodes:
         raise SftflowError(
             f"config key 'training.num_nodes' is {nnodes}, but this Slurm job {job_id} has {len(nodes)} node(s)"
         )
-    port = master_port + int(job_id) % 1000
-    head = slurm_node_address(nodes[0])
-    return srun_torchrun_command(train_script, nnodes, training["num_gpus"], head, port, job_id, train_args)
+    values = {HEAD: slurm_node_address(nodes[0], run=run), PORT: str(master_port + int(job_id) % 1000), JOB_ID: job_id}
+    filled = []
+    for arg in argv:
+        for mark, value in values.items():
+            arg = arg.replace(mark, value)
+        filled.append(arg)
+    return filled
 
 
-def launch_train_job(smk, train_script: str | os.PathLike) -> None:
-    """Snakemake `train_job` rule: write this job's config JSON and run torchrun on scripts/train.py.
+def launch_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py launch", description="Run one chained training job's launch command (the train_job rule)."
+    )
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes the Slurm allocation must have")
+    p.add_argument("--master-port", type=int, default=29500, help="rendezvous port base (+ job id %% 1000)")
+    p.add_argument("--done-file", required=True, help="the job's done-file (written by the training ranks)")
+    p.add_argument("--log", default=None, help="log file; the training processes' output is appended to it")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the srun/torchrun command")
+    return p
 
-    The training config is read from the workflow config here, at run time, rather than passed as
-    rule params, so changing it does not make Snakemake rerun finished jobs (see rules/train.smk).
-    """
-    log_file = smk.log[0] if smk.log else None
-    setup_logging(log_file)
+
+def launch_main(argv: list[str] | None = None) -> int:
+    args = launch_parser().parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.log:  # a fresh log, then every writer appends: ours before and after, the ranks' output between
+        Path(args.log).write_text("", encoding="utf-8")
+    setup_logging(args.log, mode="a")
     try:
-        training = dict(smk.config["training"])
-        job = int(smk.wildcards.job)
-        checkpoint_dir = Path(smk.params.checkpoint_dir)
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        config_file = checkpoint_dir / f"job{job}.config.json"
-        from sftflow.io import write_json
-
-        write_json(config_file, {"training": training, "packing": dict(smk.config["packing"])})
-        train_args = [
-            "--config", str(config_file),
-            "--packed", str(smk.input.packed),
-            "--model", str(smk.params.model),
-            "--checkpoint-dir", str(checkpoint_dir),
-            "--job-index", str(job),
-            "--num-jobs", str(training["num_training_jobs"]),
-            "--done-file", str(smk.output.done),
-            "--metrics-dir", str(smk.params.metrics_dir),
-            "--tokenizer", str(smk.params.tokenizer),
-        ]  # fmt: skip
-        if smk.params.chat_template:
-            train_args += ["--chat-template", str(smk.params.chat_template)]
-        argv = launch_command(training, train_script, train_args, smk.config["slurm"]["master_port"])
+        if not command:
+            raise SftflowError("train.py launch: no command after '--'")
+        command = fill_placeholders(command, args.num_nodes, args.master_port)
     except SftflowError as err:
         LOG.error("%s", err)
-        raise SystemExit(f"error: {err}") from None
-    LOG.info("launching: %s", shlex.join(argv))
+        return 2
+    LOG.info("launching: %s", shlex.join(command))
     for handler in logging.getLogger().handlers:
         handler.flush()
-    log = open(log_file, "a", encoding="utf-8") if log_file else None  # noqa: SIM115
+    log = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115
     try:
-        rc = subprocess.run(argv, stdout=log or None, stderr=subprocess.STDOUT if log else None, check=False).returncode
+        rc = subprocess.run(command, stdout=log or None, stderr=subprocess.STDOUT if log else None).returncode
     finally:
         if log:
             log.close()
     if rc != 0:
-        raise SystemExit(f"training job {smk.wildcards.job} failed (exit code {rc}); see {log_file}")
+        LOG.error("training failed (exit code %d)%s", rc, f"; see {args.log}" if args.log else "")
+        return 1
+    unfinished = last_job_unfinished(args.done_file)
+    if unfinished:
+        LOG.error("%s", unfinished)
+        return 3
+    return 0
+
+
+def last_job_unfinished(done_file: str | os.PathLike) -> str | None:
+    """Why the chain is not finished, if `done_file` is the last job's record and training is incomplete.
+
+    An earlier job that stops at its deadline exits 0 (the next job resumes); the last one fails instead,
+    so that Snakemake's retry (`retries` in profiles/slurm) gives it a fresh allocation that resumes from
+    the checkpoint it saved, and so that the chain never reports success with steps left.
+    """
+    record = json.loads(Path(done_file).read_text(encoding="utf-8"))
+    if record["complete"] or record["job_index"] != record["num_jobs"] - 1:
+        return None
+    return (
+        f"the last training job stopped before its deadline at step {record['end_step']} of "
+        f"{record['total_steps']} ({record['remaining_steps']} steps remain) and saved {record['checkpoint']}; "
+        "a retry or rerun continues from there. To finish in one pass, raise config key "
+        "'training.num_training_jobs' or the job's wall time ('training.time_limit' / 'slurm.train_runtime')"
+    )
 
 
 def convert_parser() -> argparse.ArgumentParser:

@@ -101,14 +101,21 @@ class Deadline:
         clock: Callable[[], float] = time.time,
         run: Callable = subprocess.run,
     ) -> Deadline:
-        end = None
+        end, source = None, None
         job_id = env.get("SLURM_JOB_ID")
         if job_id:
-            end = slurm_end_time(job_id, run=run)
+            end, source = slurm_end_time(job_id, run=run), f"Slurm job {job_id}'s end time"
             if end is None:
                 LOG.warning("SLURM_JOB_ID=%s is set but Slurm did not report an end time", job_id)
         if end is None and time_limit:
-            end = start_time + parse_time_limit(time_limit)
+            end, source = start_time + parse_time_limit(time_limit), f"training.time_limit {time_limit}"
+        if end is not None:
+            LOG.info(
+                "deadline: %s (%s), stopping with %.0f s to spare",
+                datetime.datetime.fromtimestamp(end).isoformat(timespec="seconds"),
+                source,
+                margin_seconds,
+            )
         return cls(end, margin_seconds, clock)
 
     def record_step(self, seconds: float) -> None:

@@ -228,10 +228,24 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
     seq_len = int(dataset.index["max_total_sequence_length"])
     pad_id = int(dataset.index["pad_token_id"])
     plan = TrainingPlan.make(tcfg, len(dataset), parallel.dp_size)
-    target = job_target_step(plan.total_steps, spec.job_index, spec.num_jobs)
+    # Only rank 0 asks Slurm for the end time (hundreds of ranks must not all call squeue) and decides when
+    # to stop; the stop flag reaches the other ranks through the loop's per-step all-reduce.
+    deadline = (
+        Deadline.from_config(
+            tcfg["time_limit"], tcfg["time_margin_seconds"], t_process_start, dict(os.environ), clock=clock
+        )
+        if parallel.is_main
+        else Deadline(None, tcfg["time_margin_seconds"], clock=clock)
+    )
+    has_deadline = parallel.any_rank(deadline.end_time is not None)
+    # Without a deadline job i of N trains its equal share. With one (a Slurm job, or training.time_limit)
+    # it trains on towards the end until the deadline stops it, as NeMo-RL's chained jobs do: a job that
+    # finishes early leaves the later ones nothing to do, and one that stops early is caught up by the next.
+    share = job_target_step(plan.total_steps, spec.job_index, spec.num_jobs)
+    target = plan.total_steps if has_deadline else share
     fingerprint = data_fingerprint(spec.packed)
     LOG.info(
-        "job %d/%d: %d bins of %d tokens, %d steps per epoch, total %d steps, this job trains to step %d; "
+        "job %d/%d: %d bins of %d tokens, %d steps per epoch, total %d steps, this job trains to step %d%s; "
         "world %d = dp %d x tp %d, micro-batch %d, gradient accumulation %d",
         spec.job_index,
         spec.num_jobs,
@@ -240,6 +254,7 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
         plan.steps_per_epoch,
         plan.total_steps,
         target,
+        "" if not has_deadline else " or until its deadline",
         parallel.world_size,
         parallel.dp_size,
         parallel.tp,
@@ -288,9 +303,6 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
         total=plan.total_steps,
     )
     sampler = BinSampler(plan, parallel.dp_rank, tcfg["seed"])
-    deadline = Deadline.from_config(
-        tcfg["time_limit"], tcfg["time_margin_seconds"], t_process_start, dict(os.environ), clock=clock
-    )
 
     step = 0
     if latest is not None:

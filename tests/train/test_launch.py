@@ -1,0 +1,134 @@
+"""The train_job rule's launch: config as ++ arguments, the planned torchrun / srun + torchrun command, the
+placeholders filled in from the Slurm allocation, and the launcher's exit codes."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sftflow.errors import SftflowError
+from sftflow.train.cli import (
+    config_overrides,
+    fill_placeholders,
+    launch_main,
+    load_train_config,
+    planned_command,
+)
+from sftflow.train.config import validate_sections
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    "files", [("config/config.yaml",), ("config/config.yaml", "config/examples/llama3.1-8b-8x8.yaml")]
+)
+def test_overrides_rebuild_the_config_exactly(files):
+    config: dict = {}
+    for name in files:  # a --configfile is merged over config/config.yaml, section by section
+        for section, values in yaml.safe_load((REPO / name).read_text()).items():
+            if isinstance(values, dict):
+                config.setdefault(section, {}).update(values)
+    config = validate_sections({"training": config["training"], "packing": config["packing"]})
+    args = config_overrides(config)
+    assert args and all(a.startswith(("++training.", "++packing.")) for a in args)
+    assert load_train_config(None, args) == config
+
+
+def test_overrides_keep_types_that_yaml_would_misread():
+    config = validate_sections(
+        {
+            "training": {"time_limit": "4:00:00", "learning_rate": 1e-5, "average_steps": [2, 4]},
+            "packing": {"max_total_sequence_length": 64},
+        }
+    )
+    args = config_overrides(config)
+    assert "++training.time_limit='4:00:00'" in args  # unquoted, YAML 1.1 reads 4:00:00 as the number 14400
+    assert "++training.learning_rate=1.0e-05" in args  # "1e-05" would come back as a string
+    assert "++training.average_steps=[2, 4]" in args
+    assert load_train_config(None, args) == config
+
+
+def test_single_node_is_plain_torchrun_and_multi_node_is_srun_with_placeholders():
+    training = {"num_nodes": 1, "num_gpus": 2}
+    cmd = planned_command("py", "scripts/train.py", training, ["--packed", "my data"], "d.done", "t.log")
+    assert cmd[: cmd.index("--") + 1] == [
+        "py", "scripts/train.py", "launch", "--num-nodes", "1", "--master-port", "29500",
+        "--done-file", "d.done", "--log", "t.log", "--",
+    ]  # fmt: skip
+    assert cmd[cmd.index("--") + 1 :] == [
+        "py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "scripts/train.py",
+        "--packed", "my data",
+    ]  # fmt: skip
+    multi = planned_command("py", "scripts/train.py", {"num_nodes": 8, "num_gpus": 8}, [], "d.done", "t.log", 29400)
+    line = shlex.join(multi)
+    assert (
+        "-- srun --nodes=8 --ntasks=8 --ntasks-per-node=1 --kill-on-bad-exit=1 py -m torch.distributed.run "
+        "--nnodes=8 --nproc-per-node=8 --rdzv-backend=c10d '--rdzv-endpoint={head}:{port}' "
+        "'--rdzv-id=sftflow-{job_id}' scripts/train.py"
+    ) in line
+    assert shlex.split(line) == multi  # quoted once, read back unchanged (paths with spaces included)
+
+
+def fake_scontrol(nodelist: str, names: list[str], addr: str):
+    def run(argv, **kwargs):
+        if argv[:3] == ["scontrol", "show", "job"]:
+            out = f"JobId={argv[3]} JobName=x NodeList={nodelist} NumNodes={len(names)}"
+        elif argv[:3] == ["scontrol", "show", "hostnames"]:
+            out = "\n".join(names) + "\n"
+        elif argv[:3] == ["scontrol", "show", "node"]:
+            out = f"NodeName={argv[3]} Arch=x86_64 NodeAddr={addr} NodeHostName={argv[3]}"
+        else:
+            raise AssertionError(argv)
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+    return run
+
+
+def test_placeholders_take_the_first_node_a_per_job_port_and_the_job_id():
+    planned = planned_command("py", "t.py", {"num_nodes": 2, "num_gpus": 4}, ["--x"], "d", "l", 29500)
+    run = fake_scontrol("gpu[07-08]", ["gpu07", "gpu08"], "10.0.0.7")
+    filled = fill_placeholders(planned, 2, 29500, env={"SLURM_JOB_ID": "123456"}, run=run)
+    assert "--rdzv-endpoint=10.0.0.7:29956" in filled and "--rdzv-id=sftflow-123456" in filled
+    assert not any("{" in arg for arg in filled)
+    with pytest.raises(SftflowError, match=r"'training.num_nodes' is 3, but this Slurm job 123456 has 2 node"):
+        fill_placeholders(planned, 3, 29500, env={"SLURM_JOB_ID": "123456"}, run=run)
+    with pytest.raises(SftflowError, match=r"'training.num_nodes' is 2: a multi-node job runs inside a Slurm"):
+        fill_placeholders(planned, 2, 29500, env={})
+    single = planned_command("py", "t.py", {"num_nodes": 1, "num_gpus": 1}, [], "d", "l")
+    assert fill_placeholders(single, 1, 29500, env={}) == single  # nothing to fill, no Slurm needed
+
+
+def write_done(path: Path, **record) -> list[str]:
+    """A command that writes `record` as the done-file, standing in for the training ranks."""
+    code = f"import json, pathlib; pathlib.Path({str(path)!r}).write_text(json.dumps({record!r})); print('ranks ran')"
+    return [sys.executable, "-c", code]
+
+
+def test_launcher_exit_codes_and_log(tmp_path):
+    log, done = tmp_path / "train_job1.log", tmp_path / "job1.done"
+    base = ["--done-file", str(done), "--log", str(log), "--"]
+    record = {"job_index": 1, "num_jobs": 2, "end_step": 6, "total_steps": 9, "remaining_steps": 3,
+              "checkpoint": "ckpt/step_00000006"}  # fmt: skip
+    # the last job finished: 0
+    assert launch_main([*base, *write_done(done, **record, complete=True)]) == 0
+    text = log.read_text()
+    assert "launching: " in text and "ranks ran" in text
+    # an earlier job stopped at its deadline: 0 (the next job resumes)
+    assert launch_main([*base, *write_done(done, **{**record, "job_index": 0}, complete=False)]) == 0
+    # the last job stopped with steps left: 3, and the log says what to do
+    assert launch_main([*base, *write_done(done, **record, complete=False)]) == 3
+    text = log.read_text()
+    assert "ranks ran" in text and "stopped before its deadline at step 6 of 9 (3 steps remain)" in text
+    # the ranks failed: 1, naming the log
+    assert launch_main([*base, sys.executable, "-c", "raise SystemExit(7)"]) == 1
+    assert "training failed (exit code 7)" in log.read_text()
+    # a multi-node command outside Slurm: 2, naming the config key; nothing is run
+    multi = planned_command(sys.executable, "t.py", {"num_nodes": 2, "num_gpus": 1}, [], str(done), str(log))
+    done.unlink()
+    assert launch_main(multi[multi.index("launch") + 1 :]) == 2
+    assert "'training.num_nodes' is 2" in log.read_text() and not done.exists()
