@@ -1,0 +1,28 @@
+"""megatron-core's GPTModel for a HF model layout (local layer spec: megatron-core modules only, no
+Transformer Engine). Needs megatron-core's parallel state to be initialised (`parallel_state.initialize_model_parallel`)."""
+
+from __future__ import annotations
+
+from sftflow.megatron.hf_config import ModelLayout, gpt_model_kwargs, transformer_config_kwargs
+
+
+def build_gpt_model(
+    layout: ModelLayout,
+    padded_vocab: int,
+    max_sequence_length: int,
+    cpu_init: bool = False,
+    **parallel,
+):
+    """GPTModel with `parallel` (tensor_model_parallel_size, expert_model_parallel_size, ...) in its config."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(**transformer_config_kwargs(layout), use_cpu_initialization=cpu_init, **parallel)
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    return GPTModel(config, spec, **gpt_model_kwargs(layout, padded_vocab, max_sequence_length))
+
+
+def weight_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight of a GPTModel (without megatron's `_extra_state` entries)."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}

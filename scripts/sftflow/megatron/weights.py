@@ -1,0 +1,264 @@
+"""Hugging Face <-> megatron-core GPTModel weights, and their tensor / expert parallel shards.
+
+Names are those of GPTModel built with megatron-core's local layer spec (`get_gpt_layer_local_spec`):
+
+    embedding.word_embeddings.weight                          model.embed_tokens.weight (vocab padded)
+    decoder.layers.{i}.input_layernorm.weight                 model.layers.{i}.input_layernorm.weight
+    decoder.layers.{i}.self_attention.linear_qkv.{weight,bias} q_proj, k_proj, v_proj fused per query group
+    decoder.layers.{i}.self_attention.q_layernorm.weight      ...self_attn.q_norm.weight (qwen3)
+    decoder.layers.{i}.self_attention.k_layernorm.weight      ...self_attn.k_norm.weight (qwen3)
+    decoder.layers.{i}.self_attention.linear_proj.weight      ...self_attn.o_proj.weight
+    decoder.layers.{i}.pre_mlp_layernorm.weight               ...post_attention_layernorm.weight
+    decoder.layers.{i}.mlp.linear_fc1.weight                  [gate_proj; up_proj]
+    decoder.layers.{i}.mlp.linear_fc2.weight                  down_proj
+    decoder.layers.{i}.mlp.router.weight                      ...mlp.gate.weight (MoE layers)
+    decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight   ...mlp.experts.gate_up_proj[e]
+    decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc2.weight   ...mlp.experts.down_proj[e]
+    decoder.final_layernorm.weight                            model.norm.weight
+    output_layer.weight                                       lm_head.weight (absent when tied)
+
+The fused QKV holds, for each of the num_kv_heads query groups in turn, that group's query heads, then
+its key head, then its value head: megatron splits it that way (SelfAttention.get_query_key_value_tensors),
+and a tensor-parallel rank holds a contiguous run of whole groups. The gated MLP's fc1 is [gate; up], so
+a TP rank holds [its gate rows; its up rows] (not a contiguous slice). HF state dicts are those of
+transformers 5 models (`model.state_dict()`), whose MoE experts are fused 3-D tensors.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from sftflow.errors import SftflowError
+from sftflow.megatron.hf_config import ModelLayout
+
+# How each megatron weight is split across tensor-parallel ranks.
+COLUMN, ROW, VOCAB, GATED, REPLICATED = "column", "row", "vocab", "gated", "replicated"
+
+
+def _hf_layer(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def _mc_layer(i: int) -> str:
+    return f"decoder.layers.{i}."
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: ModelLayout) -> torch.Tensor:
+    """HF q/k/v projections (weights [out, hidden] or biases [out]) -> megatron's per-group QKV."""
+    groups, hpg, d = layout.num_kv_heads, layout.heads_per_group, layout.head_dim
+    tail = q.shape[1:]
+    parts = (q.reshape(groups, hpg * d, *tail), k.reshape(groups, d, *tail), v.reshape(groups, d, *tail))
+    return torch.cat(parts, dim=1).reshape(groups * (hpg + 2) * d, *tail)
+
+
+def split_qkv(qkv: torch.Tensor, layout: ModelLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    groups, hpg, d = layout.num_kv_heads, layout.heads_per_group, layout.head_dim
+    tail = qkv.shape[1:]
+    per_group = qkv.reshape(groups, (hpg + 2) * d, *tail)
+    q, k, v = torch.split(per_group, [hpg * d, d, d], dim=1)
+    return (
+        q.reshape(groups * hpg * d, *tail).clone(),
+        k.reshape(groups * d, *tail).clone(),
+        v.reshape(groups * d, *tail).clone(),
+    )
+
+
+def _pad_vocab(weight: torch.Tensor, padded: int) -> torch.Tensor:
+    if padded < weight.shape[0]:
+        raise SftflowError(f"padded vocabulary {padded} is smaller than the model's {weight.shape[0]}")
+    if padded == weight.shape[0]:
+        return weight.clone()
+    return torch.cat([weight, weight.new_zeros(padded - weight.shape[0], *weight.shape[1:])])
+
+
+class _Source:
+    """Reads named tensors from one state dict, remembering which were read, so that a tensor left over
+    (a weight the mapping does not know) is an error rather than silently dropped."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], label: str, layout: ModelLayout) -> None:
+        self.tensors, self.label, self.model_type = tensors, label, layout.model_type
+        self.used: set[str] = set()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise SftflowError(f"{self.label} weights: {name} is missing (model_type {self.model_type})")
+        self.used.add(name)
+        return self.tensors[name]
+
+    def check_all_used(self, target: str) -> None:
+        unused = sorted(set(self.tensors) - self.used)
+        if unused:
+            raise SftflowError(
+                f"{self.label} weights not mapped to {target} (model_type {self.model_type}): {unused[:5]}"
+            )
+
+
+def hf_to_megatron(hf: dict[str, torch.Tensor], layout: ModelLayout, padded_vocab: int) -> dict[str, torch.Tensor]:
+    """The full (unsharded) GPTModel state dict of a HF model's state dict. Every HF tensor is used once;
+    a missing or unexpected one is an error naming it."""
+    take = _Source(hf, "HF", layout)
+    out = {"embedding.word_embeddings.weight": _pad_vocab(take("model.embed_tokens.weight"), padded_vocab)}
+    for i in range(layout.num_layers):
+        h, m = _hf_layer(i), _mc_layer(i)
+        out[m + "input_layernorm.weight"] = take(h + "input_layernorm.weight").clone()
+        attn = h + "self_attn."
+        out[m + "self_attention.linear_qkv.weight"] = fuse_qkv(
+            take(attn + "q_proj.weight"), take(attn + "k_proj.weight"), take(attn + "v_proj.weight"), layout
+        )
+        if layout.qkv_bias:
+            out[m + "self_attention.linear_qkv.bias"] = fuse_qkv(
+                take(attn + "q_proj.bias"), take(attn + "k_proj.bias"), take(attn + "v_proj.bias"), layout
+            )
+        if layout.qk_norm:
+            out[m + "self_attention.q_layernorm.weight"] = take(attn + "q_norm.weight").clone()
+            out[m + "self_attention.k_layernorm.weight"] = take(attn + "k_norm.weight").clone()
+        out[m + "self_attention.linear_proj.weight"] = take(attn + "o_proj.weight").clone()
+        out[m + "pre_mlp_layernorm.weight"] = take(h + "post_attention_layernorm.weight").clone()
+        if layout.is_moe_layer(i):
+            out[m + "mlp.router.weight"] = take(h + "mlp.gate.weight").clone()
+            gate_up, down = take(h + "mlp.experts.gate_up_proj"), take(h + "mlp.experts.down_proj")
+            for e in range(layout.num_experts):
+                out[m + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up[e].clone()
+                out[m + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = down[e].clone()
+        else:
+            out[m + "mlp.linear_fc1.weight"] = torch.cat(
+                [take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")]
+            )
+            out[m + "mlp.linear_fc2.weight"] = take(h + "mlp.down_proj.weight").clone()
+    out["decoder.final_layernorm.weight"] = take("model.norm.weight").clone()
+    if not layout.tied_embeddings:
+        out["output_layer.weight"] = _pad_vocab(take("lm_head.weight"), padded_vocab)
+    elif "lm_head.weight" in hf:
+        take("lm_head.weight")  # tied: the same tensor as the embedding
+    take.check_all_used("megatron")
+    return out
+
+
+def megatron_to_hf(mc: dict[str, torch.Tensor], layout: ModelLayout) -> dict[str, torch.Tensor]:
+    """The HF state dict of a full GPTModel state dict (vocab padding dropped); inverse of hf_to_megatron."""
+    take = _Source(mc, "megatron", layout)
+    vocab = layout.vocab_size
+    hf = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight")[:vocab].clone()}
+    for i in range(layout.num_layers):
+        h, m = _hf_layer(i), _mc_layer(i)
+        hf[h + "input_layernorm.weight"] = take(m + "input_layernorm.weight").clone()
+        attn = h + "self_attn."
+        q, k, v = split_qkv(take(m + "self_attention.linear_qkv.weight"), layout)
+        hf[attn + "q_proj.weight"], hf[attn + "k_proj.weight"], hf[attn + "v_proj.weight"] = q, k, v
+        if layout.qkv_bias:
+            q, k, v = split_qkv(take(m + "self_attention.linear_qkv.bias"), layout)
+            hf[attn + "q_proj.bias"], hf[attn + "k_proj.bias"], hf[attn + "v_proj.bias"] = q, k, v
+        if layout.qk_norm:
+            hf[attn + "q_norm.weight"] = take(m + "self_attention.q_layernorm.weight").clone()
+            hf[attn + "k_norm.weight"] = take(m + "self_attention.k_layernorm.weight").clone()
+        hf[attn + "o_proj.weight"] = take(m + "self_attention.linear_proj.weight").clone()
+        hf[h + "post_attention_layernorm.weight"] = take(m + "pre_mlp_layernorm.weight").clone()
+        if layout.is_moe_layer(i):
+            hf[h + "mlp.gate.weight"] = take(m + "mlp.router.weight").clone()
+            experts = range(layout.num_experts)
+            hf[h + "mlp.experts.gate_up_proj"] = torch.stack(
+                [take(m + f"mlp.experts.local_experts.{e}.linear_fc1.weight") for e in experts]
+            )
+            hf[h + "mlp.experts.down_proj"] = torch.stack(
+                [take(m + f"mlp.experts.local_experts.{e}.linear_fc2.weight") for e in experts]
+            )
+        else:
+            gate, up = torch.chunk(take(m + "mlp.linear_fc1.weight"), 2, dim=0)
+            hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"] = gate.clone(), up.clone()
+            hf[h + "mlp.down_proj.weight"] = take(m + "mlp.linear_fc2.weight").clone()
+    hf["model.norm.weight"] = take("decoder.final_layernorm.weight").clone()
+    if layout.tied_embeddings:
+        hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
+    else:
+        hf["lm_head.weight"] = take("output_layer.weight")[:vocab].clone()
+    take.check_all_used("HF")
+    return hf
+
+
+_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+
+
+def split_kind(name: str) -> str:
+    """How the megatron weight `name` is split across tensor-parallel ranks (experts: expert-TP ranks)."""
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return VOCAB
+    if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+        return COLUMN
+    if name.endswith("linear_fc1.weight"):
+        return GATED
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return ROW
+    return REPLICATED
+
+
+def _split(tensor: torch.Tensor, kind: str, parts: int, rank: int, name: str) -> torch.Tensor:
+    if parts == 1 or kind == REPLICATED:
+        return tensor.clone()
+    if kind == GATED:
+        gate, up = torch.chunk(tensor, 2, dim=0)
+        if gate.shape[0] % parts:
+            raise SftflowError(f"{name}: {gate.shape[0]} MLP rows do not split into {parts} tensor-parallel ranks")
+        return torch.cat([torch.chunk(gate, parts)[rank], torch.chunk(up, parts)[rank]]).clone()
+    dim = 1 if kind == ROW else 0
+    if tensor.shape[dim] % parts:
+        raise SftflowError(f"{name}: dimension {dim} ({tensor.shape[dim]}) does not split into {parts} ranks")
+    return torch.chunk(tensor, parts, dim=dim)[rank].clone()
+
+
+def _join(shards: list[torch.Tensor], kind: str) -> torch.Tensor:
+    if len(shards) == 1 or kind == REPLICATED:
+        return shards[0].clone()
+    if kind == GATED:
+        halves = [torch.chunk(s, 2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+    return torch.cat(shards, dim=1 if kind == ROW else 0)
+
+
+def shard(
+    mc: dict[str, torch.Tensor], layout: ModelLayout, tp: int = 1, tp_rank: int = 0, ep: int = 1, ep_rank: int = 0,
+    etp: int = 1, etp_rank: int = 0,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """One rank's part of a full GPTModel state dict: dense weights split over `tp` ranks; experts split over
+    `ep` ranks (rank r holds experts r*E/ep ... as local_experts.0 ...), each split over `etp` ranks."""
+    if layout.num_kv_heads % tp:
+        raise SftflowError(f"num_key_value_heads ({layout.num_kv_heads}) must be divisible by tensor parallel {tp}")
+    if layout.num_experts and layout.num_experts % ep:
+        raise SftflowError(f"num_experts ({layout.num_experts}) must be divisible by expert parallel {ep}")
+    per_rank = layout.num_experts // ep if layout.num_experts else 0
+    out = {}
+    for name, tensor in mc.items():
+        expert = _EXPERT.match(name)
+        if expert:
+            e = int(expert[2])
+            if e // per_rank != ep_rank:
+                continue
+            local = f"{expert[1]}{e - ep_rank * per_rank}{expert[3]}"
+            out[local] = _split(tensor, split_kind(name), etp, etp_rank, name)
+        else:
+            out[name] = _split(tensor, split_kind(name), tp, tp_rank, name)
+    return out
+
+
+def unshard(
+    shards: dict[tuple[int, int, int], dict[str, torch.Tensor]], layout: ModelLayout
+) -> dict[str, torch.Tensor]:
+    """The full state dict from every rank's part, keyed (tp_rank, ep_rank, etp_rank); inverse of shard.
+
+    Dense weights are read from ep_rank 0 / etp_rank 0 (the other copies are replicas); expert weights
+    from tp_rank 0 of each (ep_rank, etp_rank)."""
+    tp = 1 + max(k[0] for k in shards)
+    ep = 1 + max(k[1] for k in shards)
+    etp = 1 + max(k[2] for k in shards)
+    per_rank = layout.num_experts // ep if layout.num_experts else 0
+    out: dict[str, torch.Tensor] = {}
+    for name in shards[(0, 0, 0)]:
+        expert = _EXPERT.match(name)
+        if expert:
+            for r in range(ep):
+                full = f"{expert[1]}{int(expert[2]) + r * per_rank}{expert[3]}"
+                out[full] = _join([shards[(0, r, j)][name] for j in range(etp)], split_kind(name))
+        else:
+            out[name] = _join([shards[(t, 0, 0)][name] for t in range(tp)], split_kind(name))
+    return out

@@ -1,0 +1,67 @@
+"""One rank of a CPU (gloo) megatron-core world, run by torchrun from tests/megatron/test_mapping.py.
+
+Builds GPTModel for the HF model in MODEL_DIR with the given parallel sizes, maps the HF weights with
+sftflow.megatron.weights, loads this rank's shard with strict=True (every name and shape must be the
+one megatron-core itself gives this rank), and writes the rank's coordinates and weight shapes as JSON.
+
+    torchrun --standalone --nproc-per-node=W megatron_ranks.py MODEL_DIR OUT_DIR TP EP ETP
+"""
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+def main() -> None:
+    model_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    tp, ep, etp = (int(x) for x in sys.argv[3:6])
+    dist.init_process_group("gloo")
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                 expert_tensor_parallel_size=etp)  # fmt: skip
+    from safetensors.torch import load_file
+
+    from sftflow.megatron.hf_config import model_layout, padded_vocab_size
+    from sftflow.megatron.model import build_gpt_model, weight_shapes
+    from sftflow.megatron.weights import hf_to_megatron, shard
+
+    layout = model_layout(json.loads((model_dir / "config.json").read_text()))
+    padded = padded_vocab_size(layout.vocab_size, tp)
+    parallel = {"tensor_model_parallel_size": tp, "expert_model_parallel_size": ep}
+    if layout.num_experts:
+        parallel["expert_tensor_parallel_size"] = etp
+    model = build_gpt_model(layout, padded, 64, cpu_init=True, **parallel)
+    ranks = {
+        "tp": ps.get_tensor_model_parallel_rank(),
+        "ep": ps.get_expert_model_parallel_rank(),
+        "etp": ps.get_expert_tensor_parallel_rank(),
+    }
+    hf = load_file(model_dir / "model.safetensors")
+    if layout.tied_embeddings:
+        hf.setdefault("lm_head.weight", hf["model.embed_tokens.weight"])
+    mine = shard(hf_to_megatron(hf, layout, padded), layout, tp, ranks["tp"], ep, ranks["ep"], etp, ranks["etp"])
+    extra = {k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")}
+    model.load_state_dict({**mine, **extra}, strict=True)  # names and shapes exactly as megatron-core shards them
+    loaded = {k: torch.equal(v, mine[k]) for k, v in model.state_dict().items() if k in mine}
+    record = {
+        "ranks": ranks,
+        "shapes": weight_shapes(model),
+        "loaded": all(loaded.values()) and len(loaded) == len(mine),
+    }
+    (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

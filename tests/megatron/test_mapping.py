@@ -1,0 +1,167 @@
+"""HF <-> megatron-core weights and configs (issue 6, the CPU part): tiny Llama, Qwen2, Qwen3 and Qwen3-MoE
+models built on the fly round-trip bit-exactly through megatron's layout and its TP / EP / expert-TP shards,
+and megatron-core's own GPTModel (built on CPU, gloo ranks under torchrun) accepts every rank's shard with
+strict=True."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sftflow.errors import SftflowError
+from sftflow.megatron.hf_config import model_layout, padded_vocab_size, transformer_config_kwargs
+from sftflow.megatron.weights import fuse_qkv, hf_to_megatron, megatron_to_hf, shard, unshard
+
+HERE = Path(__file__).resolve().parent
+SMALL = {"vocab_size": 100, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 3,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}  # fmt: skip
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}  # fmt: skip
+FAMILIES = {
+    "llama": ("LlamaConfig", {"head_dim": 16}),
+    "llama3-tied": ("LlamaConfig", {"tie_word_embeddings": True, "rope_parameters": LLAMA3_ROPE}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 16, "mlp_only_layers": [1], "norm_topk_prob": True}),
+}  # fmt: skip
+
+
+def hf_model(family: str):
+    import transformers
+
+    name, extra = FAMILIES[family]
+    config = getattr(transformers, name)(**SMALL, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # norms start at 1; make every tensor distinct so a misplaced one cannot go unseen
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_hf_megatron_hf_and_every_shard_layout_round_trip_bit_exactly(family):
+    model = hf_model(family)
+    hf = model.state_dict()
+    layout = model_layout(model.config.to_dict())
+    padded = padded_vocab_size(layout.vocab_size, 2)
+    mc = hf_to_megatron(hf, layout, padded)
+    assert mc["embedding.word_embeddings.weight"].shape == (padded, 48)  # padded with zero rows
+    assert not mc["embedding.word_embeddings.weight"][layout.vocab_size :].any()
+    assert ("output_layer.weight" in mc) == (not layout.tied_embeddings)
+    back = megatron_to_hf(mc, layout)
+    assert back.keys() == hf.keys()
+    for name in hf:
+        assert torch.equal(back[name], hf[name]), name
+    model.load_state_dict(back, strict=True)
+
+    layouts = [(2, 1, 1)] + ([(1, 2, 1), (2, 2, 1), (1, 2, 2), (2, 2, 2)] if layout.num_experts else [])
+    for tp, ep, etp in layouts:
+        shards = {
+            (t, e, j): shard(mc, layout, tp, t, ep, e, etp, j) for t in range(tp) for e in range(ep) for j in range(etp)
+        }
+        joined = unshard(shards, layout)
+        assert joined.keys() == mc.keys(), (tp, ep, etp)
+        for name in mc:
+            assert torch.equal(joined[name], mc[name]), (tp, ep, etp, name)
+        if ep > 1:  # each expert-parallel rank holds its own half of the experts, renumbered from 0
+            first = shards[(0, 1, 0)]["decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"]
+            assert torch.equal(
+                first, torch.chunk(mc["decoder.layers.0.mlp.experts.local_experts.2.linear_fc2.weight"], etp, 1)[0]
+            )
+
+
+def test_qkv_is_fused_per_query_group_and_fc1_shards_keep_gate_and_up_apart():
+    layout = model_layout({"model_type": "llama", **SMALL, "head_dim": 3})  # 2 groups of 2 query heads
+    d, hidden = 3, 48
+    q = torch.arange(4 * d)[:, None].expand(-1, hidden).float()  # row r of q = r
+    k = 100 + torch.arange(2 * d)[:, None].expand(-1, hidden).float()
+    v = 200 + torch.arange(2 * d)[:, None].expand(-1, hidden).float()
+    rows = fuse_qkv(q, k, v, layout)[:, 0].tolist()
+    # group 0: its 2 query heads, its key head, its value head; then group 1
+    assert rows == [*range(0, 6), 100, 101, 102, 200, 201, 202, *range(6, 12), 103, 104, 105, 203, 204, 205]
+    fc1 = torch.cat([torch.zeros(4, 1), torch.ones(4, 1)])  # [gate; up]
+    mc = {"decoder.layers.0.mlp.linear_fc1.weight": fc1}
+    rank1 = shard(mc, layout, tp=2, tp_rank=1)["decoder.layers.0.mlp.linear_fc1.weight"]
+    assert rank1[:, 0].tolist() == [0, 0, 1, 1]  # its gate rows, then its up rows
+
+
+def test_config_translation_and_what_it_refuses():
+    model = hf_model("qwen3_moe")
+    layout = model_layout(model.config.to_dict())
+    assert (layout.num_experts, layout.moe_top_k, layout.moe_ffn_hidden_size) == (4, 2, 16)
+    assert layout.moe_layers == (True, False, True) and layout.qk_norm and not layout.qkv_bias
+    kwargs = transformer_config_kwargs(layout)
+    assert kwargs["moe_layer_freq"] == [1, 0, 1] and kwargs["num_query_groups"] == 2 and kwargs["kv_channels"] == 16
+    assert kwargs["moe_router_pre_softmax"] is False  # norm_topk_prob: top-k, then softmax over the chosen
+    llama3 = model_layout(hf_model("llama3-tied").config.to_dict())
+    assert (llama3.rope_theta, llama3.rope_scaling_factor, llama3.tied_embeddings) == (500000.0, 8.0, True)
+    assert model_layout({"model_type": "qwen2", **SMALL}).qkv_bias
+    with pytest.raises(SftflowError, match=r"cfg.json: model_type 'gpt2' is not supported by backend megatron"):
+        model_layout({"model_type": "gpt2", **SMALL}, where="cfg.json")
+    with pytest.raises(SftflowError, match=r"RoPE type 'yarn'"):
+        model_layout({"model_type": "qwen3", **SMALL, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(SftflowError, match=r"high_freq_factor=2.0"):
+        model_layout({"model_type": "llama", **SMALL, "rope_parameters": {**LLAMA3_ROPE, "high_freq_factor": 2.0}})
+    with pytest.raises(SftflowError, match=r"use_sliding_window"):
+        model_layout({"model_type": "qwen2", **SMALL, "use_sliding_window": True})
+    with pytest.raises(SftflowError, match=r"num_key_value_heads \(2\) must be divisible by tensor parallel 4"):
+        shard({}, model_layout({"model_type": "llama", **SMALL}), tp=4)
+
+
+def save_hf(model, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # the same storage as the embedding
+    save_file(state, path / "model.safetensors")
+    return path
+
+
+@pytest.mark.parametrize(
+    "family,tp,ep,etp",
+    [
+        ("llama", 2, 1, 1),
+        ("qwen2", 2, 1, 1),
+        ("qwen3_moe", 2, 1, 1),
+        ("qwen3_moe", 1, 2, 1),
+        ("qwen3_moe", 2, 2, 2),
+    ],  # fmt: skip
+)
+def test_megatron_core_accepts_every_ranks_shard(family, tp, ep, etp, tmp_path):
+    model_dir = save_hf(hf_model(family), tmp_path / "hf")
+    world = max(tp, ep * etp)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           str(HERE / "megatron_ranks.py"), str(model_dir), str(out), str(tp), str(ep), str(etp)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    assert all(r["loaded"] for r in records)
+    coordinates = sorted((r["ranks"]["tp"], r["ranks"]["ep"], r["ranks"]["etp"]) for r in records)
+    assert len(set(coordinates)) == world  # every rank held a different part
+    qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
+    head_dim = FAMILIES[family][1].get("head_dim", 48 // 4)
+    assert records[0]["shapes"][qkv][0] == (4 + 2 * 2) * head_dim // tp  # (heads + 2 x kv heads) x head_dim / TP
+
+
+def test_a_weight_the_mapping_does_not_know_is_an_error_not_dropped():
+    model = hf_model("qwen3")
+    layout = model_layout(model.config.to_dict())
+    hf = {**model.state_dict(), "model.layers.0.self_attn.extra_scale": torch.ones(3)}
+    with pytest.raises(SftflowError, match=r"HF weights not mapped to megatron .*extra_scale"):
+        hf_to_megatron(hf, layout, padded_vocab_size(layout.vocab_size, 1))
+    hf = dict(model.state_dict())
+    del hf["model.layers.2.self_attn.k_norm.weight"]
+    with pytest.raises(SftflowError, match=r"HF weights: model.layers.2.self_attn.k_norm.weight is missing"):
+        hf_to_megatron(hf, layout, padded_vocab_size(layout.vocab_size, 1))
