@@ -4,7 +4,7 @@ Builds GPTModel for the HF model in MODEL_DIR with the given parallel sizes, map
 sftflow.megatron.weights, loads this rank's shard with strict=True (every name and shape must be the
 one megatron-core itself gives this rank), and writes the rank's coordinates and weight shapes as JSON.
 
-    torchrun --standalone --nproc-per-node=W megatron_ranks.py MODEL_DIR OUT_DIR TP EP ETP
+    torchrun --standalone --nproc-per-node=W megatron_ranks.py MODEL_DIR OUT_DIR TP PP EP ETP
 """
 
 import json
@@ -22,33 +22,38 @@ import torch.distributed as dist  # noqa: E402
 
 def main() -> None:
     model_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
-    tp, ep, etp = (int(x) for x in sys.argv[3:6])
+    tp, pp, ep, etp = (int(x) for x in sys.argv[3:7])
     dist.init_process_group("gloo")
     from megatron.core import parallel_state as ps
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-                                 expert_tensor_parallel_size=etp)  # fmt: skip
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)  # fmt: skip
     from safetensors.torch import load_file
 
     from sftflow.megatron.hf_config import model_layout, padded_vocab_size
     from sftflow.megatron.model import build_gpt_model, weight_shapes
-    from sftflow.megatron.weights import hf_to_megatron, shard
+    from sftflow.megatron.weights import Parallel, Rank, hf_to_megatron, shard
 
     layout = model_layout(json.loads((model_dir / "config.json").read_text()))
     padded = padded_vocab_size(layout.vocab_size, tp)
-    parallel = {"tensor_model_parallel_size": tp, "expert_model_parallel_size": ep}
+    parallel = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "expert_model_parallel_size": ep}
+    if pp > 1:
+        parallel["pipeline_dtype"] = torch.float32  # the dtype of the activations sent between stages
     if layout.num_experts:
         parallel["expert_tensor_parallel_size"] = etp
-    model = build_gpt_model(layout, padded, 64, cpu_init=True, **parallel)
+    stage = {"pre_process": ps.is_pipeline_first_stage(), "post_process": ps.is_pipeline_last_stage()}
+    model = build_gpt_model(layout, padded, 64, cpu_init=True, **stage, **parallel)
     ranks = {
         "tp": ps.get_tensor_model_parallel_rank(),
+        "pp": ps.get_pipeline_model_parallel_rank(),
         "ep": ps.get_expert_model_parallel_rank(),
         "etp": ps.get_expert_tensor_parallel_rank(),
     }
     hf = load_file(model_dir / "model.safetensors")
     if layout.tied_embeddings:
         hf.setdefault("lm_head.weight", hf["model.embed_tokens.weight"])
-    mine = shard(hf_to_megatron(hf, layout, padded), layout, tp, ranks["tp"], ep, ranks["ep"], etp, ranks["etp"])
+    at = Rank(tp=ranks["tp"], pp=ranks["pp"], ep=ranks["ep"], etp=ranks["etp"])
+    mine = shard(hf_to_megatron(hf, layout, padded), layout, Parallel(tp, pp, ep, etp), at)
     extra = {k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")}
     model.load_state_dict({**mine, **extra}, strict=True)  # names and shapes exactly as megatron-core shards them
     loaded = {k: torch.equal(v, mine[k]) for k, v in model.state_dict().items() if k in mine}

@@ -11,16 +11,25 @@ def build_gpt_model(
     padded_vocab: int,
     max_sequence_length: int,
     cpu_init: bool = False,
+    pre_process: bool = True,
+    post_process: bool = True,
     **parallel,
 ):
-    """GPTModel with `parallel` (tensor_model_parallel_size, expert_model_parallel_size, ...) in its config."""
+    """GPTModel with `parallel` (tensor_model_parallel_size, expert_model_parallel_size, ...) in its config;
+    `pre_process` / `post_process`: this pipeline stage holds the embedding / the output layer."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     config = TransformerConfig(**transformer_config_kwargs(layout), use_cpu_initialization=cpu_init, **parallel)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
-    return GPTModel(config, spec, **gpt_model_kwargs(layout, padded_vocab, max_sequence_length))
+    return GPTModel(
+        config,
+        spec,
+        pre_process=pre_process,
+        post_process=post_process,
+        **gpt_model_kwargs(layout, padded_vocab, max_sequence_length),
+    )
 
 
 def weight_shapes(model) -> dict[str, tuple[int, ...]]:

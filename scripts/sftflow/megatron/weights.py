@@ -27,6 +27,7 @@ transformers 5 models (`model.state_dict()`), whose MoE experts are fused 3-D te
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -216,49 +217,101 @@ def _join(shards: list[torch.Tensor], kind: str) -> torch.Tensor:
     return torch.cat(shards, dim=1 if kind == ROW else 0)
 
 
-def shard(
-    mc: dict[str, torch.Tensor], layout: ModelLayout, tp: int = 1, tp_rank: int = 0, ep: int = 1, ep_rank: int = 0,
-    etp: int = 1, etp_rank: int = 0,
-) -> dict[str, torch.Tensor]:  # fmt: skip
-    """One rank's part of a full GPTModel state dict: dense weights split over `tp` ranks; experts split over
-    `ep` ranks (rank r holds experts r*E/ep ... as local_experts.0 ...), each split over `etp` ranks."""
-    if layout.num_kv_heads % tp:
-        raise SftflowError(f"num_key_value_heads ({layout.num_kv_heads}) must be divisible by tensor parallel {tp}")
-    if layout.num_experts and layout.num_experts % ep:
-        raise SftflowError(f"num_experts ({layout.num_experts}) must be divisible by expert parallel {ep}")
-    per_rank = layout.num_experts // ep if layout.num_experts else 0
+@dataclass(frozen=True)
+class Parallel:
+    """Parallel sizes: tensor, pipeline, expert and expert-tensor parallel."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+
+
+@dataclass(frozen=True)
+class Rank:
+    """One rank's coordinates in those sizes."""
+
+    tp: int = 0
+    pp: int = 0
+    ep: int = 0
+    etp: int = 0
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def _check_sizes(layout: ModelLayout, sizes: Parallel) -> None:
+    if layout.num_kv_heads % sizes.tp:
+        raise SftflowError(
+            f"num_key_value_heads ({layout.num_kv_heads}) must be divisible by tensor parallel {sizes.tp}"
+        )
+    if layout.num_layers % sizes.pp:
+        raise SftflowError(f"num_hidden_layers ({layout.num_layers}) must be divisible by pipeline parallel {sizes.pp}")
+    if layout.num_experts and layout.num_experts % sizes.ep:
+        raise SftflowError(f"num_experts ({layout.num_experts}) must be divisible by expert parallel {sizes.ep}")
+
+
+def shard(mc: dict[str, torch.Tensor], layout: ModelLayout, sizes: Parallel, at: Rank) -> dict[str, torch.Tensor]:
+    """The part of a full GPTModel state dict that the rank at coordinates `at` holds.
+
+    Pipeline stage s holds layers s*L/pp ... (renumbered from 0), the embedding if first and the final norm
+    and output layer if last (with tied embeddings and pp > 1 the last stage keeps its own copy of the
+    embedding as output_layer.weight, as megatron-core does). Dense weights are split over tp ranks;
+    experts over ep ranks (rank r holds experts r*E/ep ... as local_experts.0 ...), each over etp ranks.
+    """
+    _check_sizes(layout, sizes)
+    per_stage = layout.num_layers // sizes.pp
+    per_ep = layout.num_experts // sizes.ep if layout.num_experts else 0
+    first, last = at.pp == 0, at.pp == sizes.pp - 1
     out = {}
     for name, tensor in mc.items():
-        expert = _EXPERT.match(name)
-        if expert:
-            e = int(expert[2])
-            if e // per_rank != ep_rank:
+        layer = _LAYER.match(name)
+        if layer:
+            i = int(layer[1])
+            if i // per_stage != at.pp:
                 continue
-            local = f"{expert[1]}{e - ep_rank * per_rank}{expert[3]}"
-            out[local] = _split(tensor, split_kind(name), etp, etp_rank, name)
-        else:
-            out[name] = _split(tensor, split_kind(name), tp, tp_rank, name)
+            local = f"decoder.layers.{i - at.pp * per_stage}.{layer[2]}"
+            expert = _EXPERT.match(local)
+            if expert:
+                e = int(expert[2])
+                if e // per_ep == at.ep:
+                    out[f"{expert[1]}{e - at.ep * per_ep}{expert[3]}"] = _split(
+                        tensor, split_kind(name), sizes.etp, at.etp, name
+                    )
+            else:
+                out[local] = _split(tensor, split_kind(name), sizes.tp, at.tp, name)
+        elif name == "embedding.word_embeddings.weight":
+            if first:
+                out[name] = _split(tensor, VOCAB, sizes.tp, at.tp, name)
+            if last and sizes.pp > 1 and layout.tied_embeddings:
+                out["output_layer.weight"] = _split(tensor, VOCAB, sizes.tp, at.tp, name)
+        elif last:  # final norm, output layer
+            out[name] = _split(tensor, split_kind(name), sizes.tp, at.tp, name)
     return out
 
 
 def unshard(
-    shards: dict[tuple[int, int, int], dict[str, torch.Tensor]], layout: ModelLayout
+    shards: dict[Rank, dict[str, torch.Tensor]], layout: ModelLayout, sizes: Parallel
 ) -> dict[str, torch.Tensor]:
-    """The full state dict from every rank's part, keyed (tp_rank, ep_rank, etp_rank); inverse of shard.
+    """The full state dict from every rank's part (keyed by coordinates); inverse of shard.
 
-    Dense weights are read from ep_rank 0 / etp_rank 0 (the other copies are replicas); expert weights
-    from tp_rank 0 of each (ep_rank, etp_rank)."""
-    tp = 1 + max(k[0] for k in shards)
-    ep = 1 + max(k[1] for k in shards)
-    etp = 1 + max(k[2] for k in shards)
-    per_rank = layout.num_experts // ep if layout.num_experts else 0
+    Dense weights are read from the ep/etp rank 0 copies (the others are replicas), experts from tp rank 0."""
+    per_stage = layout.num_layers // sizes.pp
+    per_ep = layout.num_experts // sizes.ep if layout.num_experts else 0
     out: dict[str, torch.Tensor] = {}
-    for name in shards[(0, 0, 0)]:
-        expert = _EXPERT.match(name)
-        if expert:
-            for r in range(ep):
-                full = f"{expert[1]}{int(expert[2]) + r * per_rank}{expert[3]}"
-                out[full] = _join([shards[(0, r, j)][name] for j in range(etp)], split_kind(name))
-        else:
-            out[name] = _join([shards[(t, 0, 0)][name] for t in range(tp)], split_kind(name))
+    for stage in range(sizes.pp):
+        last = stage == sizes.pp - 1
+        for name in shards[Rank(pp=stage)]:
+            if last and sizes.pp > 1 and layout.tied_embeddings and name == "output_layer.weight":
+                continue  # the last stage's copy of the embedding
+            layer = _LAYER.match(name)
+            full = f"decoder.layers.{int(layer[1]) + stage * per_stage}.{layer[2]}" if layer else name
+            expert = _EXPERT.match(full)
+            if expert:
+                for r in range(sizes.ep):
+                    parts = [shards[Rank(pp=stage, ep=r, etp=j)][name] for j in range(sizes.etp)]
+                    out[f"{expert[1]}{int(expert[2]) + r * per_ep}{expert[3]}"] = _join(parts, split_kind(full))
+            else:
+                parts = [shards[Rank(tp=t, pp=stage)][name] for t in range(sizes.tp)]
+                out[full] = _join(parts, split_kind(full))
     return out
