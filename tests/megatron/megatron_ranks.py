@@ -4,7 +4,10 @@ Builds GPTModel for the HF model in MODEL_DIR with the given parallel sizes, map
 sftflow.megatron.weights, loads this rank's shard with strict=True (every name and shape must be the
 one megatron-core itself gives this rank), and writes the rank's coordinates and weight shapes as JSON.
 
-    torchrun --standalone --nproc-per-node=W megatron_ranks.py MODEL_DIR OUT_DIR TP PP EP ETP
+    torchrun --standalone --nproc-per-node=W megatron_ranks.py MODEL_DIR OUT_DIR TP PP EP ETP [--forward]
+
+With --forward (one CUDA rank, NCCL: megatron-core's forward pass needs a GPU), the model is built on the
+GPU and the logits of a fixed batch (tokens.pt in OUT_DIR) are saved as logits.pt.
 """
 
 import json
@@ -23,7 +26,10 @@ import torch.distributed as dist  # noqa: E402
 def main() -> None:
     model_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
     tp, pp, ep, etp = (int(x) for x in sys.argv[3:7])
-    dist.init_process_group("gloo")
+    forward = "--forward" in sys.argv[7:]
+    if forward:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if forward else "gloo")
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -42,7 +48,7 @@ def main() -> None:
     if layout.num_experts:
         parallel["expert_tensor_parallel_size"] = etp
     stage = {"pre_process": ps.is_pipeline_first_stage(), "post_process": ps.is_pipeline_last_stage()}
-    model = build_gpt_model(layout, padded, 64, cpu_init=True, **stage, **parallel)
+    model = build_gpt_model(layout, padded, 64, cpu_init=not forward, **stage, **parallel)
     ranks = {
         "tp": ps.get_tensor_model_parallel_rank(),
         "pp": ps.get_pipeline_model_parallel_rank(),
@@ -56,13 +62,20 @@ def main() -> None:
     mine = shard(hf_to_megatron(hf, layout, padded), layout, Parallel(tp, pp, ep, etp), at)
     extra = {k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")}
     model.load_state_dict({**mine, **extra}, strict=True)  # names and shapes exactly as megatron-core shards them
-    loaded = {k: torch.equal(v, mine[k]) for k, v in model.state_dict().items() if k in mine}
+    loaded = {k: torch.equal(v.detach().cpu(), mine[k]) for k, v in model.state_dict().items() if k in mine}
     record = {
         "ranks": ranks,
         "shapes": weight_shapes(model),
         "loaded": all(loaded.values()) and len(loaded) == len(mine),
     }
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
+    if forward:
+        tokens = torch.load(out_dir / "tokens.pt", weights_only=True).cuda()
+        positions = torch.arange(tokens.shape[1], device="cuda").expand_as(tokens)
+        model.eval()
+        with torch.no_grad():
+            logits = model(tokens, positions, attention_mask=None)
+        torch.save(logits[..., : layout.vocab_size].float().cpu(), out_dir / "logits.pt")
     dist.barrier()
     dist.destroy_process_group()
 
