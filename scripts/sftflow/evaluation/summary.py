@@ -70,5 +70,5 @@ def summarize_from_snakemake(smk) -> None:
     except SftflowError as err:
         log.error("%s", err)
         raise SystemExit(f"error: {err}") from None
-    log.info("results in %s:\n%s", smk.output.json, result["table"])
-    print(result["table"], file=sys.stdout, flush=True)
+    log.info("results in %s and %s", smk.output.json, smk.output.markdown)
+    print(result["table"], file=sys.stdout, flush=True)  # once, on stdout (the log line above also reaches stderr)
