@@ -81,3 +81,63 @@ def test_sequences_longer_than_a_sliding_window_are_refused():
     with pytest.raises(SftflowError, match=r"'packing.max_total_sequence_length' \(8192\) exceeds .* window \(4096\)"):
         check_no_sliding_window(MistralConfig(sliding_window=4096), 8192)
     check_no_sliding_window(Qwen2Config(sliding_window=4096, use_sliding_window=False), 8192)
+
+
+@pytest.mark.parametrize(
+    "key", ["pipeline_model_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size"]
+)
+def test_fsdp_refuses_megatron_only_parallelism(config, key):
+    with pytest.raises(SftflowError, match=rf"'training.{key}' is 2, but backend 'fsdp' has no .*backend: megatron"):
+        check_training_keys(_with(config, **{key: 2}))
+
+
+MOE = {"num_attention_heads": 32, "num_key_value_heads": 4, "num_hidden_layers": 48, "num_experts": 128}
+
+
+@pytest.mark.parametrize(
+    "training, model, message",
+    [
+        (
+            {"num_nodes": 3, "num_gpus": 8, "tensor_model_parallel_size": 4, "pipeline_model_parallel_size": 4},
+            MOE,
+            r"\(4 x 4 x 1 = 16\) must divide the number of GPUs .* = 24\)",
+        ),
+        (
+            {"num_gpus": 8, "expert_model_parallel_size": 8, "expert_tensor_parallel_size": 2},
+            MOE,
+            r"'training.expert_model_parallel_size' x 'expert_tensor_parallel_size' .*\(8 x 2 x 1 = 16\)",
+        ),
+        (
+            {
+                "num_gpus": 8,
+                "tensor_model_parallel_size": 2,
+                "pipeline_model_parallel_size": 2,
+                "train_global_batch_size": 7,
+                "train_micro_batch_size": 1,
+            },
+            MOE,
+            r"\(7\) must be divisible by .* \(1 x 2 = 2; .*8 GPUs / \(tensor 2 x pipeline 2 x context 1\)",
+        ),
+        (
+            {"num_gpus": 8, "pipeline_model_parallel_size": 8, "train_global_batch_size": 8},
+            {**MOE, "num_hidden_layers": 36},
+            r"'training.pipeline_model_parallel_size' \(8\) must divide .*num_hidden_layers \(36\)",
+        ),
+        (
+            {"num_gpus": 8, "tensor_model_parallel_size": 8, "train_global_batch_size": 8},
+            MOE,
+            r"\(8\) must divide the model's num_key_value_heads \(4\)",
+        ),
+        (
+            {"num_gpus": 8, "expert_model_parallel_size": 8},
+            {"num_attention_heads": 32, "num_key_value_heads": 8},
+            r"number of experts \(none: not a mixture-of-experts",
+        ),
+        ({"num_gpus": 8, "expert_model_parallel_size": 8}, MOE, r"'training.backend': 'megatron' is not implemented"),
+    ],  # fmt: skip
+)
+def test_megatron_layouts_that_cannot_be_built_name_the_keys_and_numbers(config, training, model, message):
+    cfg = _with(config, backend="megatron", train_global_batch_size=64, train_micro_batch_size=1)
+    cfg["training"].update(training)
+    with pytest.raises(SftflowError, match=message):
+        check_training_keys(cfg, model_config=model)

@@ -29,6 +29,60 @@ def _demo_or_local_model_config(config: dict) -> dict | None:
     return None
 
 
+# Parallelism only backend megatron has: config key -> what it is.
+MEGATRON_ONLY = {
+    "context_parallel_size": "context parallelism",
+    "pipeline_model_parallel_size": "pipeline parallelism",
+    "expert_model_parallel_size": "expert parallelism",
+    "expert_tensor_parallel_size": "expert tensor parallelism",
+}
+
+
+def _check_batch(t: dict, world: int, dp: int, model_parallel: str) -> None:
+    gbs, mbs = t["train_global_batch_size"], t["train_micro_batch_size"]
+    if gbs % (mbs * dp):
+        raise SftflowError(
+            f"config key 'training.train_global_batch_size' ({gbs}) must be divisible by "
+            f"training.train_micro_batch_size x data-parallel size ({mbs} x {dp} = {mbs * dp}; "
+            f"data-parallel size = {world} GPUs / {model_parallel})"
+        )
+
+
+def check_megatron_layout(t: dict, world: int, model_config: dict | None) -> None:
+    """Reject a megatron parallel layout that cannot be built, naming the keys and the numbers."""
+    tp, pp, cp = t["tensor_model_parallel_size"], t["pipeline_model_parallel_size"], t["context_parallel_size"]
+    ep, etp = t["expert_model_parallel_size"], t["expert_tensor_parallel_size"]
+    gpus = f"the number of GPUs (training.num_nodes x training.num_gpus = {world})"
+    if world % (tp * pp * cp):
+        raise SftflowError(
+            "config keys 'training.tensor_model_parallel_size' x 'pipeline_model_parallel_size' x "
+            f"'context_parallel_size' ({tp} x {pp} x {cp} = {tp * pp * cp}) must divide {gpus}"
+        )
+    if world % (ep * etp * pp):
+        raise SftflowError(
+            "config keys 'training.expert_model_parallel_size' x 'expert_tensor_parallel_size' x "
+            f"'pipeline_model_parallel_size' ({ep} x {etp} x {pp} = {ep * etp * pp}) must divide {gpus}"
+        )
+    _check_batch(t, world, world // (tp * pp * cp), f"(tensor {tp} x pipeline {pp} x context {cp})")
+    if not model_config:
+        return
+    experts = model_config.get("num_experts", model_config.get("num_local_experts")) or 0
+    checks = [
+        ("tensor_model_parallel_size", tp, "num_attention_heads"),
+        ("tensor_model_parallel_size", tp, "num_key_value_heads"),
+        ("pipeline_model_parallel_size", pp, "num_hidden_layers"),
+    ]
+    for key, size, field in checks:
+        n = model_config.get(field)
+        if isinstance(n, int) and size > 1 and n % size:
+            raise SftflowError(f"config key 'training.{key}' ({size}) must divide the model's {field} ({n})")
+    if ep > 1 and (not experts or experts % ep):
+        raise SftflowError(
+            f"config key 'training.expert_model_parallel_size' ({ep}) must divide the model's number of experts "
+            f"({experts or 'none: not a mixture-of-experts model'})"
+        )
+
+
 def check_training_keys(config: dict, world_size: int | None = None, model_config: dict | None = None) -> None:
     """Reject training settings the fsdp trainer cannot run (instead of silently ignoring them).
 
@@ -36,32 +90,27 @@ def check_training_keys(config: dict, world_size: int | None = None, model_confi
     dict) to the demo's sizes or a local base model's config.json when there is one.
     """
     t = config["training"]
+    world = world_size if world_size is not None else t["num_nodes"] * t["num_gpus"]
+    model_config = model_config if model_config is not None else _demo_or_local_model_config(config)
     if t["backend"] == "megatron":
+        check_megatron_layout(t, world, model_config)  # a layout error first: it is the user's to fix
         raise SftflowError(
             "config key 'training.backend': 'megatron' is not implemented yet; use backend: fsdp "
             "(tensor_model_parallel_size is supported there, context parallelism is not)"
         )
-    cp = t["context_parallel_size"]
-    if cp > 1:
-        raise SftflowError(
-            f"config key 'training.context_parallel_size' is {cp}, but backend 'fsdp' has no context "
-            "parallelism: set it to 1, or use backend: megatron for context parallelism"
-        )
-    world = world_size if world_size is not None else t["num_nodes"] * t["num_gpus"]
+    for key, what in MEGATRON_ONLY.items():
+        if t[key] > 1:
+            raise SftflowError(
+                f"config key 'training.{key}' is {t[key]}, but backend 'fsdp' has no {what}: set it to 1, "
+                f"or use backend: megatron for {what}"
+            )
     tp = t["tensor_model_parallel_size"]
     if world % tp:
         raise SftflowError(
             f"config key 'training.tensor_model_parallel_size' ({tp}) must divide the number of GPUs "
             f"(training.num_nodes x training.num_gpus = {world})"
         )
-    dp = world // tp
-    gbs, mbs = t["train_global_batch_size"], t["train_micro_batch_size"]
-    if gbs % (mbs * dp):
-        raise SftflowError(
-            f"config key 'training.train_global_batch_size' ({gbs}) must be divisible by "
-            f"training.train_micro_batch_size x data-parallel size ({mbs} x {dp} = {mbs * dp}; "
-            f"data-parallel size = {world} GPUs / tensor_model_parallel_size {tp})"
-        )
+    _check_batch(t, world, world // tp, f"tensor_model_parallel_size {tp}")
     if t["min_learning_rate"] > t["learning_rate"]:
         raise SftflowError(
             f"config key 'training.min_learning_rate' ({t['min_learning_rate']}) is above "
@@ -71,7 +120,6 @@ def check_training_keys(config: dict, world_size: int | None = None, model_confi
         from sftflow.train.deadline import parse_time_limit
 
         parse_time_limit(t["time_limit"])
-    model_config = model_config if model_config is not None else _demo_or_local_model_config(config)
     if model_config and tp > 1:
         heads = model_config.get("num_attention_heads")
         kv = model_config.get("num_key_value_heads") or heads
