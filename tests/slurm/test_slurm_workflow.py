@@ -5,7 +5,9 @@ which the plugin also uses for its status checks), the chained training jobs run
 results/eval.json equals a local run's. A second test trains across two Slurm nodes: srun starts one
 torchrun agent per node and the ranks rendezvous over c10d. A third gives every training job Slurm's
 shortest wall time: the jobs stop, save and resume mid-training, and the weights equal an uninterrupted
-run's. The last two use the options for clusters without accounting (squeue status, no account).
+run's. A fourth has Slurm cancel a training job mid-training (as preemption does): the trainer saves on
+Slurm's SIGTERM, Snakemake resubmits the job, and it resumes from that checkpoint. The last three use the options for clusters without
+accounting (squeue status, no account).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -134,6 +137,52 @@ def test_training_spans_two_slurm_nodes(slurm_cluster, workdir):  # noqa: F811
     (train_job,) = [j for j, rule in slurm_jobs_by_rule(workdir).items() if rule.startswith("train_job")]
     (record,) = [j for j in slurm_cluster.completed_jobs() if j["JobID"] == train_job]
     assert record["NNodes"] == "2" and record["State"] == "COMPLETED"
+
+
+def test_a_training_job_cancelled_by_slurm_is_resubmitted_and_resumes(slurm_cluster, workdir):  # noqa: F811
+    """Slurm kills the running training job mid-training (`scancel`, as preemption does: SIGTERM, then SIGKILL
+    after KillWait). The trainer saves at the next step boundary; Snakemake (retries: 2 in the profile)
+    resubmits the job, and the resubmission resumes from that checkpoint."""
+    training = SMALL_TRAINING.replace("num_training_jobs: 2", "num_training_jobs: 1").replace(
+        "max_num_steps: 12\n  save_period: 5", "max_num_steps: 120\n  save_period: 20"
+    )
+    assert "max_num_steps: 120" in training
+    (workdir / "c.yaml").write_text(training + SLURM)
+    cmd = [SNAKEMAKE, "--profile", "profiles/slurm", "results/checkpoints/job0.done", *NO_ACCOUNTING]
+    cmd += ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2"]
+    cmd += ["--configfile", "c.yaml"]
+    output = workdir / "snakemake.out"
+    with open(output, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=slurm_cluster.env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        checkpoints = workdir / "results" / "checkpoints"
+        deadline = time.monotonic() + 900
+        while not (checkpoints / "step_00000040").is_dir():  # mid-training, two checkpoints saved
+            assert proc.poll() is None, output.read_text()[-4000:]
+            assert time.monotonic() < deadline, "training never reached step 40"
+            time.sleep(0.2)
+        (killed,) = [j for j, rule in slurm_jobs_by_rule(workdir).items() if rule.startswith("train_job")]
+        subprocess.run(["scancel", killed], env=slurm_cluster.env(), check=True)
+        assert proc.wait(timeout=900) == 0, output.read_text()[-5000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    jobs = {j["JobID"]: j for j in slurm_cluster.completed_jobs()}
+    train_jobs = sorted(
+        (int(j), rule) for j, rule in slurm_jobs_by_rule(workdir).items() if rule.startswith("train_job")
+    )
+    assert len(train_jobs) == 2 and str(train_jobs[0][0]) == killed  # the killed job, then its resubmission
+    assert jobs[killed]["State"].startswith("CANCELLED") and jobs[str(train_jobs[1][0])]["State"] == "COMPLETED", jobs
+    done = json.loads((checkpoints / "job0.done").read_text())
+    assert done["complete"] and done["end_step"] == 120
+    start = done["start_step"]
+    assert 40 <= start < 120 and (checkpoints / f"step_{start:08d}").is_dir()  # resumed from a complete checkpoint
+    assert not list(checkpoints.glob("*.tmp"))
+    steps = [json.loads(line)["step"] for line in (checkpoints / "metrics" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]  # fmt: skip
+    assert sorted(set(steps)) == list(range(1, 121))
+    assert steps[-(120 - start) :] == list(range(start + 1, 121))  # the resubmission's steps
 
 
 def final_weights(root: Path) -> dict:
