@@ -51,13 +51,18 @@ eval:
 NO_ACCOUNTING = ("--slurm-status-command", "squeue", "--slurm-no-account")
 
 
+def slurm_command(target: str, configfile: str, options=NO_ACCOUNTING) -> list[str]:
+    """`snakemake --profile profiles/slurm TARGET`, polling the test cluster every 2 s."""
+    cmd = [SNAKEMAKE, "--profile", "profiles/slurm", target, *options]
+    cmd += ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2"]
+    return cmd + ["--configfile", configfile]
+
+
 def run_on_slurm(
     cluster, root: Path, target: str, configfile: str, options=NO_ACCOUNTING
 ) -> subprocess.CompletedProcess:
-    """`snakemake --profile profiles/slurm TARGET` in the workflow copy `root`, against `cluster`."""
-    cmd = [SNAKEMAKE, "--profile", "profiles/slurm", target, *options]
-    cmd += ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2"]
-    cmd += ["--configfile", configfile]
+    """slurm_command run to the end in the workflow copy `root`, against `cluster`."""
+    cmd = slurm_command(target, configfile, options)
     return subprocess.run(cmd, cwd=root, env=cluster.env(), capture_output=True, text=True, timeout=1500)
 
 
@@ -148,9 +153,7 @@ def test_a_training_job_cancelled_by_slurm_is_resubmitted_and_resumes(slurm_clus
     )
     assert "max_num_steps: 120" in training
     (workdir / "c.yaml").write_text(training + SLURM)
-    cmd = [SNAKEMAKE, "--profile", "profiles/slurm", "results/checkpoints/job0.done", *NO_ACCOUNTING]
-    cmd += ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2"]
-    cmd += ["--configfile", "c.yaml"]
+    cmd = slurm_command("results/checkpoints/job0.done", "c.yaml")
     output = workdir / "snakemake.out"
     with open(output, "w") as out:
         proc = subprocess.Popen(cmd, cwd=workdir, env=slurm_cluster.env(), stdout=out, stderr=subprocess.STDOUT)

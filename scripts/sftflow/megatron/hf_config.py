@@ -74,6 +74,12 @@ def _rope(cfg: dict, where: str) -> tuple[float, float | None]:
     return float(theta), float(source.get("factor", 8.0))
 
 
+def num_experts(cfg: dict) -> int:
+    """The number of experts of a HF config dict (config.json says num_experts, transformers 5's to_dict()
+    num_local_experts); 0 for a dense model."""
+    return int(cfg.get("num_experts", cfg.get("num_local_experts")) or 0)
+
+
 def model_layout(cfg: dict, where: str = "config.json") -> ModelLayout:
     """The layout of a HF config dict; `where` names it in errors (e.g. the model directory's config.json)."""
     model_type = cfg.get("model_type")
@@ -102,10 +108,9 @@ def model_layout(cfg: dict, where: str = "config.json") -> ModelLayout:
     if model_type == "qwen3_moe":
         step = int(cfg.get("decoder_sparse_step") or 1)
         dense_only = set(cfg.get("mlp_only_layers") or [])
-        experts = cfg.get("num_experts", cfg.get("num_local_experts"))  # config.json / transformers 5 to_dict()
-        if experts is None:
+        experts = num_experts(cfg)
+        if not experts:
             raise SftflowError(f"{where}: a qwen3_moe config without num_experts")
-        experts = int(experts)
         moe = {
             "num_experts": experts,
             "moe_top_k": int(cfg["num_experts_per_tok"]),

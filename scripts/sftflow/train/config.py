@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sftflow import config as C
 from sftflow.errors import SftflowError
+from sftflow.megatron.hf_config import num_experts
 
 
 def _demo_or_local_model_config(config: dict) -> dict | None:
@@ -48,6 +49,16 @@ def _check_batch(t: dict, world: int, dp: int, model_parallel: str) -> None:
         )
 
 
+def _check_divides_model(key: str, size: int, model_config: dict | None, *fields: str) -> None:
+    """training.<key> (size) must divide each of the model's `fields` that the config knows."""
+    if size <= 1 or not model_config:
+        return
+    for field in fields:
+        n = model_config.get(field)
+        if isinstance(n, int) and n % size:
+            raise SftflowError(f"config key 'training.{key}' ({size}) must divide the model's {field} ({n})")
+
+
 def check_megatron_layout(t: dict, world: int, model_config: dict | None) -> None:
     """Reject a megatron parallel layout that cannot be built, naming the keys and the numbers."""
     tp, pp, cp = t["tensor_model_parallel_size"], t["pipeline_model_parallel_size"], t["context_parallel_size"]
@@ -66,16 +77,9 @@ def check_megatron_layout(t: dict, world: int, model_config: dict | None) -> Non
     _check_batch(t, world, world // (tp * pp * cp), f"(tensor {tp} x pipeline {pp} x context {cp})")
     if not model_config:
         return
-    experts = model_config.get("num_experts", model_config.get("num_local_experts")) or 0
-    checks = [
-        ("tensor_model_parallel_size", tp, "num_attention_heads"),
-        ("tensor_model_parallel_size", tp, "num_key_value_heads"),
-        ("pipeline_model_parallel_size", pp, "num_hidden_layers"),
-    ]
-    for key, size, field in checks:
-        n = model_config.get(field)
-        if isinstance(n, int) and size > 1 and n % size:
-            raise SftflowError(f"config key 'training.{key}' ({size}) must divide the model's {field} ({n})")
+    _check_divides_model("tensor_model_parallel_size", tp, model_config, "num_attention_heads", "num_key_value_heads")
+    _check_divides_model("pipeline_model_parallel_size", pp, model_config, "num_hidden_layers")
+    experts = num_experts(model_config)
     if ep > 1 and (not experts or experts % ep):
         raise SftflowError(
             f"config key 'training.expert_model_parallel_size' ({ep}) must divide the model's number of experts "
@@ -120,14 +124,7 @@ def check_training_keys(config: dict, world_size: int | None = None, model_confi
         from sftflow.train.deadline import parse_time_limit
 
         parse_time_limit(t["time_limit"])
-    if model_config and tp > 1:
-        heads = model_config.get("num_attention_heads")
-        kv = model_config.get("num_key_value_heads") or heads
-        for name, n in (("num_attention_heads", heads), ("num_key_value_heads", kv)):
-            if isinstance(n, int) and n % tp:
-                raise SftflowError(
-                    f"config key 'training.tensor_model_parallel_size' ({tp}) must divide the model's {name} ({n})"
-                )
+    _check_divides_model("tensor_model_parallel_size", tp, model_config, "num_attention_heads", "num_key_value_heads")
 
 
 def validate_sections(config: dict) -> dict:
