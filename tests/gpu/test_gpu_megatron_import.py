@@ -1,7 +1,7 @@
 """GPU check of the HF -> megatron-core import (issue 6): megatron-core's GPTModel, holding the mapped weights
 of a tiny HF model, gives the HF model's logits (run by tests/gpu/run.sh; skipped without CUDA).
 
-The CPU tests (tests/megatron/) prove the mapping round-trips bit-exactly and that megatron-core accepts
+The CPU tests (tests/megatron_backend/) prove the mapping round-trips bit-exactly and that megatron-core accepts
 every rank's shard; only a forward pass shows the layout means the same computation (fused QKV per group,
 [gate; up], RoPE and its llama3 scaling, QK norms, MoE routing), and megatron-core's forward needs CUDA.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.megatron.test_mapping import HERE as MEGATRON_TESTS
-from tests.megatron.test_mapping import hf_model, save_hf
+from tests.megatron_backend.test_mapping import HERE as MEGATRON_TESTS
+from tests.megatron_backend.test_mapping import hf_model, save_hf
 
 pytestmark = [
     pytest.mark.gpu,

@@ -30,7 +30,7 @@ def test_defaults_pass(config):
     "training, message",
     [
         ({"context_parallel_size": 2}, r"'training.context_parallel_size' is 2.*backend: megatron"),
-        ({"backend": "megatron"}, r"'training.backend': 'megatron' is not implemented"),
+        ({"sequence_parallel": True}, r"'training.sequence_parallel' is true, but backend 'fsdp'"),
         (
             {"num_gpus": 4, "train_global_batch_size": 6, "train_micro_batch_size": 1},
             r"'training.train_global_batch_size' \(6\) must be divisible by .* \(1 x 4 = 4",
@@ -92,6 +92,24 @@ def test_fsdp_refuses_megatron_only_parallelism(config, key):
 
 
 MOE = {"num_attention_heads": 32, "num_key_value_heads": 4, "num_hidden_layers": 48, "num_experts": 128}
+# Qwen3-30B-A3B's config.json (its sizes; NeMo-Skills' MoE example)
+QWEN3_30B_A3B = {
+    **MOE,
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_experts_per_tok": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-06,
+    "norm_topk_prob": True,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+}
 
 
 @pytest.mark.parametrize(
@@ -133,7 +151,11 @@ MOE = {"num_attention_heads": 32, "num_key_value_heads": 4, "num_hidden_layers":
             {"num_attention_heads": 32, "num_key_value_heads": 8},
             r"number of experts \(none: not a mixture-of-experts",
         ),
-        ({"num_gpus": 8, "expert_model_parallel_size": 8}, MOE, r"'training.backend': 'megatron' is not implemented"),
+        (
+            {"num_gpus": 8, "tensor_model_parallel_size": 2},
+            {**MOE, "model_type": "mistral"},
+            r"base model's config.json \(config key 'model.base_model'\).*mistral",
+        ),
     ],  # fmt: skip
 )
 def test_megatron_layouts_that_cannot_be_built_name_the_keys_and_numbers(config, training, model, message):
@@ -141,3 +163,25 @@ def test_megatron_layouts_that_cannot_be_built_name_the_keys_and_numbers(config,
     cfg["training"].update(training)
     with pytest.raises(SftflowError, match=message):
         check_training_keys(cfg, model_config=model)
+
+
+@pytest.mark.parametrize(
+    "training",
+    [
+        {"num_gpus": 8, "expert_model_parallel_size": 8},
+        {
+            "num_nodes": 2,
+            "num_gpus": 8,
+            "tensor_model_parallel_size": 2,
+            "pipeline_model_parallel_size": 2,
+            "context_parallel_size": 2,
+            "expert_model_parallel_size": 4,
+            "expert_tensor_parallel_size": 2,
+            "sequence_parallel": True,
+        },
+    ],  # fmt: skip
+)
+def test_megatron_layouts_that_can_be_built_pass(config, training):
+    cfg = _with(config, backend="megatron", train_global_batch_size=64, train_micro_batch_size=1)
+    cfg["training"].update(training)
+    check_training_keys(cfg, model_config=QWEN3_30B_A3B)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tests.conftest import write_jsonl
 from tests.workflow.test_workflow import snakemake, workdir  # noqa: F401  (fixture)
 
@@ -22,12 +24,7 @@ def resources(text: str, rule: str) -> list[dict[str, str]]:
 
 
 def test_example_plans_8_nodes_x_8_gpus_chained_jobs_and_vllm_eval(workdir):  # noqa: F811
-    write_jsonl(workdir / "generations" / "output-rs0.jsonl", [{"problem": "1+1", "generation": "\\boxed{2}"}])
-    result = snakemake(
-        "-n", "-p", "--profile", "profiles/slurm", f"{OUT}/eval.json", "--configfile", EXAMPLE, cwd=workdir
-    )
-    text = result.stdout + result.stderr
-    assert result.returncode == 0, text[-3000:]
+    text = dry_run(workdir, EXAMPLE, OUT)
     train = resources(text, "train_job")
     assert len(train) == 4  # num_training_jobs
     for job in train:
@@ -58,3 +55,55 @@ def test_example_plans_8_nodes_x_8_gpus_chained_jobs_and_vllm_eval(workdir):  # 
             assert "gres" not in job and job["cpus_per_task"] == "4", rule
     assert f"vllm serve {OUT}/averaged_hf_model --host 127.0.0.1 --port '{{port}}' --tensor-parallel-size 8" in text
     assert "--benchmark gsm8k" in text and "--seeds 4" in text
+
+
+def dry_run(cwd, example: str, out: str) -> str:
+    write_jsonl(cwd / "generations" / "output-rs0.jsonl", [{"problem": "1+1", "generation": "\\boxed{2}"}])
+    result = snakemake("-n", "-p", "--profile", "profiles/slurm", f"{out}/eval.json", "--configfile", example, cwd=cwd)
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text[-3000:]
+    return text
+
+
+@pytest.mark.parametrize(
+    "example, nodes, overrides",
+    [
+        (
+            "llama3.1-8b-8x8-megatron",
+            8,
+            [
+                "++training.backend=megatron",
+                "++training.tensor_model_parallel_size=4",
+                "++training.pipeline_model_parallel_size=2",
+                "++training.sequence_parallel=true",
+            ],
+        ),
+        (
+            "qwen3-30b-a3b-megatron",
+            4,
+            [
+                "++training.backend=megatron",
+                "++training.tensor_model_parallel_size=2",
+                "++training.expert_model_parallel_size=8",
+                "++training.sequence_parallel=true",
+            ],
+        ),
+    ],  # fmt: skip
+)
+def test_megatron_examples_plan_their_parallel_layout_into_every_training_job(workdir, example, nodes, overrides):  # noqa: F811
+    out = f"results/{example}"
+    text = dry_run(workdir, f"config/examples/{example}.yaml", out)
+    train = resources(text, "train_job")
+    assert len(train) == 4
+    for job in train:
+        assert job["nodes"] == str(nodes) and job["gres"] == "gpu:8" and job["tasks"] == str(nodes)
+    launches = re.findall(r"scripts/train\.py launch (.*)", text)
+    assert len(launches) == 4
+    for i, line in enumerate(launches):
+        assert f" -- srun --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 " in line
+        assert f" -m torch.distributed.run --nnodes={nodes} --nproc-per-node=8 " in line
+        assert f"--job-index {i} --num-jobs 4 " in line
+        for override in overrides:
+            assert override in line, override
+    # the final model, step conversions and the average are exported from megatron checkpoints like fsdp ones
+    assert len(resources(text, "convert_step")) == 3 and len(resources(text, "average_checkpoints")) == 1

@@ -116,7 +116,11 @@ def model_layout(cfg: dict, where: str = "config.json") -> ModelLayout:
             "moe_top_k": int(cfg["num_experts_per_tok"]),
             "moe_ffn_hidden_size": int(cfg["moe_intermediate_size"]),
             "moe_norm_topk_prob": bool(cfg.get("norm_topk_prob")),
-            "moe_aux_loss_coef": float(cfg.get("router_aux_loss_coef") or 0.0),
+            # HF adds the router's load-balancing loss only with output_router_logits (false in Qwen3-MoE
+            # configs), and so does the fsdp backend; megatron follows the same switch.
+            "moe_aux_loss_coef": float(cfg.get("router_aux_loss_coef") or 0.0)
+            if cfg.get("output_router_logits")
+            else 0.0,
             "moe_layers": tuple(i not in dense_only and experts > 0 and (i + 1) % step == 0 for i in range(layers)),
         }
     return ModelLayout(

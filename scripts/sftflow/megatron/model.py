@@ -1,5 +1,5 @@
-"""megatron-core's GPTModel for a HF model layout (local layer spec: megatron-core modules only, no
-Transformer Engine). Needs megatron-core's parallel state to be initialised (`parallel_state.initialize_model_parallel`)."""
+"""megatron-core's GPTModel for a HF model layout (megatron-core's local layer spec, or
+Transformer Engine's). Needs megatron-core's parallel state to be initialised (`parallel_state.initialize_model_parallel`)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,19 @@ def build_gpt_model(
     cpu_init: bool = False,
     pre_process: bool = True,
     post_process: bool = True,
+    transformer_engine: bool = False,
     **parallel,
 ):
     """GPTModel with `parallel` (tensor_model_parallel_size, expert_model_parallel_size, ...) in its config;
-    `pre_process` / `post_process`: this pipeline stage holds the embedding / the output layer."""
+    `pre_process` / `post_process`: this pipeline stage holds the embedding / the output layer;
+    `transformer_engine`: TE layers (needs transformer_engine; norms fused into the following linear layer,
+    see weights.to_te_names) instead of megatron-core's local ones."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     config = TransformerConfig(**transformer_config_kwargs(layout), use_cpu_initialization=cpu_init, **parallel)
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=transformer_engine, normalization="RMSNorm")
     return GPTModel(
         config,
         spec,

@@ -315,3 +315,90 @@ def unshard(
                 parts = [shards[Rank(tp=t, pp=stage)][name] for t in range(sizes.tp)]
                 out[full] = _join(parts, split_kind(full))
     return out
+
+
+_HUB_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fuse_hub_experts(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert MoE weights as stored in hub checkpoints (`mlp.experts.{e}.gate_proj.weight`, ...) as the
+    fused tensors of transformers 5's state dicts (`mlp.experts.gate_up_proj` [E, 2I, H] holding
+    [gate; up] per expert, `mlp.experts.down_proj` [E, H, I]); other tensors unchanged."""
+    experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    out = {}
+    for name, tensor in hf.items():
+        m = _HUB_EXPERT.match(name)
+        if m:
+            experts.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = tensor
+        else:
+            out[name] = tensor
+    for prefix, parts in experts.items():
+        count = len(parts.get("down_proj", {}))
+        for kind in ("gate_proj", "up_proj", "down_proj"):
+            if sorted(parts.get(kind, {})) != list(range(count)):
+                raise SftflowError(f"{prefix}: experts 0..{count - 1} do not all have a {kind}.weight")
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([parts["gate_proj"][e], parts["up_proj"][e]]) for e in range(count)]
+        )
+        out[f"{prefix}.down_proj"] = torch.stack([parts["down_proj"][e] for e in range(count)])
+    return out
+
+
+def read_hf_weights(model_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF model folder's safetensors (one file or an index of shards), hub MoE experts fused."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (model_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise SftflowError(
+            f"{model_dir}: no model.safetensors or model.safetensors.index.json (config key 'model.base_model'; "
+            "backend megatron imports safetensors weights)"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        tensors.update(load_file(str(model_dir / name)))
+    return fuse_hub_experts(tensors)
+
+
+# Transformer Engine layers fuse the norm before a linear layer into it: local-spec name -> TE-spec name.
+_TE_NORMS = (
+    (
+        re.compile(r"^(decoder\.layers\.\d+\.)input_layernorm\.weight$"),
+        r"\1self_attention.linear_qkv.layer_norm_weight",
+    ),
+    (re.compile(r"^(decoder\.layers\.\d+\.)pre_mlp_layernorm\.weight$"), r"\1mlp.linear_fc1.layer_norm_weight"),
+)
+
+
+def to_te_names(sd: dict[str, torch.Tensor], local_layer_moe: dict[int, bool]) -> dict[str, torch.Tensor]:
+    """A (local-spec) GPTModel state dict with the names of the Transformer Engine spec. MoE layers keep
+    their pre-MLP norm (the router reads its output); `local_layer_moe`: this stage's layer index -> MoE."""
+    out = {}
+    for name, tensor in sd.items():
+        new = name
+        for pattern, repl in _TE_NORMS:
+            m = pattern.match(name)
+            if m and not (repl.endswith("linear_fc1.layer_norm_weight") and local_layer_moe[int(name.split(".")[2])]):
+                new = pattern.sub(repl, name)
+        out[new] = tensor
+    return out
+
+
+def from_te_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of to_te_names."""
+    out = {}
+    for name, tensor in sd.items():
+        if name.endswith("self_attention.linear_qkv.layer_norm_weight"):
+            name = name.replace("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight")
+        elif name.endswith("mlp.linear_fc1.layer_norm_weight"):
+            name = name.replace("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
+        out[name] = tensor
+    return out

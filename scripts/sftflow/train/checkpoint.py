@@ -70,13 +70,13 @@ class CheckpointInfo:
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[CheckpointInfo]:
-    """Committed checkpoints (renamed, with DCP metadata), oldest first."""
+    """Committed checkpoints (renamed, with their meta.json), oldest first."""
     root = Path(root)
     found = []
     if root.is_dir():
         for child in root.iterdir():
             m = STEP_DIR_RE.match(child.name)
-            if m and child.is_dir() and (child / ".metadata").is_file():
+            if m and child.is_dir() and (child / "meta.json").is_file():
                 found.append(CheckpointInfo(int(m.group(1)), child))
     return sorted(found, key=lambda c: c.step)
 
@@ -149,6 +149,10 @@ class Checkpointer:
             "rng": {f"rank{self.parallel.rank}": _rng_state(self.parallel.device)},
         }
 
+    def _write(self, tmp: Path, model, optimizer, train_state: dict) -> None:
+        """This rank's part of the checkpoint, into the uncommitted directory `tmp`."""
+        dcp.save(self._state(model, optimizer, train_state), checkpoint_id=str(tmp))
+
     def save(self, step: int, model, optimizer, train_state: dict, meta: dict) -> tuple[Path, float]:
         """Write step `step` and commit it; returns (path, seconds). Collective: every rank calls it."""
         start = time.perf_counter()
@@ -158,7 +162,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.parallel.barrier()
-        dcp.save(self._state(model, optimizer, train_state), checkpoint_id=str(tmp))
+        self._write(tmp, model, optimizer, train_state)
         if self.parallel.is_main:
             (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2) + "\n", encoding="utf-8")
         self.parallel.barrier()

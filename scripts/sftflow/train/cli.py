@@ -95,8 +95,8 @@ def _setup_rank_logging(rank: int, world_size: int) -> None:
 def train_main(argv: list[str] | None = None) -> int:
     setup_logging()
     args, extra = train_parser().parse_known_args(argv)
-    from sftflow.train.parallel import init_parallel, shutdown
-    from sftflow.train.trainer import JobSpec, run_job
+    from sftflow.train.parallel import shutdown
+    from sftflow.train.trainer import JobSpec, init_training_parallel, run_job
 
     try:
         bad = [a for a in extra if not a.startswith("++")]
@@ -107,7 +107,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 f"--job-index {args.job_index} is not in 0..{args.num_jobs - 1} (--num-jobs {args.num_jobs})"
             )
         cfg = load_train_config(args.config, extra)
-        parallel = init_parallel(cfg["training"]["tensor_model_parallel_size"])
+        parallel = init_training_parallel(cfg["training"])
         _setup_rank_logging(parallel.rank, parallel.world_size)
         if parallel.is_main:  # the job's resolved config, for the record
             from sftflow.io import write_json

@@ -77,6 +77,10 @@ def check_megatron_layout(t: dict, world: int, model_config: dict | None) -> Non
     _check_batch(t, world, world // (tp * pp * cp), f"(tensor {tp} x pipeline {pp} x context {cp})")
     if not model_config:
         return
+    if model_config.get("model_type"):  # the demo's sizes have none; a real config.json does
+        from sftflow.megatron.hf_config import model_layout
+
+        model_layout(model_config, "the base model's config.json (config key 'model.base_model')")
     _check_divides_model("tensor_model_parallel_size", tp, model_config, "num_attention_heads", "num_key_value_heads")
     _check_divides_model("pipeline_model_parallel_size", pp, model_config, "num_hidden_layers")
     experts = num_experts(model_config)
@@ -97,10 +101,13 @@ def check_training_keys(config: dict, world_size: int | None = None, model_confi
     world = world_size if world_size is not None else t["num_nodes"] * t["num_gpus"]
     model_config = model_config if model_config is not None else _demo_or_local_model_config(config)
     if t["backend"] == "megatron":
-        check_megatron_layout(t, world, model_config)  # a layout error first: it is the user's to fix
+        check_megatron_layout(t, world, model_config)
+        _check_common(t)
+        return
+    if t["sequence_parallel"]:
         raise SftflowError(
-            "config key 'training.backend': 'megatron' is not implemented yet; use backend: fsdp "
-            "(tensor_model_parallel_size is supported there, context parallelism is not)"
+            "config key 'training.sequence_parallel' is true, but backend 'fsdp' has no sequence parallelism: "
+            "set it to false, or use backend: megatron"
         )
     for key, what in MEGATRON_ONLY.items():
         if t[key] > 1:
@@ -115,6 +122,11 @@ def check_training_keys(config: dict, world_size: int | None = None, model_confi
             f"(training.num_nodes x training.num_gpus = {world})"
         )
     _check_batch(t, world, world // tp, f"tensor_model_parallel_size {tp}")
+    _check_common(t)
+    _check_divides_model("tensor_model_parallel_size", tp, model_config, "num_attention_heads", "num_key_value_heads")
+
+
+def _check_common(t: dict) -> None:
     if t["min_learning_rate"] > t["learning_rate"]:
         raise SftflowError(
             f"config key 'training.min_learning_rate' ({t['min_learning_rate']}) is above "
@@ -124,7 +136,6 @@ def check_training_keys(config: dict, world_size: int | None = None, model_confi
         from sftflow.train.deadline import parse_time_limit
 
         parse_time_limit(t["time_limit"])
-    _check_divides_model("tensor_model_parallel_size", tp, model_config, "num_attention_heads", "num_key_value_heads")
 
 
 def validate_sections(config: dict) -> dict:

@@ -101,18 +101,32 @@ def export_checkpoint(
 
     checkpoint = Path(checkpoint)
     hf_config = AutoConfig.from_pretrained(base_model)
-    tensors = model_tensors(checkpoint)
-    if not tensors:
+    if read_meta(checkpoint).get("backend") == "megatron":
+        from sftflow.megatron.checkpoint import hf_weights
+
+        full = hf_weights(checkpoint, base_model)  # every shard, unsharded and mapped to HF names
+        shapes = {n: (tuple(t.shape), t.dtype) for n, t in full.items()}
+
+        def read(names: list[str]) -> dict[str, torch.Tensor]:
+            return {n: full.pop(n) for n in names}
+
+    else:
+        tensors = model_tensors(checkpoint)
+        shapes = {n: (tuple(m.size), m.properties.dtype) for n, m in tensors.items()}
+
+        def read(names: list[str]) -> dict[str, torch.Tensor]:
+            return _read(checkpoint, names, tensors)
+
+    if not shapes:
         raise SftflowError(f"{checkpoint}: no model tensors in this checkpoint")
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    if tied:
+    if bool(getattr(hf_config, "tie_word_embeddings", False)):
         # The input embedding is the output projection; HF stores it once and ties it on load.
-        tensors.pop("lm_head.weight", None)
+        shapes.pop("lm_head.weight", None)
     out_dtype = DTYPES[dtype] if dtype else (getattr(hf_config, "dtype", None) or torch.float32)
     if isinstance(out_dtype, str):
         out_dtype = DTYPES.get(out_dtype, torch.float32)
-    names = sorted(tensors)
-    sizes = {n: torch.Size(tensors[n].size).numel() * out_dtype.itemsize for n in names}
+    names = sorted(shapes)
+    sizes = {n: torch.Size(shapes[n][0]).numel() * out_dtype.itemsize for n in names}
     shards = plan_shards(sizes, max_shard_bytes)
 
     tok = AutoTokenizer.from_pretrained(tokenizer or base_model)
@@ -135,7 +149,7 @@ def export_checkpoint(
                     batch.append(name)
                     batch_bytes += sizes[name]
                 if batch and (name is None or batch_bytes >= READ_BATCH_BYTES):
-                    for n, t in _read(checkpoint, batch, tensors).items():
+                    for n, t in read(batch).items():
                         shard[n] = t.to(out_dtype).contiguous()
                     batch, batch_bytes = [], 0
             save_file(shard, str(tmp / filename), metadata={"format": "pt"})

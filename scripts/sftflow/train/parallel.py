@@ -94,8 +94,8 @@ class ParallelDims:
         return float(t.item())
 
 
-def init_parallel(tp: int = 1, timeout_minutes: float = 30.0) -> ParallelDims:
-    """Join (or create) the default process group and build the ("dp", "tp") mesh.
+def init_process_group(timeout_minutes: float = 30.0) -> tuple[int, int, int, torch.device]:
+    """Join (or create) the default process group; returns (rank, world size, local rank, device).
 
     Launched by torchrun the environment describes the world; launched as a plain `python` process
     it is a world of one (a private in-memory store, no port needed), which tests and small CPU runs use.
@@ -108,10 +108,6 @@ def init_parallel(tp: int = 1, timeout_minutes: float = 30.0) -> ParallelDims:
     else:
         rank, world, local_rank = 0, 1, 0
         store = dist.HashStore()
-    if world % tp:
-        raise SftflowError(
-            f"config key 'training.tensor_model_parallel_size' ({tp}) does not divide the number of processes ({world})"
-        )
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -124,6 +120,17 @@ def init_parallel(tp: int = 1, timeout_minutes: float = 30.0) -> ParallelDims:
         if store is not None:
             kwargs.update(store=store, rank=rank, world_size=world)
         dist.init_process_group(backend=backend, **kwargs)
+    return rank, world, local_rank, device
+
+
+def init_parallel(tp: int = 1, timeout_minutes: float = 30.0) -> ParallelDims:
+    """The process group (init_process_group) and the ("dp", "tp") mesh of the fsdp backend."""
+    world = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else 1
+    if world % tp:
+        raise SftflowError(
+            f"config key 'training.tensor_model_parallel_size' ({tp}) does not divide the number of processes ({world})"
+        )
+    rank, world, local_rank, device = init_process_group(timeout_minutes)
     mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
     return ParallelDims(world_size=world, rank=rank, local_rank=local_rank, tp=tp, device=device, mesh=mesh)
 

@@ -112,32 +112,17 @@ def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None)
     return total
 
 
-def evaluate(model, dataset, parallel: ParallelDims, micro_batch: int) -> tuple[float, int]:
-    """Mean token loss over every bin of `dataset` (each dp rank takes a stride of the bins)."""
-    from sftflow.packing import collate_bins
+def eval_micro_batches(dataset, parallel, micro_batch: int) -> list[list[dict]]:
+    """This dp rank's micro-batches (lists of bins) for a pass over every bin of `dataset`.
 
-    seq_len = int(dataset.index["max_total_sequence_length"])
+    Every rank gets the same number of micro-batches (the forwards are collective): ranks short of data
+    get a one-token dummy bin that carries no loss."""
     pad = int(dataset.index["pad_token_id"])
-    # Every rank must run the same number of forwards (FSDP all-gathers are collective): ranks
-    # short of data run a one-token dummy bin that carries no loss.
     per_rank = math.ceil(len(dataset) / parallel.dp_size)
     num_batches = math.ceil(per_rank / micro_batch)
-    dummy = {"input_ids": torch.tensor([pad]), "loss_mask": torch.tensor([False]), "seq_lens": [1]}
+    dummy = {"input_ids": [pad], "loss_mask": [False], "seq_lens": [1]}
     batches = list(eval_batches(len(dataset), micro_batch, parallel.dp_rank, parallel.dp_size))
-    loss_sum, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for k in range(num_batches):
-            ids = batches[k] if k < len(batches) else []
-            bins = [dataset.get_bin(i) for i in ids] or [dummy]
-            batch = collate_bins(bins, seq_len, pad)
-            logits = model(**model_inputs(batch, parallel.device)).logits
-            loss_sum += float(token_loss_sum(logits, batch["targets"].to(parallel.device)))
-            count += batch["num_loss_tokens"]
-    model.train()
-    total = parallel.dp_sum(loss_sum)
-    total_count = int(parallel.dp_sum(count))
-    return total / max(total_count, 1), total_count
+    return [[dataset.get_bin(i) for i in batches[k]] if k < len(batches) else [dummy] for k in range(num_batches)]
 
 
 def _prepare_validation(cfg: dict, spec: JobSpec, parallel: ParallelDims):
@@ -194,7 +179,10 @@ def _done_record(
     }
 
 
-def _check_resume_compatible(meta: dict, fingerprint: str, spec: JobSpec, path: Path) -> None:
+def _check_resume_compatible(meta: dict, fingerprint: str, spec: JobSpec, path: Path, current: dict) -> None:
+    from sftflow.megatron.checkpoint import check_layout
+
+    check_layout(meta, current, path)
     if meta.get("data_fingerprint") not in (None, fingerprint):
         raise SftflowError(
             f"checkpoint {path} was trained on different packed data than {spec.packed} "
@@ -207,6 +195,101 @@ def _check_resume_compatible(meta: dict, fingerprint: str, spec: JobSpec, path: 
         )
 
 
+class FsdpEngine:
+    """The fsdp backend: a HF model sharded with FSDP2 (and DTensor TP), AdamW, DCP checkpoints.
+
+    The engine contract, shared with sftflow.megatron.engine.MegatronEngine (run_job drives either):
+    `optimizer` (its param_groups get the learning rate), `num_params`, `train_step(micro_bins)`,
+    `evaluate(dataset, micro_batch)`, `save(step, train_state, meta)`, `load(path)`, `meta()`.
+    """
+
+    def __init__(self, cfg: dict, spec: JobSpec, parallel: ParallelDims, seq_len: int, pad_id: int) -> None:
+        tcfg = cfg["training"]
+        self.parallel, self.seq_len, self.pad_id, self.max_grad_norm = parallel, seq_len, pad_id, tcfg["max_grad_norm"]
+        bf16 = parallel.device.type == "cuda" and tcfg["precision"] == "bf16"
+        self.model = build_model(
+            spec.model,
+            parallel,
+            param_dtype=torch.bfloat16 if bf16 else None,
+            activation_checkpointing=tcfg["activation_checkpointing"],
+            max_seq_len=seq_len,
+        )
+        self.params = list(self.model.parameters())
+        # As in HF Trainer: no weight decay on biases and norm weights (1-D parameters).
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": tcfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=tcfg["learning_rate"],
+            betas=(tcfg["adam_beta1"], tcfg["adam_beta2"]),
+            eps=tcfg["adam_eps"],
+        )
+        self.num_params = count_parameters(self.model)
+        self.checkpointer = Checkpointer(spec.checkpoint_dir, parallel)
+
+    def meta(self) -> dict:
+        return {"backend": "fsdp", "tensor_model_parallel_size": self.parallel.tp}
+
+    def train_step(self, micro_bins: list[list[dict]]) -> tuple[float, float, float]:
+        """One optimizer step over this rank's micro-batches; returns (mean token loss, loss tokens, grad norm)."""
+        from sftflow.packing import collate_bins
+
+        device = self.parallel.device
+        batches = [collate_bins(bins, self.seq_len, self.pad_id) for bins in micro_bins]
+        global_count = self.parallel.dp_sum(sum(b["num_loss_tokens"] for b in batches))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per micro-batch
+        for batch in batches:
+            logits = self.model(**model_inputs(batch, device)).logits
+            micro_loss = token_loss_sum(logits, batch["targets"].to(device))
+            (micro_loss / max(global_count, 1.0)).backward()
+            loss_sum += micro_loss.detach().double()
+            del logits, micro_loss
+        grad_norm = clip_grad_norm(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.parallel.dp_sum(float(loss_sum)) / max(global_count, 1.0), global_count, grad_norm
+
+    def evaluate(self, dataset, micro_batch: int) -> tuple[float, int]:
+        """Mean token loss over every bin of `dataset` (each dp rank takes a stride of the bins)."""
+        from sftflow.packing import collate_bins
+
+        device = self.parallel.device
+        loss_sum, count = 0.0, 0
+        self.model.eval()
+        with torch.no_grad():
+            for bins in eval_micro_batches(dataset, self.parallel, micro_batch):
+                batch = collate_bins(bins, self.seq_len, self.pad_id)
+                logits = self.model(**model_inputs(batch, device)).logits
+                loss_sum += float(token_loss_sum(logits, batch["targets"].to(device)))
+                count += batch["num_loss_tokens"]
+        self.model.train()
+        total_count = int(self.parallel.dp_sum(count))
+        return self.parallel.dp_sum(loss_sum) / max(total_count, 1), total_count
+
+    def save(self, step: int, train_state: dict, meta: dict) -> tuple[Path, float]:
+        return self.checkpointer.save(step, self.model, self.optimizer, train_state, meta)
+
+    def load(self, path: Path) -> dict:
+        return self.checkpointer.load(path, self.model, self.optimizer)
+
+
+def init_training_parallel(tcfg: dict):
+    """The process group and parallel layout of the configured backend."""
+    if tcfg["backend"] == "megatron":
+        from sftflow.megatron.engine import init_megatron_parallel
+
+        return init_megatron_parallel(tcfg)
+    return init_parallel(tcfg["tensor_model_parallel_size"])
+
+
+def build_engine(cfg: dict, spec: JobSpec, parallel, seq_len: int, pad_id: int):
+    if cfg["training"]["backend"] == "megatron":
+        from sftflow.megatron.engine import MegatronEngine
+
+        return MegatronEngine(cfg, spec, parallel, seq_len, pad_id)
+    return FsdpEngine(cfg, spec, parallel, seq_len, pad_id)
+
+
 def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, clock=time.time) -> dict:
     """Run one chained job; returns (and writes to spec.done_file) the done record. Collective.
 
@@ -214,7 +297,7 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
     """
     t_process_start = clock()
     tcfg = cfg["training"]
-    parallel = parallel or init_parallel(tcfg["tensor_model_parallel_size"])
+    parallel = parallel or init_training_parallel(tcfg)
     check_training_keys(cfg, world_size=parallel.world_size)
     ranks = rank_placement(parallel)
     LOG.info("ranks (node/local rank): %s", ", ".join(ranks))
@@ -222,7 +305,7 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
     random.seed(tcfg["seed"])
 
     # --- data and the step plan -------------------------------------------------------------------
-    from sftflow.packing import PackedDataset, collate_bins
+    from sftflow.packing import PackedDataset
 
     dataset = PackedDataset(spec.packed)
     seq_len = int(dataset.index["max_total_sequence_length"])
@@ -267,7 +350,8 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
     checkpointer.clean_partial()
     latest = latest_checkpoint(spec.checkpoint_dir)
     if latest is not None:
-        _check_resume_compatible(read_meta(latest.path), fingerprint, spec, latest.path)
+        current = {"backend": tcfg["backend"], **(parallel.layout() if tcfg["backend"] == "megatron" else {})}
+        _check_resume_compatible(read_meta(latest.path), fingerprint, spec, latest.path, current)
     if latest is not None and latest.step >= target:
         LOG.info("checkpoint %s is at or past this job's target step %d: nothing to train", latest.path, target)
         record = _done_record(spec, latest.step, latest.step, plan, target, latest.path, ranks)
@@ -277,26 +361,9 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
         return record
 
     # --- model, optimizer, schedule ---------------------------------------------------------------
-    bf16 = parallel.device.type == "cuda" and tcfg["precision"] == "bf16"
-    model = build_model(
-        spec.model,
-        parallel,
-        param_dtype=torch.bfloat16 if bf16 else None,
-        activation_checkpointing=tcfg["activation_checkpointing"],
-        max_seq_len=seq_len,
-    )
-    params = list(model.parameters())
-    # As in HF Trainer: no weight decay on biases and norm weights (1-D parameters).
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tcfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tcfg["learning_rate"],
-        betas=(tcfg["adam_beta1"], tcfg["adam_beta2"]),
-        eps=tcfg["adam_eps"],
-    )
+    engine = build_engine(cfg, spec, parallel, seq_len, pad_id)
     schedule = WarmupCosineSchedule(
-        optimizer,
+        engine.optimizer,
         peak=tcfg["learning_rate"],
         minimum=tcfg["min_learning_rate"],
         warmup=tcfg["warmup_steps"],
@@ -307,7 +374,7 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
     step = 0
     if latest is not None:
         t0 = time.perf_counter()
-        state = checkpointer.load(latest.path, model, optimizer)
+        state = engine.load(latest.path)
         step = state["step"]
         sampler.load_state_dict(state)
         schedule.load_state_dict(state["scheduler"])
@@ -322,10 +389,9 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
         "model": spec.model,
         "total_steps": plan.total_steps,
         "world_size": parallel.world_size,
-        "tensor_model_parallel_size": parallel.tp,
+        **engine.meta(),
         "training": tcfg,
     }
-    num_params = count_parameters(model)
     metrics = MetricsLogger(
         spec.metrics_dir or Path(spec.checkpoint_dir) / "metrics",
         enabled=parallel.is_main,
@@ -333,21 +399,21 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
         target_step=target,
         start_step=start_step,
         log_period=tcfg["log_period"],
-        num_params=num_params,
+        num_params=engine.num_params,
         num_gpus=parallel.world_size if parallel.device.type == "cuda" else 0,
         device_name=torch.cuda.get_device_name(parallel.device) if parallel.device.type == "cuda" else "",
     )
 
     def save(at_step: int) -> Path:
         train_state = {"step": at_step, **sampler.state_dict(), "scheduler": schedule.state_dict()}
-        path, seconds = checkpointer.save(at_step, model, optimizer, train_state, meta)
+        path, seconds = engine.save(at_step, train_state, meta)
         deadline.record_save(seconds)
         LOG.info("saved %s in %.1f s", path, seconds)
         return path
 
     def validate(at_step: int) -> None:
         if validation is not None:
-            loss, n = evaluate(model, validation, parallel, plan.micro_batch)
+            loss, n = engine.evaluate(validation, plan.micro_batch)
             metrics.log_validation(at_step, loss, n)
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -373,23 +439,11 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
             break
         t_step = time.perf_counter()
         micro_bins = [[dataset.get_bin(i) for i in ids] for ids in sampler.next_step()]
-        batches = [collate_bins(bins, seq_len, pad_id) for bins in micro_bins]
         real_tokens = parallel.dp_sum(sum(len(b["input_ids"]) for bins in micro_bins for b in bins))
-        global_count = parallel.dp_sum(sum(b["num_loss_tokens"] for b in batches))
         lr = schedule.apply(step)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=parallel.device)  # no host sync per micro-batch
-        for batch in batches:
-            logits = model(**model_inputs(batch, parallel.device)).logits
-            micro_loss = token_loss_sum(logits, batch["targets"].to(parallel.device))
-            (micro_loss / max(global_count, 1.0)).backward()
-            loss_sum += micro_loss.detach().double()
-            del logits, micro_loss
-        grad_norm = clip_grad_norm(params, tcfg["max_grad_norm"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, global_count, grad_norm = engine.train_step(micro_bins)
         step += 1
         fault_point("step", step)
-        loss = parallel.dp_sum(float(loss_sum)) / max(global_count, 1.0)
         seconds = time.perf_counter() - t_step
         deadline.record_step(seconds)
         metrics.log_step(

@@ -1,13 +1,15 @@
-"""One rank of a CPU (gloo) megatron-core world, run by torchrun from tests/megatron/test_mapping.py.
+"""One rank of a CPU (gloo) megatron-core world, run by torchrun from tests/megatron_backend/test_mapping.py.
 
 Builds GPTModel for the HF model in MODEL_DIR with the given parallel sizes, maps the HF weights with
 sftflow.megatron.weights, loads this rank's shard with strict=True (every name and shape must be the
 one megatron-core itself gives this rank), and writes the rank's coordinates and weight shapes as JSON.
 
-    torchrun --standalone --nproc-per-node=W megatron_ranks.py MODEL_DIR OUT_DIR TP PP EP ETP [--forward]
+    torchrun --standalone --nproc-per-node=W megatron_ranks.py MODEL_DIR OUT_DIR TP PP EP ETP [--forward] [--save-shards]
 
 With --forward (one CUDA rank, NCCL: megatron-core's forward pass needs a GPU), the model is built on the
-GPU and the logits of a fixed batch (tokens.pt in OUT_DIR) are saved as logits.pt.
+GPU and the logits of a fixed batch (tokens.pt in OUT_DIR) are saved as logits.pt. With --save-shards
+every rank writes its weights as the megatron backend's checkpoints do (sftflow.megatron.checkpoint.
+write_model_shards) into OUT_DIR/step_00000001/model, and rank 0 that checkpoint's meta.json.
 """
 
 import json
@@ -68,6 +70,16 @@ def main() -> None:
         "shapes": weight_shapes(model),
         "loaded": all(loaded.values()) and len(loaded) == len(mine),
     }
+    if "--save-shards" in sys.argv[7:]:
+        from sftflow.megatron.checkpoint import write_model_shards
+
+        step_dir = out_dir / "step_00000001"
+        record["wrote"] = [f.name for f in write_model_shards(step_dir / "model", model, at)]
+        if dist.get_rank() == 0:
+            meta = {"step": 1, "backend": "megatron", "world_size": dist.get_world_size(),
+                    "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "context_parallel_size": 1,
+                    "expert_model_parallel_size": ep, "expert_tensor_parallel_size": etp}  # fmt: skip
+            (step_dir / "meta.json").write_text(json.dumps(meta))
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
     if forward:
         tokens = torch.load(out_dir / "tokens.pt", weights_only=True).cuda()

@@ -1,0 +1,408 @@
+"""The megatron backend's training engine: megatron-core GPTModel, its DDP and distributed optimizer.
+
+`run_job` (sftflow.train.trainer) drives it exactly like the fsdp engine: same data order, packing, step
+plan, chained jobs, deadlines, learning-rate schedule, metrics and done-records. What differs:
+
+* parallel state: megatron-core's `parallel_state` with tensor / pipeline / context / expert /
+  expert-tensor parallel sizes from the config; data parallel is what is left of the world;
+* the model: GPTModel from the HF config (sftflow.megatron.hf_config), HF weights imported and
+  sharded for this rank (sftflow.megatron.weights); Transformer Engine layers when it is installed
+  (THD packed attention, context parallelism), megatron-core's own layers otherwise (a block-diagonal
+  attention mask, no context parallelism);
+* a step: megatron-core's forward/backward schedule (1F1B across pipeline stages) with
+  `calculate_per_token_loss`, so each micro-batch's loss is its sum of token losses and the reduced
+  gradients are divided by the loss tokens of the whole global batch, the fsdp backend's normalisation;
+  then the distributed optimizer (fp32 main weights and Adam moments sharded over data parallel,
+  gradient-norm clipping);
+* checkpoints (sftflow.megatron.checkpoint): per-rank model shards as safetensors and the optimizer
+  shards, committed by the same rename as the fsdp backend's.
+
+megatron-core's training path runs on CUDA only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sftflow.errors import SftflowError
+from sftflow.megatron.batches import megatron_micro_batch
+from sftflow.megatron.hf_config import model_layout, padded_vocab_size
+from sftflow.train.parallel import ParallelDims, init_process_group
+
+LOG = logging.getLogger("sftflow.train")
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def _patch_moe_router_without_te() -> None:
+    """megatron-core 0.16.1's MoE router reads `moe_utils.te_general_gemm`, which that module only defines when
+    Transformer Engine imports (NameError otherwise); None is the value its own fallback (torch.mm) expects."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+@dataclass
+class MegatronDims(ParallelDims):
+    """ParallelDims for megatron-core's parallel state: data parallel is world / (tp x pp x cp)."""
+
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int = 1
+
+    @property
+    def dp_size(self) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_world_size()
+
+    @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank()
+
+    def dp_sum(self, value: float | int) -> float:
+        """Sum over the data-parallel replicas (tp, pp and cp ranks of one replica hold the same bins)."""
+        from megatron.core import parallel_state as ps
+
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        return float(t.item())
+
+    def layout(self) -> dict:
+        return {
+            "world_size": self.world_size,
+            "tensor_model_parallel_size": self.tp,
+            "pipeline_model_parallel_size": self.pp,
+            "context_parallel_size": self.cp,
+            "expert_model_parallel_size": self.ep,
+            "expert_tensor_parallel_size": self.etp,
+        }
+
+
+def init_megatron_parallel(tcfg: dict, timeout_minutes: float = 30.0) -> MegatronDims:
+    """Process group plus megatron-core's parallel state for the training config's sizes."""
+    if not torch.cuda.is_available():
+        raise SftflowError(
+            "config key 'training.backend' is 'megatron', but this process sees no CUDA GPU: megatron-core's "
+            "training path (its DDP buffers, distributed optimizer and attention) runs on CUDA only; use "
+            "backend: fsdp on CPU"
+        )
+    rank, world, local_rank, device = init_process_group(timeout_minutes)
+    from megatron.core import parallel_state as ps
+
+    sizes = {
+        "tp": tcfg["tensor_model_parallel_size"],
+        "pp": tcfg["pipeline_model_parallel_size"],
+        "cp": tcfg["context_parallel_size"],
+        "ep": tcfg["expert_model_parallel_size"],
+        "etp": tcfg["expert_tensor_parallel_size"],
+    }
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=sizes["tp"],
+            pipeline_model_parallel_size=sizes["pp"],
+            context_parallel_size=sizes["cp"],
+            expert_model_parallel_size=sizes["ep"],
+            expert_tensor_parallel_size=sizes["etp"],
+        )
+    return MegatronDims(world_size=world, rank=rank, local_rank=local_rank, device=device, mesh=None, **sizes)
+
+
+def read_hf_config(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise SftflowError(
+            f"{path} not found: backend megatron reads the base model's config.json (config key 'model.base_model')"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class MegatronEngine:
+    """One rank's part of a megatron-core training run (see the module docstring)."""
+
+    def __init__(self, cfg: dict, spec, parallel: MegatronDims, seq_len: int, pad_id: int) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        from sftflow.megatron.checkpoint import MegatronCheckpointer, load_rank_weights
+        from sftflow.megatron.model import build_gpt_model
+        from sftflow.megatron.weights import Rank, hf_to_megatron, read_hf_weights, shard
+        from sftflow.train.checkpoint import latest_checkpoint
+
+        t = cfg["training"]
+        self.parallel, self.pad_id = parallel, pad_id
+        self.layout = model_layout(read_hf_config(spec.model), where=f"{spec.model}/config.json")
+        self.use_te = transformer_engine_available()
+        if parallel.cp > 1 and not self.use_te:
+            raise SftflowError(
+                f"config key 'training.context_parallel_size' is {parallel.cp}: context parallelism needs "
+                "Transformer Engine's attention (pip install transformer_engine[pytorch]); it is not installed"
+            )
+        self.sequence_parallel = bool(t["sequence_parallel"]) and parallel.tp > 1
+        if self.layout.num_experts and parallel.tp > 1 and not self.sequence_parallel:
+            raise SftflowError(
+                f"config key 'training.sequence_parallel' must be true for a mixture-of-experts model with "
+                f"tensor_model_parallel_size {parallel.tp} (megatron-core requires it)"
+            )
+        if self.layout.num_experts and not self.use_te:
+            _patch_moe_router_without_te()
+        if self.sequence_parallel and not self.use_te:
+            raise SftflowError(
+                "config key 'training.sequence_parallel' is true: megatron-core's own norm layers cannot split "
+                "the sequence, this needs Transformer Engine's (pip install transformer_engine[pytorch]); it is "
+                "not installed. Set it to false"
+            )
+        self.cp_rank = ps.get_context_parallel_rank()
+        bf16 = t["precision"] == "bf16"
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        tensor_parallel.model_parallel_cuda_manual_seed(t["seed"])
+        config = {
+            "tensor_model_parallel_size": parallel.tp,
+            "pipeline_model_parallel_size": parallel.pp,
+            "context_parallel_size": parallel.cp,
+            "expert_model_parallel_size": parallel.ep,
+            "sequence_parallel": self.sequence_parallel,
+            "bf16": bf16,
+            "params_dtype": dtype,
+            "pipeline_dtype": dtype,
+            "calculate_per_token_loss": True,
+            # Every weight is then overwritten (imported or loaded), but megatron-core's initialisation is also
+            # what marks tensor-parallel weights as such; without it the gradient norm counts one TP shard only.
+            "perform_initialization": True,
+        }
+        if self.layout.num_experts:
+            config["expert_tensor_parallel_size"] = parallel.etp
+            # Expert-parallel ranks are data-parallel ranks with packed micro-batches of their own lengths:
+            # the all-to-all dispatcher exchanges each rank's own token count (all-gather needs equal ones).
+            config["moe_token_dispatcher_type"] = "alltoall"
+        if t["activation_checkpointing"]:
+            config.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        self.padded_vocab = padded_vocab_size(self.layout.vocab_size, parallel.tp)
+        micro_tokens = t["train_micro_batch_size"] * seq_len
+        self.first_stage, self.last_stage = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        module = build_gpt_model(
+            self.layout,
+            self.padded_vocab,
+            max(micro_tokens, seq_len) * 2,
+            pre_process=self.first_stage,
+            post_process=self.last_stage,
+            transformer_engine=self.use_te,
+            **config,
+        )
+        module.cuda(torch.cuda.current_device())
+        self.rank = Rank(
+            tp=ps.get_tensor_model_parallel_rank(),
+            pp=ps.get_pipeline_model_parallel_rank(),
+            ep=ps.get_expert_model_parallel_rank(),
+            etp=ps.get_expert_tensor_parallel_rank(),
+        )
+        if latest_checkpoint(spec.checkpoint_dir) is None:  # a resumed run loads its weights instead
+            LOG.info(
+                "importing %s into megatron-core GPTModel (%s layers)", spec.model, "TE" if self.use_te else "local"
+            )
+            full = hf_to_megatron(read_hf_weights(spec.model), self.layout, self.padded_vocab)
+            weights = shard(full, self.layout, self.sizes, self.rank)
+            load_rank_weights(module, weights, self.layout, self.use_te, self.rank.pp, self.sizes)
+            del weights
+            del full
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=True,
+            check_for_nan_in_grad=True,
+        )
+        self.model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
+        self.module = module
+        module.config.finalize_model_grads_func = finalize_model_grads
+        module.config.no_sync_func = self.model.no_sync
+        self.max_grad_norm = t["max_grad_norm"]
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=t["learning_rate"],
+                min_lr=t["min_learning_rate"],
+                weight_decay=t["weight_decay"],  # megatron-core: none on biases and 1-D weights, as fsdp
+                adam_beta1=t["adam_beta1"],
+                adam_beta2=t["adam_beta2"],
+                adam_eps=t["adam_eps"],
+                clip_grad=float(t["max_grad_norm"] or 0.0),
+                bf16=bf16,
+                params_dtype=dtype,
+                use_distributed_optimizer=True,
+            ),
+            [self.model],
+        )
+        # megatron-core's own scheduler sets each group's weight decay (x its wd_mult: 0 for biases and 1-D
+        # weights) every step; run_job's schedule sets the learning rate only, so set the decay once here.
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = t["weight_decay"] * group.get("wd_mult", 1.0)
+        self.num_params = self._count_parameters()
+        self.checkpointer = MegatronCheckpointer(spec.checkpoint_dir, parallel, self)
+
+    @property
+    def sizes(self):
+        from sftflow.megatron.weights import Parallel
+
+        p = self.parallel
+        return Parallel(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp)
+
+    def _count_parameters(self) -> int:
+        """Parameters of the whole model (each rank counts its shard; replicas are counted once)."""
+        from megatron.core import parallel_state as ps
+
+        dense = sum(p.numel() for n, p in self.module.named_parameters() if ".mlp.experts." not in n)
+        experts = sum(p.numel() for n, p in self.module.named_parameters() if ".mlp.experts." in n)
+        # Dense weights are replicated over data parallel (and cp); experts over expert data parallel.
+        t = torch.tensor(
+            [
+                dense if ps.get_data_parallel_rank(with_context_parallel=True) == 0 else 0,
+                experts if ps.get_expert_data_parallel_rank() == 0 else 0,
+            ],
+            dtype=torch.float64,
+            device=self.parallel.device,
+        )
+        dist.all_reduce(t)
+        if self.layout.tied_embeddings and self.parallel.pp > 1:  # the last stage's copy of the embedding
+            t[0] -= self.padded_vocab * self.layout.hidden_size
+        return int(t.sum().item())
+
+    def meta(self) -> dict:
+        return {"backend": "megatron", **self.parallel.layout(), "transformer_engine": self.use_te}
+
+    # --- one step -------------------------------------------------------------------------------------
+
+    def _micro_batches(self, micro_bins: list[list[dict]]) -> list[dict]:
+        def build(bins: list[dict], pad_to: int = 0) -> dict:
+            return megatron_micro_batch(
+                bins,
+                self.pad_id,
+                cp_size=self.parallel.cp,
+                cp_rank=self.cp_rank,
+                length_multiple=self.parallel.tp if self.sequence_parallel else 1,
+                pad_to=pad_to,
+                block_mask=not self.use_te,
+            )
+
+        micro = [build(bins) for bins in micro_bins]
+        if self.parallel.pp > 1:  # pipeline stages exchange activations of one shape: pad to the longest
+            longest = max(int(m["cu_seqlens_padded"][-1]) for m in micro)
+            micro = [build(bins, longest) for bins in micro_bins]
+        return micro
+
+    def _forward_step(self, data_iterator, model):
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        b = next(data_iterator)
+        dev = self.parallel.device
+        kwargs = {
+            "input_ids": b["tokens"].to(dev, non_blocking=True),
+            "position_ids": b["position_ids"].to(dev, non_blocking=True),
+            "attention_mask": b["attention_mask"].to(dev, non_blocking=True) if "attention_mask" in b else None,
+        }
+        if self.use_te:
+            cu = b["cu_seqlens"].to(dev, non_blocking=True)
+            cu_padded = b["cu_seqlens_padded"].to(dev, non_blocking=True)
+            kwargs["packed_seq_params"] = PackedSeqParams(
+                qkv_format="thd",
+                cu_seqlens_q=cu,
+                cu_seqlens_kv=cu,
+                cu_seqlens_q_padded=cu_padded,
+                cu_seqlens_kv_padded=cu_padded,
+                max_seqlen_q=int(b["max_seqlen"]),
+                max_seqlen_kv=int(b["max_seqlen"]),
+            )
+        output = model(**kwargs)  # logits on the last pipeline stage, [1, T, padded vocab / TP]
+        labels = b["labels"].to(dev, non_blocking=True)
+        loss_mask = b["loss_mask"].to(dev, non_blocking=True)
+
+        def loss_func(logits: torch.Tensor):
+            loss_sum = (self._token_losses(logits, labels).view(-1) * loss_mask.view(-1)).sum()
+            count = loss_mask.sum().to(torch.int)
+            return loss_sum, count, {"loss_sum": loss_sum.detach().double(), "loss_tokens": count.detach().double()}
+
+        return output, loss_func
+
+    def _token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of every token over the model's real vocabulary: the columns padding the vocabulary
+        to a multiple of 128 x TP are left out of the softmax (as the HF model, which has none, and the
+        fsdp backend compute it), then megatron-core's vocab-parallel cross-entropy (in fp32)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+
+        local = logits.shape[-1]
+        real = self.layout.vocab_size - ps.get_tensor_model_parallel_rank() * local
+        logits = logits.float()
+        if real < local:
+            padding = torch.arange(local, device=logits.device) >= real
+            logits = logits.masked_fill(padding, float("-inf"))
+        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+
+    def _run(self, micro: list[dict], forward_only: bool) -> tuple[float, float]:
+        """Forward (and backward) over the micro-batches; returns (sum of token losses, loss tokens) of the
+        whole data-parallel world."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        outputs = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(micro),
+            model=[self.model],
+            num_microbatches=len(micro),
+            seq_length=max(b["tokens"].shape[1] for b in micro),
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
+        totals = torch.zeros(2, dtype=torch.float64, device=self.parallel.device)
+        for out in outputs or []:  # only the last pipeline stage has losses
+            totals[0] += out["loss_sum"]
+            totals[1] += out["loss_tokens"]
+        # Every tensor-parallel rank of the last stage holds the same (vocab-parallel) loss; context-
+        # parallel ranks hold parts of it and data-parallel ranks their own bins: sum the world, then /tp.
+        dist.all_reduce(totals)
+        totals /= self.parallel.tp
+        return float(totals[0]), float(totals[1])
+
+    def train_step(self, micro_bins: list[list[dict]]) -> tuple[float, float, float]:
+        micro = self._micro_batches(micro_bins)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss_sum, count = self._run(micro, forward_only=False)
+        updated, grad_norm, _ = self.optimizer.step()
+        if not updated:
+            raise SftflowError("megatron-core's optimizer skipped the step (non-finite gradients)")
+        return loss_sum / max(count, 1.0), count, float("nan") if grad_norm is None else float(grad_norm)
+
+    def evaluate(self, dataset, micro_batch: int) -> tuple[float, int]:
+        from sftflow.train.trainer import eval_micro_batches
+
+        self.model.eval()
+        with torch.no_grad():
+            micro = self._micro_batches(eval_micro_batches(dataset, self.parallel, micro_batch))
+            loss_sum, count = self._run(micro, forward_only=True)
+        self.model.train()
+        return loss_sum / max(count, 1.0), int(count)
+
+    def save(self, step: int, train_state: dict, meta: dict):
+        return self.checkpointer.save(step, self.model, self.optimizer, train_state, meta)
+
+    def load(self, path: Path) -> dict:
+        return self.checkpointer.load(path, self.model, self.optimizer)

@@ -1,0 +1,59 @@
+"""One rank of a megatron-backend training job on CPU gloo ranks, under torchrun (see cpu_shim.py).
+
+torchrun --standalone --nproc-per-node=W cpu_train.py CONFIG_JSON PACKED MODEL CKPT JOB NUM_JOBS
+"""
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+warnings.filterwarnings("ignore")
+
+from tests.megatron_backend import cpu_shim  # noqa: E402
+
+cpu_shim.install()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+def main() -> None:
+    cfg_path, packed, model, ckpt, job, jobs = sys.argv[1:7]
+    from megatron.core import parallel_state as ps
+
+    from sftflow.logs import setup_logging
+    from sftflow.megatron.engine import MegatronDims
+    from sftflow.train.cli import load_train_config
+    from sftflow.train.trainer import JobSpec, run_job
+
+    setup_logging()
+    cfg = load_train_config(cfg_path, [])
+    t = cfg["training"]
+    dist.init_process_group("gloo")
+    sizes = {"tp": t["tensor_model_parallel_size"], "pp": t["pipeline_model_parallel_size"],
+             "cp": t["context_parallel_size"], "ep": t["expert_model_parallel_size"],
+             "etp": t["expert_tensor_parallel_size"]}  # fmt: skip
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=sizes["tp"], pipeline_model_parallel_size=sizes["pp"],
+        context_parallel_size=sizes["cp"], expert_model_parallel_size=sizes["ep"],
+        expert_tensor_parallel_size=sizes["etp"],
+    )  # fmt: skip
+    parallel = MegatronDims(world_size=dist.get_world_size(), rank=dist.get_rank(),
+                            local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=torch.device("cpu"),
+                            mesh=None, **sizes)  # fmt: skip
+    spec = JobSpec(packed=packed, model=model, checkpoint_dir=ckpt, job_index=int(job), num_jobs=int(jobs),
+                   done_file=str(Path(ckpt) / f"job{job}.done"))  # fmt: skip
+    record = run_job(cfg, spec, parallel)
+    if parallel.is_main:
+        print(json.dumps(record))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

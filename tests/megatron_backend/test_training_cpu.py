@@ -1,0 +1,218 @@
+"""The megatron backend trains, resumes and exports, run for real on CPU gloo ranks.
+
+megatron-core's training path is CUDA-only; cpu_shim.py redirects its device placement, streams and CUDA
+RNG calls to the CPU (tests only), so these tests run sftflow's MegatronEngine with megatron-core's own
+GPTModel, DistributedDataParallel, distributed optimizer, 1F1B pipeline schedule, vocab-parallel
+cross-entropy and MoE all-to-all dispatcher, in fp32 with the local (non-Transformer-Engine) layers:
+
+* every parallel layout gives the fsdp backend's loss, gradient norm and validation loss at every step
+  (same packed batches, same loss normalisation, same AdamW with weight decay off for 1-D weights);
+* two chained jobs end bitwise equal to one (model shards, distributed-optimizer state, data position);
+* the final checkpoint exports to a HF folder that transformers loads, close to the fsdp export.
+
+What only a GPU shows (bf16, Transformer Engine THD attention, context / sequence parallelism, NCCL,
+speed) is in tests/gpu.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train.helpers import (
+    REPO,
+    assert_weights_close,
+    logged,
+    run_train,
+    subprocess_env,
+    training_config,
+    write_config,
+)
+
+HERE = Path(__file__).resolve().parent
+STEPS = 4
+
+
+def val_rows(path: Path) -> Path:
+    import random
+
+    rng = random.Random(0)
+    rows = [
+        {
+            "input": " ".join(f"w{rng.randrange(3, 300)}" for _ in range(rng.randrange(3, 10))),
+            "output": " ".join(f"w{rng.randrange(3, 300)}" for _ in range(rng.randrange(3, 10))),
+        }
+        for _ in range(9)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def megatron_job(tmp: Path, model: Path, packed: Path, ckpt: Path, nproc: int, job=0, jobs=1, **training) -> dict:
+    """One chained megatron job on `nproc` CPU ranks (torchrun); returns its done record."""
+    config = write_config(tmp / f"megatron-{ckpt.name}.json", training_config(backend="megatron", **training))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(HERE / "cpu_train.py"), str(config), str(packed), str(model), str(ckpt), str(job), str(jobs)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=REPO)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def fsdp_job(tmp: Path, model: Path, packed: Path, ckpt: Path, **training) -> None:
+    run_train(write_config(tmp / f"fsdp-{ckpt.name}.json", training_config(**training)), packed, model, ckpt)
+
+
+def assert_same_curve(megatron_ckpt: Path, fsdp_ckpt: Path) -> None:
+    for key, rel in (("loss", 1e-5), ("grad_norm", 1e-4), ("val_loss", 1e-5)):
+        ours, theirs = logged(megatron_ckpt, key), logged(fsdp_ckpt, key)
+        assert ours.keys() == theirs.keys() and ours, key
+        for step in ours:
+            assert ours[step] == pytest.approx(theirs[step], rel=rel), (key, step, ours[step], theirs[step])
+
+
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory):
+    """A tiny Qwen3-MoE (4 experts, 2 active, the first layer dense), saved as transformers saves it."""
+    import transformers
+
+    from tests.train.helpers import make_tokenizer
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        mlp_only_layers=[0], norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("moe") / "model"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    make_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model, packed, moe_model):
+    """fsdp runs of the dense and the MoE model: the curves every megatron layout must reproduce."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    val = val_rows(tmp / "val.jsonl")
+    runs = {}
+    for name, model in (("dense", tiny_model), ("moe", moe_model)):
+        fsdp_job(tmp, model, packed, tmp / name, max_num_steps=STEPS, val_period=2, validation_data=str(val))
+        runs[name] = tmp / name
+    return {"val": val, **runs}
+
+
+@pytest.fixture(scope="module")
+def one_job_runs(tmp_path_factory, tiny_model, moe_model, packed, reference):
+    """Single-job megatron runs (with validation), by (model, layout id); the resume test reuses them."""
+    cache: dict[tuple[str, str], Path] = {}
+
+    def run(which: str, layout_id: str, nproc: int, layout: dict) -> Path:
+        if (which, layout_id) not in cache:
+            tmp = tmp_path_factory.mktemp(f"{which}-{layout_id}")
+            model = tiny_model if which == "dense" else moe_model
+            record = megatron_job(tmp, model, packed, tmp / "ckpt", nproc, max_num_steps=STEPS, val_period=2,
+                                  validation_data=str(reference["val"]), **layout)  # fmt: skip
+            assert record["complete"] and record["end_step"] == STEPS
+            cache[which, layout_id] = tmp / "ckpt"
+        return cache[which, layout_id]
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "nproc, layout",
+    [
+        (1, {}),
+        (2, {}),  # data parallel 2: the distributed optimizer shards its state
+        (2, {"tensor_model_parallel_size": 2}),
+        (2, {"pipeline_model_parallel_size": 2}),  # tied embeddings: the last stage holds a copy
+        (4, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}),
+        (1, {"activation_checkpointing": True}),
+    ],
+    ids=["single", "dp2", "tp2", "pp2", "tp2pp2", "recompute"],
+)
+def test_every_layout_trains_the_fsdp_curve(request, one_job_runs, reference, nproc, layout):
+    ckpt = one_job_runs("dense", request.node.callspec.id, nproc, layout)
+    assert_same_curve(ckpt, reference["dense"])
+    meta = json.loads((ckpt / "step_00000004" / "meta.json").read_text())
+    assert meta["backend"] == "megatron" and meta["world_size"] == nproc
+
+
+@pytest.mark.parametrize(
+    "nproc, layout",
+    [
+        (1, {}),
+        (2, {"expert_model_parallel_size": 2}),
+        (4, {"pipeline_model_parallel_size": 2, "expert_model_parallel_size": 2}),
+    ],  # fmt: skip
+    ids=["single", "ep2", "pp2ep2"],
+)
+def test_moe_layouts_train_the_fsdp_curve(request, one_job_runs, reference, nproc, layout):
+    assert_same_curve(one_job_runs("moe", request.node.callspec.id, nproc, layout), reference["moe"])
+
+
+@pytest.mark.parametrize(
+    "which, layout_id, nproc, layout",
+    [
+        ("dense", "dp2", 2, {}),
+        ("moe", "pp2ep2", 4, {"pipeline_model_parallel_size": 2, "expert_model_parallel_size": 2}),
+    ],  # fmt: skip
+    ids=["dense-dp2", "moe-pp2ep2"],  # stage 0 of the MoE model has no experts: no expert optimizer state
+)
+def test_two_chained_jobs_end_bitwise_equal_to_one(
+    tmp_path, one_job_runs, tiny_model, moe_model, packed, reference, which, layout_id, nproc, layout
+):
+    one_dir = one_job_runs(which, layout_id, nproc, layout)
+    model = tiny_model if which == "dense" else moe_model
+    same = {"max_num_steps": STEPS, "val_period": 2, "validation_data": str(reference["val"]), **layout}
+    first = megatron_job(tmp_path, model, packed, tmp_path / "two", nproc, 0, 2, **same)
+    second = megatron_job(tmp_path, model, packed, tmp_path / "two", nproc, 1, 2, **same)
+    assert (first["end_step"], second["start_step"], second["end_step"]) == (2, 2, STEPS)
+    one = sorted((one_dir / "step_00000004" / "model").iterdir())
+    two = tmp_path / "two" / "step_00000004" / "model"
+    assert one and [f.name for f in one] == sorted(f.name for f in two.iterdir())
+    for f in one:
+        assert f.read_bytes() == (two / f.name).read_bytes(), f.name
+    for r in range(nproc):  # Adam moments, fp32 main weights and step of every rank's optimizer shard
+        a = torch.load(one_dir / "step_00000004" / "optim" / f"rank{r:05d}.pt", weights_only=True)
+        b = torch.load(two.parent / "optim" / f"rank{r:05d}.pt", weights_only=True)
+        for x, y in zip(flat_tensors(a["parameter_states"]), flat_tensors(b["parameter_states"]), strict=True):
+            assert torch.equal(x, y)
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert logged(tmp_path / "two", key) == logged(one_dir, key), key
+
+
+def flat_tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for k in sorted(value, key=str) for t in flat_tensors(value[k])]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in flat_tensors(v)]
+    return []
+
+
+def test_the_final_checkpoint_exports_to_a_hf_model_close_to_the_fsdp_export(
+    tmp_path, one_job_runs, tiny_model, reference
+):
+    from transformers import AutoModelForCausalLM
+
+    from sftflow.train.export import export_checkpoint
+
+    ckpt = one_job_runs("dense", "tp2", 2, {"tensor_model_parallel_size": 2})  # vocabulary split over 2 ranks
+    ours = export_checkpoint(ckpt / "step_00000004", tmp_path / "megatron_hf", str(tiny_model))
+    theirs = export_checkpoint(reference["dense"] / "step_00000004", tmp_path / "fsdp_hf", str(tiny_model))
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    a = AutoModelForCausalLM.from_pretrained(ours, dtype=torch.float32)
+    b = AutoModelForCausalLM.from_pretrained(theirs, dtype=torch.float32)
+    assert_weights_close(dict(a.state_dict()), dict(b.state_dict()))
+    tokens = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(a(tokens).logits, b(tokens).logits, rtol=0, atol=1e-4)
+    assert json.loads((ours / "sftflow_export.json").read_text())["step"] == STEPS
