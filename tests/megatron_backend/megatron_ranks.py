@@ -6,8 +6,8 @@ one megatron-core itself gives this rank), and writes the rank's coordinates and
 
     torchrun --standalone --nproc-per-node=W megatron_ranks.py MODEL_DIR OUT_DIR TP PP EP ETP [--forward] [--save-shards]
 
-With --forward (one CUDA rank, NCCL: megatron-core's forward pass needs a GPU), the model is built on the
-GPU and the logits of a fixed batch (tokens.pt in OUT_DIR) are saved as logits.pt. With --save-shards
+With --forward (one rank: CUDA and NCCL, or with --cpu the CPU through cpu_shim.py), the model is built on
+the device and the logits of a fixed batch (tokens.pt in OUT_DIR) are saved as logits.pt. With --save-shards
 every rank writes its weights as the megatron backend's checkpoints do (sftflow.megatron.checkpoint.
 write_model_shards) into OUT_DIR/step_00000001/model, and rank 0 that checkpoint's meta.json.
 """
@@ -29,9 +29,15 @@ def main() -> None:
     model_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
     tp, pp, ep, etp = (int(x) for x in sys.argv[3:7])
     forward = "--forward" in sys.argv[7:]
-    if forward:
+    on_gpu = forward and "--cpu" not in sys.argv[7:]
+    if forward and not on_gpu:  # megatron-core's forward on the CPU (tests/megatron_backend/cpu_shim.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+        from tests.megatron_backend import cpu_shim
+
+        cpu_shim.install()
+    if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if forward else "gloo")
+    dist.init_process_group("nccl" if on_gpu else "gloo")
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -50,7 +56,15 @@ def main() -> None:
     if layout.num_experts:
         parallel["expert_tensor_parallel_size"] = etp
     stage = {"pre_process": ps.is_pipeline_first_stage(), "post_process": ps.is_pipeline_last_stage()}
-    model = build_gpt_model(layout, padded, 64, cpu_init=not forward, **stage, **parallel)
+    if forward:  # attention forks megatron-core's model-parallel RNG stream (dropout), which needs a seed
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
+    if layout.num_experts:
+        from sftflow.megatron.engine import _patch_moe_router_without_te
+
+        _patch_moe_router_without_te()
+    model = build_gpt_model(layout, padded, 64, cpu_init=not on_gpu, **stage, **parallel)
     ranks = {
         "tp": ps.get_tensor_model_parallel_rank(),
         "pp": ps.get_pipeline_model_parallel_rank(),

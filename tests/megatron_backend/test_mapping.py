@@ -210,6 +210,31 @@ def test_megatron_checkpoint_shards_export_to_the_same_hf_model(family, tp, pp, 
         assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
 
 
+def imported_logits_match(family: str, tmp_path: Path, cpu: bool) -> None:
+    """megatron-core's GPTModel holding the mapped weights of a tiny HF model gives the HF model's logits
+    (fp32 on both sides: only the order of floating-point operations differs)."""
+    model = hf_model(family).eval()
+    model_dir = save_hf(model, tmp_path / "hf")
+    out = tmp_path / "out"
+    out.mkdir()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.save(tokens, out / "tokens.pt")
+    run_ranks(model_dir, out, 1, 1, 1, 1, "--forward", *(["--cpu"] if cpu else []))
+    megatron_logits = torch.load(out / "logits.pt", weights_only=True)
+    device = "cpu" if cpu else "cuda"
+    with torch.no_grad():
+        hf_logits = model.to(device)(input_ids=tokens.to(device)).logits.float().cpu()
+    assert megatron_logits.shape == hf_logits.shape
+    torch.testing.assert_close(megatron_logits, hf_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_imported_megatron_model_gives_the_hf_logits_on_cpu(family, tmp_path):
+    """megatron-core's forward on the CPU through tests/megatron_backend/cpu_shim.py (the GPU runs the same
+    check in tests/gpu/test_gpu_megatron_import.py)."""
+    imported_logits_match(family, tmp_path, cpu=True)
+
+
 def test_a_weight_the_mapping_does_not_know_is_an_error_not_dropped():
     model = hf_model("qwen3")
     layout = model_layout(model.config.to_dict())
