@@ -10,7 +10,8 @@ Needs a CUDA device (exits with status 3 and a message otherwise). Everything is
 2. random-token SFT sequences (lognormal lengths, median --median-tokens, the first ~30 % of each without loss)
    packed best-fit-decreasing into 4096-token rows with our packer and written in the sftflow-packed-v1 format;
 3. our trainer through its CLI: `torchrun --standalone --nproc-per-node=N scripts/train.py ...`, precision bf16,
-   micro-batch 1, global batch --global-batch rows; throughput read back from its metrics.jsonl.
+   micro-batch 1, global batch --global-batch rows; throughput read back from its metrics.jsonl; once per
+   training.backend in --backends (default: fsdp, then megatron on the same model and data).
 
 Reports real (non-padding) tokens/s over the steps after the warm-up, per GPU and in all, and
 MFU = 6 x parameters x tokens/s per GPU / the GPU's peak dense bf16 FLOP/s (sftflow.train.metrics.PEAK_BF16_FLOPS,
@@ -130,6 +131,78 @@ def make_packed(out_dir: Path, args, num_rows: int) -> dict:
     }
 
 
+def run_backend(backend: str, work: Path, args, num_params: int, peak: float | None, device_name: str) -> dict:
+    """Train with one backend through scripts/train.py under torchrun; tokens/s and MFU from its metrics."""
+    from sftflow.train.cli import torchrun_command
+
+    config = {
+        "training": {
+            "backend": backend,
+            "num_gpus": args.nproc,
+            "train_global_batch_size": args.global_batch,
+            "train_micro_batch_size": 1,
+            "max_num_steps": args.warmup_steps + args.steps,
+            "max_num_epochs": 1000,
+            "learning_rate": args.lr,
+            "min_learning_rate": args.lr,
+            "warmup_steps": 0,
+            "seed": args.seed,
+            "precision": "bf16",
+            "activation_checkpointing": args.activation_checkpointing,
+            "tensor_model_parallel_size": args.tp,
+            "save_period": 10**9,
+            "log_period": 1,
+            "time_margin_seconds": 0,
+        },
+        "packing": {"max_total_sequence_length": args.seq_len},
+    }
+    config_path = work / f"config.{backend}.json"
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    train_args = [
+        "--config", str(config_path), "--packed", str(work / "packed"), "--model", str(work / "model"),
+        "--checkpoint-dir", str(work / f"checkpoints.{backend}"), "--metrics-dir", str(work / f"metrics.{backend}"),
+    ]  # fmt: skip
+    argv = torchrun_command(REPO / "scripts" / "train.py", args.nproc, train_args)
+    log = work / f"train.{backend}.log"
+    t_train = time.perf_counter()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "w", encoding="utf-8") as fh:
+        rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False).returncode
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, Path(args.out).with_suffix(f".train.{backend}.log"))
+    if rc != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace")[-6000:]
+        raise SystemExit(
+            f"train_bench_gpu: the {backend} trainer failed (exit code {rc}); last lines of its log:\n{tail}"
+        )
+    text = log.read_text(encoding="utf-8", errors="replace")
+    if backend == "megatron":
+        attention = "Transformer Engine THD" if "(TE layers)" in text else "megatron-core local (block-diagonal mask)"
+    else:
+        try:
+            import flash_attn  # noqa: F401
+
+            attention = "flash_attn_varlen_func"
+        except ImportError:
+            attention = "per-segment SDPA (flash_attn not installed)"
+    steps = read_our_metrics(work / f"metrics.{backend}" / "metrics.jsonl")
+    summary = summarize(steps, args.warmup_steps)
+    tps = summary["tokens_per_second"]
+    per_gpu = tps / args.nproc
+    mfu = 6.0 * num_params * per_gpu / peak if peak else None
+    return {
+        "attention": attention,
+        "summary": summary,
+        "tokens_per_second": tps,
+        "tokens_per_second_per_gpu": round(per_gpu, 1),
+        "mfu": round(mfu, 4) if mfu is not None else None,
+        "train_process_seconds": round(time.perf_counter() - t_train, 1),
+        "command": " ".join(str(a) for a in argv),
+        "per_step": steps,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps (after the warm-up)")
@@ -146,6 +219,8 @@ def main() -> None:
     p.add_argument("--median-tokens", type=float, default=600.0, help="median tokens of one sequence")
     p.add_argument("--sigma", type=float, default=0.8, help="lognormal sigma of the sequence lengths")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--backends", default="fsdp,megatron", help="comma-separated training.backend values to run")
+    p.add_argument("--tp", type=int, default=1, help="training.tensor_model_parallel_size")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of one GPU (override)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -164,20 +239,12 @@ def main() -> None:
     import torch
     import transformers
 
-    from sftflow.train.cli import torchrun_command
     from sftflow.train.metrics import peak_flops
 
     if not args.cpu_smoke and torch.cuda.device_count() < args.nproc:
         raise SystemExit(f"train_bench_gpu: --nproc {args.nproc} but only {torch.cuda.device_count()} GPUs visible")
     device_name = "cpu (smoke test)" if args.cpu_smoke else torch.cuda.get_device_name(0)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device_name)
-    try:
-        import flash_attn  # noqa: F401
-
-        attention = "flash_attn_varlen_func"
-    except ImportError:
-        attention = "per-segment SDPA (flash_attn not installed)"
-
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="train_bench_gpu_"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -187,54 +254,15 @@ def main() -> None:
         data = make_packed(work / "packed", args, total_steps * args.global_batch)
         print(f"model {num_params / 1e9:.3f}B parameters; data {json.dumps(data)}; prepared in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
-        config = {
-            "training": {
-                "num_gpus": args.nproc,
-                "train_global_batch_size": args.global_batch,
-                "train_micro_batch_size": 1,
-                "max_num_steps": total_steps,
-                "max_num_epochs": 1000,
-                "learning_rate": args.lr,
-                "min_learning_rate": args.lr,
-                "warmup_steps": 0,
-                "seed": args.seed,
-                "precision": "bf16",
-                "activation_checkpointing": args.activation_checkpointing,
-                "save_period": 10**9,
-                "log_period": 1,
-                "time_margin_seconds": 0,
-            },
-            "packing": {"max_total_sequence_length": args.seq_len},
-        }
-        config_path = work / "config.json"
-        config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-        train_args = [
-            "--config", str(config_path), "--packed", str(work / "packed"), "--model", str(work / "model"),
-            "--checkpoint-dir", str(work / "checkpoints"), "--metrics-dir", str(work / "metrics"),
-        ]  # fmt: skip
-        argv = torchrun_command(REPO / "scripts" / "train.py", args.nproc, train_args)
-        log = work / "train.log"
-        t_train = time.perf_counter()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(log, "w", encoding="utf-8") as fh:
-            rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False).returncode
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(log, Path(args.out).with_suffix(".train.log"))
-        if rc != 0:
-            tail = log.read_text(encoding="utf-8", errors="replace")[-6000:]
-            raise SystemExit(f"train_bench_gpu: the trainer failed (exit code {rc}); last lines of its log:\n{tail}")
-        steps = read_our_metrics(work / "metrics" / "metrics.jsonl")
-        summary = summarize(steps, args.warmup_steps)
-        tps = summary["tokens_per_second"]
-        per_gpu = tps / args.nproc
-        mfu = 6.0 * num_params * per_gpu / peak if peak else None
+        runs = {}
+        for backend in args.backends.split(","):
+            runs[backend] = run_backend(backend, work, args, num_params, peak, device_name)
+        first = runs[args.backends.split(",")[0]]
         result = {
             "benchmark": "train_bench_gpu",
             "device": device_name,
             "num_gpus": args.nproc,
             "peak_bf16_flops_per_gpu": peak,
-            "attention": attention,
             "model": {
                 "num_params": num_params,
                 "hidden": args.hidden,
@@ -250,34 +278,29 @@ def main() -> None:
             "data": data,
             "steps": args.steps,
             "warmup_steps": args.warmup_steps,
-            "summary": summary,
-            "tokens_per_second": tps,
-            "tokens_per_second_per_gpu": round(per_gpu, 1),
-            "mfu": round(mfu, 4) if mfu is not None else None,
-            "train_process_seconds": round(time.perf_counter() - t_train, 1),
+            # the first backend's numbers at the top level, every backend's under "backends"
+            "tokens_per_second": first["tokens_per_second"],
+            "mfu": first["mfu"],
+            "backends": runs,
             "total_seconds": round(time.perf_counter() - t0, 1),
             "versions": {
                 "torch": torch.__version__,
                 "cuda": torch.version.cuda,
                 "transformers": transformers.__version__,
             },
-            "command": " ".join(str(a) for a in argv),
-            "per_step": steps,
         }
         print()
-        print(
-            f"{device_name} x {args.nproc}, {num_params / 1e9:.3f}B params, seq {args.seq_len}, attention: {attention}"
-        )
-        print(f"  tokens/s (real, non-padding): {tps:,.0f} total, {per_gpu:,.0f} per GPU")
-        print(
-            f"  seconds / optimizer step:     {summary['seconds_per_step']:.3f} (median {summary['median_step_seconds']:.3f})"
-        )
-        print(
-            f"  MFU (6N):                     {100 * mfu:.1f}%"
-            if mfu is not None
-            else "  MFU: unknown peak (--peak-tflops)"
-        )
-        print(f"  loss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
+        print(f"{device_name} x {args.nproc}, {num_params / 1e9:.3f}B params, seq {args.seq_len}")
+        for backend, run in runs.items():
+            summary = run["summary"]
+            mfu = run["mfu"]
+            print(f"  {backend} (attention: {run['attention']})")
+            print(f"    tokens/s (real, non-padding): {run['tokens_per_second']:,.0f} total, "
+                  f"{run['tokens_per_second_per_gpu']:,.0f} per GPU")  # fmt: skip
+            print(f"    seconds / optimizer step:     {summary['seconds_per_step']:.3f} "
+                  f"(median {summary['median_step_seconds']:.3f})")  # fmt: skip
+            print(f"    MFU (6N):                     {100 * mfu:.1f}%" if mfu is not None else "    MFU: unknown peak")
+            print(f"    loss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
         print()
         text = json.dumps(result, indent=2)
         if args.out:

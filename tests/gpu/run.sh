@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The repo's GPU checks in one prepared script: `bash tests/gpu/run.sh` (from anywhere).
 #
-#   1. benchmarks/train_bench_gpu.py - our trainer on a ~0.8B random Llama, bf16, 4096-token packed rows:
-#      tokens/s and MFU (-> train_bench_gpu.json, train_bench_gpu.train.log, train_bench_gpu.log);
+#   1. benchmarks/train_bench_gpu.py - our trainer on a ~0.8B random Llama, bf16, 4096-token packed rows, with
+#      backend fsdp and then backend megatron on the same model and data: tokens/s and MFU of each
+#      (-> train_bench_gpu.json, train_bench_gpu.train.{fsdp,megatron}.log, train_bench_gpu.log);
 #   2. pytest -m gpu tests/gpu, when tests/gpu has test files (-> pytest_gpu.log, pytest_gpu.xml): packed
-#      attention isolation, and the HF -> megatron-core import giving the HF logits (issue 6);
+#      attention isolation; the HF -> megatron-core import giving the HF logits; megatron training of a tiny
+#      Llama and Qwen3-MoE in bf16 following the fsdp loss, resuming, and exporting (issue 6);
 #   3. benchmarks/eval_servers_check.py - the eval path through each inference server installed here
 #      (transformers serve always; vllm, sglang, trtllm-serve when present) -> eval_servers.json.
 #

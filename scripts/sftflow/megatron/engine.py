@@ -101,6 +101,8 @@ def init_megatron_parallel(tcfg: dict, timeout_minutes: float = 30.0) -> Megatro
             "training path (its DDP buffers, distributed optimizer and attention) runs on CUDA only; use "
             "backend: fsdp on CPU"
         )
+    # megatron-core orders tensor-parallel communication behind compute on one CUDA queue (as Megatron-LM sets it)
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     rank, world, local_rank, device = init_process_group(timeout_minutes)
     from megatron.core import parallel_state as ps
 
