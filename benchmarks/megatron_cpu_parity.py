@@ -1,0 +1,124 @@
+"""How closely the megatron backend follows the fsdp backend, on CPU: every parallel layout, same data.
+
+    python benchmarks/megatron_cpu_parity.py [--steps 8] [--out result.json]
+
+Builds the trainer tests' tiny Llama (2 layers, hidden 64, tied embeddings) and a tiny Qwen3-MoE (4 experts,
+2 active, first layer dense), packs 96 random sequences into 64-token rows, trains each with the fsdp backend
+(scripts/train.py) and with the megatron backend in several layouts (tests/megatron_backend/cpu_train.py:
+megatron-core's own training path on gloo ranks through the test-only CUDA -> CPU shim), fp32, global batch
+8, micro-batch 2, and reports per layout the largest relative difference of the per-step loss and gradient
+norm from fsdp's, and the wall time of the run (torchrun start included; CPU times say nothing of GPU speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "scripts"), str(REPO)]
+
+from tests.train.helpers import (  # noqa: E402
+    logged,
+    make_model,
+    make_packed,
+    subprocess_env,
+    train_command,
+    training_config,
+    write_config,
+)
+
+LAYOUTS = {
+    "dense": [
+        ("single", 1, {}),
+        ("dp2", 2, {}),
+        ("tp2", 2, {"tensor_model_parallel_size": 2}),
+        ("pp2", 2, {"pipeline_model_parallel_size": 2}),
+        ("tp2pp2", 4, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}),
+    ],
+    "moe": [
+        ("single", 1, {}),
+        ("ep2", 2, {"expert_model_parallel_size": 2}),
+        ("pp2ep2", 4, {"pipeline_model_parallel_size": 2, "expert_model_parallel_size": 2}),
+    ],
+}
+
+
+def moe_model(out: Path) -> Path:
+    import torch
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        mlp_only_layers=[0], norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
+def run(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, check=False)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
+    return time.perf_counter() - t0
+
+
+def max_rel(ours: dict, theirs: dict) -> float:
+    assert ours.keys() == theirs.keys(), (sorted(ours), sorted(theirs))
+    return max(abs(ours[s] - theirs[s]) / abs(theirs[s]) for s in ours)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="megatron_parity_"))
+    packed = make_packed(work / "packed")
+    models = {"dense": make_model(work / "dense"), "moe": moe_model(work / "moe")}
+    rows = []
+    for family, layouts in LAYOUTS.items():
+        cfg = training_config(max_num_steps=args.steps, save_period=10**6)
+        fsdp_ckpt = work / f"{family}-fsdp"
+        seconds = run(train_command(write_config(work / "fsdp.json", cfg), packed, models[family], fsdp_ckpt))
+        rows.append({"model": family, "backend": "fsdp", "layout": "single", "ranks": 1, "seconds": round(seconds, 1),
+                     "final_loss": logged(fsdp_ckpt)[args.steps]})  # fmt: skip
+        for name, nproc, layout in layouts:
+            config = write_config(work / f"{family}-{name}.json", {**cfg, "training": {**cfg["training"],
+                                  "backend": "megatron", **layout}})  # fmt: skip
+            ckpt = work / f"{family}-megatron-{name}"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   str(REPO / "tests" / "megatron_backend" / "cpu_train.py"), str(config), str(packed),
+                   str(models[family]), str(ckpt), "0", "1"]  # fmt: skip
+            seconds = run(cmd)
+            rows.append({
+                "model": family, "backend": "megatron", "layout": name, "ranks": nproc, "seconds": round(seconds, 1),
+                "final_loss": logged(ckpt)[args.steps],
+                "max_rel_loss_diff": max_rel(logged(ckpt), logged(fsdp_ckpt)),
+                "max_rel_grad_norm_diff": max_rel(logged(ckpt, "grad_norm"), logged(fsdp_ckpt, "grad_norm")),
+            })  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    print(
+        "\n| model | backend | layout | ranks | final loss | max rel. loss diff | max rel. grad-norm diff | seconds |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        diff = (f"{r['max_rel_loss_diff']:.1e} | {r['max_rel_grad_norm_diff']:.1e}" if "max_rel_loss_diff" in r
+                else "— | —")  # fmt: skip
+        print(f"| {r['model']} | {r['backend']} | {r['layout']} | {r['ranks']} | {r['final_loss']:.4f} | {diff} | "
+              f"{r['seconds']} |")  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps({"steps": args.steps, "runs": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
