@@ -50,3 +50,15 @@ def test_resume_refuses_another_backend_or_other_parallel_sizes(tmp_path):
         r"training.pipeline_model_parallel_size: 2 -> 4\)",
     ):
         check_layout({"backend": "megatron", **LAYOUT}, {"backend": "megatron", **changed}, path)
+
+
+def test_a_base_model_that_is_neither_local_nor_fetchable_names_the_key(tmp_path, monkeypatch, tiny_model):
+    import huggingface_hub.constants
+
+    from sftflow.megatron.weights import local_model_dir
+
+    assert local_model_dir(str(tiny_model)) == tiny_model
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with pytest.raises(SftflowError, match=r"config key 'model.base_model': 'nobody/no-such-model' is not a local"):
+        local_model_dir("nobody/no-such-model")

@@ -117,10 +117,11 @@ def read_shards(checkpoint: Path) -> tuple[dict[Rank, dict[str, torch.Tensor]], 
 
 def hf_weights(checkpoint: str | Path, base_model: str | Path) -> dict[str, torch.Tensor]:
     """The HF state dict of a megatron checkpoint (base_model: the HF folder training started from)."""
+    from sftflow.megatron.weights import local_model_dir
+
     checkpoint = Path(checkpoint)
-    layout = model_layout(
-        json.loads((Path(base_model) / "config.json").read_text(encoding="utf-8")), f"{base_model}/config.json"
-    )
+    config = local_model_dir(str(base_model)) / "config.json"
+    layout = model_layout(json.loads(config.read_text(encoding="utf-8")), f"{base_model}/config.json")
     shards, sizes = read_shards(checkpoint)
     return megatron_to_hf(unshard(shards, layout, sizes), layout)
 

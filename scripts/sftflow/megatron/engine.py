@@ -148,12 +148,14 @@ class MegatronEngine:
 
         from sftflow.megatron.checkpoint import MegatronCheckpointer, load_rank_weights
         from sftflow.megatron.model import build_gpt_model
-        from sftflow.megatron.weights import Rank, hf_to_megatron, read_hf_weights, shard
+        from sftflow.megatron.weights import Rank, hf_to_megatron, local_model_dir, read_hf_weights, shard
         from sftflow.train.checkpoint import latest_checkpoint
 
         t = cfg["training"]
         self.parallel, self.pad_id = parallel, pad_id
-        self.layout = model_layout(read_hf_config(spec.model), where=f"{spec.model}/config.json")
+        parallel.on_main(lambda: local_model_dir(spec.model))  # a hub model is downloaded once, by rank 0
+        model_dir = local_model_dir(spec.model)
+        self.layout = model_layout(read_hf_config(model_dir), where=f"{spec.model}/config.json")
         self.use_te = transformer_engine_available()
         if parallel.cp > 1 and not self.use_te:
             raise SftflowError(
@@ -222,7 +224,7 @@ class MegatronEngine:
             LOG.info(
                 "importing %s into megatron-core GPTModel (%s layers)", spec.model, "TE" if self.use_te else "local"
             )
-            full = hf_to_megatron(read_hf_weights(spec.model), self.layout, self.padded_vocab)
+            full = hf_to_megatron(read_hf_weights(model_dir), self.layout, self.padded_vocab)
             weights = shard(full, self.layout, self.sizes, self.rank)
             load_rank_weights(module, weights, self.layout, self.use_te, self.rank.pp, self.sizes)
             del weights

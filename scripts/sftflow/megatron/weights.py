@@ -344,6 +344,24 @@ def fuse_hub_experts(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def local_model_dir(model: str):
+    """`model` as a local folder: itself, or its config and safetensors from the Hugging Face hub (cached;
+    the hub client reads HF_TOKEN itself)."""
+    from pathlib import Path
+
+    if Path(model).is_dir():
+        return Path(model)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as err:  # offline, unknown repo, no access: say which key to fix
+        raise SftflowError(
+            f"config key 'model.base_model': {model!r} is not a local directory and could not be fetched from the "
+            f"Hugging Face hub ({type(err).__name__}); give a local HF model folder"
+        ) from None
+
+
 def read_hf_weights(model_dir) -> dict[str, torch.Tensor]:
     """Every tensor of a HF model folder's safetensors (one file or an index of shards), hub MoE experts fused."""
     import json
