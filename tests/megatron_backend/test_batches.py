@@ -103,3 +103,11 @@ def test_block_mask_with_megatron_rope_equals_attention_over_each_sequence_alone
     # without the mask the second sequence would see the first: the comparison can fail
     leaky = attend(q, k, v, torch.triu(torch.ones(total, total, dtype=torch.bool), 1)[None, None])
     assert not torch.allclose(leaky[:, :, 9:13], attend(q[9:13], k[9:13], v[9:13]), atol=1e-3)
+
+
+def test_pipeline_stages_get_micro_batches_of_one_length():
+    bins = make_bins([[7, 5], [3]])
+    mb = megatron_micro_batch(bins, PAD, pad_to=20, block_mask=True)
+    assert mb["tokens"].shape == (1, 20) and mb["attention_mask"].shape == (1, 1, 20, 20)
+    assert mb["cu_seqlens"].tolist() == [0, 7, 12, 15, 20] and not mb["loss_mask"][0, 15:].any()
+    assert mb["num_loss_tokens"] == megatron_micro_batch(bins, PAD)["num_loss_tokens"]

@@ -245,3 +245,18 @@ def test_a_weight_the_mapping_does_not_know_is_an_error_not_dropped():
     del hf["model.layers.2.self_attn.k_norm.weight"]
     with pytest.raises(SftflowError, match=r"HF weights: model.layers.2.self_attn.k_norm.weight is missing"):
         hf_to_megatron(hf, layout, padded_vocab_size(layout.vocab_size, 1))
+
+
+def test_transformer_engine_names_fuse_the_norms_except_before_moe_layers():
+    from sftflow.megatron.weights import from_te_names, to_te_names
+
+    model = hf_model("qwen3_moe")  # layer 1 is dense (mlp_only_layers), layers 0, 2, 3 are MoE
+    layout = model_layout(model.config.to_dict())
+    mc = hf_to_megatron(model.state_dict(), layout, padded_vocab_size(layout.vocab_size, 1))
+    te = to_te_names(mc, {i: layout.is_moe_layer(i) for i in range(4)})
+    assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in te  # dense: fused into fc1
+    assert "decoder.layers.0.pre_mlp_layernorm.weight" in te  # MoE: the router reads the norm's output
+    assert all(f"decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight" in te for i in range(4))
+    assert not any(k.endswith("input_layernorm.weight") for k in te)
+    back = from_te_names(te)
+    assert back.keys() == mc.keys() and all(back[k] is mc[k] for k in mc)
