@@ -26,6 +26,7 @@ sys.path[:0] = [str(REPO / "scripts"), str(REPO)]
 from tests.train.helpers import (  # noqa: E402
     logged,
     make_model,
+    make_moe_model,
     make_packed,
     subprocess_env,
     train_command,
@@ -49,21 +50,6 @@ LAYOUTS = {
 }
 
 
-def moe_model(out: Path) -> Path:
-    import torch
-    import transformers
-
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        mlp_only_layers=[0], norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    return out
-
-
 def run(cmd: list[str]) -> float:
     t0 = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, check=False)
@@ -84,7 +70,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="megatron_parity_"))
     packed = make_packed(work / "packed")
-    models = {"dense": make_model(work / "dense"), "moe": moe_model(work / "moe")}
+    models = {"dense": make_model(work / "dense"), "moe": make_moe_model(work / "moe")}
     rows = []
     for family, layouts in LAYOUTS.items():
         cfg = training_config(max_num_steps=args.steps, save_period=10**6)

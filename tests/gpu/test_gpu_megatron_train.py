@@ -18,30 +18,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.helpers import logged, make_model, make_packed, run_train, training_config, write_config
+from tests.train.helpers import (
+    logged,
+    make_model,
+    make_moe_model,
+    make_packed,
+    run_train,
+    training_config,
+    write_config,
+)
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 STEPS = 6
-
-
-def moe_model(out: Path) -> Path:
-    import transformers
-
-    from tests.train.helpers import make_tokenizer
-
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        mlp_only_layers=[0], norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    make_tokenizer(out)
-    return out
 
 
 def train(tmp: Path, model: Path, packed: Path, ckpt: Path, backend: str, job: int = 0, jobs: int = 1) -> None:
@@ -55,7 +46,7 @@ def test_megatron_trains_like_fsdp_resumes_exactly_and_exports(family, tmp_path)
 
     from sftflow.train.export import export_checkpoint
 
-    model = make_model(tmp_path / "model") if family == "llama" else moe_model(tmp_path / "model")
+    model = make_model(tmp_path / "model") if family == "llama" else make_moe_model(tmp_path / "model")
     packed = make_packed(tmp_path / "packed")
     train(tmp_path, model, packed, tmp_path / "fsdp", "fsdp")
     train(tmp_path, model, packed, tmp_path / "megatron", "megatron")

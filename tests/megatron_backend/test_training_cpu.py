@@ -28,6 +28,7 @@ from tests.train.helpers import (
     REPO,
     assert_weights_close,
     logged,
+    make_moe_model,
     run_train,
     subprocess_env,
     training_config,
@@ -77,22 +78,7 @@ def assert_same_curve(megatron_ckpt: Path, fsdp_ckpt: Path) -> None:
 
 @pytest.fixture(scope="module")
 def moe_model(tmp_path_factory):
-    """A tiny Qwen3-MoE (4 experts, 2 active, the first layer dense), saved as transformers saves it."""
-    import transformers
-
-    from tests.train.helpers import make_tokenizer
-
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        mlp_only_layers=[0], norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("moe") / "model"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    make_tokenizer(out)
-    return out
+    return make_moe_model(tmp_path_factory.mktemp("moe") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,23 @@ def make_model(out_dir: Path, seed: int = 0, tie: bool = True, **config) -> Path
     return out_dir
 
 
+def make_moe_model(out_dir: Path, seed: int = 0) -> Path:
+    """A tiny Qwen3-MoE over VOCAB (4 experts, 2 active, the first layer dense), saved as transformers saves it
+    (hub format: per-expert weights), with the tokenizer."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        mlp_only_layers=[0], norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False,
+        pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
+    make_tokenizer(out_dir)
+    return out_dir
+
+
 def random_sequences(num: int, seed: int, min_len: int = 6, max_len: int = 30) -> list[tuple[np.ndarray, np.ndarray]]:
     """(token ids, loss mask) pairs: a 'prompt' without loss followed by a 'response' with loss."""
     rng = np.random.default_rng(seed)
