@@ -128,6 +128,8 @@ def test_every_layout_trains_the_fsdp_curve(request, one_job_runs, reference, np
     assert_same_curve(ckpt, reference["dense"])
     meta = json.loads((ckpt / "step_00000004" / "meta.json").read_text())
     assert meta["backend"] == "megatron" and meta["world_size"] == nproc
+    fsdp_meta = json.loads((reference["dense"] / "step_00000004" / "meta.json").read_text())
+    assert meta["num_params"] == fsdp_meta["num_params"]  # the HF model's count (MFU), whatever the layout
 
 
 @pytest.mark.parametrize(
@@ -140,7 +142,10 @@ def test_every_layout_trains_the_fsdp_curve(request, one_job_runs, reference, np
     ids=["single", "ep2", "pp2ep2"],
 )
 def test_moe_layouts_train_the_fsdp_curve(request, one_job_runs, reference, nproc, layout):
-    assert_same_curve(one_job_runs("moe", request.node.callspec.id, nproc, layout), reference["moe"])
+    ckpt = one_job_runs("moe", request.node.callspec.id, nproc, layout)
+    assert_same_curve(ckpt, reference["moe"])
+    meta, fsdp_meta = (json.loads((c / "step_00000004" / "meta.json").read_text()) for c in (ckpt, reference["moe"]))
+    assert meta["num_params"] == fsdp_meta["num_params"]
 
 
 @pytest.mark.parametrize(

@@ -124,6 +124,15 @@ def init_megatron_parallel(tcfg: dict, timeout_minutes: float = 30.0) -> Megatro
     return MegatronDims(world_size=world, rank=rank, local_rank=local_rank, device=device, mesh=None, **sizes)
 
 
+def vocab_padding_parameters(layout, padded_vocab: int, pp: int) -> int:
+    """What a GPTModel holds beyond the HF model's parameters: padded vocabulary rows of the embedding and the
+    output layer, and with tied embeddings and PP > 1 the last stage's own copy of the embedding."""
+    pad = (padded_vocab - layout.vocab_size) * layout.hidden_size
+    if not layout.tied_embeddings:
+        return 2 * pad
+    return pad + (padded_vocab * layout.hidden_size if pp > 1 else 0)
+
+
 def read_hf_config(model_dir: str | os.PathLike) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
@@ -271,11 +280,15 @@ class MegatronEngine:
         return Parallel(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp)
 
     def _count_parameters(self) -> int:
-        """Parameters of the whole model (each rank counts its shard; replicas are counted once)."""
+        """Parameters of the HF model (for MFU): every rank counts its shard, replicas are counted once, and
+        the vocabulary padding (and, with tied embeddings and PP > 1, the last stage's copy) is left out."""
         from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-        dense = sum(p.numel() for n, p in self.module.named_parameters() if ".mlp.experts." not in n)
-        experts = sum(p.numel() for n, p in self.module.named_parameters() if ".mlp.experts." in n)
+        # Weights split over tensor parallel count on every TP rank, replicated ones (norms, router) on rank 0.
+        mine = [(n, p) for n, p in self.module.named_parameters() if param_is_not_tensor_parallel_duplicate(p)]
+        dense = sum(p.numel() for n, p in mine if ".mlp.experts." not in n)
+        experts = sum(p.numel() for n, p in mine if ".mlp.experts." in n)
         # Dense weights are replicated over data parallel (and cp); experts over expert data parallel.
         t = torch.tensor(
             [
@@ -286,9 +299,7 @@ class MegatronEngine:
             device=self.parallel.device,
         )
         dist.all_reduce(t)
-        if self.layout.tied_embeddings and self.parallel.pp > 1:  # the last stage's copy of the embedding
-            t[0] -= self.padded_vocab * self.layout.hidden_size
-        return int(t.sum().item())
+        return int(t.sum().item()) - vocab_padding_parameters(self.layout, self.padded_vocab, self.parallel.pp)
 
     def meta(self) -> dict:
         return {"backend": "megatron", **self.parallel.layout(), "transformer_engine": self.use_te}

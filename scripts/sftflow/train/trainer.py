@@ -389,6 +389,7 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
         "model": spec.model,
         "total_steps": plan.total_steps,
         "world_size": parallel.world_size,
+        "num_params": engine.num_params,
         **engine.meta(),
         "training": tcfg,
     }
