@@ -3,7 +3,10 @@
 The DCP metadata lists every model tensor with its full shape and dtype, so the export plans the
 output shards first and then reads a few tensors at a time (`dcp.load` of a dict holding only those
 tensors, `no_dist=True`): memory stays around one output shard, never the whole model, and no GPU
-or optimizer state is touched. Output (written under a temporary name, renamed when complete):
+or optimizer state is touched. A megatron checkpoint (meta.json "backend": "megatron") is read whole instead:
+its per-rank shards are unsharded and mapped to HF names (sftflow.megatron.checkpoint.hf_weights), so that
+export holds one copy of the model in host memory. Output (written under a temporary name, renamed when
+complete), the same for both backends:
 
     model-00001-of-0000N.safetensors ...   weights in the base model's dtype (or --dtype)
     model.safetensors.index.json           weight map
