@@ -202,6 +202,10 @@ def test_megatron_checkpoint_shards_export_to_the_same_hf_model(family, tp, pp, 
     assert len([f for f in written if f.startswith("dense_")]) == tp * pp
     assert len([f for f in written if f.startswith("experts_")]) == (pp * ep * etp if family == "qwen3_moe" else 0)
     out = export_checkpoint(tmp_path / "ckpt" / "step_00000001", tmp_path / "exported", str(model_dir), dtype="float32")
+    stored = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    if family == "qwen3_moe":  # experts as hub checkpoints (and vLLM) have them, one tensor per expert
+        assert "model.layers.0.mlp.experts.3.up_proj.weight" in stored
+        assert not any(k.endswith(("gate_up_proj", "experts.down_proj")) for k in stored)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     for name, tensor in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name

@@ -189,17 +189,30 @@ def flat_tensors(value) -> list[torch.Tensor]:
     return []
 
 
+@pytest.mark.parametrize(
+    "which, layout_id, nproc, layout",
+    [
+        ("dense", "tp2", 2, {"tensor_model_parallel_size": 2}),  # vocabulary split over 2 ranks
+        ("moe", "ep2", 2, {"expert_model_parallel_size": 2}),
+    ],  # fmt: skip
+    ids=["dense-tp2", "moe-ep2"],
+)
 def test_the_final_checkpoint_exports_to_a_hf_model_close_to_the_fsdp_export(
-    tmp_path, one_job_runs, tiny_model, reference
+    tmp_path, one_job_runs, tiny_model, moe_model, reference, which, layout_id, nproc, layout
 ):
     from transformers import AutoModelForCausalLM
 
     from sftflow.train.export import export_checkpoint
 
-    ckpt = one_job_runs("dense", "tp2", 2, {"tensor_model_parallel_size": 2})  # vocabulary split over 2 ranks
-    ours = export_checkpoint(ckpt / "step_00000004", tmp_path / "megatron_hf", str(tiny_model))
-    theirs = export_checkpoint(reference["dense"] / "step_00000004", tmp_path / "fsdp_hf", str(tiny_model))
+    base = str(tiny_model if which == "dense" else moe_model)
+    ckpt = one_job_runs(which, layout_id, nproc, layout)
+    ours = export_checkpoint(ckpt / "step_00000004", tmp_path / "megatron_hf", base)
+    theirs = export_checkpoint(reference[which] / "step_00000004", tmp_path / "fsdp_hf", base)
     assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    names = [json.loads((d / "model.safetensors.index.json").read_text())["weight_map"] for d in (ours, theirs)]
+    assert names[0].keys() == names[1].keys()
+    if which == "moe":  # both backends write experts as hub checkpoints (and vLLM) have them
+        assert "model.layers.1.mlp.experts.3.down_proj.weight" in names[0]
     a = AutoModelForCausalLM.from_pretrained(ours, dtype=torch.float32)
     b = AutoModelForCausalLM.from_pretrained(theirs, dtype=torch.float32)
     assert_weights_close(dict(a.state_dict()), dict(b.state_dict()))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -72,6 +73,45 @@ def _read(checkpoint: Path, names: list[str], tensors: dict[str, TensorStorageMe
     return {n: want[MODEL_PREFIX + n] for n in names}
 
 
+_FUSED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def hub_expert_layout(shapes: dict, read):
+    """MoE experts as hub checkpoints store them, one tensor per expert and projection
+    (`mlp.experts.{e}.gate_proj.weight`, `up_proj`, `down_proj`), instead of transformers 5's fused in-memory
+    tensors (`mlp.experts.gate_up_proj` [E, 2I, H] = [gate; up] per expert, `down_proj` [E, H, I]): what
+    transformers' save_pretrained writes and vLLM / SGLang load. Returns the output shapes and a reader of
+    output names; other tensors pass through."""
+    plan: dict[str, tuple[str, int | None, slice | None]] = {}
+    out_shapes = {}
+    for name, (shape, dtype) in shapes.items():
+        m = _FUSED_EXPERTS.match(name)
+        if not m:
+            plan[name], out_shapes[name] = (name, None, None), (shape, dtype)
+            continue
+        experts, rows, cols = shape
+        for e in range(experts):
+            if m[2] == "down_proj":
+                parts = {"down_proj": slice(None)}
+            else:
+                parts = {"gate_proj": slice(0, rows // 2), "up_proj": slice(rows // 2, rows)}
+            for proj, sl in parts.items():
+                out = f"{m[1]}.{e}.{proj}.weight"
+                plan[out] = (name, e, sl)
+                out_shapes[out] = ((len(range(rows)[sl]), cols), dtype)
+    if len(plan) == len(shapes):
+        return shapes, read
+
+    def read_split(names: list[str]) -> dict[str, torch.Tensor]:
+        sources = read(sorted({plan[n][0] for n in names}))
+        return {
+            n: sources[src] if e is None else sources[src][e][sl].clone()
+            for n, (src, e, sl) in ((n, plan[n]) for n in names)
+        }
+
+    return out_shapes, read_split
+
+
 def resolve_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None) -> Path:
     """The committed checkpoint of `step` (latest when None); errors list what exists."""
     found = complete_checkpoints(checkpoint_dir)
@@ -111,7 +151,7 @@ def export_checkpoint(
         shapes = {n: (tuple(t.shape), t.dtype) for n, t in full.items()}
 
         def read(names: list[str]) -> dict[str, torch.Tensor]:
-            return {n: full.pop(n) for n in names}
+            return {n: full[n] for n in names}
 
     else:
         tensors = model_tensors(checkpoint)
@@ -122,6 +162,7 @@ def export_checkpoint(
 
     if not shapes:
         raise SftflowError(f"{checkpoint}: no model tensors in this checkpoint")
+    shapes, read = hub_expert_layout(shapes, read)
     if bool(getattr(hf_config, "tie_word_embeddings", False)):
         # The input embedding is the output projection; HF stores it once and ties it on load.
         shapes.pop("lm_head.weight", None)
