@@ -233,11 +233,16 @@ class MegatronEngine:
             LOG.info(
                 "importing %s into megatron-core GPTModel (%s layers)", spec.model, "TE" if self.use_te else "local"
             )
-            full = hf_to_megatron(read_hf_weights(model_dir), self.layout, self.padded_vocab)
-            weights = shard(full, self.layout, self.sizes, self.rank)
-            load_rank_weights(module, weights, self.layout, self.use_te, self.rank.pp, self.sizes)
-            del weights
-            del full
+            # Each rank reads the whole HF model and keeps its part: the ranks of a node take turns, so the
+            # node's host memory holds one copy of the model at a time, not one per GPU.
+            for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
+                if parallel.local_rank == turn:
+                    full = hf_to_megatron(read_hf_weights(model_dir), self.layout, self.padded_vocab)
+                    weights = shard(full, self.layout, self.sizes, self.rank)
+                    del full
+                    load_rank_weights(module, weights, self.layout, self.use_te, self.rank.pp, self.sizes)
+                    del weights
+                dist.barrier()
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
