@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/snakemake --cores 1 --report results/report.html
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check scripts tests benchmarks

@@ -1,7 +1,8 @@
 """The eval path against a real `transformers serve` process on localhost: no mock of client or server.
 
 A tiny random Llama model is served; generate.py starts the server, sends the requests, grades and
-writes NeMo-Skills-format outputs. One test kills the server mid-run and checks that the rerun sends
+writes NeMo-Skills-format outputs. One test kills the server mid-run (after it answered exactly 6 requests:
+tests/evaluation/gated_server.py holds the rest, so the run is mid-way on any machine) and checks that the rerun sends
 only the missing requests (counted in the server's own access log) and that the outputs equal an
 uninterrupted run's (greedy).
 """
@@ -51,12 +52,18 @@ def benchmark_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("bench") / "test.jsonl", rows)
 
 
-def command(model: Path, bench: Path, root: Path, run: str, seeds: int = 0, **settings) -> list[str]:
+def command(
+    model: Path, bench: Path, root: Path, run: str, seeds: int = 0, answer: int | None = None, **settings
+) -> list[str]:
+    """generate.py's command line; with `answer`, the server answers only that many requests
+    (tests/evaluation/gated_server.py), so a run can be interrupted mid-way on a machine of any speed."""
     cmd = [sys.executable, str(REPO / "scripts" / "generate.py"), "--model-label", "final", "--model", str(model)]
     cmd += ["--benchmark", "demo", "--benchmark-file", str(bench), "--seeds", str(seeds)]
     cmd += ["--output-dir", str(root / run / "out"), "--resume-dir", str(root / "resume")]
     cmd += ["--server-log", str(root / run / "server.log"), "--log", str(root / run / "generate.log")]
     cmd += ["--settings", json.dumps({**SETTINGS, **settings}), "--"]
+    if answer is not None:
+        cmd += [sys.executable, str(Path(__file__).with_name("gated_server.py")), "--answer", str(answer), "--"]
     return cmd + server_command("transformers", str(model), 0, python=sys.executable)
 
 
@@ -117,10 +124,10 @@ def test_kill_server_mid_run_then_rerun_sends_only_missing(tiny_model, benchmark
     metrics = json.loads((tmp_path / "ref" / "run" / "out" / "metrics.json").read_text())
     assert metrics["metrics"]["num_entries"] == NUM_PROBLEMS and metrics["generation"]["to_send"] == NUM_PROBLEMS
 
-    # Interrupted run: kill -9 the server once some answers are on disk.
+    # Interrupted run: the server answers 6 requests, then is killed with -9 (with the other requests in flight).
     root = tmp_path / "crash"
     async_file = root / "resume" / "output.jsonl-async"
-    proc = start(command(tiny_model, benchmark_file, root, "first"))
+    proc = start(command(tiny_model, benchmark_file, root, "first", answer=6))
     wait_for_answers(proc, async_file, 6)
     pids = server_pids(tiny_model)
     assert pids, "server process not found"
@@ -131,7 +138,7 @@ def test_kill_server_mid_run_then_rerun_sends_only_missing(tiny_model, benchmark
     assert "inference server exited" in stderr, stderr[-3000:]
     assert not (root / "first" / "out").exists()  # no partial output
     answered = len(async_file.read_text().splitlines())
-    assert 6 <= answered < NUM_PROBLEMS
+    assert answered == 6
     assert not server_pids(tiny_model)
 
     # The rerun asks only for what is missing, and ends with the same rows as the uninterrupted run.
@@ -213,7 +220,9 @@ def test_openai_server_type_uses_a_running_server_and_starts_none(tiny_model, be
 def test_sigterm_stops_the_server_and_keeps_the_answers(tiny_model, benchmark_file, tmp_path):
     # What Slurm does on scancel or at the time limit: SIGTERM to the job's processes.
     async_file = tmp_path / "resume" / "output.jsonl-async"
-    proc = start(command(tiny_model, benchmark_file, tmp_path, "run"))
+    # The server answers 3 requests and holds the rest for longer than the test waits: a SIGTERM must not wait
+    # for answers in flight beyond a short grace (Slurm kills the job KillWait seconds later).
+    proc = start(command(tiny_model, benchmark_file, tmp_path, "run", answer=3, request_timeout=3600))
     wait_for_answers(proc, async_file, 3)
     assert server_pids(tiny_model)
     proc.send_signal(signal.SIGTERM)
@@ -221,4 +230,4 @@ def test_sigterm_stops_the_server_and_keeps_the_answers(tiny_model, benchmark_fi
     assert proc.returncode == 143, stderr[-3000:]
     assert "stopped by SIGTERM" in stderr and "stopping the inference server" in stderr
     assert not server_pids(tiny_model)
-    assert async_file.read_text().count("\n") >= 3 and not (tmp_path / "run" / "out").exists()
+    assert async_file.read_text().count("\n") == 3 and not (tmp_path / "run" / "out").exists()

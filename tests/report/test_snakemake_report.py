@@ -64,15 +64,20 @@ SHOW_ENTRY = """
   app.setView({navbarMode: "menu"});
   await sleep(100);
   app.showCategory(category);
-  await sleep(300);
-  const row = [...document.querySelectorAll("tr")].find(tr => tr.cells.length && tr.cells[0].innerText.trim() === label);
+  // The menu renders asynchronously: wait for the row (up to 20 s, however slow the machine), not a fixed time.
+  const findRow = () => [...document.querySelectorAll("tr")].find(tr => tr.cells.length && tr.cells[0].innerText.trim() === label);
+  let row = findRow();
+  for (let i = 0; !row && i < 200; i++) {
+    await sleep(100);
+    row = findRow();
+  }
   if (!row) return {kind: "missing", menu: document.body.innerText.slice(0, 2000)};
   const button = row.querySelector("a");
   if (button.hasAttribute("download")) {
     return {kind: "download", name: button.getAttribute("download"), href: button.href};
   }
   button.click();
-  for (let i = 0; i < 50; i++) {
+  for (let i = 0; i < 200; i++) {
     await sleep(100);
     const img = document.querySelector("img[src^='data:image/png']");
     if (img) {

@@ -6,8 +6,12 @@ results/eval.json equals a local run's. A second test trains across two Slurm no
 torchrun agent per node and the ranks rendezvous over c10d. A third gives every training job Slurm's
 shortest wall time: the jobs stop, save and resume mid-training, and the weights equal an uninterrupted
 run's. A fourth has Slurm cancel a training job mid-training (as preemption does): the trainer saves on
-Slurm's SIGTERM, Snakemake resubmits the job, and it resumes from that checkpoint. The last three use the options for clusters without
-accounting (squeue status, no account).
+Slurm's SIGTERM, Snakemake resubmits the job, and it resumes from that checkpoint. The last three use the
+options for clusters without accounting (squeue status, no account).
+
+No test depends on the machine's speed: the wall-time and cancel tests train towards far more steps than
+any machine reaches, so the deadline or the cancel always lands mid-training, and they assert on the steps
+that were actually trained.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -144,25 +149,74 @@ def test_training_spans_two_slurm_nodes(slurm_cluster, workdir):  # noqa: F811
     assert record["NNodes"] == "2" and record["State"] == "COMPLETED"
 
 
+# Far more steps and epochs than any machine trains in these tests: a job ends only when Slurm's wall time
+# (1 minute) or scancel stops it, whatever the machine's speed. The rate warms up linearly over 1000 steps to
+# a peak equal to its minimum, so every step has its own rate (a resume at the wrong step shows in the
+# weights), and no rate depends on max_num_steps: a run of exactly N steps is the reference for step N.
+ENDLESS = """
+training:
+  num_training_jobs: 3
+  max_num_steps: 10000000
+  max_num_epochs: 1000000
+  save_period: 10000000
+  time_margin_seconds: 10
+  train_global_batch_size: 4
+  train_micro_batch_size: 2
+  learning_rate: 0.002
+  min_learning_rate: 0.002
+  warmup_steps: 1000
+"""
+ONE_MINUTE = SLURM.replace("train_runtime: 20", "train_runtime: 1")
+
+
+def endless_training(**replace: str) -> str:
+    """SMALL_TRAINING's demo data with ENDLESS training, `key: value` lines replaced."""
+    config = SMALL_TRAINING.split("training:")[0] + ENDLESS
+    for key, value in replace.items():
+        assert f"  {key}: " in config, key
+        config = re.sub(rf"(?m)^  {key}: .*$", f"  {key}: {value}", config)
+    return config
+
+
+def trained_steps(checkpoints: Path) -> list[int]:
+    """The step of every training-loss record in metrics.jsonl, in the order they were written."""
+    rows = [json.loads(line) for line in (checkpoints / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    return [row["step"] for row in rows if "loss" in row]
+
+
+def exported_weights(root: Path, step: int, output: Path) -> dict:
+    """Checkpoint `step` of the workflow copy `root`, exported to an HF folder with convert_checkpoint.py."""
+    from safetensors.torch import load_file
+
+    results = root / "results"
+    cmd = [sys.executable, "scripts/convert_checkpoint.py", "--checkpoint-dir", str(results / "checkpoints")]
+    cmd += ["--model", str(results / "demo" / "base_model"), "--tokenizer", str(results / "demo" / "tokenizer")]
+    cmd += ["--step", str(step), "--output", str(output)]
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = {}
+    for shard in sorted(output.glob("*.safetensors")):
+        weights.update(load_file(shard))
+    return weights
+
+
 def test_a_training_job_cancelled_by_slurm_is_resubmitted_and_resumes(slurm_cluster, workdir):  # noqa: F811
     """Slurm kills the running training job mid-training (`scancel`, as preemption does: SIGTERM, then SIGKILL
     after KillWait). The trainer saves at the next step boundary; Snakemake (retries: 2 in the profile)
-    resubmits the job, and the resubmission resumes from that checkpoint."""
-    training = SMALL_TRAINING.replace("num_training_jobs: 2", "num_training_jobs: 1").replace(
-        "max_num_steps: 12\n  save_period: 5", "max_num_steps: 120\n  save_period: 20"
-    )
-    assert "max_num_steps: 120" in training
-    (workdir / "c.yaml").write_text(training + SLURM)
+    resubmits the job, and the resubmission resumes from that checkpoint (the only one: save_period is never
+    reached), then trains until its wall time and saves. Training never ends by itself, so the cancel lands
+    mid-training on any machine."""
+    (workdir / "c.yaml").write_text(endless_training() + ONE_MINUTE)
     cmd = slurm_command("results/checkpoints/job0.done", "c.yaml")
     output = workdir / "snakemake.out"
+    checkpoints = workdir / "results" / "checkpoints"
     with open(output, "w") as out:
         proc = subprocess.Popen(cmd, cwd=workdir, env=slurm_cluster.env(), stdout=out, stderr=subprocess.STDOUT)
     try:
-        checkpoints = workdir / "results" / "checkpoints"
         deadline = time.monotonic() + 900
-        while not (checkpoints / "step_00000040").is_dir():  # mid-training, two checkpoints saved
+        while not ((checkpoints / "metrics" / "metrics.jsonl").exists() and trained_steps(checkpoints)):
             assert proc.poll() is None, output.read_text()[-4000:]
-            assert time.monotonic() < deadline, "training never reached step 40"
+            assert time.monotonic() < deadline, "training never logged a step"
             time.sleep(0.2)
         (killed,) = [j for j, rule in slurm_jobs_by_rule(workdir).items() if rule.startswith("train_job")]
         subprocess.run(["scancel", killed], env=slurm_cluster.env(), check=True)
@@ -178,63 +232,54 @@ def test_a_training_job_cancelled_by_slurm_is_resubmitted_and_resumes(slurm_clus
     assert len(train_jobs) == 2 and str(train_jobs[0][0]) == killed  # the killed job, then its resubmission
     assert jobs[killed]["State"].startswith("CANCELLED") and jobs[str(train_jobs[1][0])]["State"] == "COMPLETED", jobs
     done = json.loads((checkpoints / "job0.done").read_text())
-    assert done["complete"] and done["end_step"] == 120
-    start = done["start_step"]
-    assert 40 <= start < 120 and (checkpoints / f"step_{start:08d}").is_dir()  # resumed from a complete checkpoint
-    assert not list(checkpoints.glob("*.tmp"))
-    steps = [json.loads(line)["step"] for line in (checkpoints / "metrics" / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]  # fmt: skip
-    assert sorted(set(steps)) == list(range(1, 121))
-    assert steps[-(120 - start) :] == list(range(start + 1, 121))  # the resubmission's steps
-
-
-def final_weights(root: Path) -> dict:
-    from safetensors.torch import load_file
-
-    weights = {}
-    for shard in sorted((root / "results" / "final_hf_model").glob("*.safetensors")):
-        weights.update(load_file(shard))
-    return weights
+    start, end = done["start_step"], done["end_step"]
+    assert 1 <= start < end and not done["complete"]  # resumed mid-training, stopped at its own deadline
+    # Saved on the SIGTERM, at the step the cancelled job had reached (CANCELLED, so not at its deadline; no
+    # periodic save is due), and the resubmission went on from it.
+    saved = sorted(int(p.name.removeprefix("step_")) for p in checkpoints.glob("step_*"))
+    assert saved == [start, end] and not list(checkpoints.glob("*.tmp"))
+    assert trained_steps(checkpoints) == list(range(1, end + 1))  # no step lost, none trained twice
+    # (Snakemake deletes the cancelled attempt's log before the retry; the resubmission's log is this one.)
+    log = (workdir / "results" / "logs" / "train_job0.log").read_text()
+    assert f"resumed from results/checkpoints/step_{start:08d} (step {start}," in log, log[-3000:]
+    assert f"stopping at step {end} before the deadline" in log, log[-3000:]
 
 
 def test_wall_time_stops_saves_resumes_and_ends_with_uninterrupted_weights(slurm_cluster, workdir, tmp_path):  # noqa: F811
-    """Slurm's smallest limit (1 minute) per training job, about a minute of steps: the jobs stop, save and exit
-    before their limit, each resumes where the last stopped, and the weights equal one uninterrupted run."""
-    training = SMALL_TRAINING.replace("num_training_jobs: 2", "num_training_jobs: 3").replace(
-        "max_num_steps: 12\n  save_period: 5", "max_num_steps: 200\n  save_period: 50\n  time_margin_seconds: 10"
-    )
-    assert "max_num_steps: 200" in training
-    (workdir / "c.yaml").write_text(training + SLURM.replace("train_runtime: 20", "train_runtime: 1"))
-    result = run_on_slurm(slurm_cluster, workdir, "results/final_hf_model", "c.yaml")
+    """Slurm's smallest limit (1 minute) per training job, and more steps than any machine trains in it: each
+    job stops, saves and exits before its limit, the next resumes exactly there, and the weights at the last
+    saved step equal those of one uninterrupted local run of that many steps."""
+    (workdir / "c.yaml").write_text(endless_training() + ONE_MINUTE)
+    result = run_on_slurm(slurm_cluster, workdir, "results/checkpoints/job1.done", "c.yaml")
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
 
     checkpoints = workdir / "results" / "checkpoints"
-    done = [json.loads((checkpoints / f"job{i}.done").read_text()) for i in range(3)]
-    first = done[0]
-    assert 0 < first["end_step"] < 200 and not first["complete"]  # stopped mid-training, at its deadline
-    log = (workdir / "results" / "logs" / "train_job0.log").read_text()
-    assert re.search(r"deadline: \S+ \(Slurm job \d+'s end time\)", log), log[-3000:]
-    assert f"stopping at step {first['end_step']} before the deadline" in log
-    assert f"saved results/checkpoints/step_{first['end_step']:08d}" in log
-    assert done[-1]["complete"] and done[-1]["end_step"] == 200
-    # Each job (or its retry) resumed from the step the one before it stopped at.
-    steps = [json.loads(line)["step"] for line in (checkpoints / "metrics" / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]  # fmt: skip
-    assert sorted(set(steps)) == list(range(1, 201))
+    done = [json.loads((checkpoints / f"job{i}.done").read_text()) for i in range(2)]
+    stops = [d["end_step"] for d in done]
+    assert [d["start_step"] for d in done] == [0, stops[0]]  # job 1 resumed where job 0 stopped
+    assert 0 < stops[0] < stops[1] and not any(d["complete"] for d in done)
+    for i, stop in enumerate(stops):
+        log = (workdir / "results" / "logs" / f"train_job{i}.log").read_text()
+        assert re.search(r"deadline: \S+ \(Slurm job \d+'s end time\)", log), log[-3000:]
+        assert f"stopping at step {stop} before the deadline" in log, log[-3000:]
+        assert f"saved results/checkpoints/step_{stop:08d}" in log, log[-3000:]
+    assert trained_steps(checkpoints) == list(range(1, stops[1] + 1))  # no step lost, none trained twice
 
-    # Every training job that stopped at its deadline ended COMPLETED, inside its 1-minute limit.
+    # Each job ended COMPLETED, by itself, inside its 1-minute limit.
     by_rule = slurm_jobs_by_rule(workdir)
     train_jobs = [j for j in slurm_cluster.completed_jobs() if by_rule.get(j["JobID"], "").startswith("train_job")]
-    assert len(train_jobs) >= 2
-    job0 = next(j for j in train_jobs if by_rule[j["JobID"]] == "train_job/0")
-    assert job0["State"] == "COMPLETED" and job0["Timelimit"] == "00:01:00", job0
+    assert sorted(by_rule[j["JobID"]] for j in train_jobs) == ["train_job/0", "train_job/1"]
+    for job in train_jobs:
+        assert job["State"] == "COMPLETED" and job["Timelimit"] == "00:01:00", job
 
-    # The same config, uninterrupted (one local job, no wall time), ends with the same weights.
+    # The same config, uninterrupted (one local job, no wall time) for exactly that many steps, ends with the
+    # same weights.
     local = copy_workflow(tmp_path / "local")
-    (local / "c.yaml").write_text(training.replace("num_training_jobs: 3", "num_training_jobs: 1"))
-    result = snakemake("--cores", "2", "results/final_hf_model", "--configfile", "c.yaml", cwd=local)
+    (local / "c.yaml").write_text(endless_training(num_training_jobs="1", max_num_steps=str(stops[1])))
+    result = snakemake("--cores", "2", "results/checkpoints/job0.done", "--configfile", "c.yaml", cwd=local)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    chained, uninterrupted = final_weights(workdir), final_weights(local)
+    chained = exported_weights(workdir, stops[1], tmp_path / "chained_hf")
+    uninterrupted = exported_weights(local, stops[1], tmp_path / "uninterrupted_hf")
     assert chained.keys() == uninterrupted.keys() and chained
     for name in chained:
         assert torch.equal(chained[name], uninterrupted[name]), name

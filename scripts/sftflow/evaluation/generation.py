@@ -279,6 +279,10 @@ class ResumeState:
         return state
 
 
+# Seconds a stopping run (SIGTERM, a failed request, a dead server) still waits for answers in flight.
+STOP_GRACE_SECONDS = 10.0
+
+
 def generate(
     requests: Sequence[Request],
     client: Client,
@@ -325,35 +329,39 @@ def generate(
         answers[request.key] = answer
         done += 1
 
+    pool = ThreadPoolExecutor(max_workers=client.settings.concurrency, thread_name_prefix="generate")
     try:
-        with ThreadPoolExecutor(max_workers=client.settings.concurrency, thread_name_prefix="generate") as pool:
-            futures: dict[Future, Request] = {pool.submit(client.send, r): r for r in pending}
-            remaining = set(futures)
-            try:
-                while remaining:
-                    finished, remaining = wait(remaining, timeout=progress_every, return_when=FIRST_COMPLETED)
-                    failures = [f for f in finished if f.exception() is not None]
-                    for future in finished:
-                        if future.exception() is None:
-                            record(future, futures[future])
-                    if failures:
-                        raise failures[0].exception()
-                    now = time.monotonic()
-                    if now - last_report >= progress_every or not remaining:
-                        rate = done / max(now - started, 1e-9)
-                        log.info("generated %d / %d (%.2f requests/s)", done, len(pending), rate)
-                        last_report = now
-            except BaseException:
-                # Stop: no new requests, no more retries; keep every answer that still arrives, for the rerun.
-                client.stop.set()
-                for future in remaining:
-                    future.cancel()
-                for future in wait(remaining)[0]:
-                    if not future.cancelled() and future.exception() is None:
+        futures: dict[Future, Request] = {pool.submit(client.send, r): r for r in pending}
+        remaining = set(futures)
+        try:
+            while remaining:
+                finished, remaining = wait(remaining, timeout=progress_every, return_when=FIRST_COMPLETED)
+                failures = [f for f in finished if f.exception() is not None]
+                for future in finished:
+                    if future.exception() is None:
                         record(future, futures[future])
-                log.info("stopped after %d new answers; a rerun sends only the %d missing", done, len(pending) - done)
-                raise
+                if failures:
+                    raise failures[0].exception()
+                now = time.monotonic()
+                if now - last_report >= progress_every or not remaining:
+                    rate = done / max(now - started, 1e-9)
+                    log.info("generated %d / %d (%.2f requests/s)", done, len(pending), rate)
+                    last_report = now
+        except BaseException:
+            # Stop: no new requests, no more retries; keep the answers that arrive within a short grace, for the
+            # rerun. Not longer: after a SIGTERM, Slurm kills the job KillWait seconds later (30 by default) and
+            # the server must be stopped before that, however long its in-flight requests would still take.
+            client.stop.set()
+            for future in remaining:
+                future.cancel()
+            for future in wait(remaining, timeout=STOP_GRACE_SECONDS)[0]:
+                if not future.cancelled() and future.exception() is None:
+                    record(future, futures[future])
+            log.info("stopped after %d new answers; a rerun sends only the %d missing", done, len(pending) - done)
+            raise
     finally:
+        # Requests still in flight end when the server is stopped (the caller's next step); never wait for them.
+        pool.shutdown(wait=False, cancel_futures=True)
         for handle in handles.values():
             handle.close()
     counts["sent"] = client.sent
