@@ -7,17 +7,24 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# config/config.yaml is the offline demo: it applies only when no --configfile is given, so that a user's
+# config file means exactly what it says, plus the schema's defaults (docs/experiments.md).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "report/workflow.rst"
 
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
-from sftflow.config import validate_workflow_config  # noqa: E402
+from sftflow.config import config_layers, validate_workflow_config, value_sources  # noqa: E402
 
+# Where each value comes from (schema default, which config file, --config): errors name it, and so does
+# the report's config page (python scripts/show_config.py prints it too).
+CONFIG_SOURCES = value_sources(config_layers(workflow.overwrite_configfiles, workflow.config_settings.config))
 # Fills every default from config/schema.yaml and fails, naming the key, before any job starts.
-validate_workflow_config(config)
+validate_workflow_config(config, CONFIG_SOURCES)
 
 
 include: "rules/common.smk"

@@ -80,6 +80,7 @@ rule report_assets:
         "../envs/report.yaml"
     params:
         config=config,
+        config_sources=CONFIG_SOURCES,
         metrics=lambda wildcards, input: str(
             Path(input.last_job).parent / "metrics" / "metrics.jsonl"
         ),

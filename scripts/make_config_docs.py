@@ -11,9 +11,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = """# Configuration reference
 
-`config/config.yaml` is the experiment: edit it (or pass `--configfile my.yaml`) and rerun. Every key below
-has a default, taken from `config/schema.yaml`; the workflow validates the config against that schema
-before any job starts, and an unknown key or a wrong value fails with a message naming the key.
+Your experiment is your own config file: `snakemake --cores 8 results/eval.json --configfile my.yaml` (the
+target before `--configfile`, which takes several files). It means exactly what it says, plus the defaults
+below, taken from `config/schema.yaml`. `config/config.yaml` is the offline demo: it is read only when no
+`--configfile` is given (`make demo`). Several files merge in order, then `--config KEY=VALUE`.
+`python scripts/show_config.py --configfile my.yaml` prints the effective config with each value's source,
+and a config error names the source of every value it mentions (docs/experiments.md). The workflow
+validates the config before any job starts: an unknown key or a wrong value fails naming the key.
 `python scripts/prepare_data.py` takes the keys of the `prepare_data` section as `++key=value`
 (plus `++output_path`, `++tokenizer`, `++chat_template`).
 

@@ -2,7 +2,8 @@
 
 The equivalent of NeMo-Skills' Python chaining (`sft_nemo_rl(...)` then `eval(..., run_after=...)`):
 there is no chaining to write, because results/eval.json depends on the model it evaluates. An
-experiment is a dict of config overrides merged over config/config.yaml (and any --configfile):
+experiment is a dict of config overrides merged over its --configfile(s) (or, with none, the demo's
+config/config.yaml), exactly as `snakemake --configfile F --config KEY=VALUE` merges them:
 
     from run_experiment import run_experiment
 
@@ -20,7 +21,6 @@ Command line: python scripts/run_experiment.py TARGET [--set training.learning_r
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,25 +29,6 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def merge(base: dict, overrides: Mapping) -> dict:
-    """`overrides` deep-merged over `base` (a new dict): nested sections merge, other values replace."""
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def experiment_config(overrides: Mapping | None = None, configfiles: Sequence[str | Path] = ()) -> dict:
-    """config/config.yaml, then each configfile, then `overrides`, merged the way Snakemake merges them."""
-    config: dict = {}
-    for path in [REPO / "config" / "config.yaml", *map(Path, configfiles)]:
-        config = merge(config, yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    return merge(config, overrides or {})
 
 
 def run_experiment(
@@ -64,12 +45,14 @@ def run_experiment(
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
 
-    config = experiment_config(overrides, configfiles)
     with SnakemakeApi(OutputSettings(printshellcmds=True, show_failed_logs=True)) as api:
         workflow = api.workflow(
             resource_settings=ResourceSettings(cores=cores),
-            # The whole merged config, replacing the Snakefile's own configfile: what you see is what runs.
-            config_settings=ConfigSettings(config=config, replace_workflow_config=True),
+            # What `snakemake --configfile F ... --config KEY=VALUE` does: the demo's config/config.yaml only
+            # when no configfile is given, each value's source known (scripts/show_config.py prints them).
+            config_settings=ConfigSettings(
+                config=dict(overrides or {}), configfiles=[Path(f).resolve() for f in configfiles]
+            ),
             snakefile=REPO / "Snakefile",
             workdir=Path(workdir) if workdir else REPO,
         )

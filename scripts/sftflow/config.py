@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -79,10 +81,132 @@ def validate(instance: dict, schema: dict, prefix: str = "") -> dict:
     return instance
 
 
-def validate_workflow_config(config: dict) -> dict:
-    """Validate the Snakemake config (filling defaults) plus the checks a schema cannot express."""
-    validate(config, load_schema())
-    check_cross_keys(config)
+# The offline demo's config: Snakemake reads it only when no --configfile is given (see the Snakefile), so a
+# user's config file means exactly what it says, plus the schema's defaults.
+DEMO_CONFIG = REPO_ROOT / "config" / "config.yaml"
+SCHEMA_DEFAULT = "schema default"
+
+
+def merge_config(base: dict, overrides: Mapping) -> dict:
+    """`overrides` deep-merged over `base` (a new dict), as Snakemake merges config files: nested sections
+    merge key by key, other values replace."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = merge_config(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def config_layers(configfiles: Sequence[str | Path] = (), cli_config: Mapping | None = None) -> list[tuple[str, dict]]:
+    """(source, values) in the order Snakemake merges them: the demo's config/config.yaml only when no
+    --configfile is given, then each --configfile, then --config."""
+    layers = []
+    for path in [Path(f) for f in configfiles] or [DEMO_CONFIG]:
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise SftflowError(f"config file {path}: {err}") from None
+        if not isinstance(values, dict):
+            raise SftflowError(f"config file {path}: expected a mapping of config keys, got {type(values).__name__}")
+        layers.append((_display_path(path), values))
+    if cli_config:
+        layers.append(("--config", dict(cli_config)))
+    return layers
+
+
+def _display_path(path: Path) -> str:
+    for base in (Path.cwd(), REPO_ROOT):
+        try:
+            return str(path.resolve().relative_to(base.resolve()))
+        except ValueError:
+            continue
+    return str(path)
+
+
+def _leaves(values: Mapping, prefix: str = ""):
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            yield from _leaves(value, dotted + ".")
+        else:
+            yield dotted
+
+
+def value_sources(layers: Sequence[tuple[str, Mapping]]) -> dict[str, str]:
+    """Dotted key -> the layer its value comes from (the last one that sets it); keys absent here come from
+    the schema's defaults."""
+    sources: dict[str, str] = {}
+    for source, values in layers:
+        for key in _leaves(values):
+            for other in [k for k in sources if k.startswith(key + ".") or key.startswith(k + ".")]:
+                del sources[other]  # a section replaced by a value, or a value by a section
+            sources[key] = source
+    return sources
+
+
+def lookup(config: Mapping, dotted: str) -> tuple[bool, Any]:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def source_of(dotted: str, sources: Mapping[str, str]) -> str:
+    """Where `dotted`'s value comes from: its own layer, else a layer that set a section above it, else the schema."""
+    key = dotted
+    while key:
+        if key in sources:
+            return sources[key]
+        key = key.rpartition(".")[0]
+    return SCHEMA_DEFAULT
+
+
+_KEY_RE = re.compile(r"(?<![\w/.-])([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)+)(?![\w/-])")
+
+
+def explain_sources(message: str, config: Mapping, sources: Mapping[str, str]) -> str:
+    """`message` plus, for every config key it names, the value and where it came from."""
+    named = []
+    for key in dict.fromkeys(_KEY_RE.findall(message)):
+        found, value = lookup(config, key)
+        if found and not isinstance(value, Mapping):
+            named.append(f"{key} = {value!r} ({source_of(key, sources)})")
+    return message + ("\n  where these values come from: " + "; ".join(named) if named else "")
+
+
+def effective_config_yaml(config: Mapping, sources: Mapping[str, str]) -> str:
+    """The effective config as YAML, each value followed by `# <its source>`."""
+    lines: list[str] = []
+
+    def emit(node: Mapping, indent: int, prefix: str) -> None:
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            pad = "  " * indent
+            if isinstance(value, Mapping) and value:
+                lines.append(f"{pad}{key}:")
+                emit(value, indent + 1, dotted + ".")
+            else:
+                text = yaml.safe_dump({key: value}, default_flow_style=True, width=10**9).strip()[1:-1]
+                lines.append(f"{pad}{text}  # {source_of(dotted, sources)}")
+
+    emit(config, 0, "")
+    return "\n".join(lines) + "\n"
+
+
+def validate_workflow_config(config: dict, sources: Mapping[str, str] | None = None) -> dict:
+    """Validate the Snakemake config (filling defaults) plus the checks a schema cannot express. With
+    `sources` (value_sources of the config's layers), an error also says where each value it names came from."""
+    try:
+        validate(config, load_schema())
+        check_cross_keys(config)
+    except SftflowError as err:
+        if sources is None:
+            raise
+        raise SftflowError(explain_sources(str(err), config, sources)) from None  # config: given + defaults
     return config
 
 
@@ -136,6 +260,12 @@ def check_eval_keys(config: dict) -> None:
     steps = [int(m.split("_", 1)[1]) for m in models if m.startswith("step_")]
     if steps:
         check_average_steps(steps, t["save_period"], t["max_num_steps"], key="eval.models")
+    try:
+        re.compile(e["extract_regex"])
+    except re.error as err:
+        raise SftflowError(
+            f"config key 'eval.extract_regex': {e['extract_regex']!r} is not a regular expression ({err})"
+        ) from None
     if e["server_type"] == "openai" and not e["server_address"]:
         raise SftflowError(
             "config key 'eval.server_address' is null, but 'eval.server_type' is 'openai' (no server is started): "

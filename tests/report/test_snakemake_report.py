@@ -124,7 +124,7 @@ def finished_run(tmp_path_factory) -> Path:
     """A workflow copy that has trained the small demo (two chained jobs) and made report.html."""
     workdir = copy_workflow(tmp_path_factory.mktemp("report_run"))
     (workdir / "small.yaml").write_text(SMALL)
-    config = ("--configfile", "small.yaml")
+    config = ("--configfile", "config/config.yaml", "small.yaml")
     # The whole workflow for real, evaluation through `transformers serve` included, then the report.
     result = snakemake("--cores", "2", REPORT_TARGET, *config, cwd=workdir)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
@@ -228,3 +228,7 @@ def test_packing_training_eval_and_config_pages_hold_the_runs_numbers(shown, fin
 
     config = frame(shown, "config.html")["text"]
     assert "max_num_steps: 12" in config and "num_train_problems: 300" in config
+    # Each value's source (issue 12): the test's file, the demo's config, or the schema.
+    assert "max_num_steps: 12 # small.yaml" in single_spaced(config), config[-3000:]
+    assert "learning_rate: 0.002 # config/config.yaml" in single_spaced(config)
+    assert "max_grad_norm: 1.0 # schema default" in single_spaced(config)

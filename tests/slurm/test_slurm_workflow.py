@@ -60,7 +60,7 @@ def slurm_command(target: str, configfile: str, options=NO_ACCOUNTING) -> list[s
     """`snakemake --profile profiles/slurm TARGET`, polling the test cluster every 2 s."""
     cmd = [SNAKEMAKE, "--profile", "profiles/slurm", target, *options]
     cmd += ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2"]
-    return cmd + ["--configfile", configfile]
+    return cmd + ["--configfile", "config/config.yaml", configfile]  # the demo, then the test's keys
 
 
 def run_on_slurm(
@@ -114,7 +114,7 @@ def test_profile_runs_every_job_on_slurm_and_matches_a_local_run(slurm_cluster, 
     # The same config run locally gives the same evaluation.
     local = copy_workflow(tmp_path / "local")
     (local / "c.yaml").write_text(config)
-    result = snakemake("--cores", "2", "results/eval.json", "--configfile", "c.yaml", cwd=local)
+    result = snakemake("--cores", "2", "results/eval.json", "--configfile", "config/config.yaml", "c.yaml", cwd=local)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
     def scores(root: Path) -> dict:
@@ -276,7 +276,9 @@ def test_wall_time_stops_saves_resumes_and_ends_with_uninterrupted_weights(slurm
     # same weights.
     local = copy_workflow(tmp_path / "local")
     (local / "c.yaml").write_text(endless_training(num_training_jobs="1", max_num_steps=str(stops[1])))
-    result = snakemake("--cores", "2", "results/checkpoints/job0.done", "--configfile", "c.yaml", cwd=local)
+    result = snakemake(
+        "--cores", "2", "results/checkpoints/job0.done", "--configfile", "config/config.yaml", "c.yaml", cwd=local
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     chained = exported_weights(workdir, stops[1], tmp_path / "chained_hf")
     uninterrupted = exported_weights(local, stops[1], tmp_path / "uninterrupted_hf")

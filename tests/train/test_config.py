@@ -13,7 +13,7 @@ from sftflow.train.config import check_training_keys
 
 @pytest.fixture
 def config() -> dict:
-    return C.validate({}, C.load_schema())  # every default: the demo, 1 GPU
+    return C.validate({"demo": {"enabled": True}}, C.load_schema())  # every default, the demo on: 1 GPU
 
 
 def _with(config: dict, **training) -> dict:

@@ -13,7 +13,7 @@ from tests.workflow.test_workflow import snakemake, workdir  # noqa: F401  (fixt
 
 def plan(workdir, config_text: str, target: str = "results/eval.json"):  # noqa: F811
     (workdir / "c.yaml").write_text(config_text)
-    return snakemake("-n", "-p", "--cores", "1", target, "--configfile", "c.yaml", cwd=workdir)
+    return snakemake("-n", "-p", "--cores", "1", target, "--configfile", "config/config.yaml", "c.yaml", cwd=workdir)
 
 
 @pytest.mark.parametrize(
@@ -114,7 +114,9 @@ def test_benchmarks_prepared_from_local_files_and_decontaminated_against(workdir
         f"    math500: {SHARED_DATA / 'math500' / 'test.jsonl'}\n"
     )
     (workdir / "c.yaml").write_text(config)
-    result = snakemake("--cores", "2", "results/data/contamination.jsonl", "--configfile", "c.yaml", cwd=workdir)
+    result = snakemake(
+        "--cores", "2", "results/data/contamination.jsonl", "--configfile", "config/config.yaml", "c.yaml", cwd=workdir
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     gsm8k = read_jsonl(workdir / "results" / "benchmarks" / "gsm8k" / "test.jsonl")
     math500 = read_jsonl(workdir / "results" / "benchmarks" / "math500" / "test.jsonl")
@@ -127,7 +129,15 @@ def test_benchmarks_prepared_from_local_files_and_decontaminated_against(workdir
 
 def test_a_benchmark_that_cannot_be_downloaded_fails_naming_the_local_option(workdir):  # noqa: F811
     (workdir / "c.yaml").write_text("eval:\n  benchmarks: gsm8k\n")
-    result = snakemake("--cores", "1", "results/benchmarks/gsm8k/test.jsonl", "--configfile", "c.yaml", cwd=workdir)
+    result = snakemake(
+        "--cores",
+        "1",
+        "results/benchmarks/gsm8k/test.jsonl",
+        "--configfile",
+        "config/config.yaml",
+        "c.yaml",
+        cwd=workdir,
+    )
     text = result.stdout + result.stderr
     assert result.returncode != 0
     assert "could not download benchmark 'gsm8k'" in text and "eval.benchmark_files.gsm8k" in text

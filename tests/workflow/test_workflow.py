@@ -60,7 +60,9 @@ def test_dry_run_plans_every_stage(workdir):
 
 def test_dry_run_has_one_training_job_per_chained_job(workdir):
     (workdir / "three.yaml").write_text("training:\n  num_training_jobs: 3\n")
-    result = snakemake("-n", "--cores", "1", "results/eval.json", "--configfile", "three.yaml", cwd=workdir)
+    result = snakemake(
+        "-n", "--cores", "1", "results/eval.json", "--configfile", "config/config.yaml", "three.yaml", cwd=workdir
+    )
     assert result.returncode == 0, result.stderr
     text = result.stdout + result.stderr
     for job in range(3):
@@ -90,7 +92,7 @@ def test_invalid_config_fails_before_any_job_naming_the_key(workdir, config_text
 
 def test_user_input_glob_that_matches_nothing_fails_at_planning(workdir):
     (workdir / "mine.yaml").write_text("prepare_data:\n  input_files: nowhere/output-rs*.jsonl\n")
-    result = snakemake("-n", "--cores", "1", "--configfile", "mine.yaml", cwd=workdir)
+    result = snakemake("-n", "--cores", "1", "--configfile", "config/config.yaml", "mine.yaml", cwd=workdir)
     assert result.returncode != 0
     assert "input_files pattern 'nowhere/output-rs*.jsonl' matches no file" in result.stdout + result.stderr
 

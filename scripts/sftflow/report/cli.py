@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from sftflow.config import effective_config_yaml
 from sftflow.errors import SftflowError
 from sftflow.io import atomic_path
 from sftflow.logs import setup_logging
@@ -92,7 +93,7 @@ def plain_config(config: dict) -> dict:
     return json.loads(json.dumps(config, default=str))
 
 
-def make_report(inputs: ReportInputs, outputs: ReportOutputs, config: dict) -> None:
+def make_report(inputs: ReportInputs, outputs: ReportOutputs, config: dict, sources: dict | None = None) -> None:
     """Read every input first (a bad one fails before anything is written), then write every asset."""
     config = plain_config(config)
     input_key = config.get("prepare_data", {}).get("input_key", "problem")
@@ -149,7 +150,19 @@ def make_report(inputs: ReportInputs, outputs: ReportOutputs, config: dict) -> N
                 note="The config this run used: config files and --config overrides merged, every default filled "
                 "from config/schema.yaml. Pass config.yaml to --configfile to repeat it.",
                 preformatted=config_text,
-            )
+            ),
+            *(
+                [
+                    Section(
+                        "Where each value comes from",
+                        note="Schema default, a --configfile, or --config (python scripts/show_config.py prints "
+                        "the same for any config; docs/experiments.md).",
+                        preformatted=effective_config_yaml(config, sources),
+                    )
+                ]
+                if sources is not None
+                else []
+            ),
         ],
     )
     with atomic_path(outputs.config_yaml, suffix=".yaml") as tmp:
@@ -173,7 +186,7 @@ def run_from_snakemake(smk) -> None:
     )
     outputs = ReportOutputs(**{name: Path(getattr(smk.output, name)) for name in ReportOutputs.FILE_NAMES})
     try:
-        make_report(inputs, outputs, dict(smk.params.config))
+        make_report(inputs, outputs, dict(smk.params.config), dict(smk.params.get("config_sources", {})))
     except SftflowError as err:
         LOG.error("%s", err)
         raise SystemExit(f"error: {err}") from None
