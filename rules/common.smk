@@ -1,10 +1,19 @@
 # Path helpers and input functions shared by every rule file.
+import os
 import re
 import sys
 
 
 OUT = Path(config["output_dir"])
 DEMO = config["demo"]["enabled"]
+
+
+def check_existing_checkpoints():
+    """Before any job: checkpoints left in OUT by a run with other training settings are refused (naming the
+    keys and the ways out), so a changed learning rate never leaves old checkpoints standing as this run's."""
+    from sftflow.train.config import check_checkpoint_matches
+
+    check_checkpoint_matches(out("checkpoints"), config["training"])
 
 
 wildcard_constraints:
@@ -99,6 +108,13 @@ def python_exe():
     if "conda" in {str(m).lower() for m in workflow.deployment_settings.deployment_method}:
         return "python"
     return sys.executable
+
+
+def eval_result_settings():
+    """The eval settings that change the answers (a plain value: the generate rule's rerun trigger)."""
+    from sftflow.evaluation.run import result_settings, settings_from_config
+
+    return result_settings(settings_from_config(config))
 
 
 def generate_command(wildcards, input, output):
@@ -229,3 +245,40 @@ def eval_resources():
     e = config["eval"]
     gpus = e["server_gpus"] if e["server_type"] != "openai" else 0
     return _gpu_job_resources(1, gpus, config["slurm"]["eval_runtime"])
+
+
+def deleted_targets():
+    """[(deleted target, a result made from it that still exists)]: Snakemake keeps results whose inputs were
+    deleted, so deleting a stage's target alone reruns nothing; the workflow says which option does."""
+    made_from = [
+        (out("data", "sft.jsonl"), [out("data", "packed")]),
+        (out("data", "packed"), [out("checkpoints", "job0.done")]),
+    ]
+    for label in eval_models():
+        if label != "base":
+            made_from.append((eval_model_path(label), [out("eval", label, b) for b in benchmark_names()]))
+        made_from += [(out("eval", label, b), [out("eval.json")]) for b in benchmark_names()]
+    found = []
+    for target, results in made_from:
+        if not os.path.exists(target):
+            found += [(target, r) for r in results if os.path.exists(r)][:1]
+    return found
+
+
+def warn_about_deleted_targets():
+    import shlex
+
+    for target, result in deleted_targets():
+        if target in sys.argv:
+            continue  # already asked for (e.g. --forcerun TARGET)
+        command = shlex.join(["snakemake", *sys.argv[1:], "--forcerun", target])
+        print(
+            f"sftflow: {target} was deleted, but {result}, made from it, still exists; Snakemake keeps it and "
+            f"will not rebuild {target} on its own. To rebuild {target} and everything made from it, run:\n"
+            f"    {command}",
+            file=sys.stderr,
+        )
+
+
+if workflow.is_main_process:
+    warn_about_deleted_targets()

@@ -38,6 +38,11 @@ rule generate:
         directory(out("eval", "{model}", "{benchmark}")),
     params:
         command=generate_command,
+        # Rerun triggers (plain values, unlike the command): what changes the answers. A change reruns every
+        # model's evaluation, so eval.json never compares runs made with different settings.
+        result_settings=eval_result_settings(),
+        server_args=config["eval"]["server_args"],
+        seeds=lambda wildcards: benchmark_seeds()[wildcards.benchmark],
     log:
         # Written by generate.py (the paths are in its command line too, see generate_command).
         generate=out("logs", "generate_{model}_{benchmark}.log"),

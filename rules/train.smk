@@ -25,6 +25,8 @@ TRAINING_PLAN_KEYS = (
 LAST_JOB_DONE = out(
     "checkpoints", f"job{config['training']['num_training_jobs'] - 1}.done"
 )
+# Checkpoints of a run with other learning rate, batch size, seed ... are refused before any job.
+check_existing_checkpoints()
 
 
 rule pack_data:

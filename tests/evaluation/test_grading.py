@@ -34,6 +34,38 @@ def test_extract_answer(generation, expected):
     assert extract_answer(generation) == expected
 
 
+@pytest.mark.parametrize(
+    "generation, regex, expected",
+    [
+        ("Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18", r"#### (\S+)", "18"),
+        ("#### 3\nthen again\n#### 42", r"#### (\S+)", "42"),  # the last match
+        ("so \\boxed{7}. The final answer is 8", r"The final answer is (.+)$", "8"),  # NeMo-Skills' default regex
+        ("The final answer is 5\nmore text", r"The final answer is (.+)$", "5"),  # '$' at a line's end
+        ("no answer here", r"#### (\S+)", None),
+        ("answer: 12", r"answer: \d+", "answer: 12"),  # no group: the whole match
+    ],
+)
+def test_extract_answer_with_a_regex_instead_of_boxed(generation, regex, expected):
+    assert extract_answer(generation, extract_from_boxed=False, extract_regex=regex) == expected
+    graded = grade_generation(generation, "18", extract_from_boxed=False, extract_regex=regex)
+    assert graded["predicted_answer"] == expected and graded["is_correct"] is (expected == "18")
+
+
+def test_a_mostly_unanswered_run_warns_naming_the_prompt_and_the_answer_format():
+    from sftflow.evaluation.run import default_settings, no_answer_warning
+
+    settings = default_settings(prompt_config="generic/default")
+    assert no_answer_warning({"no_answer": 49.9}, settings) is None
+    warning = no_answer_warning({"no_answer": 100.0}, settings)
+    assert warning.startswith("100.0% of the generations have no answer: the grader looks for the last \\boxed{...}")
+    assert "eval.prompt_config / prepare_data.prompt_config, now 'generic/default'" in warning
+    assert "eval.extract_from_boxed: false and eval.extract_regex" in warning
+    regex = no_answer_warning(
+        {"no_answer": 60.0}, {**settings, "extract_from_boxed": False, "extract_regex": "#### (\\S+)"}
+    )
+    assert "the last match of eval.extract_regex '#### (\\\\S+)'" in regex
+
+
 # --- normalisation ------------------------------------------------------------------------------
 
 

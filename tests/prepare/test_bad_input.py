@@ -118,3 +118,33 @@ def test_failure_keeps_previous_output_untouched(tmp_path):
     assert rc == 2
     assert out.read_bytes() == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["sft.jsonl", "sft.stats.json"]
+
+
+def test_zero_rows_written_fails_naming_the_step_and_the_key(tmp_path, capsys):
+    """Issue 12 (6): OpenMathInstruct-2-style rows (generated_solution, no correctness label) wrote 0 rows and
+    exited 0. Now: an error naming the step that removed them and the key that keeps them; no output."""
+    rows = [{"problem": f"p{i}", "generated_solution": f"s \\boxed{{{i}}}"} for i in range(5)]
+    content = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    rc, out = run(tmp_path, content, "++output_key=generated_solution", "++filters.drop_multi_boxed=true")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not out.exists() and not out.with_name("sft.stats.json").exists()
+    assert err[-1] == (
+        "error: prepare_data wrote 0 of 5 rows read: selection dropped 5 unlabeled rows. To keep them: "
+        "add_unlabeled=true (rows without a correctness label: no symbolic_correct / is_correct / judgement) "
+        "(or set allow_empty_output=true to write an empty file)"
+    )
+    # A filter that removes everything is named with its key.
+    multi = "".join(json.dumps({**r, "generated_solution": "\\boxed{1} or \\boxed{2}"}) + "\n" for r in rows)
+    args = ("++output_key=generated_solution", "++add_unlabeled=true", "++filters.drop_multi_boxed=true")
+    rc, out = run(tmp_path, multi.encode(), *args)
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and not out.exists(), message
+    assert (
+        "prepare_data wrote 0 of 5 rows read: drop_multi_boxed dropped 5. To keep them: filters.drop_multi_boxed=false"
+        in message
+    )
+    # allow_empty_output: an empty file, a warning, and the counts in the stats.
+    rc, out = run(tmp_path, content, "++output_key=generated_solution", "++allow_empty_output=true")  # unlabeled
+    assert rc == 0 and out.read_text() == ""
+    assert "prepare_data wrote 0 of 5 rows read: selection dropped 5 unlabeled rows" in capsys.readouterr().err
+    assert json.loads(out.with_name("sft.stats.json").read_text())["rows_written"] == 0

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
+from sftflow.config import config_layers, merge_config
 from sftflow.errors import SftflowError
 from sftflow.train.cli import (
     config_overrides,
@@ -24,16 +24,12 @@ from sftflow.train.config import validate_sections
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize(
-    "files", [("config/config.yaml",), ("config/config.yaml", "config/examples/llama3.1-8b-8x8.yaml")]
-)
+@pytest.mark.parametrize("files", [(), ("config/examples/llama3.1-8b-8x8.yaml",)])
 def test_overrides_rebuild_the_config_exactly(files):
     config: dict = {}
-    for name in files:  # a --configfile is merged over config/config.yaml, section by section
-        for section, values in yaml.safe_load((REPO / name).read_text()).items():
-            if isinstance(values, dict):
-                config.setdefault(section, {}).update(values)
-    config = validate_sections({"training": config["training"], "packing": config["packing"]})
+    for _, values in config_layers([REPO / name for name in files]):  # no file: the demo's config/config.yaml
+        config = merge_config(config, values)
+    config = validate_sections({"training": config["training"], "packing": config.get("packing", {})})
     args = config_overrides(config)
     assert args and all(a.startswith(("++training.", "++packing.")) for a in args)
     assert load_train_config(None, args) == config
@@ -132,3 +128,27 @@ def test_launcher_exit_codes_and_log(tmp_path):
     done.unlink()
     assert launch_main(multi[multi.index("launch") + 1 :]) == 2
     assert "'training.num_nodes' is 2" in log.read_text() and not done.exists()
+
+
+def test_a_failed_training_names_the_ranks_error_not_only_the_log(tmp_path, capsys):
+    """Issue 12 (5): the reason a rank failed reaches the terminal in the launcher's one-line error."""
+    log, done = tmp_path / "train_job0.log", tmp_path / "job0.done"
+    rank = (
+        "import sys; print('2026-01-01 10:00:00,000 INFO sftflow.train: step 1/9'); "
+        "print('2026-01-01 10:00:01,000 ERROR sftflow.train: checkpoint ckpt/step_00000004 was trained on different "
+        "packed data; delete ckpt'); print('  (or set a new output_dir)'); "
+        "print('[rank0]: Traceback (most recent call last):'); print('E1202 torch elastic noise'); "
+        "print('torch.distributed.elastic.multiprocessing.errors.ChildFailedError: boom'); sys.exit(1)"
+    )
+    assert launch_main(["--done-file", str(done), "--log", str(log), "--", sys.executable, "-c", rank]) == 1
+    expected = (
+        "training failed (exit code 1): checkpoint ckpt/step_00000004 was trained on different packed data; "
+        f"delete ckpt\n  (or set a new output_dir)\n  full log: {log}"
+    )
+    assert expected in capsys.readouterr().err and expected in log.read_text()
+    # No error of ours: the last exception line of the traceback (here, out of GPU memory).
+    oom = (
+        "print('[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB'); raise SystemExit(1)"
+    )
+    assert launch_main(["--done-file", str(done), "--log", str(log), "--", sys.executable, "-c", oom]) == 1
+    assert "training failed (exit code 1): torch.OutOfMemoryError: CUDA out of memory." in capsys.readouterr().err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 
@@ -45,7 +47,9 @@ def metrics(root):
 @pytest.mark.slow
 def test_demo_trains_chained_jobs_and_exports_then_continues(workdir):  # noqa: F811
     (workdir / "small.yaml").write_text(SMALL)
-    result = snakemake("--cores", "2", "results/final_hf_model", "--configfile", "small.yaml", cwd=workdir)
+    result = snakemake(
+        "--cores", "2", "results/final_hf_model", "--configfile", "config/config.yaml", "small.yaml", cwd=workdir
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     results = workdir / "results"
     jobs = [json.loads((results / "checkpoints" / f"job{i}.done").read_text()) for i in range(2)]
@@ -65,10 +69,14 @@ def test_demo_trains_chained_jobs_and_exports_then_continues(workdir):  # noqa: 
 
     # Raising max_num_steps continues from the last checkpoint: job 0 is not redone.
     (workdir / "more.yaml").write_text(SMALL.replace("max_num_steps: 12", "max_num_steps: 16"))
-    plan = snakemake("-n", "--cores", "2", "results/final_hf_model", "--configfile", "more.yaml", cwd=workdir)
+    plan = snakemake(
+        "-n", "--cores", "2", "results/final_hf_model", "--configfile", "config/config.yaml", "more.yaml", cwd=workdir
+    )
     planned = plan.stdout + plan.stderr
     assert "results/checkpoints/job1.done" in planned and "output: results/checkpoints/job0.done" not in planned
-    result = snakemake("--cores", "2", "results/final_hf_model", "--configfile", "more.yaml", cwd=workdir)
+    result = snakemake(
+        "--cores", "2", "results/final_hf_model", "--configfile", "config/config.yaml", "more.yaml", cwd=workdir
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     steps = [m["step"] for m in metrics(workdir) if "loss" in m]
     assert steps == list(range(1, 17))  # steps 13..16 added, 1..12 not trained again
@@ -76,7 +84,9 @@ def test_demo_trains_chained_jobs_and_exports_then_continues(workdir):  # noqa: 
     assert (job0["start_step"], job0["end_step"]) == (0, 6)
 
     # Evaluation: both models served by a real `transformers serve`, graded, gathered in eval.json.
-    result = snakemake("--cores", "2", "results/eval.json", "--configfile", "more.yaml", cwd=workdir)
+    result = snakemake(
+        "--cores", "2", "results/eval.json", "--configfile", "config/config.yaml", "more.yaml", cwd=workdir
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     summary = json.loads((results / "eval.json").read_text())
     assert set(summary["results"]) == {"final", "base"}
@@ -94,6 +104,55 @@ def test_demo_trains_chained_jobs_and_exports_then_continues(workdir):  # noqa: 
     assert "final / demo" in result.stdout  # the table is printed
     assert not (results / "eval" / ".inprogress" / "final" / "demo").exists()
 
+    # A setting that changes the answers reruns every model's evaluation (issue 12: max_samples 8 -> 6 was
+    # "Nothing to be done"); one that does not (concurrency) reruns nothing.
+    more = (workdir / "more.yaml").read_text()
+    for name, text, reruns in (("fewer", more.replace("max_samples: 8", "max_samples: 6"), True),
+                               ("faster", more.replace("concurrency: 2", "concurrency: 3"), False)):  # fmt: skip
+        assert text != more
+        (workdir / f"{name}.yaml").write_text(text)
+        plan = snakemake(
+            "-n", "--cores", "2", "results/eval.json", "--configfile", "config/config.yaml", f"{name}.yaml", cwd=workdir
+        )
+        planned = plan.stdout + plan.stderr
+        assert plan.returncode == 0, planned[-3000:]
+        for model in ("final", "base"):
+            assert (f"output: results/eval/{model}/demo" in planned) is reruns, planned[-3000:]
+        assert "train_job" not in planned and "convert_final" not in planned
+
+    # Deleting a stage's target (issue 12: "Nothing to be done"): the workflow names the command that rebuilds
+    # it and everything made from it; that command plans exactly that.
+    config = ("--configfile", "config/config.yaml", "more.yaml")
+    stages = {
+        "results/data/sft.jsonl": ["prepare_data", "pack_data", "train_job", "convert_final", "generate"],
+        "results/data/packed": ["pack_data", "train_job", "convert_final", "generate"],
+        "results/final_hf_model": ["convert_final", "generate"],
+        "results/eval/final/demo": ["generate"],
+    }
+    for target, rules in stages.items():
+        aside = workdir / "aside"
+        (workdir / target).rename(aside)
+        plan = snakemake("-n", "--cores", "2", "results/eval.json", *config, cwd=workdir)
+        text = plan.stdout + plan.stderr
+        assert plan.returncode == 0 and "Nothing to be done" in text, text[-3000:]  # Snakemake alone: nothing
+        hint = re.search(rf"sftflow: {target} was deleted, .*\n    (snakemake .*)", text)
+        assert hint, text[-3000:]
+        command = shlex.split(hint.group(1))
+        assert command[-2:] == ["--forcerun", target] and command[1:-2] == [
+            "-n",
+            "--cores",
+            "2",
+            "results/eval.json",
+            *config,
+        ]
+        plan = snakemake(*command[1:], cwd=workdir)
+        text = plan.stdout + plan.stderr
+        assert plan.returncode == 0, text[-3000:]
+        for rule in [*rules, "eval_summary"]:
+            assert f"rule {rule}:" in text, (target, rule, text[-3000:])
+        assert "sftflow: " not in text  # asked for, so no hint
+        aside.rename(workdir / target)
+
     # The eval outputs are NeMo-Skills generation files: prepare_data reads them back (rejection sampling).
     prepared = subprocess.run(
         [sys.executable, "scripts/prepare_data.py", "++input_files=results/eval/*/demo/output.jsonl",
@@ -110,7 +169,9 @@ def test_demo_trains_chained_jobs_and_exports_then_continues(workdir):  # noqa: 
     (workdir / "avg.yaml").write_text(
         SMALL.replace("  save_period: 5\n", "  save_period: 5\n  average_steps: [10, 5]\n")
     )
-    result = snakemake("--cores", "2", "results/averaged_hf_model", "--configfile", "avg.yaml", cwd=workdir)
+    result = snakemake(
+        "--cores", "2", "results/averaged_hf_model", "--configfile", "config/config.yaml", "avg.yaml", cwd=workdir
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     record = json.loads((results / "averaged_hf_model" / "sftflow_average.json").read_text())
     assert record["steps"] == [5, 10]

@@ -37,15 +37,29 @@ __all__ = [
 DEFAULT_TIMEOUT_SECONDS = 5
 
 
-def extract_answer(generation: str | None) -> str | None:
-    """Content of the last \\boxed{} (or \\fbox{}) of `generation`, braces balanced; None if there is none.
+# NeMo-Skills' default for extract_from_boxed=False (its math grader's extract_regex).
+DEFAULT_EXTRACT_REGEX = r"The final answer is (.+)$"
 
-    An empty box counts as no answer (None): there is nothing to grade and it should count in the
+
+def extract_answer(
+    generation: str | None, extract_from_boxed: bool = True, extract_regex: str = DEFAULT_EXTRACT_REGEX
+) -> str | None:
+    """Content of the last \\boxed{} (or \\fbox{}) of `generation`, braces balanced; None if there is none.
+    With extract_from_boxed=False (eval.extract_from_boxed, as NeMo-Skills' option of that name): the last
+    match of `extract_regex` (its first group, if it has one), e.g. r"#### (\\S+)" for GSM8K-style answers.
+
+    An empty answer counts as no answer (None): there is nothing to grade and it should count in the
     no-answer rate, not as a wrong answer.
     """
     if not generation:
         return None
-    content = last_boxed(generation)
+    if extract_from_boxed:
+        content = last_boxed(generation)
+    else:
+        matches = re.findall(extract_regex, generation, flags=re.MULTILINE)
+        content = matches[-1] if matches else None
+        if isinstance(content, tuple):
+            content = content[0]
     if content is None or not content.strip():
         return None
     return content.strip()
@@ -312,9 +326,15 @@ def default_stats() -> GradingStats:
     return _DEFAULT_GRADER.stats
 
 
-def grade_generation(generation: str | None, expected: str, grader: Grader | None = None) -> dict[str, Any]:
+def grade_generation(
+    generation: str | None,
+    expected: str,
+    grader: Grader | None = None,
+    extract_from_boxed: bool = True,
+    extract_regex: str = DEFAULT_EXTRACT_REGEX,
+) -> dict[str, Any]:
     """Extract and grade one generation: {"predicted_answer", "is_correct", "grading_error"} for its row."""
     grader = grader or _DEFAULT_GRADER
-    predicted = extract_answer(generation)
+    predicted = extract_answer(generation, extract_from_boxed, extract_regex)
     grade = grader.grade(predicted, expected)
     return {"predicted_answer": predicted, "is_correct": grade.correct, "grading_error": grade.error}

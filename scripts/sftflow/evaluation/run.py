@@ -56,7 +56,33 @@ SETTING_KEYS = (
     "server_start_timeout",
     "grading_timeout",
     "max_samples",
+    "extract_from_boxed",
+    "extract_regex",
 )
+
+
+# The settings that change the answers (not how they are fetched: concurrency, retries, timeouts). They are
+# the generate rule's rerun trigger, and eval.json refuses to put results side by side that differ in one.
+RESULT_SETTING_KEYS = (
+    "server_type",
+    "server_address",
+    "server_model",
+    "endpoint",
+    "prompt_config",
+    "system_message",
+    "chat_template",
+    "chat_template_kwargs",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "max_samples",
+    "extract_from_boxed",
+    "extract_regex",
+)
+
+
+def result_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: settings[k] for k in RESULT_SETTING_KEYS}
 
 
 # The eval.* keys passed through unchanged; the prompt keys come from prepare_data / model (as in training).
@@ -99,10 +125,33 @@ def _prompts(rows: list[dict], settings: dict, tokenizer_path: str, where: str) 
     return [formatter.prompt_text(row, f"{where}:{i + 1}: ") for i, row in enumerate(rows)]
 
 
-def _graded_rows(rows: list[dict], answers: list[dict], grader: Grader) -> list[dict]:
+NO_ANSWER_WARN_PERCENT = 50.0
+
+
+def no_answer_warning(metrics: dict[str, Any], settings: dict[str, Any]) -> str | None:
+    """A loud note when most generations have no answer the grader can find: usually the model does not
+    write the answer format the extraction expects, not a model that knows nothing."""
+    no_answer = metrics.get("no_answer")
+    if no_answer is None or no_answer < NO_ANSWER_WARN_PERCENT:
+        return None
+    how = (
+        "the last \\boxed{...}"
+        if settings["extract_from_boxed"]
+        else f"the last match of eval.extract_regex {settings['extract_regex']!r}"
+    )
+    return (
+        f"{no_answer:.1f}% of the generations have no answer: the grader looks for {how}. Check that the prompt "
+        f"(eval.prompt_config / prepare_data.prompt_config, now {settings['prompt_config']!r}) asks for that format "
+        "and that eval.max_new_tokens lets the model reach it; a model that answers e.g. '#### 42' is graded with "
+        "eval.extract_from_boxed: false and eval.extract_regex: '#### (\\S+)'"
+    )
+
+
+def _graded_rows(rows: list[dict], answers: list[dict], grader: Grader, settings: dict) -> list[dict]:
     graded = []
+    extraction = {k: settings[k] for k in ("extract_from_boxed", "extract_regex")}
     for row, answer in zip(rows, answers, strict=True):
-        grade = grade_generation(answer["generation"], str(row["expected_answer"]), grader)
+        grade = grade_generation(answer["generation"], str(row["expected_answer"]), grader, **extraction)
         graded.append(
             {
                 **row,
@@ -177,9 +226,12 @@ def evaluate(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, An
     outputs: dict[str, list[dict]] = {}
     for request in requests:
         outputs.setdefault(request.output, []).append(answers[request.key])
-    graded = {name: _graded_rows(rows, file_answers, grader) for name, file_answers in outputs.items()}
+    graded = {name: _graded_rows(rows, file_answers, grader, settings) for name, file_answers in outputs.items()}
     problems = [[Sample.from_row(graded[name][i]) for name in graded] for i in range(len(rows))]
     metrics = compute_metrics(problems)
+    warning = no_answer_warning(metrics, settings)
+    if warning:
+        log.warning("%s: %s", args.model_label, warning)
     result = {
         "model": args.model_label,
         "model_path": args.model,
@@ -195,6 +247,8 @@ def evaluate(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, An
             "error_examples": grader.stats.error_examples,
         },
         "settings": {k: settings[k] for k in SETTING_KEYS if k != "api_key_env"},
+        "model_fingerprint": fingerprint,
+        "warnings": [warning] if warning else [],
         "wall_seconds": round(time.monotonic() - started, 3),
     }
     with atomic_path(args.output_dir) as tmp:

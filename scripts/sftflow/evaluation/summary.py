@@ -37,6 +37,36 @@ def _load(directory: Path) -> dict[str, Any]:
     return data
 
 
+def _run_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """What must be equal for two models' results on one benchmark to be compared."""
+    from sftflow.evaluation.run import RESULT_SETTING_KEYS
+
+    settings = data.get("settings") or {}
+    compared = {f"settings.{k}": settings.get(k) for k in RESULT_SETTING_KEYS}
+    compared["seeds"] = data.get("seeds")
+    compared["num_entries"] = data["metrics"].get("num_entries")
+    compared["num_problems_in_benchmark"] = data.get("num_problems_in_benchmark")
+    return compared
+
+
+def check_comparable(loaded: Sequence[tuple[Path, dict[str, Any]]]) -> None:
+    """Refuse to put side by side results of one benchmark made with different settings (a stale result)."""
+    by_benchmark: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for directory, data in loaded:
+        by_benchmark.setdefault(data["benchmark"], []).append((directory, _run_settings(data)))
+    for benchmark, runs in by_benchmark.items():
+        (first_dir, first), *others = runs
+        for directory, settings in others:
+            differ = [k for k in first if settings[k] != first[k]]
+            if differ:
+                what = "; ".join(f"{k}: {first[k]!r} in {first_dir} vs {settings[k]!r} in {directory}" for k in differ)
+                raise SftflowError(
+                    f"benchmark '{benchmark}': the results of {first_dir} and {directory} were made with different "
+                    f"settings ({what}); eval.json would compare unlike runs. Delete the stale one (the one made "
+                    "with the old config) and rerun, or rerun both: snakemake ... --forcerun generate"
+                )
+
+
 def summarize(
     eval_dirs: Sequence[str | Path],
     json_path: str | Path,
@@ -46,18 +76,25 @@ def summarize(
 ) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     details: dict[str, dict[str, Any]] = {}
-    for directory in map(Path, eval_dirs):
-        data = _load(directory)
+    loaded = [(directory, _load(directory)) for directory in map(Path, eval_dirs)]
+    check_comparable(loaded)
+    for _, data in loaded:
         results.setdefault(data["model"], {})[data["benchmark"]] = data["metrics"]
         details.setdefault(data["model"], {})[data["benchmark"]] = {
             k: data.get(k) for k in ("model_path", "seeds", "num_problems_in_benchmark", "generation", "grading")
         }
+    warnings = [f"{d['model']} / {d['benchmark']}: {w}" for _, d in loaded for w in d.get("warnings") or []]
+    for warning in warnings:
+        log.warning("%s", warning)
     summary = {"benchmarks": benchmarks, "models": dict(models), "results": results, "details": details}
+    if warnings:
+        summary["warnings"] = warnings
     rows = {f"{m} / {b}": metrics for m, per in results.items() for b, metrics in per.items()}
     table = metrics_markdown(rows, index_name="model / benchmark")
     write_json(json_path, summary)
+    notes = "".join(f"\n**Warning** ({w})\n" for w in warnings)
     with atomic_path(markdown_path) as tmp:
-        tmp.write_text(f"# Evaluation ({benchmarks})\n\n{table}\n", encoding="utf-8")
+        tmp.write_text(f"# Evaluation ({benchmarks})\n\n{table}\n{notes}", encoding="utf-8")
     return {"summary": summary, "table": table}
 
 

@@ -408,6 +408,13 @@ class Preparer:
                 written = self._write_reordered(self.filtered_rows(files, for_spool=True), tmp)
             self.stats["rows_written"] = written
             self._finish_stats(files, start, output_path)
+            if written == 0:
+                message = empty_output_reason(self.stats, self.cfg)
+                if not self.cfg["allow_empty_output"]:
+                    for line in summary_lines(self.stats)[:-1]:  # the funnel, for the log (no file is written)
+                        LOG.info("%s", line)
+                    raise SftflowError(message + " (or set allow_empty_output=true to write an empty file)")
+                LOG.warning("%s", message)
             write_json(stats_path_for(output_path), self.stats)
         return self.stats
 
@@ -523,6 +530,43 @@ class Preparer:
         )
         if accounted != s["rows_read"]:  # every row must be accounted for somewhere in the funnel
             raise RuntimeError(f"internal error: funnel accounts for {accounted} rows of {s['rows_read']} read")
+
+
+def empty_output_reason(stats: dict, cfg: dict) -> str:
+    """Why no row was written: the step of the funnel that removed the most rows, and the key that keeps them."""
+    sel = stats["selection"]
+    causes = []  # (rows removed, what removed them, the key that keeps them)
+    for label in ("correct", "incorrect", "unlabeled"):
+        lost = sel[f"{label}_seen"] - sel[f"{label}_kept"]
+        if lost:
+            hint = f"add_{label}=true"
+            if label == "unlabeled":
+                hint += " (rows without a correctness label: no symbolic_correct / is_correct / judgement)"
+            causes.append((lost, f"selection dropped {lost} {label} rows", hint))
+    for stage in stats["funnel"]:
+        if stage.get("dropped"):
+            name = stage["stage"]
+            if name in cfg["filters"]:
+                key = f"filters.{name}=false"
+            elif name == "deduplicate":
+                key = "deduplicate=false"
+            else:
+                key = "the settings of this step (see the stats file)"
+            causes.append((stage["dropped"], f"{name} dropped {stage['dropped']}", key))
+    if stats["invalid_rows"]["count"]:
+        causes.append((stats["invalid_rows"]["count"], f"{stats['invalid_rows']['count']} invalid rows", "the input"))
+    if stats["skipped_first"]:
+        causes.append((stats["skipped_first"], f"skip_first skipped {stats['skipped_first']}", "skip_first"))
+    read = stats["rows_read"]
+    if not causes:
+        return f"prepare_data wrote 0 rows: the input files hold no rows ({read} read)"
+    lost, what, key = max(causes, key=lambda c: c[0])
+    others = "; ".join(c[1] for c in causes if c[1] != what)
+    return (
+        f"prepare_data wrote 0 of {read} rows read: {what}"
+        + (f" ({others})" if others else "")
+        + f". To keep them: {key}"
+    )
 
 
 def summary_lines(stats: dict) -> list[str]:

@@ -84,8 +84,11 @@ def write_eval_page(path: str | os.PathLike, summary: dict, source: str) -> None
     )
     if frame.empty:
         note = f"{source} holds no results yet."
-    sections = [Section("Results", eval_display_frame(frame), note)]
-    others = {key: value for key, value in summary.items() if key != "results"}
+    sections = []
+    if summary.get("warnings"):  # e.g. most generations without an answer: shown first, loudly
+        sections.append(Section("Warnings", note="", preformatted="\n\n".join(summary["warnings"])))
+    sections.append(Section("Results", eval_display_frame(frame), note))
+    others = {key: value for key, value in summary.items() if key not in ("results", "warnings")}
     for key, value in others.items():
         if is_per_model_and_benchmark(value):  # e.g. "details": generation and grading counts
             sections.append(Section(f'"{key}" of eval.json', eval_frame(value)))

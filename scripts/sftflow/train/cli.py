@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -306,19 +307,52 @@ def launch_main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.flush()
     log = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115
+    ranks_start = log.tell() if log else 0
     try:
         rc = subprocess.run(command, stdout=log or None, stderr=subprocess.STDOUT if log else None).returncode
     finally:
         if log:
             log.close()
     if rc != 0:
-        LOG.error("training failed (exit code %d)%s", rc, f"; see {args.log}" if args.log else "")
+        reason = (
+            failure_reason(Path(args.log).read_text(encoding="utf-8", errors="replace")[ranks_start:]) if log else None
+        )
+        LOG.error(
+            "training failed (exit code %d)%s%s",
+            rc,
+            f": {reason}" if reason else "",
+            f"\n  full log: {args.log}" if args.log else "",
+        )
         return 1
     unfinished = last_job_unfinished(args.done_file)
     if unfinished:
         LOG.error("%s", unfinished)
         return 3
     return 0
+
+
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\w+) ([\w.]+): (.*)$")
+_EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]: )?((?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b: .+)$")
+
+
+def failure_reason(ranks_output: str) -> str | None:
+    """The reason training failed, from the ranks' part of the log: the last error sftflow logged (with its
+    continuation lines), else the last exception line of a traceback (e.g. CUDA out of memory)."""
+    lines = ranks_output.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        match = _LOG_LINE.match(lines[i])
+        if match and match.group(1) == "ERROR" and match.group(2).startswith("sftflow"):
+            message = [match.group(3)]
+            for more in lines[i + 1 :]:
+                if not more.startswith(" ") or not more.strip():  # our multi-line messages indent the rest
+                    break
+                message.append(more)
+            return "\n".join(message)
+    for line in reversed(lines):
+        match = _EXCEPTION_LINE.match(line.strip())
+        if match and "ChildFailedError" not in line:
+            return match.group(1)
+    return None
 
 
 def last_job_unfinished(done_file: str | os.PathLike) -> str | None:

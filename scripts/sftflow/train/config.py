@@ -144,3 +144,50 @@ def validate_sections(config: dict) -> dict:
     for section in ("training", "packing"):
         out[section] = C.validate(dict(out.get(section) or {}), C.section_schema(section), prefix=section)
     return out
+
+
+# The training keys that decide what each step computes. A checkpoint made with other values belongs to
+# another experiment: resuming it would mix the two (and leave its steps standing as this run's). Keys that
+# may change between chained jobs are not here: max_num_steps / max_num_epochs / num_training_jobs (training
+# continues, the schedule is stretched and logged), wall time, save / log / validation periods, micro-batch
+# size and activation checkpointing (same maths); the parallel layout, the packed data and the base model
+# are checked on their own when a job resumes.
+RESULT_KEYS = (
+    "backend",
+    "train_global_batch_size",
+    "learning_rate",
+    "min_learning_rate",
+    "warmup_steps",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
+    "max_grad_norm",
+    "seed",
+    "precision",
+)
+
+
+def check_checkpoint_matches(checkpoint_dir: str | Path, training: dict, where: str = "") -> None:
+    """Refuse a checkpoint directory whose latest checkpoint was trained with other RESULT_KEYS values,
+    naming each changed key, both values and the ways out. Cheap (reads one meta.json): the workflow calls it
+    while planning, so the refusal comes before any job; the trainer again when it resumes."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return
+    from sftflow.train.checkpoint import latest_checkpoint, read_meta
+
+    latest = latest_checkpoint(checkpoint_dir)
+    saved = read_meta(latest.path).get("training") if latest else None
+    if not saved:
+        return
+    changed = [key for key in RESULT_KEYS if key in saved and saved[key] != training.get(key)]
+    if changed:
+        what = "; ".join(f"training.{key}: {saved[key]!r} there, {training.get(key)!r} now" for key in changed)
+        raise SftflowError(
+            f"{where}the checkpoints in {checkpoint_dir} were trained with other settings ({what}, latest "
+            f"{latest.path.name}): continuing would mix two experiments. To train with the new settings, set a new "
+            f"'output_dir' (keeps the old run), or delete {checkpoint_dir} and the models exported from it (final_hf_model, "
+            "averaged_hf_model, hf_models/); to "
+            "continue the old run, restore the old values"
+        )

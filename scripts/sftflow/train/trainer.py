@@ -36,10 +36,10 @@ from torch.distributed.tensor import DTensor
 from sftflow.errors import SftflowError
 from sftflow.io import write_json
 from sftflow.train.checkpoint import Checkpointer, fault_point, latest_checkpoint, read_meta
-from sftflow.train.config import check_training_keys
+from sftflow.train.config import check_checkpoint_matches, check_training_keys
 from sftflow.train.data import BinSampler, TrainingPlan, eval_batches, job_target_step
 from sftflow.train.deadline import Deadline, StopSignal
-from sftflow.train.lr_schedule import WarmupCosineSchedule
+from sftflow.train.lr_schedule import WarmupCosineSchedule, lr_at
 from sftflow.train.metrics import MetricsLogger
 from sftflow.train.model import build_model, count_parameters, model_inputs
 from sftflow.train.parallel import ParallelDims, init_parallel
@@ -193,6 +193,37 @@ def _check_resume_compatible(meta: dict, fingerprint: str, spec: JobSpec, path: 
             f"checkpoint {path} continues base model {meta['model']!r}, not {spec.model!r} (config key "
             f"'model.base_model'); delete {spec.checkpoint_dir} to train the new model from scratch"
         )
+
+
+def _schedule_changes(saved: dict, step: int, total_steps: int, tcfg: dict) -> list[dict]:
+    """The run's record of total-step changes; a resume with another total (max_num_steps or max_num_epochs
+    changed) appends one and says so: the cosine decay is recomputed over the new total from this step on."""
+    changes = list(saved.get("schedule_changes", []))
+    before = saved.get("total_steps")
+    if before is not None and before != total_steps:
+        rates = {
+            total: lr_at(
+                step,
+                peak=tcfg["learning_rate"],
+                minimum=tcfg["min_learning_rate"],
+                warmup=tcfg["warmup_steps"],
+                total=total,
+            )
+            for total in (before, total_steps)
+        }
+        LOG.warning(
+            "the schedule changes at step %d: total steps %d -> %d (training.max_num_steps / max_num_epochs "
+            "changed); the learning rate of step %d is %.6g instead of %.6g, the cosine decay now ends at step %d",
+            step,
+            before,
+            total_steps,
+            step + 1,
+            rates[total_steps],
+            rates[before],
+            total_steps,
+        )
+        changes.append({"step": step, "total_steps_before": before, "total_steps_after": total_steps})
+    return changes
 
 
 class FsdpEngine:
@@ -352,6 +383,7 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
     if latest is not None:
         current = {"backend": tcfg["backend"], **(parallel.layout() if tcfg["backend"] == "megatron" else {})}
         _check_resume_compatible(read_meta(latest.path), fingerprint, spec, latest.path, current)
+        check_checkpoint_matches(spec.checkpoint_dir, tcfg)
     if latest is not None and latest.step >= target:
         LOG.info("checkpoint %s is at or past this job's target step %d: nothing to train", latest.path, target)
         record = _done_record(spec, latest.step, latest.step, plan, target, latest.path, ranks)
@@ -382,6 +414,7 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
         deadline.estimate_save_from_load(load_seconds)
         LOG.info("resumed from %s (step %d, epoch %d) in %.1f s", latest.path, step, sampler.epoch, load_seconds)
     start_step = step
+    schedule_changes = _schedule_changes(read_meta(latest.path) if latest else {}, step, plan.total_steps, tcfg)
 
     validation = _prepare_validation(cfg, spec, parallel)
     meta = {
@@ -392,6 +425,7 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
         "num_params": engine.num_params,
         **engine.meta(),
         "training": tcfg,
+        "schedule_changes": schedule_changes,
     }
     metrics = MetricsLogger(
         spec.metrics_dir or Path(spec.checkpoint_dir) / "metrics",
