@@ -44,3 +44,13 @@ def test_eval_page_tables_hold_the_numbers_of_eval_json(tmp_path):
 def test_eval_page_of_an_empty_result_says_so(tmp_path):
     eval_table.write_eval_page(tmp_path / "eval.html", {"results": {}}, "eval.json")
     assert "eval.json holds no results yet" in (tmp_path / "eval.html").read_text()
+
+
+def test_eval_page_shows_the_runs_warnings_first(tmp_path):
+    """Issue 12: a run whose generations mostly have no answer is flagged in the report, above the numbers."""
+    warning = "final / demo: 100.0% of the generations have no answer: the grader looks for the last \\boxed{...}"
+    eval_table.write_eval_page(tmp_path / "eval.html", {**eval_summary(), "warnings": [warning]}, "eval.json")
+    page = (tmp_path / "eval.html").read_text()
+    assert page.index("Warnings") < page.index("Results") and "100.0% of the generations have no answer" in page
+    results, details, others = html_tables(tmp_path / "eval.html")  # the warnings are not an "other field"
+    assert "warnings" not in dict(row for row in others[1:])
