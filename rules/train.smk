@@ -25,8 +25,10 @@ TRAINING_PLAN_KEYS = (
 LAST_JOB_DONE = out(
     "checkpoints", f"job{config['training']['num_training_jobs'] - 1}.done"
 )
-# Checkpoints of a run with other learning rate, batch size, seed ... are refused before any job.
-check_existing_checkpoints()
+# Checkpoints of a run with other learning rate, batch size, seed ... are refused before any job (once, in
+# the main process: a job's own re-parse need not read them again).
+if workflow.is_main_process:
+    check_existing_checkpoints()
 
 
 rule pack_data:

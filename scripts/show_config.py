@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sftflow.config import (  # noqa: E402
     config_layers,
     effective_config_yaml,
-    merge_config,
+    merged_layers,
     validate_workflow_config,
     value_sources,
 )
@@ -40,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--config: {err}")
     try:
         layers = config_layers(args.configfile, cli_config)
-        config: dict = {}
-        for _, values in layers:
-            config = merge_config(config, values)
+        config = merged_layers(layers)
         sources = value_sources(layers)
         validate_workflow_config(config, sources)
     except SftflowError as err:

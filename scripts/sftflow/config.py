@@ -116,6 +116,14 @@ def config_layers(configfiles: Sequence[str | Path] = (), cli_config: Mapping | 
     return layers
 
 
+def merged_layers(layers: Sequence[tuple[str, Mapping]]) -> dict:
+    """The config the layers make, merged in order (schema defaults not filled in)."""
+    config: dict = {}
+    for _, values in layers:
+        config = merge_config(config, values)
+    return config
+
+
 def _display_path(path: Path) -> str:
     for base in (Path.cwd(), REPO_ROOT):
         try:

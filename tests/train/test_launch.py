@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.config import config_layers, merge_config
+from sftflow.config import config_layers, merged_layers
 from sftflow.errors import SftflowError
 from sftflow.train.cli import (
     config_overrides,
@@ -26,9 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("files", [(), ("config/examples/llama3.1-8b-8x8.yaml",)])
 def test_overrides_rebuild_the_config_exactly(files):
-    config: dict = {}
-    for _, values in config_layers([REPO / name for name in files]):  # no file: the demo's config/config.yaml
-        config = merge_config(config, values)
+    config = merged_layers(config_layers([REPO / name for name in files]))  # no file: the demo's config/config.yaml
     config = validate_sections({"training": config["training"], "packing": config.get("packing", {})})
     args = config_overrides(config)
     assert args and all(a.startswith(("++training.", "++packing.")) for a in args)

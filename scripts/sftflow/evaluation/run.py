@@ -61,24 +61,18 @@ SETTING_KEYS = (
 )
 
 
-# The settings that change the answers (not how they are fetched: concurrency, retries, timeouts). They are
-# the generate rule's rerun trigger, and eval.json refuses to put results side by side that differ in one.
-RESULT_SETTING_KEYS = (
-    "server_type",
-    "server_address",
-    "server_model",
-    "endpoint",
-    "prompt_config",
-    "system_message",
-    "chat_template",
-    "chat_template_kwargs",
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "max_samples",
-    "extract_from_boxed",
-    "extract_regex",
+# The settings that only decide how answers are fetched (who pays, how many at once, how long to wait).
+# Every other setting changes the answers: those are the generate rule's rerun trigger, and eval.json
+# refuses to put results side by side that differ in one.
+_TRANSPORT_KEYS = (
+    "api_key_env",
+    "concurrency",
+    "max_retries",
+    "request_timeout",
+    "server_start_timeout",
+    "grading_timeout",
 )
+RESULT_SETTING_KEYS = tuple(k for k in SETTING_KEYS if k not in _TRANSPORT_KEYS)
 
 
 def result_settings(settings: dict[str, Any]) -> dict[str, Any]:

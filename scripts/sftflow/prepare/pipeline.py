@@ -551,7 +551,7 @@ def empty_output_reason(stats: dict, cfg: dict) -> str:
             elif name == "deduplicate":
                 key = "deduplicate=false"
             else:
-                key = "the settings of this step (see the stats file)"
+                key = "the settings of this step (the funnel above lists them)"
             causes.append((stage["dropped"], f"{name} dropped {stage['dropped']}", key))
     if stats["invalid_rows"]["count"]:
         causes.append((stats["invalid_rows"]["count"], f"{stats['invalid_rows']['count']} invalid rows", "the input"))

@@ -314,9 +314,8 @@ def launch_main(argv: list[str] | None = None) -> int:
         if log:
             log.close()
     if rc != 0:
-        reason = (
-            failure_reason(Path(args.log).read_text(encoding="utf-8", errors="replace")[ranks_start:]) if log else None
-        )
+        ranks_output = Path(args.log).read_bytes()[ranks_start:].decode("utf-8", errors="replace") if log else ""
+        reason = failure_reason(ranks_output)
         LOG.error(
             "training failed (exit code %d)%s%s",
             rc,

@@ -168,26 +168,28 @@ RESULT_KEYS = (
 )
 
 
-def check_checkpoint_matches(checkpoint_dir: str | Path, training: dict, where: str = "") -> None:
-    """Refuse a checkpoint directory whose latest checkpoint was trained with other RESULT_KEYS values,
-    naming each changed key, both values and the ways out. Cheap (reads one meta.json): the workflow calls it
-    while planning, so the refusal comes before any job; the trainer again when it resumes."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
+def check_training_matches(saved: dict | None, training: dict, checkpoint: Path) -> None:
+    """Refuse `checkpoint`, trained with the training section `saved` (its meta.json), if a RESULT_KEYS value
+    differs from `training`, naming each changed key, both values and the ways out."""
+    changed = [key for key in RESULT_KEYS if saved and key in saved and saved[key] != training.get(key)]
+    if changed:
+        what = "; ".join(f"training.{key}: {saved[key]!r} there, {training.get(key)!r} now" for key in changed)
+        raise SftflowError(
+            f"the checkpoints in {checkpoint.parent} were trained with other settings ({what}, latest "
+            f"{checkpoint.name}): continuing would mix two experiments. To train with the new settings, set a new "
+            f"'output_dir' (keeps the old run), or delete {checkpoint.parent} and the models exported from it "
+            "(final_hf_model, averaged_hf_model, hf_models/); to continue the old run, restore the old values"
+        )
+
+
+def check_checkpoint_matches(checkpoint_dir: str | Path, training: dict) -> None:
+    """check_training_matches on the latest checkpoint in `checkpoint_dir`, if any. Cheap (reads one meta.json):
+    the workflow calls it while planning, so the refusal comes before any job (the trainer checks again when
+    it resumes)."""
+    if not Path(checkpoint_dir).is_dir():
         return
     from sftflow.train.checkpoint import latest_checkpoint, read_meta
 
     latest = latest_checkpoint(checkpoint_dir)
-    saved = read_meta(latest.path).get("training") if latest else None
-    if not saved:
-        return
-    changed = [key for key in RESULT_KEYS if key in saved and saved[key] != training.get(key)]
-    if changed:
-        what = "; ".join(f"training.{key}: {saved[key]!r} there, {training.get(key)!r} now" for key in changed)
-        raise SftflowError(
-            f"{where}the checkpoints in {checkpoint_dir} were trained with other settings ({what}, latest "
-            f"{latest.path.name}): continuing would mix two experiments. To train with the new settings, set a new "
-            f"'output_dir' (keeps the old run), or delete {checkpoint_dir} and the models exported from it (final_hf_model, "
-            "averaged_hf_model, hf_models/); to "
-            "continue the old run, restore the old values"
-        )
+    if latest is not None:
+        check_training_matches(read_meta(latest.path).get("training"), training, latest.path)

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from sftflow.errors import SftflowError
 from sftflow.io import write_json
 from sftflow.train.checkpoint import Checkpointer, fault_point, latest_checkpoint, read_meta
-from sftflow.train.config import check_checkpoint_matches, check_training_keys
+from sftflow.train.config import check_training_keys, check_training_matches
 from sftflow.train.data import BinSampler, TrainingPlan, eval_batches, job_target_step
 from sftflow.train.deadline import Deadline, StopSignal
 from sftflow.train.lr_schedule import WarmupCosineSchedule, lr_at
@@ -179,7 +179,9 @@ def _done_record(
     }
 
 
-def _check_resume_compatible(meta: dict, fingerprint: str, spec: JobSpec, path: Path, current: dict) -> None:
+def _check_resume_compatible(
+    meta: dict, fingerprint: str, spec: JobSpec, path: Path, current: dict, training: dict
+) -> None:
     from sftflow.megatron.checkpoint import check_layout
 
     check_layout(meta, current, path)
@@ -193,6 +195,7 @@ def _check_resume_compatible(meta: dict, fingerprint: str, spec: JobSpec, path: 
             f"checkpoint {path} continues base model {meta['model']!r}, not {spec.model!r} (config key "
             f"'model.base_model'); delete {spec.checkpoint_dir} to train the new model from scratch"
         )
+    check_training_matches(meta.get("training"), training, path)
 
 
 def _schedule_changes(saved: dict, step: int, total_steps: int, tcfg: dict) -> list[dict]:
@@ -380,10 +383,10 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
     checkpointer = Checkpointer(spec.checkpoint_dir, parallel)
     checkpointer.clean_partial()
     latest = latest_checkpoint(spec.checkpoint_dir)
+    saved_meta = read_meta(latest.path) if latest is not None else {}
     if latest is not None:
         current = {"backend": tcfg["backend"], **(parallel.layout() if tcfg["backend"] == "megatron" else {})}
-        _check_resume_compatible(read_meta(latest.path), fingerprint, spec, latest.path, current)
-        check_checkpoint_matches(spec.checkpoint_dir, tcfg)
+        _check_resume_compatible(saved_meta, fingerprint, spec, latest.path, current, tcfg)
     if latest is not None and latest.step >= target:
         LOG.info("checkpoint %s is at or past this job's target step %d: nothing to train", latest.path, target)
         record = _done_record(spec, latest.step, latest.step, plan, target, latest.path, ranks)
@@ -414,7 +417,7 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
         deadline.estimate_save_from_load(load_seconds)
         LOG.info("resumed from %s (step %d, epoch %d) in %.1f s", latest.path, step, sampler.epoch, load_seconds)
     start_step = step
-    schedule_changes = _schedule_changes(read_meta(latest.path) if latest else {}, step, plan.total_steps, tcfg)
+    schedule_changes = _schedule_changes(saved_meta, step, plan.total_steps, tcfg)
 
     validation = _prepare_validation(cfg, spec, parallel)
     meta = {
