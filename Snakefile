@@ -18,11 +18,17 @@ report: "report/workflow.rst"
 
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
-from sftflow.config import config_layers, validate_workflow_config, value_sources  # noqa: E402
+from sftflow.config import (
+    config_layers,
+    validate_workflow_config,
+    value_sources,
+)  # noqa: E402
 
 # Where each value comes from (schema default, which config file, --config): errors name it, and so does
 # the report's config page (python scripts/show_config.py prints it too).
-CONFIG_SOURCES = value_sources(config_layers(workflow.overwrite_configfiles, workflow.config_settings.config))
+CONFIG_SOURCES = value_sources(
+    config_layers(workflow.overwrite_configfiles, workflow.config_settings.config)
+)
 # Fills every default from config/schema.yaml and fails, naming the key, before any job starts.
 validate_workflow_config(config, CONFIG_SOURCES)
 
@@ -36,6 +42,6 @@ include: "rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True

@@ -3,14 +3,14 @@ import os
 import re
 import sys
 
-
 OUT = Path(config["output_dir"])
 DEMO = config["demo"]["enabled"]
 
 
 def check_existing_checkpoints():
     """Before any job: checkpoints left in OUT by a run with other training settings are refused (naming the
-    keys and the ways out), so a changed learning rate never leaves old checkpoints standing as this run's."""
+    keys and the ways out), so a changed learning rate never leaves old checkpoints standing as this run's.
+    """
     from sftflow.train.config import check_checkpoint_matches
 
     check_checkpoint_matches(out("checkpoints"), config["training"])
@@ -39,8 +39,20 @@ def all_targets():
 
 def report_assets():
     """What `snakemake --report` shows (rules/report.smk); `all` builds them."""
-    names = ("data_funnel.png", "data_prep.html", "contamination.html", "packing.html", "training_curves.png")
-    names += ("throughput.png", "training_summary.html", "eval.html", "config.html", "config.yaml")
+    names = (
+        "data_funnel.png",
+        "data_prep.html",
+        "contamination.html",
+        "packing.html",
+        "training_curves.png",
+    )
+    names += (
+        "throughput.png",
+        "training_summary.html",
+        "eval.html",
+        "config.html",
+        "config.yaml",
+    )
     return [out("report", name) for name in names]
 
 
@@ -48,7 +60,10 @@ def get_generations():
     """The generation files data preparation reads: the demo's, or the user's globs (expanded now)."""
     patterns = config["prepare_data"]["input_files"]
     if patterns is None:
-        return [out("demo", "generations", f"output-rs{i}.jsonl") for i in range(config["demo"]["num_seeds"])]
+        return [
+            out("demo", "generations", f"output-rs{i}.jsonl")
+            for i in range(config["demo"]["num_seeds"])
+        ]
     from sftflow.prepare.pipeline import expand_input_files
 
     return [str(p) for p in expand_input_files(patterns)]
@@ -105,7 +120,9 @@ def eval_tokenizer(label):
 
 def python_exe():
     """The interpreter for shell rules: the conda env's python under --sdm conda, else Snakemake's own."""
-    if "conda" in {str(m).lower() for m in workflow.deployment_settings.deployment_method}:
+    if "conda" in {
+        str(m).lower() for m in workflow.deployment_settings.deployment_method
+    }:
         return "python"
     return sys.executable
 
@@ -127,37 +144,95 @@ def generate_command(wildcards, input, output):
 
     e = config["eval"]
     model = input.model[0] if input.model else eval_model_path(wildcards.model)
-    tokenizer = input.tokenizer[0] if input.tokenizer else eval_tokenizer(wildcards.model)
+    tokenizer = (
+        input.tokenizer[0] if input.tokenizer else eval_tokenizer(wildcards.model)
+    )
     args = [python_exe(), str(Path(workflow.basedir) / "scripts" / "generate.py")]
-    args += ["--model-label", wildcards.model, "--model", model, "--tokenizer", tokenizer]
+    args += [
+        "--model-label",
+        wildcards.model,
+        "--model",
+        model,
+        "--tokenizer",
+        tokenizer,
+    ]
     args += ["--benchmark", wildcards.benchmark, "--benchmark-file", input.benchmark]
-    args += ["--seeds", str(benchmark_seeds()[wildcards.benchmark]), "--output-dir", output[0]]
-    args += ["--resume-dir", out("eval", ".inprogress", wildcards.model, wildcards.benchmark)]
-    logs = {kind: out("logs", f"{kind}_{wildcards.model}_{wildcards.benchmark}.log") for kind in ("generate", "server")}
-    args += ["--server-log", logs["server"], "--log", logs["generate"], "--settings", json.dumps(settings_from_config(config))]
-    server = server_command(e["server_type"], model, e["server_gpus"], e["server_args"], python=python_exe())
+    args += [
+        "--seeds",
+        str(benchmark_seeds()[wildcards.benchmark]),
+        "--output-dir",
+        output[0],
+    ]
+    args += [
+        "--resume-dir",
+        out("eval", ".inprogress", wildcards.model, wildcards.benchmark),
+    ]
+    logs = {
+        kind: out("logs", f"{kind}_{wildcards.model}_{wildcards.benchmark}.log")
+        for kind in ("generate", "server")
+    }
+    args += [
+        "--server-log",
+        logs["server"],
+        "--log",
+        logs["generate"],
+        "--settings",
+        json.dumps(settings_from_config(config)),
+    ]
+    server = server_command(
+        e["server_type"], model, e["server_gpus"], e["server_args"], python=python_exe()
+    )
     return shlex.join(args + ["--", *server])
 
 
 def train_command(wildcards, input, output):
     """The train_job rule's command line: scripts/train.py launch, then '--' and the torchrun (or srun +
-    torchrun) command, with the training and packing keys that differ from the defaults as ++ arguments."""
+    torchrun) command, with the training and packing keys that differ from the defaults as ++ arguments.
+    """
     import shlex
 
     from sftflow.train.cli import config_overrides, planned_command
 
     t = config["training"]
     checkpoints = Path(output.done).parent
-    worker = ["--packed", input.packed, "--model", input.model[0] if input.model else get_base_model()]
-    worker += ["--checkpoint-dir", str(checkpoints), "--metrics-dir", str(checkpoints / "metrics")]
-    worker += ["--job-index", wildcards.job, "--num-jobs", str(t["num_training_jobs"]), "--done-file", output.done]
-    worker += ["--tokenizer", input.tokenizer[0] if input.tokenizer else get_tokenizer()]
+    worker = [
+        "--packed",
+        input.packed,
+        "--model",
+        input.model[0] if input.model else get_base_model(),
+    ]
+    worker += [
+        "--checkpoint-dir",
+        str(checkpoints),
+        "--metrics-dir",
+        str(checkpoints / "metrics"),
+    ]
+    worker += [
+        "--job-index",
+        wildcards.job,
+        "--num-jobs",
+        str(t["num_training_jobs"]),
+        "--done-file",
+        output.done,
+    ]
+    worker += [
+        "--tokenizer",
+        input.tokenizer[0] if input.tokenizer else get_tokenizer(),
+    ]
     if config["model"]["chat_template"]:
         worker += ["--chat-template", config["model"]["chat_template"]]
     worker += config_overrides(config)
     script = Path(workflow.basedir) / "scripts" / "train.py"
     log = out("logs", f"train_job{wildcards.job}.log")
-    command = planned_command(python_exe(), script, t, worker, output.done, log, config["slurm"]["master_port"])
+    command = planned_command(
+        python_exe(),
+        script,
+        t,
+        worker,
+        output.done,
+        log,
+        config["slurm"]["master_port"],
+    )
     return shlex.join(command)
 
 
@@ -222,7 +297,8 @@ def _gpu_job_resources(nodes, gpus_per_node, runtime):
         "nodes": nodes,
         "runtime": runtime,
         "mem_mb": s["mem_mb_per_gpu"] * per_node,
-        "cpus_per_task": s["cpus_per_gpu"] * per_node,  # one task per node runs all its processes
+        "cpus_per_task": s["cpus_per_gpu"]
+        * per_node,  # one task per node runs all its processes
         **_slurm_placement(use_gpus),
     }
     if use_gpus:
@@ -249,15 +325,23 @@ def eval_resources():
 
 def deleted_targets():
     """[(deleted target, a result made from it that still exists)]: Snakemake keeps results whose inputs were
-    deleted, so deleting a stage's target alone reruns nothing; the workflow says which option does."""
+    deleted, so deleting a stage's target alone reruns nothing; the workflow says which option does.
+    """
     made_from = [
         (out("data", "sft.jsonl"), [out("data", "packed")]),
         (out("data", "packed"), [out("checkpoints", "job0.done")]),
     ]
     for label in eval_models():
         if label != "base":
-            made_from.append((eval_model_path(label), [out("eval", label, b) for b in benchmark_names()]))
-        made_from += [(out("eval", label, b), [out("eval.json")]) for b in benchmark_names()]
+            made_from.append(
+                (
+                    eval_model_path(label),
+                    [out("eval", label, b) for b in benchmark_names()],
+                )
+            )
+        made_from += [
+            (out("eval", label, b), [out("eval.json")]) for b in benchmark_names()
+        ]
     found = []
     for target, results in made_from:
         if not os.path.exists(target):

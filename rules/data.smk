@@ -2,31 +2,29 @@
 
 
 rule decontaminate:
-    resources:
-        **cpu_resources(),
     input:
         generations=get_generations(),
         benchmarks=[get_benchmark_file(b) for b in benchmark_names()],
     output:
         out("data", "contamination.jsonl"),
+    log:
+        out("logs", "decontaminate.log"),
+    benchmark:
+        out("benchmarks_time", "decontaminate.tsv")
+    conda:
+        "../envs/data.yaml"
+    resources:
+        **cpu_resources(),
     params:
         benchmark_names=benchmark_names(),
         input_key=config["prepare_data"]["input_key"],
         ngram_size=config["prepare_data"]["decontamination"]["ngram_size"],
         threshold=config["prepare_data"]["decontamination"]["threshold"],
-    conda:
-        "../envs/data.yaml"
-    log:
-        out("logs", "decontaminate.log"),
-    benchmark:
-        out("benchmarks_time", "decontaminate.tsv")
     script:
         "../scripts/find_contamination.py"
 
 
 rule prepare_data:
-    resources:
-        **cpu_resources(),
     input:
         generations=get_generations(),
         tokenizer=local_inputs(get_tokenizer()),
@@ -34,15 +32,19 @@ rule prepare_data:
     output:
         data=out("data", "sft.jsonl"),
         stats=out("data", "sft.stats.json"),
-    params:
-        cfg=config["prepare_data"],
-        tokenizer=lambda wildcards, input: input.tokenizer[0] if input.tokenizer else get_tokenizer(),
-        chat_template=config["model"]["chat_template"],
-    conda:
-        "../envs/data.yaml"
     log:
         out("logs", "prepare_data.log"),
     benchmark:
         out("benchmarks_time", "prepare_data.tsv")
+    conda:
+        "../envs/data.yaml"
+    resources:
+        **cpu_resources(),
+    params:
+        cfg=config["prepare_data"],
+        tokenizer=lambda wildcards, input: (
+            input.tokenizer[0] if input.tokenizer else get_tokenizer()
+        ),
+        chat_template=config["model"]["chat_template"],
     script:
         "../scripts/prepare_data.py"

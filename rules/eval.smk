@@ -8,18 +8,20 @@
 
 
 rule prepare_benchmark:
-    resources:
-        **cpu_resources(),
     output:
         out("benchmarks", "{benchmark}", "test.jsonl"),
-    params:
-        source=lambda wildcards: config["eval"]["benchmark_files"].get(wildcards.benchmark),
-    conda:
-        "../envs/eval.yaml"
     log:
         out("logs", "prepare_benchmark_{benchmark}.log"),
     benchmark:
         out("benchmarks_time", "prepare_benchmark_{benchmark}.tsv")
+    conda:
+        "../envs/eval.yaml"
+    resources:
+        **cpu_resources(),
+    params:
+        source=lambda wildcards: config["eval"]["benchmark_files"].get(
+            wildcards.benchmark
+        ),
     script:
         "../scripts/prepare_benchmark.py"
 
@@ -28,21 +30,12 @@ ruleorder: demo_generations > prepare_benchmark
 
 
 rule generate:
-    resources:
-        **eval_resources(),
     input:
         model=lambda wildcards: local_inputs(eval_model_path(wildcards.model)),
         tokenizer=lambda wildcards: local_inputs(eval_tokenizer(wildcards.model)),
         benchmark=out("benchmarks", "{benchmark}", "test.jsonl"),
     output:
         directory(out("eval", "{model}", "{benchmark}")),
-    params:
-        command=generate_command,
-        # Rerun triggers (plain values, unlike the command): what changes the answers. A change reruns every
-        # model's evaluation, so eval.json never compares runs made with different settings.
-        result_settings=eval_result_settings(),
-        server_args=config["eval"]["server_args"],
-        seeds=lambda wildcards: benchmark_seeds()[wildcards.benchmark],
     log:
         # Written by generate.py (the paths are in its command line too, see generate_command).
         generate=out("logs", "generate_{model}_{benchmark}.log"),
@@ -51,26 +44,35 @@ rule generate:
         out("benchmarks_time", "generate_{model}_{benchmark}.tsv")
     conda:
         "../envs/eval.yaml"
+    resources:
+        **eval_resources(),
+    params:
+        command=generate_command,
+        # Rerun triggers (plain values, unlike the command): what changes the answers. A change reruns every
+        # model's evaluation, so eval.json never compares runs made with different settings.
+        result_settings=eval_result_settings(),
+        server_args=config["eval"]["server_args"],
+        seeds=lambda wildcards: benchmark_seeds()[wildcards.benchmark],
     shell:
         "{params.command}"
 
 
 rule eval_summary:
-    resources:
-        **cpu_resources(),
     input:
         [out("eval", m, b) for m in eval_models() for b in benchmark_names()],
     output:
         json=out("eval.json"),
         markdown=out("eval.md"),
-    params:
-        benchmarks=config["eval"]["benchmarks"],
-        models={m: eval_model_path(m) for m in eval_models()},
-    conda:
-        "../envs/eval.yaml"
     log:
         out("logs", "eval_summary.log"),
     benchmark:
         out("benchmarks_time", "eval_summary.tsv")
+    conda:
+        "../envs/eval.yaml"
+    resources:
+        **cpu_resources(),
+    params:
+        benchmarks=config["eval"]["benchmarks"],
+        models={m: eval_model_path(m) for m in eval_models()},
     script:
         "../scripts/summarize_eval.py"

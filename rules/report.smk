@@ -3,8 +3,6 @@
 
 
 rule report_assets:
-    resources:
-        **cpu_resources(),
     input:
         sft_stats=out("data", "sft.stats.json"),
         packed=out("data", "packed"),
@@ -78,6 +76,8 @@ rule report_assets:
         out("benchmarks_time", "report_assets.tsv")
     conda:
         "../envs/report.yaml"
+    resources:
+        **cpu_resources(),
     params:
         config=config,
         config_sources=CONFIG_SOURCES,

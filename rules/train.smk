@@ -32,13 +32,19 @@ if workflow.is_main_process:
 
 
 rule pack_data:
-    resources:
-        **cpu_resources(),
     input:
         data=out("data", "sft.jsonl"),
         tokenizer=local_inputs(get_tokenizer()),
     output:
         packed=directory(out("data", "packed")),
+    log:
+        out("logs", "pack_data.log"),
+    benchmark:
+        out("benchmarks_time", "pack_data.tsv")
+    conda:
+        "../envs/data.yaml"
+    resources:
+        **cpu_resources(),
     params:
         cfg=config["packing"],
         tokenizer=lambda wildcards, input: (
@@ -46,19 +52,11 @@ rule pack_data:
         ),
         chat_template=config["model"]["chat_template"],
         chat_template_kwargs=config["prepare_data"]["chat_template_kwargs"],
-    conda:
-        "../envs/data.yaml"
-    log:
-        out("logs", "pack_data.log"),
-    benchmark:
-        out("benchmarks_time", "pack_data.tsv")
     script:
         "../scripts/pack_data.py"
 
 
 rule train_job:
-    resources:
-        **train_resources(),
     input:
         packed=out("data", "packed"),
         model=local_inputs(get_base_model()),
@@ -77,6 +75,8 @@ rule train_job:
         out("benchmarks_time", "train_job{job}.tsv")
     conda:
         "../envs/train.yaml"
+    resources:
+        **train_resources(),
     params:
         # Derived from input/output, so not a rerun trigger: only `plan` is (see the header).
         command=train_command,
@@ -90,8 +90,6 @@ rule train_job:
 
 
 rule convert_final:
-    resources:
-        **cpu_resources(),
     input:
         last_job=LAST_JOB_DONE,
         model=local_inputs(get_base_model()),
@@ -104,6 +102,8 @@ rule convert_final:
         out("benchmarks_time", "convert_final.tsv")
     conda:
         "../envs/train.yaml"
+    resources:
+        **cpu_resources(),
     params:
         checkpoint_dir=lambda wildcards, input: str(Path(input.last_job).parent),
         model=lambda wildcards, input: (
@@ -118,8 +118,6 @@ rule convert_final:
 
 
 rule convert_step:
-    resources:
-        **cpu_resources(),
     input:
         last_job=LAST_JOB_DONE,
         model=local_inputs(get_base_model()),
@@ -134,6 +132,8 @@ rule convert_step:
         step=r"\d+",
     conda:
         "../envs/train.yaml"
+    resources:
+        **cpu_resources(),
     params:
         checkpoint_dir=lambda wildcards, input: str(Path(input.last_job).parent),
         model=lambda wildcards, input: (
@@ -149,11 +149,12 @@ rule convert_step:
 
 
 rule average_checkpoints:
-    resources:
-        **cpu_resources(),
     input:
         # Sorted: the last model (whose config and tokenizer files are copied) is the most trained.
-        models=[out("hf_models", f"step_{s}") for s in sorted(config["training"]["average_steps"] or [])],
+        models=[
+            out("hf_models", f"step_{s}")
+            for s in sorted(config["training"]["average_steps"] or [])
+        ],
     output:
         model=directory(out("averaged_hf_model")),
     log:
@@ -162,6 +163,8 @@ rule average_checkpoints:
         out("benchmarks_time", "average_checkpoints.tsv")
     conda:
         "../envs/train.yaml"
+    resources:
+        **cpu_resources(),
     params:
         steps=sorted(config["training"]["average_steps"] or []),
     script:
