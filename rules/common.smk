@@ -29,31 +29,25 @@ def out(*parts):
 
 
 def all_targets():
-    """Default targets - the eval summary, the report's plots and tables, and the conversion_step export if set."""
-    targets = [out("eval.json"), *report_assets()]
+    """Default targets - the eval summary (which brings the report's pages) and the conversion_step export if set."""
+    targets = [out("eval.json")]
     step = config["training"]["conversion_step"]
     if step is not None:
         targets.append(out("hf_models", f"step_{step}"))
     return targets
 
 
-def report_assets():
-    """What `snakemake --report` shows (rules/report.smk); `all` builds them."""
-    names = (
-        "data_funnel.png",
-        "data_prep.html",
-        "contamination.html",
-        "packing.html",
-        "training_curves.png",
-    )
-    names += (
-        "throughput.png",
-        "training_summary.html",
-        "eval.html",
-        "config.html",
-        "config.yaml",
-    )
-    return [out("report", name) for name in names]
+def report_pages():
+    """The report pages results/eval.json brings along (rules/report.smk), so `snakemake --report` works after
+    any run that made it: the config's always; the data and training pages when a trained model is evaluated
+    (a base-model-only eval trains nothing, so it has none). eval_summary writes the eval page itself.
+    """
+    from sftflow.report.pages import FILE_NAMES, RULE_PAGES
+
+    rules = ["report_config"]
+    if any(label != "base" for label in eval_models()):
+        rules += ["report_data", "report_training"]
+    return [out("report", FILE_NAMES[f]) for rule in rules for f in RULE_PAGES[rule]]
 
 
 def get_generations():
@@ -342,6 +336,7 @@ def deleted_targets():
         made_from += [
             (out("eval", label, b), [out("eval.json")]) for b in benchmark_names()
         ]
+    made_from += [(page, [out("eval.json")]) for page in report_pages()]
     found = []
     for target, results in made_from:
         if not os.path.exists(target):

@@ -59,10 +59,17 @@ rule generate:
 
 rule eval_summary:
     input:
-        [out("eval", m, b) for m in eval_models() for b in benchmark_names()],
+        results=[out("eval", m, b) for m in eval_models() for b in benchmark_names()],
+        report_pages=report_pages(),
     output:
         json=out("eval.json"),
         markdown=out("eval.md"),
+        report=report(
+            out("report", "eval.html"),
+            caption="../report/eval.rst",
+            category="3. Evaluation",
+            labels={"content": "benchmark results"},
+        ),
     log:
         out("logs", "eval_summary.log"),
     benchmark:

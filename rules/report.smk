@@ -1,14 +1,14 @@
-# Plots and tables for `snakemake --report report.html`: data funnel, decontamination matches, packing,
+# The report's pages for `snakemake --report report.html`: data funnel, decontamination matches, packing,
 # training curves and throughput, eval results, and the resolved config. Captions live in report/*.rst.
+# results/eval.json needs them (rule eval_summary, which writes the eval page itself), so the report works
+# after any run that made eval.json: report_pages() in common.smk says which pages a config's eval brings.
 
 
-rule report_assets:
+rule report_data:
     input:
         sft_stats=out("data", "sft.stats.json"),
         packed=out("data", "packed"),
         contamination=get_contamination(),
-        last_job=LAST_JOB_DONE,
-        eval_results=out("eval.json"),
     output:
         data_funnel=report(
             out("report", "data_funnel.png"),
@@ -34,6 +34,24 @@ rule report_assets:
             category="1. Data",
             labels={"content": "packing fill"},
         ),
+    log:
+        out("logs", "report_data.log"),
+    benchmark:
+        out("benchmarks_time", "report_data.tsv")
+    conda:
+        "../envs/report.yaml"
+    resources:
+        **cpu_resources(),
+    params:
+        config=config,
+    script:
+        "../scripts/make_report.py"
+
+
+rule report_training:
+    input:
+        last_job=LAST_JOB_DONE,
+    output:
         training_curves=report(
             out("report", "training_curves.png"),
             caption="../report/training_curves.rst",
@@ -52,12 +70,20 @@ rule report_assets:
             category="2. Training",
             labels={"content": "summary by run"},
         ),
-        eval_results=report(
-            out("report", "eval.html"),
-            caption="../report/eval.rst",
-            category="3. Evaluation",
-            labels={"content": "benchmark results"},
-        ),
+    log:
+        out("logs", "report_training.log"),
+    benchmark:
+        out("benchmarks_time", "report_training.tsv")
+    conda:
+        "../envs/report.yaml"
+    resources:
+        **cpu_resources(),
+    script:
+        "../scripts/make_report.py"
+
+
+rule report_config:
+    output:
         config_html=report(
             out("report", "config.html"),
             caption="../report/config.rst",
@@ -71,9 +97,9 @@ rule report_assets:
             labels={"content": "resolved config (YAML file for --configfile)"},
         ),
     log:
-        out("logs", "report_assets.log"),
+        out("logs", "report_config.log"),
     benchmark:
-        out("benchmarks_time", "report_assets.tsv")
+        out("benchmarks_time", "report_config.tsv")
     conda:
         "../envs/report.yaml"
     resources:
@@ -81,8 +107,5 @@ rule report_assets:
     params:
         config=config,
         config_sources=CONFIG_SOURCES,
-        metrics=lambda wildcards, input: str(
-            Path(input.last_job).parent / "metrics" / "metrics.jsonl"
-        ),
     script:
         "../scripts/make_report.py"

@@ -66,3 +66,26 @@ def test_warnings_of_the_runs_reach_eval_json_and_the_table(tmp_path):
     out = summarize(dirs, tmp_path / "eval.json", tmp_path / "eval.md", "gsm8k", {})
     assert out["summary"]["warnings"] == ["base / gsm8k: 100.0% of the generations have no answer"]
     assert "**Warning** (base / gsm8k: 100.0% of the generations have no answer)" in (tmp_path / "eval.md").read_text()
+
+
+def test_the_summary_writes_the_reports_eval_page_from_the_same_numbers(tmp_path):
+    from tests.report.html_tables import html_tables
+
+    dirs = [write_result(tmp_path, "final"), write_result(tmp_path, "base")]
+    summarize(dirs, tmp_path / "eval.json", tmp_path / "eval.md", "gsm8k", {}, tmp_path / "report" / "eval.html")
+    (results, *_) = html_tables(tmp_path / "report" / "eval.html")
+    assert [row[:2] for row in results[1:]] == [["final", "gsm8k"], ["base", "gsm8k"]]
+
+
+def test_the_eval_summary_runs_without_matplotlib():
+    """The eval environment (envs/eval.yaml) has no matplotlib: the summary's page writer must not need it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; sys.path.insert(0, 'scripts');"
+        "import sftflow.evaluation.summary, sftflow.report.eval_table"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

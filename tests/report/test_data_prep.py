@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from sftflow.report import data_prep
-from sftflow.report.render import DPI, WIDTH_INCHES, write_html_page
+from sftflow.report.figures import DPI, WIDTH_INCHES
+from sftflow.report.render import write_html_page
 from tests.report.conftest import CONTAMINATION, packing_stats, png_size, sft_stats
 from tests.report.html_tables import html_tables, table_dicts
 

@@ -1,4 +1,4 @@
-"""make_report writes every asset the report_assets rule declares, from a run's outputs and the config."""
+"""make_report writes every page the report rules declare, from a run's outputs and the config."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from sftflow.report.cli import ReportOutputs, main, make_report
+from sftflow.report.pages import FILE_NAMES, RULE_PAGES
 from tests.conftest import REPO
 from tests.report.conftest import png_size
 from tests.report.html_tables import html_tables
@@ -31,14 +32,28 @@ def test_every_asset_is_written_and_readable(tmp_path, report_inputs):
     assert funnel[-1][:5] == ["written", "—", "—", "—", "35"]
 
 
-def test_rule_declares_exactly_the_assets_make_report_writes():
-    rule = (REPO / "rules" / "report.smk").read_text()
-    declared = re.findall(r'out\("report", "([^"]+)"\)', rule)
+def rule_blocks() -> dict[str, str]:
+    """{rule name: its text} of rules/*.smk."""
+    blocks = {}
+    for path in (REPO / "rules").glob("*.smk"):
+        for match in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", path.read_text(), re.S | re.M):
+            blocks[match.group(1)] = match.group(2)
+    return blocks
+
+
+def test_each_rule_declares_exactly_the_pages_it_writes_and_together_they_are_all_of_them():
+    blocks = rule_blocks()
+    declared = []
+    for rule, fields in RULE_PAGES.items():
+        names = re.findall(r'out\("report", "([^"]+)"\)', blocks[rule])
+        assert sorted(names) == sorted(FILE_NAMES[f] for f in fields), rule
+        declared += names
+        for caption in re.findall(r'caption="\.\./(report/[^"]+)"', blocks[rule]):
+            assert (REPO / caption).is_file(), caption
     assert sorted(declared) == sorted(ReportOutputs.FILE_NAMES.values())
-    for name in ReportOutputs.FILE_NAMES:
-        assert f"        {name}=report(" in rule, name
-    for caption in re.findall(r'caption="\.\./(report/[^"]+)"', rule):
-        assert (REPO / caption).is_file(), caption
+    for rule in ("report_data", "report_training", "report_config"):
+        for field in RULE_PAGES[rule]:  # the output names are the ones run_from_snakemake reads
+            assert f"        {field}=report(" in blocks[rule], (rule, field)
 
 
 def test_command_line_writes_the_report_of_an_output_dir(tmp_path, results_dir):

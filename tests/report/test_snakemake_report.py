@@ -40,7 +40,6 @@ eval:
   concurrency: 2
 """
 )
-REPORT_TARGET = "results/report/data_funnel.png"  # any output of report_assets brings in all of them
 
 # (category, label in the menu, file, what the eye button shows)
 ENTRIES = [
@@ -121,14 +120,15 @@ def rows_as_dicts(table: list[list[str]]) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
-    """A workflow copy that has trained the small demo (two chained jobs) and made report.html."""
+    """A workflow copy that has trained the small demo (two chained jobs) and made report.html, as a user does:
+    `snakemake results/eval.json`, then `snakemake --report report.html` (no target: the default one)."""
     workdir = copy_workflow(tmp_path_factory.mktemp("report_run"))
     (workdir / "small.yaml").write_text(SMALL)
     config = ("--configfile", "config/config.yaml", "small.yaml")
     # The whole workflow for real, evaluation through `transformers serve` included, then the report.
-    result = snakemake("--cores", "2", REPORT_TARGET, *config, cwd=workdir)
+    result = snakemake("--cores", "2", "results/eval.json", *config, cwd=workdir)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    result = snakemake(REPORT_TARGET, "--cores", "1", *config, "--report", "report.html", cwd=workdir)
+    result = snakemake("--cores", "1", *config, "--report", "report.html", cwd=workdir)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return workdir
 
@@ -216,6 +216,9 @@ def test_packing_training_eval_and_config_pages_hold_the_runs_numbers(shown, fin
         ("1", "1", "7–12"),
         ("all", "—", "1–12"),
     ]
+    assert "Learning-rate schedule changes None: every step ran on one learning-rate schedule" in single_spaced(
+        frame(shown, "training_summary.html")["text"]
+    )
 
     summary = json.loads((finished_run / "results" / "eval.json").read_text())
     shown_rows = rows_as_dicts(frame(shown, "eval.html")["tables"][0])

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from sftflow.report import training
+from sftflow.report.figures import DPI, WIDTH_INCHES
 from sftflow.report.inputs import read_metrics
-from sftflow.report.render import DPI, WIDTH_INCHES
 from tests.conftest import write_jsonl
 from tests.report.conftest import job_records, metrics_rows, png_size
 
@@ -76,3 +76,28 @@ def test_training_curves_without_lr_and_grad_norm_show_the_loss_alone(tmp_path):
 def test_throughput_png(tmp_path, metrics):
     training.plot_throughput(metrics, job_records(), tmp_path / "tps.png")
     assert png_size(tmp_path / "tps.png") == (WIDTH_INCHES * DPI, round(training.THROUGHPUT_INCHES * DPI))
+
+
+def test_schedule_changes_come_from_the_last_job_that_records_them():
+    jobs = [
+        {"job": 0, "start_step": 0, "end_step": 4, "schedule_changes": []},
+        {
+            "job": 1,
+            "start_step": 4,
+            "end_step": 10,
+            "schedule_changes": [
+                {"step": 4, "total_steps_before": 8, "total_steps_after": 10},
+            ],
+        },
+        {"job": 2, "start_step": 10, "end_step": 10},  # a done file written before the field existed
+    ]
+    frame = training.schedule_changes_frame(jobs)
+    assert frame.to_dict("records") == [{"at step": 4, "total steps before": 8, "total steps after": 10}]
+    section = training.schedule_changes_section(jobs)
+    assert section.table is frame or section.table.equals(frame)
+    assert "cosine decay was recomputed" in section.note
+
+
+def test_no_schedule_change_says_so():
+    section = training.schedule_changes_section([{"job": 0, "start_step": 0, "end_step": 4, "schedule_changes": []}])
+    assert section.table is None and section.note.startswith("None:")

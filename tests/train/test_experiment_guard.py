@@ -52,5 +52,13 @@ def test_raising_max_num_steps_continues_and_records_the_schedule_change(tmp_pat
     assert f"the learning rate of step 5 is {new:.6g} instead of {old:.6g}" in caplog.text
     assert logged(ckpt, "lr")[5] == pytest.approx(new)
     meta = read_meta(latest_checkpoint(ckpt).path)
-    assert meta["schedule_changes"] == [{"step": 4, "total_steps_before": 4, "total_steps_after": 6}]
-    assert json.loads((ckpt / "job0.done").read_text())["end_step"] == 6
+    change = {"step": 4, "total_steps_before": 4, "total_steps_after": 6}
+    assert meta["schedule_changes"] == [change]
+    done = json.loads((ckpt / "job0.done").read_text())
+    assert done["end_step"] == 6 and done["schedule_changes"] == [change]
+    # ... and the report's training summary shows it (read from the done files, as rule report_training does).
+    from sftflow.report.inputs import read_job_records
+    from sftflow.report.training import schedule_changes_frame
+
+    frame = schedule_changes_frame(read_job_records(ckpt))
+    assert frame.to_dict("records") == [{"at step": 4, "total steps before": 4, "total steps after": 6}]

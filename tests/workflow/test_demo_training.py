@@ -124,11 +124,15 @@ def test_demo_trains_chained_jobs_and_exports_then_continues(workdir):  # noqa: 
     # it and everything made from it; that command plans exactly that.
     config = ("--configfile", "config/config.yaml", "more.yaml")
     stages = {
-        "results/data/sft.jsonl": ["prepare_data", "pack_data", "train_job", "convert_final", "generate"],
-        "results/data/packed": ["pack_data", "train_job", "convert_final", "generate"],
+        "results/data/sft.jsonl": [
+            "prepare_data", "pack_data", "train_job", "convert_final", "generate", "report_data", "report_training"
+        ],
+        "results/data/packed": ["pack_data", "train_job", "convert_final", "generate", "report_data", "report_training"],
         "results/final_hf_model": ["convert_final", "generate"],
         "results/eval/final/demo": ["generate"],
-    }
+        "results/report/training_summary.html": ["report_training"],  # a report page: `--report` needs it
+        "results/report/config.html": ["report_config"],
+    }  # fmt: skip
     for target, rules in stages.items():
         aside = workdir / "aside"
         (workdir / target).rename(aside)

@@ -54,8 +54,22 @@ def test_dry_run_plans_every_stage(workdir):
         "convert_final",
         "generate",
         "eval_summary",
+        "report_data",  # results/eval.json brings the report's pages (issue 12: --report after eval.json)
+        "report_training",
+        "report_config",
     ):
         assert f"rule {rule}:" in text, rule
+
+
+def test_a_base_model_only_eval_trains_nothing_and_brings_only_the_config_page(workdir):
+    (workdir / "base.yaml").write_text("eval:\n  models: [base]\n")
+    result = snakemake("-n", "--cores", "1", "--configfile", "config/config.yaml", "base.yaml", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout + result.stderr
+    for rule in ("generate", "eval_summary", "report_config"):
+        assert f"rule {rule}:" in text, rule
+    for rule in ("train_job", "pack_data", "report_data", "report_training"):
+        assert f"rule {rule}:" not in text, rule
 
 
 def test_dry_run_has_one_training_job_per_chained_job(workdir):

@@ -73,7 +73,9 @@ def summarize(
     markdown_path: str | Path,
     benchmarks: str,
     models: Mapping[str, str],
+    report_path: str | Path | None = None,
 ) -> dict[str, Any]:
+    """Write eval.json and eval.md (and, given report_path, the report's eval page) from the generate jobs' dirs."""
     results: dict[str, dict[str, Any]] = {}
     details: dict[str, dict[str, Any]] = {}
     loaded = [(directory, _load(directory)) for directory in map(Path, eval_dirs)]
@@ -95,6 +97,10 @@ def summarize(
     notes = "".join(f"\n**Warning** ({w})\n" for w in warnings)
     with atomic_path(markdown_path) as tmp:
         tmp.write_text(f"# Evaluation ({benchmarks})\n\n{table}\n{notes}", encoding="utf-8")
+    if report_path is not None:
+        from sftflow.report.eval_table import write_eval_page
+
+        write_eval_page(report_path, summary, str(json_path))
     return {"summary": summary, "table": table}
 
 
@@ -103,7 +109,14 @@ def summarize_from_snakemake(smk) -> None:
 
     setup_logging(smk.log[0] if smk.log else None)
     try:
-        result = summarize(smk.input, smk.output.json, smk.output.markdown, smk.params.benchmarks, smk.params.models)
+        result = summarize(
+            smk.input.results,
+            smk.output.json,
+            smk.output.markdown,
+            smk.params.benchmarks,
+            smk.params.models,
+            smk.output.get("report"),
+        )
     except SftflowError as err:
         log.error("%s", err)
         raise SystemExit(f"error: {err}") from None

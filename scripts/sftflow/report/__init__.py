@@ -5,9 +5,11 @@ One module per stage of the data flow, each with pure functions from parsed inpu
 
 - `inputs`     reading sft.stats.json, packed/stats.json, contamination.jsonl, metrics.jsonl, job*.done,
                eval.json; a missing or malformed file is a `SftflowError` naming it
-- `render`     the Agg figure factory, PNG and HTML-page writers, number formatting for tables
+- `pages`      the page files and the rule that writes each (read by the Snakefile)
+- `render`     HTML-page writer and number formatting for tables (no matplotlib: the eval summary uses it)
+- `figures`    the Agg figure factory and PNG writer
 - `data_prep`  the data-preparation funnel (plot + table), the decontamination matches, the packing fill
 - `training`   loss / learning-rate / grad-norm curves, tokens/s curve, per-run throughput summary
 - `eval_table` eval.json as one table (model x benchmark rows, one column per metric)
-- `cli`        `make_report()`, the report_assets rule's script and the command line
+- `cli`        each report rule's page writers, `make_report()` (all pages) and the command line
 """

@@ -1,4 +1,4 @@
-"""Entry points of the report assets: `make_report()`, the report_assets Snakemake rule, and the command line."""
+"""Entry points of the report assets: the writers of each rule's pages, `make_report()` (all of them) and the command line."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from sftflow.report.inputs import (
     read_packing_stats,
     read_sft_stats,
 )
+from sftflow.report.pages import FILE_NAMES
 from sftflow.report.render import Section, write_html_page
 
 LOG = logging.getLogger("sftflow.report")
@@ -67,18 +68,7 @@ class ReportOutputs:
     config_html: Path
     config_yaml: Path
 
-    FILE_NAMES = {
-        "data_funnel": "data_funnel.png",
-        "data_prep": "data_prep.html",
-        "contamination": "contamination.html",
-        "packing": "packing.html",
-        "training_curves": "training_curves.png",
-        "throughput": "throughput.png",
-        "training_summary": "training_summary.html",
-        "eval_results": "eval.html",
-        "config_html": "config.html",
-        "config_yaml": "config.yaml",
-    }
+    FILE_NAMES = FILE_NAMES
 
     @classmethod
     def in_dir(cls, report_dir: str | Path) -> ReportOutputs:
@@ -93,34 +83,51 @@ def plain_config(config: dict) -> dict:
     return json.loads(json.dumps(config, default=str))
 
 
-def make_report(inputs: ReportInputs, outputs: ReportOutputs, config: dict, sources: dict | None = None) -> None:
-    """Read every input first (a bad one fails before anything is written), then write every asset."""
-    config = plain_config(config)
+def read_data_inputs(inputs: ReportInputs, config: dict) -> dict:
+    """What the data pages show: sft.stats.json, packed/stats.json and the contamination matches."""
     input_key = config.get("prepare_data", {}).get("input_key", "problem")
-    sft_stats = read_sft_stats(inputs.sft_stats)
-    packing = read_packing_stats(inputs.packed_dir)
     checked, matches = None, None
     if inputs.contamination is not None:
         checked, matches = read_contamination_matches(inputs.contamination, input_key)
-    metrics = read_metrics(inputs.metrics)
-    jobs = read_job_records(inputs.checkpoint_dir)
-    summary = read_eval_results(inputs.eval_results)
+    return {
+        "sft_stats": read_sft_stats(inputs.sft_stats),
+        "packing": read_packing_stats(inputs.packed_dir),
+        "checked": checked,
+        "matches": matches,
+    }
 
-    funnel = data_prep.funnel_frame(sft_stats)
+
+def write_data_pages(inputs: ReportInputs, data: dict, outputs: ReportOutputs) -> None:
+    """The data pages (rule report_data): funnel plot and table, decontamination matches, packing fill."""
+    funnel = data_prep.funnel_frame(data["sft_stats"])
     data_prep.plot_funnel(funnel, outputs.data_funnel)
-    data_prep.write_data_prep_page(outputs.data_prep, sft_stats, funnel)
+    data_prep.write_data_prep_page(outputs.data_prep, data["sft_stats"], funnel)
     contamination = str(inputs.contamination) if inputs.contamination else None
     write_html_page(
         outputs.contamination,
         "Decontamination",
-        data_prep.contamination_sections(sft_stats, contamination, checked, matches),
+        data_prep.contamination_sections(data["sft_stats"], contamination, data["checked"], data["matches"]),
     )
     write_html_page(
         outputs.packing,
         "Packing",
-        [Section("Packed rows", data_prep.packing_frame(packing), f"From {Path(inputs.packed_dir) / 'stats.json'}.")],
+        [
+            Section(
+                "Packed rows",
+                data_prep.packing_frame(data["packing"]),
+                f"From {Path(inputs.packed_dir) / 'stats.json'}.",
+            )
+        ],
     )
 
+
+def read_training_inputs(inputs: ReportInputs) -> dict:
+    return {"metrics": read_metrics(inputs.metrics), "jobs": read_job_records(inputs.checkpoint_dir)}
+
+
+def write_training_pages(inputs: ReportInputs, run: dict, outputs: ReportOutputs) -> None:
+    """The training pages (rule report_training): curves, throughput, summary by run and schedule changes."""
+    metrics, jobs = run["metrics"], run["jobs"]
     training.plot_training_curves(metrics, jobs, outputs.training_curves)
     training.plot_throughput(metrics, jobs, outputs.throughput)
     write_html_page(
@@ -134,12 +141,14 @@ def make_report(inputs: ReportInputs, outputs: ReportOutputs, config: dict, sour
                 "column names the job whose done-file covers the run's steps; '—' marks a run whose job was run "
                 "again later (e.g. the last job after raising max_num_steps) or that was interrupted.",
             ),
+            training.schedule_changes_section(jobs),
             Section("Final values", training.final_values_frame(metrics), f"From {inputs.metrics}."),
         ],
     )
 
-    eval_table.write_eval_page(outputs.eval_results, summary, str(inputs.eval_results))
 
+def write_config_pages(outputs: ReportOutputs, config: dict, sources: dict | None = None) -> None:
+    """The config pages (rule report_config): the resolved config, where each value comes from, and as YAML."""
     config_text = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True)
     write_html_page(
         outputs.config_html,
@@ -167,36 +176,66 @@ def make_report(inputs: ReportInputs, outputs: ReportOutputs, config: dict, sour
     )
     with atomic_path(outputs.config_yaml, suffix=".yaml") as tmp:
         tmp.write_text(config_text, encoding="utf-8")
+
+
+def make_report(inputs: ReportInputs, outputs: ReportOutputs, config: dict, sources: dict | None = None) -> None:
+    """Every page of a finished run (the command line): the ones the workflow's four rules write, in one go."""
+    config = plain_config(config)
+    data = read_data_inputs(inputs, config)  # every input is read before anything is written: a bad one fails first
+    run = read_training_inputs(inputs)
+    summary = read_eval_results(inputs.eval_results)
+    write_data_pages(inputs, data, outputs)
+    write_training_pages(inputs, run, outputs)
+    eval_table.write_eval_page(outputs.eval_results, summary, str(inputs.eval_results))
+    write_config_pages(outputs, config, sources)
     LOG.info("report assets written: %s", ", ".join(str(p) for p in outputs.paths()))
 
 
 def run_from_snakemake(smk) -> None:
-    """Called by the report_assets rule: paths in input/output, the workflow config in params.config."""
+    """The script of rules report_data, report_training and report_config (rules/report.smk); the eval page is
+    written by the eval_summary rule (sftflow.evaluation.summary), which needs these pages as its inputs."""
     setup_logging(smk.log[0] if smk.log else None)
-    contamination = smk.input.get("contamination")
-    if isinstance(contamination, list | tuple):  # an empty input list when remove_contaminated is off
-        contamination = contamination[0] if contamination else None
-    inputs = ReportInputs(
-        sft_stats=Path(smk.input.sft_stats),
-        packed_dir=Path(smk.input.packed),
-        contamination=Path(contamination) if contamination else None,
-        metrics=Path(smk.params.metrics),
-        checkpoint_dir=Path(smk.input.last_job).parent,
-        eval_results=Path(smk.input.eval_results),
-    )
-    outputs = ReportOutputs(**{name: Path(getattr(smk.output, name)) for name in ReportOutputs.FILE_NAMES})
+    outputs = ReportOutputs(**{name: Path(smk.output.get(name, "")) for name in ReportOutputs.FILE_NAMES})
     try:
-        make_report(inputs, outputs, dict(smk.params.config), dict(smk.params.get("config_sources", {})))
+        if smk.rule == "report_data":
+            contamination = smk.input.get("contamination")
+            if isinstance(contamination, list | tuple):  # an empty input list when remove_contaminated is off
+                contamination = contamination[0] if contamination else None
+            inputs = ReportInputs(
+                sft_stats=Path(smk.input.sft_stats),
+                packed_dir=Path(smk.input.packed),
+                contamination=Path(contamination) if contamination else None,
+                metrics=Path(),
+                checkpoint_dir=Path(),
+                eval_results=Path(),
+            )
+            write_data_pages(inputs, read_data_inputs(inputs, plain_config(smk.params.config)), outputs)
+        elif smk.rule == "report_training":
+            last_job = Path(smk.input.last_job)
+            inputs = ReportInputs(
+                sft_stats=Path(),
+                packed_dir=Path(),
+                contamination=None,
+                metrics=last_job.parent / "metrics" / "metrics.jsonl",
+                checkpoint_dir=last_job.parent,
+                eval_results=Path(),
+            )
+            write_training_pages(inputs, read_training_inputs(inputs), outputs)
+        elif smk.rule == "report_config":
+            write_config_pages(outputs, plain_config(smk.params.config), dict(smk.params.config_sources))
+        else:
+            raise SftflowError(f"rule {smk.rule!r} writes no report pages")
     except SftflowError as err:
         LOG.error("%s", err)
         raise SystemExit(f"error: {err}") from None
+    LOG.info("report pages written: %s", ", ".join(str(p) for p in smk.output))
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python scripts/make_report.py",
-        description="Write the report's plots and tables for a finished run (the report_assets rule does this "
-        "inside the workflow; then `snakemake --report report.html` collects them).",
+        description="Write the report's plots and tables for a finished run (the report_* rules and eval_summary do "
+        "this inside the workflow; then `snakemake --report report.html` collects them).",
     )
     p.add_argument("--output-dir", default="results", help="the run's output_dir (default: results)")
     p.add_argument("--report-dir", help="where to write the assets (default: OUTPUT_DIR/report)")

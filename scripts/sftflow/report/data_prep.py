@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 
 from sftflow.mathtext import normalize_problem
-from sftflow.report.render import Section, format_value, new_figure, save_png, write_html_page
+from sftflow.report.figures import new_figure, save_png
+from sftflow.report.render import Section, format_value, write_html_page
 
 STAGE_KEYS = ("stage", "rows_in", "dropped", "modified")
 FUNNEL_COLUMNS = ["stage", "rows in", "dropped", "modified", "rows out", "details"]

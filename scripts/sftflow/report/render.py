@@ -1,4 +1,5 @@
-"""Figures on matplotlib's Agg canvas (no pyplot, no global state) and small HTML pages of pandas tables.
+"""Small HTML pages of pandas tables (figures are in sftflow.report.figures; this module needs no matplotlib,
+so the eval summary, in the eval environment, writes its page with it).
 
 Every writer goes through `atomic_path`, so a failed report job never leaves a half-written asset.
 """
@@ -13,14 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from sftflow.io import atomic_path
 
-DPI = 100
-WIDTH_INCHES = 10.0  # every plot is 1000 px wide; heights are set per plot
 MISSING = "—"
 PLUS_MINUS = "±"
 
@@ -49,19 +45,6 @@ PAGE = """<!DOCTYPE html>
 </body>
 </html>
 """
-
-
-def new_figure(height_inches: float, nrows: int = 1, sharex: bool = False) -> tuple[Figure, list[Axes]]:
-    """A figure WIDTH_INCHES x height_inches at DPI, with `nrows` stacked axes, drawn by the Agg backend."""
-    fig = Figure(figsize=(WIDTH_INCHES, height_inches), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, 1, sharex=sharex, squeeze=False)[:, 0]
-    return fig, list(axes)
-
-
-def save_png(fig: Figure, path: str | os.PathLike) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)
 
 
 def format_value(value) -> str:

@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 
+from sftflow.report.figures import new_figure, save_png
 from sftflow.report.inputs import Metrics
-from sftflow.report.render import new_figure, save_png
+from sftflow.report.render import Section
 
 CURVES = (("loss", "training loss"), ("lr", "learning rate"), ("grad_norm", "grad norm (before clipping)"))
 CURVE_PANEL_INCHES = 2.8
@@ -183,3 +184,32 @@ def final_values_frame(metrics: Metrics) -> pd.DataFrame:
     if "epoch" in train:
         rows.append(("epoch at the last step", int(train["epoch"].iloc[-1])))
     return pd.DataFrame(rows, columns=["quantity", "value"])
+
+
+def schedule_changes_frame(jobs: list[dict]) -> pd.DataFrame:
+    """The run's total-step changes (a resume after max_num_steps / max_num_epochs changed), as the last job's
+    done file records them: every job carries the list so far, so the highest job that has one holds them all."""
+    changes = next((job["schedule_changes"] for job in reversed(jobs) if "schedule_changes" in job), [])
+    rows = [
+        {
+            "at step": change["step"],
+            "total steps before": change["total_steps_before"],
+            "total steps after": change["total_steps_after"],
+        }
+        for change in changes
+    ]
+    return pd.DataFrame(rows, columns=["at step", "total steps before", "total steps after"])
+
+
+def schedule_changes_section(jobs: list[dict]) -> Section:
+    frame = schedule_changes_frame(jobs)
+    if frame.empty:
+        note = "None: every step ran on one learning-rate schedule (the total step count never changed)."
+    else:
+        note = (
+            "Training continued from a checkpoint with another total step count (training.max_num_steps or "
+            "max_num_epochs changed): from each step listed on, the cosine decay was recomputed over the new "
+            "total, so the learning-rate curve has a kink there. A run from scratch with the final settings "
+            "would differ."
+        )
+    return Section("Learning-rate schedule changes", frame if not frame.empty else None, note)

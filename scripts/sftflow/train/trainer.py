@@ -163,7 +163,14 @@ def rank_placement(parallel: ParallelDims) -> list[str]:
 
 
 def _done_record(
-    spec: JobSpec, start_step: int, end_step: int, plan: TrainingPlan, target: int, ckpt, ranks: list[str]
+    spec: JobSpec,
+    start_step: int,
+    end_step: int,
+    plan: TrainingPlan,
+    target: int,
+    ckpt,
+    ranks: list[str],
+    schedule_changes: list[dict],
 ) -> dict:
     return {
         "job_index": spec.job_index,
@@ -176,6 +183,7 @@ def _done_record(
         "remaining_steps": max(0, plan.total_steps - end_step),
         "checkpoint": str(ckpt) if ckpt else None,
         "ranks": ranks,
+        "schedule_changes": schedule_changes,  # the run's total-step changes so far (the report shows them)
     }
 
 
@@ -389,7 +397,9 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
         _check_resume_compatible(saved_meta, fingerprint, spec, latest.path, current, tcfg)
     if latest is not None and latest.step >= target:
         LOG.info("checkpoint %s is at or past this job's target step %d: nothing to train", latest.path, target)
-        record = _done_record(spec, latest.step, latest.step, plan, target, latest.path, ranks)
+        record = _done_record(
+            spec, latest.step, latest.step, plan, target, latest.path, ranks, saved_meta.get("schedule_changes", [])
+        )
         if spec.done_file and parallel.is_main:
             write_json(spec.done_file, record)
         parallel.barrier()
@@ -507,7 +517,7 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
     if step >= plan.total_steps and not stopped_early:
         validate(step)
     metrics.close()
-    record = _done_record(spec, start_step, step, plan, target, last_saved, ranks)
+    record = _done_record(spec, start_step, step, plan, target, last_saved, ranks, schedule_changes)
     if spec.done_file and parallel.is_main:
         write_json(spec.done_file, record)
     parallel.barrier()
