@@ -119,29 +119,36 @@ def main() -> None:
             "majority_filter",
         )
     ]
-    common = [
-        py,
-        str(ROOT / "scripts" / "prepare_data.py"),
-        f"++input_files={src}",
-        "++filters.remove_contaminated=false",
-        "++filters.remove_len_outlier_problems=false",
-        "++majority_filter.min_majority_votes=2",
-        *filters,
-    ]
-    # NeMo-Skills' math_sft.yaml defaults that need no tokenizer or contamination file: selection, trim_solutions, dedup.
-    results["prepare_defaults"] = measure(
-        [*common[:5], f"++output_path={work / 'sft-defaults.jsonl'}", "++do_shuffle=false"]
+    base = [py, str(ROOT / "scripts" / "prepare_data.py"), f"++input_files={src}"]
+    common = [*base, "++majority_filter.min_majority_votes=2", *filters]
+    tokenizer = work / "chatml-tokenizer"
+    if not tokenizer.exists():  # the demo's ChatML tokenizer: every row rendered through a chat template
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from sftflow.demo.data import corpus
+        from sftflow.demo.model import build_tokenizer
+
+        build_tokenizer(corpus(0, n=800), 384, tokenizer)
+    # NeMo-Skills' math_sft.yaml defaults (no filter; grouped by problem, then shuffled), without a tokenizer.
+    results["prepare_defaults"] = measure([*base, f"++output_path={work / 'sft-defaults.jsonl'}"])
+    # The same with a tokenizer: input and output rendered through its chat template (NeMo-Skills' usual run).
+    results["prepare_defaults_chat_template"] = measure(
+        [*base, f"++output_path={work / 'sft-template.jsonl'}", f"++tokenizer={tokenizer}"]
     )
-    results["prepare_streaming"] = measure(
+    results["prepare_all_filters"] = measure(
         [*common, f"++output_path={work / 'sft-stream.jsonl'}", "++do_shuffle=false"]
     )
-    results["prepare_shuffled"] = measure(
+    results["prepare_all_filters_shuffled"] = measure(
         [*common, f"++output_path={work / 'sft-shuffled.jsonl'}", "++do_shuffle=true"]
     )
     stats = json.loads((work / "sft-stream.stats.json").read_text())
     results["rows_written"] = stats["rows_written"]
     floor = results["orjson_floor"]["seconds"]
-    for key in ("prepare_defaults", "prepare_streaming", "prepare_shuffled"):
+    for key in (
+        "prepare_defaults",
+        "prepare_defaults_chat_template",
+        "prepare_all_filters",
+        "prepare_all_filters_shuffled",
+    ):
         results[key]["rows_per_second"] = round(args.rows / results[key]["seconds"])
         results[key]["x_floor"] = round(results[key]["seconds"] / floor, 2)
     results["orjson_floor"]["rows_per_second"] = round(args.rows / floor)

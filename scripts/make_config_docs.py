@@ -19,7 +19,8 @@ below, taken from `config/schema.yaml`. `config/config.yaml` is the offline demo
 and a config error names the source of every value it mentions (docs/experiments.md). The workflow
 validates the config before any job starts: an unknown key or a wrong value fails naming the key.
 `python scripts/prepare_data.py` takes the keys of the `prepare_data` section as `++key=value`
-(plus `++output_path`, `++tokenizer`, `++chat_template`).
+(plus `++output_path`, `++tokenizer`, `++chat_template`). Its defaults are NeMo-Skills' `math_sft.yaml`
+(every filter off, the bare problem as the prompt); docs/nemo-skills-parity.md compares every key.
 
 This file is generated: `python scripts/make_config_docs.py > config/README.md`.
 """

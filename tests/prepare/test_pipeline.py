@@ -140,10 +140,14 @@ def test_downsampling_fair_is_round_robin_over_problems(tmp_path):
 
 def test_downsampling_random_seeded_and_shuffle(tmp_path):
     args = ["++downsampling_method=random", "++num_output_samples=7", "++exclude_optional_keys=false"]
-    _, a, _ = prepare(tmp_path, {"a.jsonl": _many()}, *args, "++random_seed=1")
-    _, b, _ = prepare(tmp_path, {}, *args, "++random_seed=1")
-    _, c, _ = prepare(tmp_path, {}, *args, "++random_seed=2")
+    _, a, _ = prepare(tmp_path, {"a.jsonl": _many()}, *args, "++random_seed=1", "++do_shuffle=true")
+    _, b, _ = prepare(tmp_path, {}, *args, "++random_seed=1", "++do_shuffle=true")
+    _, c, _ = prepare(tmp_path, {}, *args, "++random_seed=2", "++do_shuffle=true")
     assert a == b and len(a) == 7 and a != c
+    # As NeMo-Skills: without do_shuffle, "random" takes the first rows (grouped by problem), whatever the seed.
+    _, first, _ = prepare(tmp_path, {}, *args, "++random_seed=2")
+    _, everything, _ = prepare(tmp_path, {}, "++exclude_optional_keys=false")
+    assert first == everything[:7]
     _, unshuffled, _ = prepare(tmp_path, {}, "++exclude_optional_keys=false")
     _, shuffled, _ = prepare(tmp_path, {}, "++exclude_optional_keys=false", "++do_shuffle=true")
     assert unshuffled != shuffled and sorted(map(json.dumps, unshuffled)) == sorted(map(json.dumps, shuffled))
@@ -175,7 +179,11 @@ def test_chat_template_formatting_matches_full_conversation(tmp_path, demo_token
     tok = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
     rows = [row("What is 2 + 2?", "2 + 2 = 4.\nThe answer is \\boxed{4}.")]
     _, out, stats = prepare(
-        tmp_path, {"a.jsonl": rows}, f"++tokenizer={demo_tokenizer_dir}", "++system_message=Be brief."
+        tmp_path,
+        {"a.jsonl": rows},
+        f"++tokenizer={demo_tokenizer_dir}",
+        "++system_message=Be brief.",
+        "++prompt_config=generic/math",
     )
     rec = out[0]
     full = tok.apply_chat_template(
@@ -252,7 +260,9 @@ def test_length_filters_min_or_max_alone(tmp_path, demo_tokenizer_dir):
 
 
 def test_length_filter_without_tokenizer_is_an_error(tmp_path, capsys):
-    rc, _, _ = prepare(tmp_path, {"a.jsonl": [row("p", "s")]}, "++filters.remove_len_outlier_problems=true")
+    rc, _, _ = prepare(
+        tmp_path, {"a.jsonl": [row("p", "s")]}, "++filters.remove_len_outlier_problems=true", "++max_problem_length=9"
+    )
     assert rc == 2
     assert "tokenizer" in capsys.readouterr().err
 

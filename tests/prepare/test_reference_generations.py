@@ -33,6 +33,8 @@ def test_correct_only_keeps_exactly_the_correct_rows_minus_duplicates(tmp_path):
     assert main([f"++input_files={GEN}/output-rs*.jsonl", f"++output_path={out}", *PLAIN]) == 0
     rows = source_rows()
     expected = list(dict.fromkeys((r["problem"], r["generation"]) for r in rows if r["symbolic_correct"] is True))
+    problems = list(dict.fromkeys(p for p, _ in expected))  # grouped by problem, as NeMo-Skills' GroupSamples
+    expected.sort(key=lambda pair: problems.index(pair[0]))
     got = [(r["problem"], r["generation"]) for r in read_jsonl(out)]
     assert got == expected
     stats = json.loads((tmp_path / "sft.stats.json").read_text())
@@ -61,7 +63,7 @@ def test_incorrect_only(tmp_path):
 
 def test_trim_solutions_on_real_generations(tmp_path):
     out = tmp_path / "sft.jsonl"
-    args = [a for a in PLAIN if "trim_solutions" not in a]
+    args = [a for a in PLAIN if "trim_solutions" not in a] + ["++filters.trim_solutions=true"]
     main([f"++input_files={GEN}/output-rs*.jsonl", f"++output_path={out}", *args])
     for r in read_jsonl(out):
         # after trimming, nothing follows the line of the last boxed answer

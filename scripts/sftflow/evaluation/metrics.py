@@ -10,9 +10,11 @@ Python (float/int/None), ready for `json.dumps`.
 - pass@k, for k = 1, 2, 4, ... <= n and k = n: the unbiased estimator 1 - C(n-c, k) / C(n, k) per
   problem (n samples, c correct), averaged over problems (Chen et al., 2021).
 - majority@k, for the same k >= 2: the most common non-None answer among the first k samples
-  (answers compared after `normalize_answer`); a tie goes to the answer that appeared first, which
-  is deterministic and favours neither right nor wrong answers. The problem counts as solved if
-  that answer was graded correct; no answer at all counts as unsolved.
+  (answers compared after `normalize_answer`) solves the problem if it was graded correct. A tie
+  gives the problem the mean correctness of the tied answers, as NeMo-Skills' `_compute_majority_at_k`
+  does (a 2-2 tie between a right and a wrong answer scores 0.5), so the score favours neither and does
+  not depend on sample order. Samples without an answer do not vote; with no answer at all the problem
+  scores 0.
 - no_answer: percentage of samples without an extracted answer.
 """
 
@@ -30,7 +32,8 @@ __all__ = [
     "Sample",
     "compute_metrics",
     "k_values",
-    "majority_answer",
+    "majority_answers",
+    "majority_score",
     "metrics_markdown",
     "metrics_table",
     "pass_at_k",
@@ -88,24 +91,36 @@ def k_values(n: int) -> list[int]:
     return ks
 
 
-def majority_answer(samples: Sequence[Sample]) -> Sample | None:
-    """The first sample carrying the most common answer among `samples`; None if none has an answer.
+def majority_answers(samples: Sequence[Sample]) -> list[Sample]:
+    """One sample for each most common answer among `samples` (several on a tie), in order of first appearance;
+    [] if no sample has an answer.
 
-    Ties: the answer whose first occurrence is earliest wins.
+    A vote is the pair (normalised answer, correctness), as NeMo-Skills counts (answer, score) pairs: the rare
+    answer graded both ways (against `evelyn`, `\\text{Evelyn}` is right and `Evelyn` wrong, one normalised form)
+    counts as two answers.
     """
-    counts: dict[str, int] = {}
-    first: dict[str, Sample] = {}
+    counts: dict[tuple[str, bool], int] = {}
+    first: dict[tuple[str, bool], Sample] = {}
     for sample in samples:
         if sample.predicted_answer is None:
             continue
-        key = normalize_answer(sample.predicted_answer)
+        key = (normalize_answer(sample.predicted_answer), sample.correct)
         counts[key] = counts.get(key, 0) + 1
         first.setdefault(key, sample)
     if not counts:
-        return None
-    # dicts keep insertion order and max() returns the first maximum, so ties go to the earliest answer.
-    best = max(counts, key=counts.__getitem__)
-    return first[best]
+        return []
+    most = max(counts.values())
+    return [first[key] for key, count in counts.items() if count == most]
+
+
+def majority_score(samples: Sequence[Sample]) -> float:
+    """Majority-vote credit of one problem, 0..1: the mean correctness of the most common answers.
+
+    1 or 0 without a tie; a tie gives fractional credit (NeMo-Skills' rule), e.g. 0.5 for a 2-2 tie between a
+    right and a wrong answer. 0 when no sample has an answer.
+    """
+    winners = majority_answers(samples)
+    return sum(s.correct for s in winners) / len(winners) if winners else 0.0
 
 
 def _percent(numerator: float, denominator: int) -> float:
@@ -136,10 +151,7 @@ def compute_metrics(problems: Sequence[Sequence[Sample]]) -> dict[str, Any]:
     for k in k_values(n)[1:]:
         metrics[f"pass@{k}"] = 100.0 * statistics.fmean(pass_at_k(n, sum(s.correct for s in p), k) for p in problems)
     for k in k_values(n)[1:]:
-        solved = 0
-        for samples in problems:
-            chosen = majority_answer(samples[:k])
-            solved += chosen is not None and chosen.correct
+        solved = math.fsum(majority_score(samples[:k]) for samples in problems)
         metrics[f"majority@{k}"] = _percent(solved, num_problems)
 
     all_samples = [s for p in problems for s in p]

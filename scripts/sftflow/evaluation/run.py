@@ -84,13 +84,19 @@ _PROMPT_KEYS = ("prompt_config", "system_message", "chat_template_kwargs", "chat
 _DIRECT_KEYS = tuple(k for k in SETTING_KEYS if k not in _PROMPT_KEYS)
 
 
+# NeMo-Skills' prompt for gsm8k / math / math500: what eval uses when neither eval.prompt_config nor
+# prepare_data.prompt_config is set (training on the bare problem, NeMo-Skills' SFT default).
+DEFAULT_EVAL_PROMPT = "generic/math"
+
+
 def settings_from_config(config: dict) -> dict[str, Any]:
     """The --settings of generate.py from a workflow config (defaults filled): eval.*, plus the training
-    prompt settings (prepare_data.prompt_config unless eval.prompt_config, system message, template)."""
+    prompt settings (eval.prompt_config, else prepare_data.prompt_config, else DEFAULT_EVAL_PROMPT; system
+    message, template)."""
     e, prep = config["eval"], config["prepare_data"]
     return {
         **{k: e[k] for k in _DIRECT_KEYS},
-        "prompt_config": e["prompt_config"] or prep["prompt_config"],
+        "prompt_config": e["prompt_config"] or prep["prompt_config"] or DEFAULT_EVAL_PROMPT,
         "system_message": prep["system_message"],
         "chat_template_kwargs": prep["chat_template_kwargs"],
         "chat_template": config["model"]["chat_template"],

@@ -5,13 +5,11 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 from functools import lru_cache
+from typing import NamedTuple
 
 _NUM = r"\d+(?:\.\d+)?"
-_TERM = rf"\(*\s*{_NUM}\s*\)*"
-_EXPR = rf"{_TERM}(?:\s*[-+*/]\s*{_TERM})*"
-# At least one '=' and at least one operator somewhere in the chain.
-EQUATION = re.compile(rf"(?<![\w.]){_EXPR}(?:\s*=\s*{_EXPR})+(?!\w)(?!\.\d)")
-_TOKEN = re.compile(rf"\s*({_NUM}|[-+*/()])")
+# A number, with a minus glued to it when it stands where an operand is expected ("-3", "2 * -3", "(-3 + 1)").
+_TOKEN = re.compile(rf"\s*(?:(-?{_NUM})|([-+*/()]))")
 _OPS = {
     "+": (1, lambda a, b: a + b),
     "-": (1, lambda a, b: a - b),
@@ -21,19 +19,45 @@ _OPS = {
 
 
 def tokenize(expr: str) -> list:
-    """Numbers become ints or Fractions (exact), operators and parentheses stay strings."""
-    tokens, pos = [], 0
-    expr = expr.rstrip()
-    while pos < len(expr):
+    """Tokens of a complete plain expression: numbers (ints or exact Fractions), operators, parentheses.
+
+    Raises ValueError unless all of `expr` is numbers joined by + - * / with balanced parentheses. A minus is
+    unary only where an operand is expected and when glued to a number ("-3", "(-3", "* -3"); "- 3" or "-(3)"
+    there is not parsed (at a line start "- 3 + 4" is more likely a list bullet than a negative three).
+    """
+    tokens: list = []
+    pos, end, depth, want_operand = 0, len(expr.rstrip()), 0, True
+    while pos < end:
         m = _TOKEN.match(expr, pos)
         if not m:
             raise ValueError(f"cannot parse {expr!r}")
-        tok = m.group(1)
-        if tok in "+-*/()":
-            tokens.append(tok)
+        number, sym = m.groups()
+        if number is not None:
+            if not want_operand:
+                if number[0] != "-":
+                    raise ValueError(f"two numbers in a row in {expr!r}")
+                tokens.append("-")  # "10 -3": a binary minus glued to its right operand
+                number = number[1:]
+            tokens.append(int(number) if "." not in number else Fraction(number))
+            want_operand = False
+        elif sym == "(":
+            if not want_operand:
+                raise ValueError(f"implicit product in {expr!r}")
+            depth += 1
+            tokens.append(sym)
+        elif sym == ")":
+            if want_operand or depth == 0:
+                raise ValueError(f"misplaced ')' in {expr!r}")
+            depth -= 1
+            tokens.append(sym)
         else:
-            tokens.append(int(tok) if tok.isdigit() else Fraction(tok))
+            if want_operand:
+                raise ValueError(f"operator without a left operand in {expr!r}")
+            tokens.append(sym)
+            want_operand = True
         pos = m.end()
+    if want_operand or depth:
+        raise ValueError(f"incomplete expression {expr!r}")
     return tokens
 
 
@@ -77,8 +101,6 @@ def _step(tokens: list) -> list:
 
 def solve_steps(expr: str) -> list[list]:
     """Every intermediate token list from `expr` to its value (the last list holds one Fraction)."""
-    if expr.count("(") != expr.count(")"):
-        raise ValueError("unbalanced parentheses")
     tokens = tokenize(expr)
     steps = [tokens]
     while len(tokens) > 1:
@@ -114,16 +136,21 @@ def format_number(value: int | Fraction) -> str | None:
     return ("-" if value < 0 else "") + text
 
 
-def render(tokens: list) -> str | None:
-    parts = []
+def render(tokens: list, compact: bool = False) -> str | None:
+    """Text of a step, "1 + 2 * (-3)" or, `compact`, "1+2*(-3)"; None if a number has no finite decimal form."""
+    parts: list[str] = []
     for tok in tokens:
         if not isinstance(tok, str):
             text = format_number(tok)
             if text is None:
                 return None
+            if tok < 0 and parts and parts[-1] in _OPS:
+                text = f"({text})"  # "2 * (-3)", not "2 * -3"
             parts.append(text)
         else:
             parts.append(tok)
+    if compact:
+        return "".join(parts)
     return " ".join(parts).replace("( ", "(").replace(" )", ")")
 
 
@@ -135,9 +162,9 @@ def stated_tolerance(side: str) -> Fraction:
     return Fraction(0)
 
 
-# "a op b = c" with integers a and b: most equations in solutions, checked without the general parser.
-_OPERATORS_IN = re.compile(r"[-+*/]")
+# "a op b = c" with natural numbers a and b: most equations in solutions, checked without the general parser.
 _SIMPLE = re.compile(rf"\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*({_NUM})\s*")
+_PLAIN_NUMBER = re.compile(rf"\s*\(*\s*-?{_NUM}\s*\)*\s*")
 
 
 @lru_cache(maxsize=1 << 16)  # the same small computations recur across many solutions
@@ -165,23 +192,210 @@ def equation_is_correct(equation: str, rel_tol: float) -> bool | None:
 
 
 def _is_plain_number(side: str) -> bool:
-    return re.fullmatch(rf"\s*\(*\s*{_NUM}\s*\)*\s*", side) is not None
+    return _PLAIN_NUMBER.fullmatch(side) is not None
+
+
+def _operations(tokens: list) -> int:
+    return sum(1 for tok in tokens if isinstance(tok, str) and tok in _OPS)
 
 
 @lru_cache(maxsize=1 << 16)
 def split_equation(equation: str) -> str | None:
     """'1 + 2 + 3 = 6' -> '1 + 2 + 3 = 3 + 3 = 6'; None if it is not a correct two-sided equation to expand."""
     sides = equation.split("=")
-    if len(sides) != 2 or len(_OPERATORS_IN.findall(sides[0])) < 2 or not _is_plain_number(sides[1]):
-        return None  # one operation (or none) leaves nothing to expand
+    if len(sides) != 2 or not _is_plain_number(sides[1]):
+        return None
     try:
         steps = solve_steps(sides[0])
         answer = evaluate(sides[1])
     except (ValueError, ZeroDivisionError):
         return None
-    if len(steps) <= 2 or steps[-1][0] != answer:
+    if steps[-1][0] != answer:
         return None
-    middle = [render(step) for step in steps[1:-1]]
+    shown = steps[:1]
+    for step in steps[1:]:
+        if _operations(step) < _operations(shown[-1]):  # a step that only drops the parentheses of "(6)" is not shown
+            shown.append(step)
+    if len(shown) <= 2:
+        return None  # one operation (or none) leaves nothing to expand
+    left = sides[0].strip()
+    middle = [render(step, compact=" " not in left) for step in shown[1:-1]]  # in the author's spacing style
     if any(text is None for text in middle):
         return None
-    return " = ".join([sides[0].strip(), *middle, sides[1].strip()])
+    return " = ".join([left, *middle, sides[1].strip()])
+
+
+# Finding equations in text.
+#
+# An equation is checked or expanded only where it was parsed exactly: the rule is that a row is never dropped
+# (and no text is rewritten) over an equation whose true extent we do not know. A chain "s0 = s1 = ... = sn" is
+# a maximal run of the characters below around an '='; each side of it is used only if
+#   * all of it is a complete plain expression (see `tokenize`: numbers, + - * /, parentheses, a glued unary
+#     minus), and
+#   * the first side does not continue to the left, and the last side not to the right, into text that could
+#     belong to it: a power ("9^2", "AB^2 = ..."), a variable ("OD + 1", "5x"), a LaTeX command ("\cdots + 15",
+#     "2 \times 3 + 4"), a factorial, percent, digit grouping ("1,000"), ellipsis, an operator word ("3 times
+#     4 + 1"), .... Text that cannot (line start, '$', "\[", prose words, sentence punctuation, "\quad",
+#     "\Rightarrow", "\text", relations) is a safe neighbour. Inner sides lie between two '=' and are safe.
+# Consecutive usable sides (at least two, with an operator among them) form one equation; e.g. in
+# "AB^2 = 36 + 25 + 30 = 91" the equation is "36 + 25 + 30 = 91", in "\cdots + 15 + 17 = 9^2" there is none.
+# A first side that starts with a minus is used only at a line start or right after '$', "\[" or "\(" (after
+# a word, "AB -10 + 15" may be AB - 10 + 15), and only glued to its number: "- 3 + 4" at a line start may be a
+# markdown bullet or minus three, so it is not checked (bullets "* " and "+ " are skipped: no sign ambiguity).
+
+_OPERATOR = re.compile(r"[-+*/]")
+# LaTeX commands that separate formula parts, so the number beside them stands alone.
+_SEPARATING_COMMANDS = frozenset(
+    "quad qquad text textbf textit mbox Rightarrow Longrightarrow implies iff therefore because "
+    "approx neq ne le leq ge geq lt gt equiv end".split()
+)
+# Words that join a neighbouring number into a larger expression ("3 times 4 + 1", "half of 10 + 2").
+_OPERATOR_WORDS = frozenset("times plus minus over divided by mod of squared cubed".split())
+
+
+# A run of chain characters: '(' and ')' unless escaped (\( and \) delimit math), '.' only as a decimal point
+# (not a full stop or an ellipsis). The second pattern reads the same run backwards, in the reversed text.
+_CHAIN_RUN = re.compile(r"(?:[0-9 +\-*/=]|(?<!\\)[()]|(?<=\d)\.(?=\d))*")
+_CHAIN_RUN_REVERSED = re.compile(r"(?:[0-9 +\-*/=]|[()](?!\\)|(?<=\d)\.(?=\d))*")
+
+
+def _word_is_safe(word: str, command: bool) -> bool:
+    if command:
+        return word in _SEPARATING_COMMANDS
+    return len(word) >= 2 and word.lower() not in _OPERATOR_WORDS  # a lone letter may be a variable
+
+
+def _clear_before(text: str, i: int, minus: bool) -> bool:
+    """Whether the side starting at text[i] cannot continue to the left (`minus`: it starts with a minus)."""
+    k = i
+    while k > 0 and text[k - 1] in " \t":
+        k -= 1
+    if k == 0:
+        return True
+    c, spaced = text[k - 1], k < i
+    prev = text[k - 2] if k >= 2 else ""
+    if c in "\n$" or (c in "[(" and prev == "\\"):  # line start, math opening $ \[ \(
+        return True
+    if minus or not spaced:  # touching the side: part of it ("^2 = ...", "OD+1", "1,000")
+        return False
+    if c in ",;:":
+        return prev != "\\"  # "\," "\;" "\:" are LaTeX spaces inside a formula
+    if c == ".":
+        return prev != "."  # a full stop, not an ellipsis
+    if c in "?!":
+        return True
+    if c == "\\":
+        return prev == "\\"  # "\\" line break
+    if c.isalpha():
+        m = k - 1
+        while m > 0 and text[m - 1].isalpha():
+            m -= 1
+        return _word_is_safe(text[m:k], m > 0 and text[m - 1] == "\\")
+    return False
+
+
+def _clear_after(text: str, j: int) -> bool:
+    """Whether the side ending before text[j] cannot continue to the right."""
+    n, k = len(text), j
+    while k < n and text[k] in " \t":
+        k += 1
+    if k == n:
+        return True
+    c, spaced = text[k], k > j
+    nxt = text[k + 1] if k + 1 < n else ""
+    if c in "\n$?":
+        return True
+    if c in ",;:":
+        return not nxt.isdigit()  # "3,000", "3:4"
+    if c == ".":
+        return nxt != "." and not nxt.isdigit()  # a full stop, not an ellipsis
+    if c == "!":
+        return spaced  # "5!" is a factorial
+    if c == "\\":
+        m = k + 1
+        while m < n and text[m].isalpha():
+            m += 1
+        if m > k + 1:
+            return _word_is_safe(text[k + 1 : m], True)
+        return nxt in ("]", ")", "\\")  # \] \) and the "\\" line break; not "\%" or "\,"
+    if c.isalpha():
+        if not spaced:
+            return False  # "5x", "16cm"
+        m = k
+        while m < n and text[m].isalpha():
+            m += 1
+        return _word_is_safe(text[k:m], False)
+    return False
+
+
+@lru_cache(maxsize=1 << 16)
+def _side_tokens(side: str) -> tuple | None:
+    try:
+        return tuple(tokenize(side))
+    except ValueError:
+        return None
+
+
+def _after_bullet(text: str, s: int, e: int) -> int:
+    """Start of the side text[s:e] after a markdown bullet "* " or "+ " at a line start, else s.
+
+    "+ 3 * 4" is 12 whether the '+' is a bullet or a sign; "- 3 + 4" is not stripped: a bullet, or minus three.
+    """
+    if e - s < 3 or text[s] not in "*+" or text[s + 1] != " ":
+        return s
+    k = s
+    while k > 0 and text[k - 1] in " \t":
+        k -= 1
+    if k > 0 and text[k - 1] != "\n":
+        return s
+    return e - len(text[s + 2 : e].lstrip(" "))
+
+
+class Equation(NamedTuple):
+    start: int  # text[start:end] is the equation, from its first side to its last, without surrounding space
+    end: int
+    alone: bool  # the other sides of its chain are empty: "x = 1 + 2 + 3 = 6", not "AB^2 = 36 + 25 + 30 = 91"
+
+
+def _chain_equations(text: str, start: int, end: int) -> list[Equation]:
+    """Equations (see above) in the chain text[start:end]."""
+    sides, s = [], start
+    for part in text[start:end].split("="):
+        lead = len(part) - len(part.lstrip(" "))
+        sides.append((s + lead, s + lead + len(part.strip(" "))))  # an empty side: start == end
+        s += len(part) + 1
+    last = len(sides) - 1
+    found: list[Equation] = []
+    run: list[int] = []  # indices of consecutive usable sides
+    operations = 0
+    for n, (s, e) in enumerate(sides):
+        clear = n > 0
+        if n == 0 and s < e:
+            bullet_end = _after_bullet(text, s, e)
+            clear = bullet_end > s or _clear_before(text, s, text[s] == "-")
+            s = bullet_end
+        tokens = _side_tokens(text[s:e]) if clear and s < e and (n < last or _clear_after(text, e)) else None
+        if tokens is not None:
+            sides[n] = (s, e)
+            run.append(n)
+            operations += _operations(tokens)
+        if tokens is None or n == last:
+            if len(run) >= 2 and operations:
+                alone = all(a == b for i, (a, b) in enumerate(sides) if i not in run)
+                found.append(Equation(sides[run[0]][0], sides[run[-1]][1], alone))
+            run, operations = [], 0
+    return found
+
+
+def find_equations(text: str) -> list[Equation]:
+    """The plain arithmetic equations in `text`, in order (see above for what counts)."""
+    found: list[Equation] = []
+    pos = text.find("=")
+    reversed_text = text[::-1] if pos >= 0 else ""
+    while pos >= 0:  # each chain around an '=', found from there: scanning all of the text costs more
+        start = len(text) - _CHAIN_RUN_REVERSED.match(reversed_text, len(text) - pos).end()
+        end = _CHAIN_RUN.match(text, pos + 1).end()
+        if _OPERATOR.search(text, start, end):
+            found += _chain_equations(text, start, end)
+        pos = text.find("=", end)
+    return found

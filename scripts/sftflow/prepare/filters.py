@@ -24,7 +24,7 @@ VERIFICATION_MARKERS = (
     "Let's use Python to verify",
     "Let's confirm this result with some Python",
 )
-THINK_TAGS = ("<think>", "</think>")
+THINK_END = "</think>"  # remove_no_think_tags needs only the end: templates often put <think> in the prompt
 
 
 @dataclass
@@ -133,46 +133,19 @@ def trim_solutions(key: str, counter: dict) -> Callable[[dict], dict | None]:
     return fn
 
 
-_EQUATION_CHARS = frozenset("0123456789 .+-*/()=")
-_OPERATOR = re.compile(r"[-+*/]")
-
-
-def _equation_regions(text: str) -> list[tuple[int, int]]:
-    """Spans of equation characters around each '=' (an equation needs one): the regex then scans only these."""
-    regions: list[tuple[int, int]] = []
-    pos = text.find("=")
-    while pos >= 0:
-        start, end = pos, pos + 1
-        while start > 0 and text[start - 1] in _EQUATION_CHARS:
-            start -= 1
-        while end < len(text) and text[end] in _EQUATION_CHARS:
-            end += 1
-        if regions and start <= regions[-1][1]:
-            start = regions[-1][0]
-            regions.pop()
-        regions.append((start, end))
-        pos = text.find("=", end)
-    return regions
-
-
 @lru_cache(maxsize=8)  # drop_incorrect_arithmetic and split_arithmetic look at the same text in turn
-def _equations(text: str) -> list:
-    """Arithmetic equations in `text` (regex matches with at least one operator)."""
-    found = []
-    for start, end in _equation_regions(text):
-        if not _OPERATOR.search(text, start, end):
-            continue
-        # endpos one past the region keeps the pattern's look-ahead honest about the next character
-        for match in arithmetic.EQUATION.finditer(text, start, min(end + 1, len(text))):
-            if _OPERATOR.search(match.group()):
-                found.append(match)
-    return found
+def _equations(text: str) -> list[arithmetic.Equation]:
+    """The plain arithmetic equations in `text` (see arithmetic.py for what counts)."""
+    return arithmetic.find_equations(text)
 
 
 def drop_incorrect_arithmetic(key: str, rel_tol: float) -> Callable[[dict], dict | None]:
+    """Drop a row with a wrong equation; equations not parsed exactly (see arithmetic.py) are never held against it."""
+
     def fn(row: dict) -> dict | None:
-        for match in _equations(row[key]):
-            if arithmetic.equation_is_correct(match.group(), rel_tol) is False:
+        text = row[key]
+        for eq in _equations(text):
+            if arithmetic.equation_is_correct(text[eq.start : eq.end], rel_tol) is False:
                 return None
         return row
 
@@ -180,15 +153,19 @@ def drop_incorrect_arithmetic(key: str, rel_tol: float) -> Callable[[dict], dict
 
 
 def split_arithmetic(key: str) -> Callable[[dict], dict | None]:
+    """Replace each correct equation by its step-by-step expansion; all other text stays byte for byte.
+
+    Only an equation written alone ("x = 1 + 2 + 3 = 6") is expanded: a chain the author already wrote in steps
+    ("AB^2 = 36 + 25 + 30 = 91") is left as it is, as NeMo-Skills' SplitArithmetic does.
+    """
+
     def fn(row: dict) -> dict:
         text, pieces, last = row[key], [], 0
-        for match in _equations(text):
-            expanded = arithmetic.split_equation(match.group())
+        for eq in _equations(text):
+            expanded = arithmetic.split_equation(text[eq.start : eq.end]) if eq.alone else None
             if expanded is not None:
-                lead = match.group()[: len(match.group()) - len(match.group().lstrip())]
-                pieces.append(text[last : match.start()] + lead)
-                pieces.append(expanded)
-                last = match.end()
+                pieces += [text[last : eq.start], expanded]
+                last = eq.end
         if pieces:
             row[key] = "".join(pieces) + text[last:]
         return row

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -16,8 +17,6 @@ import re
 import time
 from collections import defaultdict
 from pathlib import Path
-
-import orjson
 
 from sftflow.errors import SftflowError
 from sftflow.io import atomic_path, check_input_file, iter_jsonl, parse_json_object, write_json
@@ -111,11 +110,12 @@ class Preparer:
         if cfg.get("tokenizer"):
             self.tokenizer = load_tokenizer(cfg["tokenizer"], cfg.get("chat_template"))
         self.formatter = Formatter(
-            load_prompt_config(cfg["prompt_config"]),
+            load_prompt_config(cfg["prompt_config"], self.input_key),
             self.tokenizer,
             system_message=cfg["system_message"],
             chat_template_kwargs=cfg["chat_template_kwargs"],
             output_format=cfg["output_format"],
+            assistant_end=cfg["assistant_end"],
         )
         self._build_filters()
 
@@ -154,7 +154,7 @@ class Preparer:
         if on["remove_no_code"]:
             add("remove_no_code", F.drop_unless_contains_all(key, (cfg["code_begin"], cfg["code_end"])))
         if on["remove_no_think_tags"]:
-            add("remove_no_think_tags", F.drop_unless_contains_all(key, F.THINK_TAGS))
+            add("remove_no_think_tags", F.drop_unless_contains_all(key, (F.THINK_END,)))
         if on["remove_verification_code"]:
             add("remove_verification_code", F.drop_if_contains(key, F.VERIFICATION_MARKERS))
         if on["majority_filter"]:
@@ -215,8 +215,9 @@ class Preparer:
                 yield info, str(path), batch
 
     # ----------------------------------------------------------------- per-chunk work (worker processes)
-    def process_chunk(self, path: str, batch: list[tuple[int, bytes]], for_spool: bool) -> dict:
-        """Parse, validate, select and filter one batch of lines; return kept rows as (digest, problem, bytes) + counters."""
+    def process_chunk(self, path: str, batch: list[tuple[int, bytes]]) -> dict:
+        """Parse, validate, select, filter and format one batch of lines; return the kept rows as
+        (digest, problem, record bytes, has code) and the counters."""
         cfg = self.cfg
         wanted = {"correct": cfg["add_correct"], "incorrect": cfg["add_incorrect"], "unlabeled": cfg["add_unlabeled"]}
         result = {"selection": dict.fromkeys(SELECTION_KEYS, 0), "invalid": [], "rows": []}
@@ -244,8 +245,11 @@ class Preparer:
             digest = hashlib.blake2b(
                 row[self.input_key].encode() + b"\x00" + row[self.output_key].encode(), digest_size=16
             ).digest()
-            payload = orjson.dumps(row) if for_spool else orjson.dumps(self.to_record(row)) + b"\n"
-            result["rows"].append((digest, row[self.input_key] if for_spool else None, payload))
+            has_code = self.cfg["code_begin"] in row[self.output_key]  # for code_text_filter
+            problem = row[self.input_key]
+            # json.dumps, as NeMo-Skills writes its rows: the same settings give a byte-identical file
+            record = json.dumps(self.to_record(row)).encode("ascii") + b"\n"
+            result["rows"].append((digest, problem, record, has_code))
         result["filters"] = [stage.take_counts() for stage in self.filters]
         result["length"] = []
         for st in self.length_stages:  # counts since the last chunk, then reset (as RowFilter.take_counts)
@@ -310,7 +314,8 @@ class Preparer:
             counts = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
             kept = []
             for row, n, text in zip(rows, counts, texts):
-                short_len = len(text) if self.cfg["use_chars_for_min_length"] else n
+                chars = self.cfg["use_chars_for_min_length"] and stage["stage"] == "remove_len_outlier_solutions"
+                short_len = len(text) if chars else n  # NeMo-Skills: characters only for the solutions' minimum
                 if stage["min"] is not None and short_len < stage["min"]:
                     stage["dropped_too_short"] += 1
                 elif stage["max"] is not None and n > stage["max"]:
@@ -324,32 +329,32 @@ class Preparer:
     def to_record(self, row: dict) -> dict:
         where = row.pop("__where")
         solution = row[self.output_key]
+        reasoning = row.get("reasoning_content")
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise SftflowError(f"{where}: field 'reasoning_content' should be a string, got {type(reasoning).__name__}")
         # Bundled prompt configs say {problem}; with another input_key that field still fills it.
         fields = row if "problem" in row else {**row, "problem": row[self.input_key]}
-        record = self.formatter.record(fields, solution, where + ": ")
-        if self.cfg["exclude_optional_keys"]:
-            if "expected_answer" in row:
-                record["expected_answer"] = row["expected_answer"]
-        else:
+        formatted = self.formatter.record(fields, solution, where + ": ", reasoning or None)
+        # NeMo-Skills' key order and types: expected_answer (always a string) first, then input and output.
+        record = {}
+        if "expected_answer" in row:
+            record["expected_answer"] = str(row["expected_answer"])
+        record.update(formatted)
+        if not self.cfg["exclude_optional_keys"]:
             for k, v in row.items():
                 record.setdefault(k, v)
         if self.cfg["metadata"]:
             record.update(self.cfg["metadata"])
         return record
 
-    def needs_reordering(self) -> bool:
-        return bool(
-            self.cfg["do_shuffle"] or self.cfg["downsampling_method"] or self.cfg["filters"]["code_text_filter"]
-        )
-
-    def _results(self, files: list[Path], for_spool: bool):
+    def _results(self, files: list[Path]):
         """Chunk results in input order, computed in worker processes when there is enough work."""
         workers = self.cfg["num_workers"] or min(os.cpu_count() or 1, 8)
         chunks = self.raw_chunks(files)
         total_bytes = sum(p.stat().st_size for p in files if p.is_file())
         if workers <= 1 or total_bytes < PARALLEL_MIN_BYTES:
             for info, path, batch in chunks:
-                yield info, self.process_chunk(path, batch, for_spool)
+                yield info, self.process_chunk(path, batch)
             return
         global _WORKER
         _WORKER = self  # inherited by the forked workers: filters, tokenizer and formatter are set up once
@@ -359,21 +364,22 @@ class Preparer:
         def tasks():
             for info, path, batch in chunks:
                 infos.append(info)
-                yield path, batch, for_spool
+                yield path, batch
 
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             for i, result in enumerate(pool.imap(_work_in_worker, tasks(), chunksize=1)):
                 yield infos[i], result
 
-    def filtered_rows(self, files: list[Path], for_spool: bool):
-        """(problem, payload bytes) of every surviving row, deduplicated, with every counter merged into the stats."""
+    def filtered_rows(self, files: list[Path]):
+        """(problem, record bytes, has code) of every surviving row, deduplicated, with every counter merged into
+        the stats."""
         dedup = self.stats["deduplicate"] = {"stage": "deduplicate", "rows_in": 0, "dropped": 0}
         sel = self.stats["selection"] = dict.fromkeys(SELECTION_KEYS, 0)
         inv = self.stats["invalid_rows"]
         length_totals = [dict.fromkeys(LENGTH_COUNTERS, 0) for _ in self.length_stages]
         self.stats["_length_totals"] = length_totals
         seen: set[bytes] = set()
-        for info, result in self._results(files, for_spool):
+        for info, result in self._results(files):
             for k, v in result["selection"].items():
                 sel[k] += v
             info["invalid"] += len(result["invalid"])
@@ -384,14 +390,14 @@ class Preparer:
             for total, counts in zip(length_totals, result["length"]):
                 for k, v in counts.items():
                     total[k] += v
-            for digest, problem, payload in result["rows"]:
+            for digest, problem, payload, has_code in result["rows"]:
                 if self.cfg["deduplicate"]:
                     dedup["rows_in"] += 1
                     if digest in seen:
                         dedup["dropped"] += 1
                         continue
                     seen.add(digest)
-                yield problem, payload
+                yield problem, payload, has_code
 
     def run(self, output_path: str | Path) -> dict:
         start = time.time()
@@ -399,13 +405,7 @@ class Preparer:
         LOG.info("reading %d file(s): %s", len(files), ", ".join(map(str, files)))
         written = 0
         with atomic_path(output_path) as tmp:
-            if not self.needs_reordering():
-                with open(tmp, "wb") as out:
-                    for _, payload in self.filtered_rows(files, for_spool=False):
-                        out.write(payload)
-                        written += 1
-            else:
-                written = self._write_reordered(self.filtered_rows(files, for_spool=True), tmp)
+            written = self._write_reordered(self.filtered_rows(files), tmp)
             self.stats["rows_written"] = written
             self._finish_stats(files, start, output_path)
             if written == 0:
@@ -419,81 +419,74 @@ class Preparer:
         return self.stats
 
     def _write_reordered(self, rows, tmp: Path) -> int:
-        """Spool surviving rows to disk, reorder an index of (offset, length, problem), then write in order."""
+        """Spool the formatted records to disk with an index of (offset, length, problem, has code), order the
+        index (_reorder), then copy the records in that order."""
         spool_path = tmp.with_name(tmp.name + ".spool")
-        index: list[tuple[int, int, int]] = []
+        index: list[tuple[int, int, int, bool]] = []
         problem_ids: dict[str, int] = {}
         try:
             with open(spool_path, "wb") as spool:
                 offset = 0
-                for problem, data in rows:
+                for problem, data, has_code in rows:
                     pid = problem_ids.setdefault(problem, len(problem_ids))
-                    index.append((offset, len(data), pid))
+                    index.append((offset, len(data), pid, has_code))
                     spool.write(data)
                     offset += len(data)
-            order = self._reorder(index, spool_path)
+            problem_ids.clear()
+            order = self._reorder(index)
             with open(spool_path, "rb") as spool, open(tmp, "wb") as out:
-                for off, length, _ in order:
+                for off, length, _, _ in order:
                     spool.seek(off)
-                    out.write(orjson.dumps(self.to_record(orjson.loads(spool.read(length)))) + b"\n")
+                    out.write(spool.read(length))
             return len(order)
         finally:
             spool_path.unlink(missing_ok=True)
 
-    def _reorder(self, index: list, spool_path: Path) -> list:
+    def _reorder(self, index: list) -> list:
+        """NeMo-Skills' order (GroupSamples, then ShuffleAndDownsampleData with its seeded `random`): the rows
+        grouped by problem (problems in order of first appearance, each problem's rows in file order), the
+        code/text choice per problem, downsampling, then one shuffle of the whole list."""
         cfg = self.cfg
-        rng = random.Random(cfg["random_seed"])
+        groups: dict[int, list] = defaultdict(list)
+        for entry in index:  # index is in file order; dicts keep the problems' first-appearance order
+            groups[entry[2]].append(entry)
         mode = cfg["filters"]["code_text_filter"]
         if mode:
             stage = {"stage": "code_text_filter", "mode": mode, "rows_in": len(index), "dropped": 0}
-            groups = defaultdict(list)
-            for entry in index:
-                groups[entry[2]].append(entry)
-            kept = []
-            with open(spool_path, "rb") as spool:
-                for entries in groups.values():
-                    samples = []
-                    for off, length, pid in entries:
-                        spool.seek(off)
-                        samples.append(
-                            {
-                                self.output_key: orjson.loads(spool.read(length))[self.output_key],
-                                "__entry": (off, length, pid),
-                            }
-                        )
-                    chosen = F.code_text_choice(samples, self.output_key, cfg["code_begin"], mode)
-                    kept.extend(s["__entry"] for s in chosen)
-            kept.sort()
-            stage["dropped"] = len(index) - len(kept)
+            for pid, entries in groups.items():
+                samples = [{"solution": cfg["code_begin"] if e[3] else "", "__entry": e} for e in entries]
+                groups[pid] = [s["__entry"] for s in F.code_text_choice(samples, "solution", cfg["code_begin"], mode)]
+            stage["dropped"] = len(index) - sum(map(len, groups.values()))
             self.stats["code_text_filter"] = stage
-            index = kept
+        grouped = [entry for entries in groups.values() for entry in entries]
+        rng = random.Random(cfg["random_seed"])  # as random.seed(random_seed) before NeMo-Skills' shuffle
         method, n = cfg["downsampling_method"], cfg["num_output_samples"]
         if method:
-            stage = {"stage": f"downsampling_{method}", "rows_in": len(index), "num_output_samples": n}
+            stage = {"stage": f"downsampling_{method}", "rows_in": len(grouped), "num_output_samples": n}
             if method == "random":
-                index = rng.sample(index, n) if n < len(index) else list(index)
-            else:
-                groups = defaultdict(list)
-                for entry in index:
-                    groups[entry[2]].append(entry)
-                queues = list(groups.values())
-                rng.shuffle(queues)
-                for q in queues:
-                    rng.shuffle(q)
+                if cfg["do_shuffle"]:
+                    rng.shuffle(grouped)
+                grouped = grouped[:n]
+            elif len(grouped) > n:  # fair: round robin over the problems, each one's solutions in file order
+                queues = [entries for entries in groups.values() if entries]
                 picked, depth = [], 0
-                while len(picked) < n and any(depth < len(q) for q in queues):
-                    picked.extend(q[depth] for q in queues if depth < len(q))
+                while len(picked) < n:
+                    for entries in queues:
+                        if len(picked) == n:
+                            break
+                        if depth < len(entries):
+                            picked.append(entries[depth])
                     depth += 1
-                index = picked[:n]
-            if len(index) < n:
-                stage["note"] = f"only {len(index)} rows available, fewer than num_output_samples"
-            stage["dropped"] = stage["rows_in"] - len(index)
+                grouped = picked
+            if len(grouped) < n:
+                stage["note"] = f"only {len(grouped)} rows available, fewer than num_output_samples"
+            stage["dropped"] = stage["rows_in"] - len(grouped)
             self.stats["downsampling"] = stage
+            if method == "random":
+                return grouped
         if cfg["do_shuffle"]:
-            rng.shuffle(index)
-        else:
-            index.sort()
-        return index
+            rng.shuffle(grouped)
+        return grouped
 
     def _finish_stats(self, files, start, output_path) -> None:
         s = self.stats

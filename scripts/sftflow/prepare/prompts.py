@@ -42,8 +42,14 @@ def available() -> list[str]:
     return sorted(str(p.relative_to(PROMPTS_DIR).with_suffix("")) for p in PROMPTS_DIR.rglob("*.yaml"))
 
 
-def load_prompt_config(name_or_path: str) -> PromptConfig:
-    """Load a bundled prompt config by name (e.g. 'generic/math') or the user's own YAML by path."""
+def load_prompt_config(name_or_path: str | None, input_key: str = "problem") -> PromptConfig:
+    """Load a bundled prompt config by name (e.g. 'generic/math') or the user's own YAML by path.
+
+    None (the default, as in NeMo-Skills' math_sft.yaml) is the bare problem: the user message is the row's
+    `input_key` field, with no system message and no instruction.
+    """
+    if name_or_path is None:
+        return PromptConfig(name="none (the bare problem)", system="", user="{" + input_key + "}")
     path = Path(name_or_path)
     if not path.is_file():
         path = PROMPTS_DIR / f"{name_or_path}.yaml"
