@@ -150,8 +150,8 @@ def validate_sections(config: dict) -> dict:
 # another experiment: resuming it would mix the two (and leave its steps standing as this run's). Keys that
 # may change between chained jobs are not here: max_num_steps / max_num_epochs / num_training_jobs (training
 # continues, the schedule is stretched and logged), wall time, save / log / validation periods, micro-batch
-# size and activation checkpointing (same maths); the parallel layout, the packed data and the base model
-# are checked on their own when a job resumes.
+# size, activation checkpointing and loss_chunk_tokens (same maths); the parallel layout, the packed data and
+# the base model are checked on their own when a job resumes.
 RESULT_KEYS = (
     "backend",
     "train_global_batch_size",

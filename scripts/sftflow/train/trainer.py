@@ -24,6 +24,7 @@ import math
 import os
 import random
 import time
+import types
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 from sftflow.errors import SftflowError
 from sftflow.io import write_json
@@ -73,6 +76,83 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(
         logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+# training.loss_chunk_tokens: null chunks the loss when a micro-batch's fp32 logits would exceed this many
+# bytes, in chunks of at most this many bytes of fp32 logits.
+LOGITS_BUDGET_BYTES = 256 * 2**20
+# Model config keys of a transform between lm_head and the logits (Gemma's softcapping, Cohere's and Granite's
+# scaling) that the chunked loss does not reproduce; it only computes lm_head(final hidden states).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+CHUNKED_LOSS_METHOD = "sftflow_chunked_loss_sum"
+
+
+def loss_chunk_size(setting: int | None, num_tokens: int, vocab_size: int) -> int:
+    """Tokens per loss chunk for a micro-batch of `num_tokens` (0: compute the logits in one piece).
+
+    `setting` is training.loss_chunk_tokens: a positive number is the chunk size, 0 never chunks, and None
+    chunks when the micro-batch's fp32 logits would exceed LOGITS_BUDGET_BYTES, in the largest chunks
+    within that budget (e.g. 8,192 tokens x 151,936 vocabulary: 4.6 GiB of logits -> chunks of 441 tokens).
+    """
+    if setting is not None:
+        return int(setting)
+    if num_tokens * vocab_size * 4 <= LOGITS_BUDGET_BYTES:
+        return 0
+    return max(1, LOGITS_BUDGET_BYTES // (4 * vocab_size))
+
+
+def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return token_loss_sum(head(hidden), targets)
+
+
+def chunked_token_loss_sum(
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk_tokens: int
+) -> torch.Tensor:
+    """token_loss_sum(head(hidden), targets), computed `chunk_tokens` tokens at a time.
+
+    With gradients each chunk runs under activation checkpointing: its logits (and their fp32 copy) are
+    dropped after the chunk's loss and recomputed, chunk by chunk, in the backward pass, so only one
+    chunk's [chunk_tokens, vocab] logits exist at once. `head` is called as a module (its hooks run).
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    total = None
+    for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
+        part = checkpoint(_chunk_loss_sum, head, h, t, use_reentrant=False) if grad else _chunk_loss_sum(head, h, t)
+        total = part if total is None else total + part
+    return total
+
+
+def _chunked_loss_forward(model: torch.nn.Module, inputs: dict, targets: torch.Tensor, chunk_tokens: int):
+    """What model(**inputs).logits feeds into token_loss_sum, without the full logits: the decoder's final
+    (normed) hidden states, then lm_head chunk by chunk."""
+    hidden = model.get_decoder()(**inputs).last_hidden_state
+    return chunked_token_loss_sum(hidden, targets, model.get_output_embeddings(), chunk_tokens)
+
+
+def chunked_loss_unsupported(model: torch.nn.Module) -> str | None:
+    """Why the chunked loss cannot stand in for the model's own logits, or None when it can."""
+    config = getattr(model, "config", None)
+    for key in _LOGIT_TRANSFORMS:
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            return f"the model transforms its logits after lm_head (config {key}={getattr(config, key)})"
+    if not callable(getattr(model, "get_decoder", None)) or model.get_output_embeddings() is None:
+        return f"model class {type(model).__name__} has no decoder / output embeddings to call separately"
+    return None
+
+
+def attach_chunked_loss(model: torch.nn.Module) -> None:
+    """Give `model` the method CHUNKED_LOSS_METHOD(inputs, targets, chunk_tokens) -> loss sum.
+
+    With FSDP2 the root unit (embeddings, final norm, lm_head; tied or not) holds sharded parameters that
+    its forward hooks gather: registering the method as an FSDP forward method runs those hooks around it
+    (as around forward), so the decoder and every lm_head chunk see the gathered weights, the root stays
+    gathered into the backward pass (FSDP keeps the root unsharded after forward), and the gradients are
+    reduce-scattered at the end of the backward pass as after a plain forward. Without FSDP it is a method.
+    """
+    setattr(model, CHUNKED_LOSS_METHOD, types.MethodType(_chunked_loss_forward, model))
+    register_fsdp_forward_method(model, CHUNKED_LOSS_METHOD)
 
 
 def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None) -> float:
@@ -267,10 +347,31 @@ class FsdpEngine:
             eps=tcfg["adam_eps"],
         )
         self.num_params = count_parameters(self.model)
+        self.loss_chunk_tokens = tcfg.get("loss_chunk_tokens")
+        self.vocab_size = self.model.get_output_embeddings().out_features
+        unsupported = chunked_loss_unsupported(self.model)
+        if parallel.tp > 1:  # lm_head's output is sharded over the TP ranks there; not built for that yet
+            unsupported = "not with tensor parallelism (training.tensor_model_parallel_size > 1) yet"
+        if unsupported and self.loss_chunk_tokens:
+            raise SftflowError(f"config key 'training.loss_chunk_tokens' ({self.loss_chunk_tokens}): {unsupported}")
+        if unsupported:
+            self.loss_chunk_tokens = 0
+        else:
+            attach_chunked_loss(self.model)
         self.checkpointer = Checkpointer(spec.checkpoint_dir, parallel)
 
     def meta(self) -> dict:
         return {"backend": "fsdp", "tensor_model_parallel_size": self.parallel.tp}
+
+    def loss_sum(self, batch: dict) -> torch.Tensor:
+        """Sum of the token losses of one collated micro-batch: the model's full logits, or chunked
+        (training.loss_chunk_tokens) so that only one chunk's logits exist at a time."""
+        device = self.parallel.device
+        inputs, targets = model_inputs(batch, device), batch["targets"].to(device)
+        chunk = loss_chunk_size(self.loss_chunk_tokens, targets.numel(), self.vocab_size)
+        if chunk <= 0:
+            return token_loss_sum(self.model(**inputs).logits, targets)
+        return getattr(self.model, CHUNKED_LOSS_METHOD)(inputs, targets, chunk)
 
     def train_step(self, micro_bins: list[list[dict]]) -> tuple[float, float, float]:
         """One optimizer step over this rank's micro-batches; returns (mean token loss, loss tokens, grad norm)."""
@@ -281,11 +382,10 @@ class FsdpEngine:
         global_count = self.parallel.dp_sum(sum(b["num_loss_tokens"] for b in batches))
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per micro-batch
         for batch in batches:
-            logits = self.model(**model_inputs(batch, device)).logits
-            micro_loss = token_loss_sum(logits, batch["targets"].to(device))
+            micro_loss = self.loss_sum(batch)
             (micro_loss / max(global_count, 1.0)).backward()
             loss_sum += micro_loss.detach().double()
-            del logits, micro_loss
+            del micro_loss
         grad_norm = clip_grad_norm(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -295,14 +395,12 @@ class FsdpEngine:
         """Mean token loss over every bin of `dataset` (each dp rank takes a stride of the bins)."""
         from sftflow.packing import collate_bins
 
-        device = self.parallel.device
         loss_sum, count = 0.0, 0
         self.model.eval()
         with torch.no_grad():
             for bins in eval_micro_batches(dataset, self.parallel, micro_batch):
                 batch = collate_bins(bins, self.seq_len, self.pad_id)
-                logits = self.model(**model_inputs(batch, device)).logits
-                loss_sum += float(token_loss_sum(logits, batch["targets"].to(device)))
+                loss_sum += float(self.loss_sum(batch))
                 count += batch["num_loss_tokens"]
         self.model.train()
         total_count = int(self.parallel.dp_sum(count))

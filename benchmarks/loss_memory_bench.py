@@ -1,0 +1,100 @@
+"""Peak CPU memory of the loss part of a training step (lm_head + cross-entropy, forward and backward), chunked
+(training.loss_chunk_tokens) vs the full logits: `python benchmarks/loss_memory_bench.py [--tokens 8192]`.
+
+Each variant runs in its own subprocess, on the same random final hidden states ([tokens, hidden], requiring
+grad) and targets (a quarter ignored, as prompt tokens are), through the trainer's own functions
+(token_loss_sum / chunked_token_loss_sum). A variant's peak is its process's peak RSS (getrusage ru_maxrss)
+minus the peak after setup (imports, weights, inputs); both variants and their loss and gradient norms
+are printed as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+MIB = 2**20
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def run_variant(args) -> dict:
+    import torch
+
+    from sftflow.train.trainer import chunked_token_loss_sum, loss_chunk_size, token_loss_sum
+
+    torch.manual_seed(args.seed)
+    head = torch.nn.Linear(args.hidden, args.vocab, bias=False)
+    hidden = torch.randn(args.tokens, args.hidden, requires_grad=True)
+    targets = torch.randint(0, args.vocab, (args.tokens,))
+    targets[torch.rand(args.tokens) < 0.25] = -100
+    chunk = loss_chunk_size(None if args.chunk is None else args.chunk, args.tokens, args.vocab)
+    if args.variant == "full":
+        chunk = 0
+    baseline = _peak_rss()
+    start = time.perf_counter()
+    if chunk:
+        loss = chunked_token_loss_sum(hidden, targets, head, chunk)
+    else:
+        loss = token_loss_sum(head(hidden), targets)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    return {
+        "variant": args.variant,
+        "chunk_tokens": chunk,
+        "peak_mib": round((_peak_rss() - baseline) / MIB, 1),
+        "seconds": round(seconds, 2),
+        "loss": float(loss),
+        "hidden_grad_norm": float(hidden.grad.norm()),
+        "weight_grad_norm": float(head.weight.grad.norm()),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch")
+    p.add_argument("--vocab", type=int, default=151_936, help="vocabulary size (Qwen2/3: 151,936)")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size")
+    p.add_argument("--chunk", type=int, default=None, help="training.loss_chunk_tokens (default: null, automatic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", choices=["full", "chunked"], help=argparse.SUPPRESS)  # one subprocess's part
+    args = p.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+
+    results = {}
+    for variant in ("chunked", "full"):
+        cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    chunked, full = results["chunked"], results["full"]
+    fp32_logits_mib = args.tokens * args.vocab * 4 / MIB
+    print(
+        json.dumps(
+            {
+                "tokens": args.tokens,
+                "vocab": args.vocab,
+                "hidden": args.hidden,
+                "fp32_logits_mib": round(fp32_logits_mib, 1),
+                "chunked": chunked,
+                "full": full,
+                "peak_ratio_full_over_chunked": round(full["peak_mib"] / max(chunked["peak_mib"], 1e-9), 1),
+                "loss_rel_diff": abs(chunked["loss"] - full["loss"]) / abs(full["loss"]),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
