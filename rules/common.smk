@@ -283,16 +283,32 @@ def train_runtime_minutes():
     return max(1, ceil(parse_time_limit(limit) / 60))
 
 
+def gpu_job_threads(gpus_per_node):
+    """CPU cores per node of a training or evaluation job (slurm.cpus_per_gpu per process). Also the rule's
+    threads: Snakemake caps them at --cores when it runs the job locally and sets OMP_NUM_THREADS to them
+    (a rule without threads gets OMP_NUM_THREADS=1, which ran CPU training on one core).
+    """
+    return config["slurm"]["cpus_per_gpu"] * max(gpus_per_node, 1)
+
+
+def train_threads():
+    return gpu_job_threads(config["training"]["num_gpus"])
+
+
+def eval_threads():
+    e = config["eval"]
+    return gpu_job_threads(e["server_gpus"] if e["server_type"] != "openai" else 0)
+
+
 def _gpu_job_resources(nodes, gpus_per_node, runtime):
     s = config["slurm"]
     use_gpus = s["gpus"] and gpus_per_node > 0
-    per_node = max(gpus_per_node, 1)
     res = {
         "nodes": nodes,
         "runtime": runtime,
-        "mem_mb": s["mem_mb_per_gpu"] * per_node,
-        "cpus_per_task": s["cpus_per_gpu"]
-        * per_node,  # one task per node runs all its processes
+        "mem_mb": s["mem_mb_per_gpu"] * max(gpus_per_node, 1),
+        # one task per node runs all its processes
+        "cpus_per_task": gpu_job_threads(gpus_per_node),
         **_slurm_placement(use_gpus),
     }
     if use_gpus:

@@ -44,6 +44,7 @@ rule generate:
         out("benchmarks_time", "generate_{model}_{benchmark}.tsv")
     conda:
         "../envs/eval.yaml"
+    threads: eval_threads()
     resources:
         **eval_resources(),
     params:

@@ -75,6 +75,7 @@ rule train_job:
         out("benchmarks_time", "train_job{job}.tsv")
     conda:
         "../envs/train.yaml"
+    threads: train_threads()
     resources:
         **train_resources(),
     params:

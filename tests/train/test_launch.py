@@ -18,6 +18,7 @@ from sftflow.train.cli import (
     launch_main,
     load_train_config,
     planned_command,
+    worker_environment,
 )
 from sftflow.train.config import validate_sections
 
@@ -51,7 +52,7 @@ def test_single_node_is_plain_torchrun_and_multi_node_is_srun_with_placeholders(
     training = {"num_nodes": 1, "num_gpus": 2}
     cmd = planned_command("py", "scripts/train.py", training, ["--packed", "my data"], "d.done", "t.log")
     assert cmd[: cmd.index("--") + 1] == [
-        "py", "scripts/train.py", "launch", "--num-nodes", "1", "--master-port", "29500",
+        "py", "scripts/train.py", "launch", "--num-nodes", "1", "--master-port", "29500", "--procs-per-node", "2",
         "--done-file", "d.done", "--log", "t.log", "--",
     ]  # fmt: skip
     assert cmd[cmd.index("--") + 1 :] == [
@@ -150,3 +151,24 @@ def test_a_failed_training_names_the_ranks_error_not_only_the_log(tmp_path, caps
     )
     assert launch_main(["--done-file", str(done), "--log", str(log), "--", sys.executable, "-c", oom]) == 1
     assert "training failed (exit code 1): torch.OutOfMemoryError: CUDA out of memory." in capsys.readouterr().err
+
+
+def test_the_jobs_threads_are_shared_among_the_processes_of_a_node(tmp_path, monkeypatch):
+    """Snakemake sets OMP_NUM_THREADS to the rule's threads (the whole job's cores); each of a node's training
+    processes gets its share, never less than one, and other variables pass through."""
+    env = {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8", "PATH": "/bin"}
+    assert worker_environment(env, 4) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "PATH": "/bin"}
+    assert worker_environment(env, 1) == env
+    assert worker_environment({"OMP_NUM_THREADS": "2"}, 8) == {"OMP_NUM_THREADS": "1"}
+    assert worker_environment({}, 8) == {}  # unset: torchrun's own default applies
+    # and the launcher hands that environment to the command it runs
+    log, done = tmp_path / "l.log", tmp_path / "job0.done"
+    seen = tmp_path / "threads.txt"
+    code = (
+        f"import os, pathlib; pathlib.Path({str(seen)!r}).write_text(os.environ['OMP_NUM_THREADS']); "
+        f"pathlib.Path({str(done)!r}).write_text('{{\"complete\": true}}')"
+    )
+    argv = ["--procs-per-node", "2", "--done-file", str(done), "--log", str(log), "--", sys.executable, "-c", code]
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    assert launch_main(argv) == 0
+    assert seen.read_text() == "3"

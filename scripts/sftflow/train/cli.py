@@ -229,6 +229,7 @@ def planned_command(
     else:
         run = srun_torchrun_command(train_script, nnodes, training["num_gpus"], worker_args, python)
     launcher = [python, str(train_script), "launch", "--num-nodes", str(nnodes), "--master-port", str(master_port)]
+    launcher += ["--procs-per-node", str(max(training["num_gpus"], 1))]
     return [*launcher, "--done-file", str(done_file), "--log", str(log_file), "--", *run]
 
 
@@ -286,6 +287,9 @@ def launch_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, default=29500, help="rendezvous port base (+ job id %% 1000)")
     p.add_argument("--done-file", required=True, help="the job's done-file (written by the training ranks)")
     p.add_argument("--log", default=None, help="log file; the training processes' output is appended to it")
+    p.add_argument(
+        "--procs-per-node", type=int, default=1, help="training processes per node (they share OMP_NUM_THREADS)"
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the srun/torchrun command")
     return p
 
@@ -309,7 +313,12 @@ def launch_main(argv: list[str] | None = None) -> int:
     log = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115
     ranks_start = log.tell() if log else 0
     try:
-        rc = subprocess.run(command, stdout=log or None, stderr=subprocess.STDOUT if log else None).returncode
+        rc = subprocess.run(
+            command,
+            stdout=log or None,
+            stderr=subprocess.STDOUT if log else None,
+            env=worker_environment(os.environ, args.procs_per_node),
+        ).returncode
     finally:
         if log:
             log.close()
@@ -328,6 +337,20 @@ def launch_main(argv: list[str] | None = None) -> int:
         LOG.error("%s", unfinished)
         return 3
     return 0
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def worker_environment(env, procs_per_node: int) -> dict[str, str]:
+    """The training processes' environment: the job's threads (Snakemake sets OMP_NUM_THREADS & co. to the
+    rule's threads, i.e. the cores of the whole job) shared among the processes of a node, so that they do
+    not oversubscribe the cores; torchrun keeps a value that is already set."""
+    env = dict(env)
+    for name in THREAD_VARIABLES:
+        if env.get(name, "").isdigit() and procs_per_node > 1:
+            env[name] = str(max(1, int(env[name]) // procs_per_node))
+    return env
 
 
 _LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\w+) ([\w.]+): (.*)$")
