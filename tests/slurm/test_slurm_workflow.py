@@ -273,10 +273,10 @@ def test_wall_time_stops_saves_resumes_and_ends_with_uninterrupted_weights(slurm
     for job in train_jobs:
         assert job["State"] == "COMPLETED" and job["Timelimit"] == "00:01:00", job
 
-    # The same config, uninterrupted (one local job, no wall time) for exactly that many steps, ends with the
-    # same weights.
+    # The same config, uninterrupted (one local job, no wall time) for exactly that many steps and on as many
+    # cores (slurm.cpus_per_gpu also sets a local job's threads), ends with the same weights.
     local = copy_workflow(tmp_path / "local")
-    (local / "c.yaml").write_text(endless_training(num_training_jobs="1", max_num_steps=str(stops[1])))
+    (local / "c.yaml").write_text(endless_training(num_training_jobs="1", max_num_steps=str(stops[1])) + SLURM)
     result = snakemake(
         "--cores", "2", "results/checkpoints/job0.done", "--configfile", "config/config.yaml", "c.yaml", cwd=local
     )
