@@ -38,7 +38,9 @@ def test_example_plans_8_nodes_x_8_gpus_chained_jobs_and_vllm_eval(workdir):  # 
     launches = re.findall(r"scripts/train\.py launch (.*)", text)
     assert len(launches) == 4
     for i, line in enumerate(launches):
-        assert line.startswith(f"--num-nodes 8 --master-port 29500 --done-file {OUT}/checkpoints/job{i}.done")
+        assert line.startswith(
+            f"--num-nodes 8 --master-port 29500 --procs-per-node 8 --done-file {OUT}/checkpoints/job{i}.done"
+        )
         assert " -- srun --nodes=8 --ntasks=8 --ntasks-per-node=1 --kill-on-bad-exit=1 " in line
         assert (
             " -m torch.distributed.run --nnodes=8 --nproc-per-node=8 --rdzv-backend=c10d "
