@@ -1,9 +1,13 @@
 """Peak CPU memory of the loss part of a training step (lm_head + cross-entropy, forward and backward), chunked
-(training.loss_chunk_tokens) vs the full logits: `python benchmarks/loss_memory_bench.py [--tokens 8192]`.
+(training.loss_chunk_tokens) vs the full logits:
+`python benchmarks/loss_memory_bench.py [--tokens 8192] [--backend fsdp|megatron]`.
 
 Each variant runs in its own subprocess, on the same random final hidden states ([tokens, hidden], requiring
-grad) and targets (a quarter ignored, as prompt tokens are), through the trainer's own functions
-(token_loss_sum / chunked_token_loss_sum). A variant's peak is its process's peak RSS (getrusage ru_maxrss)
+grad) and targets (a quarter ignored, as prompt tokens are), through the backend's own functions: fsdp,
+the trainer's token_loss_sum / chunked_token_loss_sum over an nn.Linear head; megatron,
+sftflow.megatron.loss.OutputLayerLoss over megatron-core's ColumnParallelLinear output layer (as GPTModel
+builds it) and its vocab-parallel cross-entropy, on a one-rank gloo world through the tests' CUDA -> CPU
+shim (tests/megatron_backend/cpu_shim.py). A variant's peak is its process's peak RSS (getrusage ru_maxrss)
 minus the peak after setup (imports, weights, inputs); both variants and their loss and gradient norms
 are printed as JSON.
 """
@@ -18,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "scripts"), str(REPO)]
 
 MIB = 2**20
 
@@ -28,6 +33,8 @@ def _peak_rss() -> int:
 
 
 def run_variant(args) -> dict:
+    if args.backend == "megatron":
+        return run_megatron_variant(args)
     import torch
 
     from sftflow.train.trainer import chunked_token_loss_sum, loss_chunk_size, token_loss_sum
@@ -59,6 +66,63 @@ def run_variant(args) -> dict:
     }
 
 
+def run_megatron_variant(args) -> dict:
+    import tempfile
+
+    from tests.megatron_backend import cpu_shim
+
+    cpu_shim.install()
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from sftflow.megatron.hf_config import padded_vocab_size
+    from sftflow.megatron.loss import OutputLayerLoss
+
+    store = Path(tempfile.mkdtemp()) / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    torch.manual_seed(args.seed)
+    config = TransformerConfig(num_layers=1, hidden_size=args.hidden, num_attention_heads=1,
+                               use_cpu_initialization=True)  # fmt: skip
+    layer = tensor_parallel.ColumnParallelLinear(
+        args.hidden, padded_vocab_size(args.vocab, 1), config=config, bias=False, gather_output=False,
+        init_method=lambda w: torch.nn.init.normal_(w, std=args.hidden**-0.5),
+    )  # fmt: skip
+
+    class LastStage(torch.nn.Module):  # what OutputLayerLoss reads of GPTModel: its (untied) output layer
+        share_embeddings_and_output_weights = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.output_layer = layer
+
+    setting = 0 if args.variant == "full" else args.chunk
+    loss_of = OutputLayerLoss(LastStage(), args.vocab, setting)
+    hidden = torch.randn(1, args.tokens, args.hidden, requires_grad=True)  # GPTModel's output: [1, T, hidden]
+    labels = torch.randint(0, args.vocab, (1, args.tokens))
+    loss_mask = (torch.rand(1, args.tokens) >= 0.25).float()
+    chunk = loss_of.chunk_tokens(args.tokens)
+    baseline = _peak_rss()
+    start = time.perf_counter()
+    loss = loss_of(hidden, labels, loss_mask)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    result = {
+        "variant": args.variant,
+        "chunk_tokens": chunk,
+        "peak_mib": round((_peak_rss() - baseline) / MIB, 1),
+        "seconds": round(seconds, 2),
+        "loss": float(loss),
+        "hidden_grad_norm": float(hidden.grad.norm()),
+        "weight_grad_norm": float(layer.weight.grad.norm()),
+    }
+    dist.destroy_process_group()
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch")
@@ -66,6 +130,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=64, help="hidden size")
     p.add_argument("--chunk", type=int, default=None, help="training.loss_chunk_tokens (default: null, automatic)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=["fsdp", "megatron"], default="fsdp", help="whose loss functions")
     p.add_argument("--variant", choices=["full", "chunked"], help=argparse.SUPPRESS)  # one subprocess's part
     args = p.parse_args()
     if args.variant:
@@ -82,6 +147,7 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "backend": args.backend,
                 "tokens": args.tokens,
                 "vocab": args.vocab,
                 "hidden": args.hidden,

@@ -12,6 +12,8 @@ plan, chained jobs, deadlines, learning-rate schedule, metrics and done-records.
 * a step: megatron-core's forward/backward schedule (1F1B across pipeline stages) with
   `calculate_per_token_loss`, so each micro-batch's loss is its sum of token losses and the reduced
   gradients are divided by the loss tokens of the whole global batch, the fsdp backend's normalisation;
+  the loss computes the logits from the final hidden states in chunks of tokens (sftflow.megatron.loss,
+  training.loss_chunk_tokens), so the full fp32 logits of a long micro-batch never exist at once;
   then the distributed optimizer (fp32 main weights and Adam moments sharded over data parallel,
   gradient-norm clipping);
 * checkpoints (sftflow.megatron.checkpoint): per-rank model shards as safetensors and the optimizer
@@ -35,6 +37,7 @@ import torch.distributed as dist
 from sftflow.errors import SftflowError
 from sftflow.megatron.batches import megatron_micro_batch
 from sftflow.megatron.hf_config import model_layout, padded_vocab_size
+from sftflow.megatron.loss import OutputLayerLoss
 from sftflow.train.parallel import ParallelDims, init_process_group
 
 LOG = logging.getLogger("sftflow.train")
@@ -223,6 +226,8 @@ class MegatronEngine:
             **config,
         )
         module.cuda(torch.cuda.current_device())
+        # The last stage's GPTModel returns hidden states; the loss computes the logits, in chunks of tokens.
+        self.loss = OutputLayerLoss(module, self.layout.vocab_size, t["loss_chunk_tokens"]) if self.last_stage else None
         self.rank = Rank(
             tp=ps.get_tensor_model_parallel_rank(),
             pp=ps.get_pipeline_model_parallel_rank(),
@@ -351,31 +356,16 @@ class MegatronEngine:
                 max_seqlen_q=int(b["max_seqlen"]),
                 max_seqlen_kv=int(b["max_seqlen"]),
             )
-        output = model(**kwargs)  # logits on the last pipeline stage, [1, T, padded vocab / TP]
+        output = model(**kwargs)  # on the last pipeline stage the final hidden states, [1, T, hidden] (see loss.py)
         labels = b["labels"].to(dev, non_blocking=True)
         loss_mask = b["loss_mask"].to(dev, non_blocking=True)
 
-        def loss_func(logits: torch.Tensor):
-            loss_sum = (self._token_losses(logits, labels).view(-1) * loss_mask.view(-1)).sum()
+        def loss_func(hidden: torch.Tensor):
+            loss_sum = self.loss(hidden, labels, loss_mask)
             count = loss_mask.sum().to(torch.int)
             return loss_sum, count, {"loss_sum": loss_sum.detach().double(), "loss_tokens": count.detach().double()}
 
         return output, loss_func
-
-    def _token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of every token over the model's real vocabulary: the columns padding the vocabulary
-        to a multiple of 128 x TP are left out of the softmax (as the HF model, which has none, and the
-        fsdp backend compute it), then megatron-core's vocab-parallel cross-entropy (in fp32)."""
-        from megatron.core import parallel_state as ps
-        from megatron.core import tensor_parallel
-
-        local = logits.shape[-1]
-        real = self.layout.vocab_size - ps.get_tensor_model_parallel_rank() * local
-        logits = logits.float()
-        if real < local:
-            padding = torch.arange(local, device=logits.device) >= real
-            logits = logits.masked_fill(padding, float("-inf"))
-        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
 
     def _run(self, micro: list[dict], forward_only: bool) -> tuple[float, float]:
         """Forward (and backward) over the micro-batches; returns (sum of token losses, loss tokens) of the
