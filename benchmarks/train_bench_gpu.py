@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -180,12 +181,8 @@ def run_backend(backend: str, work: Path, args, num_params: int, peak: float | N
     if backend == "megatron":
         attention = "Transformer Engine THD" if "(TE layers)" in text else "megatron-core local (block-diagonal mask)"
     else:
-        try:
-            import flash_attn  # noqa: F401
-
-            attention = "flash_attn_varlen_func"
-        except ImportError:
-            attention = "per-segment SDPA (flash_attn not installed)"
+        used = re.search(r"packed attention: (\w+)", text)  # the fsdp engine logs the kernel it took
+        attention = used.group(1) if used else "unknown (not in the log)"
     steps = read_our_metrics(work / f"metrics.{backend}" / "metrics.jsonl")
     summary = summarize(steps, args.warmup_steps)
     tps = summary["tokens_per_second"]

@@ -16,7 +16,7 @@ PAD_ID = 0
 def _model(dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from sftflow.train.model import VARLEN_ATTENTION, register_attention
+    from sftflow.train.attention import VARLEN_ATTENTION, register_attention
 
     register_attention()
     config = LlamaConfig(
@@ -44,19 +44,27 @@ def _sequences(lengths: list[int]) -> list[dict]:
     return out
 
 
-def _mean_loss(model, batches) -> torch.Tensor:
+def _mean_loss(model, batches, kernel: str) -> torch.Tensor:
     from sftflow.train.model import model_inputs
     from sftflow.train.trainer import token_loss_sum
 
     total = sum(
-        token_loss_sum(model(**model_inputs(b, torch.device("cuda"))).logits, b["targets"].cuda()) for b in batches
+        token_loss_sum(model(**model_inputs(b, torch.device("cuda"), kernel)).logits, b["targets"].cuda())
+        for b in batches
     )
     return total / sum(b["num_loss_tokens"] for b in batches)
 
 
+def _kernels(dtype: torch.dtype) -> list[str]:
+    from sftflow.train.attention import KERNELS, kernel_problem
+
+    return [k for k in KERNELS if kernel_problem(k, torch.device("cuda"), dtype) is None]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_row_loss_equals_sequences_one_at_a_time(dtype):
-    """bf16 takes the flash_attn_varlen_func path when flash-attn is installed, fp32 the per-segment SDPA one."""
+    """With every kernel that runs on this GPU in `dtype` (bf16: flash-attn if installed, torch's varlen_attn,
+    compiled flex_attention, the SDPA loop; fp32: flex and the loop)."""
     from sftflow.packing import collate_bins
 
     model = _model(dtype)
@@ -66,26 +74,34 @@ def test_packed_row_loss_equals_sequences_one_at_a_time(dtype):
         "loss_mask": torch.cat([s["loss_mask"] for s in seqs]),
         "seq_lens": [len(s["input_ids"]) for s in seqs],
     }
-    with torch.no_grad():
-        ref = _mean_loss(model, [collate_bins([s], len(s["input_ids"]), PAD_ID) for s in seqs])
-        packed = _mean_loss(model, [collate_bins([packed_bin], 512, PAD_ID)])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(packed, ref, rtol=tol, atol=tol)
+    with torch.no_grad():
+        ref = _mean_loss(model, [collate_bins([s], len(s["input_ids"]), PAD_ID) for s in seqs], "sdpa_loop")
+        for kernel in _kernels(dtype):
+            packed = _mean_loss(model, [collate_bins([packed_bin], 512, PAD_ID)], kernel)
+            torch.testing.assert_close(packed, ref, rtol=tol, atol=tol, msg=kernel)
 
 
-def test_flash_varlen_matches_per_segment_sdpa():
-    pytest.importorskip("flash_attn")
-    import sftflow.train.model as M
+@pytest.mark.parametrize("kernel", ["flash", "varlen", "flex"])
+def test_gpu_kernel_matches_per_segment_sdpa_in_outputs_and_gradients(kernel):
+    from sftflow.train.attention import kernel_problem, varlen_attention
 
+    problem = kernel_problem(kernel, torch.device("cuda"), torch.bfloat16)
+    if problem:
+        pytest.skip(problem)
     g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(1, 8, 300, 64, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(1, 4, 300, 64, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(1, 4, 300, 64, device="cuda", dtype=torch.bfloat16, generator=g)
-    cu = torch.tensor([0, 100, 170, 300], dtype=torch.int32, device="cuda")
-    flash, _ = M.varlen_attention(None, q, k, v, None, scaling=0.125, cu_seq_lens_q=cu, max_length_q=130)
-    saved, M.flash_attn_varlen_func = M.flash_attn_varlen_func, None
-    try:
-        sdpa, _ = M.varlen_attention(None, q, k, v, None, scaling=0.125, cu_seq_lens_q=cu, max_length_q=130)
-    finally:
-        M.flash_attn_varlen_func = saved
-    torch.testing.assert_close(flash.float(), sdpa.float(), rtol=2e-2, atol=2e-2)
+
+    def rand(heads):
+        x = torch.randn(1, heads, 300, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+        return x.requires_grad_()
+
+    q, k, v = rand(8), rand(4), rand(4)  # grouped-query attention
+    cu = torch.tensor([0, 100, 101, 170, 300], dtype=torch.int32, device="cuda")
+    results = {}
+    for name in (kernel, "sdpa_loop"):
+        out, _ = varlen_attention(
+            None, q, k, v, None, scaling=0.1, cu_seq_lens_q=cu, max_length_q=130, sftflow_attention=name
+        )
+        results[name] = (out, *torch.autograd.grad(out.float().square().sum(), (q, k, v)))
+    for what, a, b in zip(("out", "dq", "dk", "dv"), results[kernel], results["sdpa_loop"], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=f"{kernel} {what}")

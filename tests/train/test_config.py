@@ -185,3 +185,15 @@ def test_megatron_layouts_that_can_be_built_pass(config, training):
     cfg = _with(config, backend="megatron", train_global_batch_size=64, train_micro_batch_size=1)
     cfg["training"].update(training)
     check_training_keys(cfg, model_config=QWEN3_30B_A3B)
+
+
+def test_megatron_refuses_an_fsdp_attention_kernel(config):
+    cfg = _with(config, backend="megatron", attention="flex")
+    with pytest.raises(SftflowError, match=r"'training.attention' is 'flex', but backend megatron .* set it to auto"):
+        check_training_keys(cfg)
+    check_training_keys(_with(config, backend="megatron"))
+
+
+def test_an_unknown_attention_kernel_is_a_schema_error(config):
+    with pytest.raises(SftflowError, match="'training.attention': 'xformers' is not one of"):
+        C.validate(_with(config, attention="xformers"), C.load_schema())

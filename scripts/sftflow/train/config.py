@@ -101,6 +101,11 @@ def check_training_keys(config: dict, world_size: int | None = None, model_confi
     world = world_size if world_size is not None else t["num_nodes"] * t["num_gpus"]
     model_config = model_config if model_config is not None else _demo_or_local_model_config(config)
     if t["backend"] == "megatron":
+        if t.get("attention", "auto") != "auto":
+            raise SftflowError(
+                f"config key 'training.attention' is {t['attention']!r}, but backend megatron chooses its own "
+                "attention kernel: set it to auto (or remove it)"
+            )
         check_megatron_layout(t, world, model_config)
         _check_common(t)
         return

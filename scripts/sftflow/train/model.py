@@ -5,10 +5,12 @@ Attention isolation
 A packed row holds several sequences back to back. The trainer passes per-sequence restarting
 `position_ids` (so RoPE sees each sequence from position 0), no 2-D attention mask, `use_cache=False`,
 and the sequence boundaries `cu_seq_lens_q/k` (flattened over the batch, as `collate_bins` builds them).
-The model is built with `attn_implementation="sftflow_varlen"`, registered below through transformers'
-AttentionInterface: it runs causal attention separately on every segment, so a token can never attend
-to another sequence and the cross-sequence blocks of the L x L score matrix are never computed.
-On CUDA with `flash_attn` installed it calls `flash_attn_varlen_func`; otherwise one SDPA call per segment.
+The model is built with `attn_implementation="sftflow_varlen"`, registered through transformers'
+AttentionInterface by `sftflow.train.attention`: causal attention inside each segment only, so a token can
+never attend to another sequence and the cross-sequence blocks of the L x L score matrix are never computed.
+Its kernel (`training.attention`, `auto` by default) is flash-attn's varlen kernel on CUDA when installed, else
+torch's own `varlen_attn` (torch >= 2.10), else compiled `flex_attention` with a document mask; on CPU one SDPA
+call per segment (see that module).
 Since the implementation name has no mask function registered, transformers builds no mask for it.
 
 Parallelism is applied in a fixed order, as in torchtitan: tensor parallel (`apply_tp`), then activation
@@ -22,7 +24,6 @@ import functools
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -30,100 +31,21 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from torch.utils.checkpoint import checkpoint
 
 from sftflow.errors import SftflowError
+from sftflow.train.attention import VARLEN_ATTENTION, register_attention, segment_bounds
 from sftflow.train.parallel import ParallelDims
 
 LOG = logging.getLogger("sftflow.train")
 
-VARLEN_ATTENTION = "sftflow_varlen"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
-try:  # optional; only used on CUDA with half-precision inputs
-    from flash_attn import flash_attn_varlen_func
-except ImportError:  # pragma: no cover - depends on the environment
-    flash_attn_varlen_func = None
 
+def model_inputs(batch: dict, device: torch.device, attention: str | None = None) -> dict:
+    """The keyword arguments of a packed forward pass (for the model built by `build_model`).
 
-def segment_bounds(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
-    """Python ints of the boundaries (one device->host copy per forward, not per layer)."""
-    return tuple(int(x) for x in cu_seqlens.tolist())
-
-
-def varlen_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    cu_seq_lens_q: torch.Tensor | None = None,
-    max_length_q: int | None = None,
-    sftflow_segments: tuple[int, ...] | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Causal attention inside each segment of the flattened batch; returns [B, L, H, D] like transformers' SDPA.
-
-    query [B, Hq, L, D], key/value [B, Hkv, L, D] (grouped-query attention when Hkv < Hq).
-    Without boundaries every row is one causal sequence.
+    `attention` names the packed-attention kernel (`sftflow.train.attention.resolve_kernel`); None lets each
+    attention call choose as `auto` would.
     """
-    if attention_mask is not None:
-        raise ValueError(f"{VARLEN_ATTENTION} attention takes sequence boundaries, not an attention mask")
-    batch, num_heads, length, head_dim = query.shape
-    gqa = key.shape[1] != num_heads
-    if cu_seq_lens_q is None and sftflow_segments is None:
-        out = F.scaled_dot_product_attention(
-            query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
-        )
-        return out.transpose(1, 2).contiguous(), None
-
-    use_flash = flash_attn_varlen_func is not None and cu_seq_lens_q is not None and query.is_cuda
-    if use_flash and query.dtype in (torch.float16, torch.bfloat16):
-        # flash-attn wants [total_tokens, heads, head_dim] and handles GQA itself.
-        q = query.transpose(1, 2).reshape(batch * length, num_heads, head_dim)
-        k = key.transpose(1, 2).reshape(batch * length, key.shape[1], head_dim)
-        v = value.transpose(1, 2).reshape(batch * length, value.shape[1], head_dim)
-        cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
-        max_len = int(max_length_q) if max_length_q is not None else length
-        out = flash_attn_varlen_func(
-            q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling, causal=True
-        )
-        return out.view(batch, length, num_heads, head_dim), None
-
-    bounds = sftflow_segments if sftflow_segments is not None else segment_bounds(cu_seq_lens_q)
-    if bounds[0] != 0 or bounds[-1] != batch * length:
-        raise ValueError(f"sequence boundaries {bounds[0]}..{bounds[-1]} do not cover the {batch}x{length} batch")
-    # Heads first, then the flattened tokens: a segment is a contiguous slice [H, start:end, D].
-    q = query.transpose(0, 1).reshape(num_heads, batch * length, head_dim)
-    k = key.transpose(0, 1).reshape(key.shape[1], batch * length, head_dim)
-    v = value.transpose(0, 1).reshape(value.shape[1], batch * length, head_dim)
-    outs = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        # 4-D inputs: PyTorch's fused (flash) CPU kernel only takes [batch, heads, len, dim]; 3-D inputs fall
-        # back to the unfused math path, about 10x slower for a 200-token segment.
-        outs.append(
-            F.scaled_dot_product_attention(
-                q[None, :, start:end],
-                k[None, :, start:end],
-                v[None, :, start:end],
-                dropout_p=dropout,
-                is_causal=True,
-                scale=scaling,
-                enable_gqa=gqa,
-            )[0]
-        )
-    out = torch.cat(outs, dim=1).view(num_heads, batch, length, head_dim)
-    return out.permute(1, 2, 0, 3).contiguous(), None
-
-
-def register_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
-
-
-def model_inputs(batch: dict, device: torch.device) -> dict:
-    """The keyword arguments of a packed forward pass (for the model built by `build_model`)."""
-    return {
+    inputs = {
         "input_ids": batch["input_ids"].to(device, non_blocking=True),
         "position_ids": batch["position_ids"].to(device, non_blocking=True),
         "cu_seq_lens_q": batch["cu_seqlens"].to(device, non_blocking=True),
@@ -133,6 +55,9 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
         "sftflow_segments": segment_bounds(batch["cu_seqlens"]),
         "use_cache": False,
     }
+    if attention is not None:
+        inputs["sftflow_attention"] = attention
+    return inputs
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sftflow.errors import SftflowError
 from sftflow.io import write_json
+from sftflow.train.attention import resolve_kernel
 from sftflow.train.checkpoint import Checkpointer, fault_point, latest_checkpoint, read_meta
 from sftflow.train.config import check_training_keys, check_training_matches
 from sftflow.train.data import BinSampler, TrainingPlan, eval_batches, job_target_step
@@ -317,6 +318,13 @@ def _schedule_changes(saved: dict, step: int, total_steps: int, tcfg: dict) -> l
     return changes
 
 
+def mixed_precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The compute dtype of FSDP's mixed precision (None: plain fp32). bf16 compute with fp32 master weights
+    and fp32 gradient reduction on GPU; a CPU run trains in fp32 (bf16 matmuls are slow on most CPUs), though
+    the same bf16 path runs on CPU too (tests/train/test_mixed_precision.py)."""
+    return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else None
+
+
 class FsdpEngine:
     """The fsdp backend: a HF model sharded with FSDP2 (and DTensor TP), AdamW, DCP checkpoints.
 
@@ -328,14 +336,21 @@ class FsdpEngine:
     def __init__(self, cfg: dict, spec: JobSpec, parallel: ParallelDims, seq_len: int, pad_id: int) -> None:
         tcfg = cfg["training"]
         self.parallel, self.seq_len, self.pad_id, self.max_grad_norm = parallel, seq_len, pad_id, tcfg["max_grad_norm"]
-        bf16 = parallel.device.type == "cuda" and tcfg["precision"] == "bf16"
+        param_dtype = mixed_precision_dtype(tcfg["precision"], parallel.device)
         self.model = build_model(
             spec.model,
             parallel,
-            param_dtype=torch.bfloat16 if bf16 else None,
+            param_dtype=param_dtype,
             activation_checkpointing=tcfg["activation_checkpointing"],
             max_seq_len=seq_len,
         )
+        self.attention = resolve_kernel(
+            tcfg.get("attention", "auto"),
+            parallel.device,
+            param_dtype or torch.float32,
+            float(getattr(self.model.config, "attention_dropout", 0.0) or 0.0),
+        )
+        LOG.info("packed attention: %s (training.attention: %s)", self.attention, tcfg.get("attention", "auto"))
         self.params = list(self.model.parameters())
         # As in HF Trainer: no weight decay on biases and norm weights (1-D parameters).
         decay = [p for p in self.params if p.ndim >= 2]
@@ -367,7 +382,7 @@ class FsdpEngine:
         """Sum of the token losses of one collated micro-batch: the model's full logits, or chunked
         (training.loss_chunk_tokens) so that only one chunk's logits exist at a time."""
         device = self.parallel.device
-        inputs, targets = model_inputs(batch, device), batch["targets"].to(device)
+        inputs, targets = model_inputs(batch, device, self.attention), batch["targets"].to(device)
         chunk = loss_chunk_size(self.loss_chunk_tokens, targets.numel(), self.vocab_size)
         if chunk <= 0:
             return token_loss_sum(self.model(**inputs).logits, targets)
