@@ -5,8 +5,9 @@ from __future__ import annotations
 import bisect
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -25,6 +26,27 @@ def trainable_loss_tokens(loss_mask: np.ndarray, seq_offsets: np.ndarray) -> int
     return int(loss_mask.sum(dtype=np.int64) - loss_mask[firsts].sum(dtype=np.int64))
 
 
+class SequenceSource(Protocol):
+    """Where write_shards reads sequences from: in-memory arrays or pack_jsonl's on-disk spool."""
+
+    def read(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens int32, loss_mask uint8) of the sequences at token offsets `starts`, back to back."""
+        ...
+
+
+@dataclass
+class ArraySequences:
+    """All sequences' tokens and loss masks held in memory, back to back."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+
+    def read(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from sftflow.packing.stream import gather_sequences
+
+        return gather_sequences(self.tokens, starts, lengths), gather_sequences(self.loss_mask, starts, lengths)
+
+
 def write_packed(
     directory: str | os.PathLike,
     tokens: np.ndarray,
@@ -41,25 +63,35 @@ def write_packed(
     `seq_order` lists sequence ids in storage order and `bin_sizes[b]` how many of them bin b takes.
     `meta` supplies packing, max_total_sequence_length, pad_token_id, tokenizer and source.
     """
+    source = ArraySequences(tokens, loss_mask)
+    return write_shards(directory, source, seq_offsets, seq_order, bin_sizes, bins_per_shard, meta)
+
+
+def write_shards(
+    directory: str | os.PathLike,
+    source: SequenceSource,
+    seq_offsets: np.ndarray,
+    seq_order: np.ndarray,
+    bin_sizes: np.ndarray,
+    bins_per_shard: int,
+    meta: dict[str, Any],
+) -> dict:
+    """write_packed with the sequences read from `source` one shard at a time (memory: one shard)."""
     directory = Path(directory)
-    lengths = np.diff(seq_offsets)
     bin_starts = np.concatenate([[0], np.cumsum(bin_sizes, dtype=np.int64)])
     shards = []
     for first_bin in range(0, len(bin_sizes), bins_per_shard):
         last_bin = min(first_bin + bins_per_shard, len(bin_sizes))
         seqs = seq_order[bin_starts[first_bin] : bin_starts[last_bin]]
-        seq_lens = lengths[seqs]
+        starts = seq_offsets[seqs]
+        seq_lens = seq_offsets[seqs + 1] - starts
         cu = np.concatenate([[0], np.cumsum(seq_lens, dtype=np.int64)])
-        # Gather all the shard's tokens with one fancy index: position p of sequence j in the shard
-        # comes from seq_offsets[seqs[j]] + p, i.e. global index = shard index + (start_j - cu_j).
-        gather = np.arange(cu[-1], dtype=np.int64) + np.repeat(seq_offsets[seqs] - cu[:-1], seq_lens)
-        shard_tokens = np.ascontiguousarray(tokens[gather], dtype=np.int32)
-        shard_mask = np.ascontiguousarray(loss_mask[gather], dtype=np.uint8)
+        shard_tokens, shard_mask = source.read(starts, seq_lens)
         name = SHARD_NAME.format(len(shards))
         save_file(
             {
-                "tokens": shard_tokens,
-                "loss_mask": shard_mask,
+                "tokens": np.ascontiguousarray(shard_tokens, dtype=np.int32),
+                "loss_mask": np.ascontiguousarray(shard_mask, dtype=np.uint8),
                 "cu_seqlens": cu.astype(np.int64),
                 "bin_offsets": (bin_starts[first_bin : last_bin + 1] - bin_starts[first_bin]).astype(np.int64),
             },
@@ -75,6 +107,7 @@ def write_packed(
                 "num_loss_tokens": trainable_loss_tokens(shard_mask, cu),
             }
         )
+        del shard_tokens, shard_mask
     index = {
         "format": FORMAT,
         "packing": bool(meta["packing"]),
