@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 
 from sftflow.packing import pack_jsonl
 from sftflow.packing import pipeline as packing_pipeline
+from sftflow.packing import shards as packing_shards
 from sftflow.packing.binpack import assign_bins
 from sftflow.packing.tokenize import tokenize_rows
 from tests.conftest import write_jsonl
@@ -115,6 +116,7 @@ def test_streaming_equals_in_memory_reference(tmp_path, demo_tok, monkeypatch, c
     assert len(expected) > 3  # several shards
 
     monkeypatch.setattr(packing_pipeline, "CHUNK_ROWS", 11)  # many chunks, so workers interleave
+    monkeypatch.setattr(packing_shards, "WRITE_BLOCK_SEQUENCES", 3)  # shards written in many blocks
     stats = {}
     for workers in (1, 2, 3):
         stats[workers] = pack_jsonl(src, tmp_path / f"w{workers}", demo_tok, cfg | {"num_workers": workers})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -12,12 +13,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from sftflow.errors import SftflowError
 
 FORMAT = "sftflow-packed-v1"
 SHARD_NAME = "shard_{:05d}.safetensors"
+# Sequences read from the source and written per step: bounds the index arrays and token copies.
+WRITE_BLOCK_SEQUENCES = 4096
 
 
 def trainable_loss_tokens(loss_mask: np.ndarray, seq_offsets: np.ndarray) -> int:
@@ -76,7 +78,7 @@ def write_shards(
     bins_per_shard: int,
     meta: dict[str, Any],
 ) -> dict:
-    """write_packed with the sequences read from `source` one shard at a time (memory: one shard)."""
+    """write_packed with the sequences read from `source` a block at a time (memory: one shard's loss mask)."""
     directory = Path(directory)
     bin_starts = np.concatenate([[0], np.cumsum(bin_sizes, dtype=np.int64)])
     shards = []
@@ -86,28 +88,18 @@ def write_shards(
         starts = seq_offsets[seqs]
         seq_lens = seq_offsets[seqs + 1] - starts
         cu = np.concatenate([[0], np.cumsum(seq_lens, dtype=np.int64)])
-        shard_tokens, shard_mask = source.read(starts, seq_lens)
         name = SHARD_NAME.format(len(shards))
-        save_file(
-            {
-                "tokens": np.ascontiguousarray(shard_tokens, dtype=np.int32),
-                "loss_mask": np.ascontiguousarray(shard_mask, dtype=np.uint8),
-                "cu_seqlens": cu.astype(np.int64),
-                "bin_offsets": (bin_starts[first_bin : last_bin + 1] - bin_starts[first_bin]).astype(np.int64),
-            },
-            str(directory / name),
-            metadata={"format": FORMAT},
-        )
+        bin_offsets = bin_starts[first_bin : last_bin + 1] - bin_starts[first_bin]
+        loss_tokens = _write_shard(directory / name, source, starts, seq_lens, cu, bin_offsets)
         shards.append(
             {
                 "file": name,
                 "num_bins": int(last_bin - first_bin),
                 "num_sequences": len(seqs),
                 "num_tokens": int(cu[-1]),
-                "num_loss_tokens": trainable_loss_tokens(shard_mask, cu),
+                "num_loss_tokens": loss_tokens,
             }
         )
-        del shard_tokens, shard_mask
     index = {
         "format": FORMAT,
         "packing": bool(meta["packing"]),
@@ -123,6 +115,50 @@ def write_shards(
     }
     (directory / "index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return index
+
+
+def _write_shard(
+    path: Path,
+    source: SequenceSource,
+    starts: np.ndarray,
+    seq_lens: np.ndarray,
+    cu: np.ndarray,
+    bin_offsets: np.ndarray,
+) -> int:
+    """Write one shard as safetensors, tokens streamed a block of sequences at a time; return its loss tokens.
+
+    The bytes are those of safetensors' save_file (compact JSON header, metadata first, tensors by
+    alignment then name, header padded to 8 bytes) without holding the shard's tokens in memory twice.
+    """
+    n = int(cu[-1])
+    header: dict = {"__metadata__": {"format": FORMAT}}
+    offset = 0
+    for name, dtype, count, size in (
+        ("bin_offsets", "I64", len(bin_offsets), 8),
+        ("cu_seqlens", "I64", len(cu), 8),
+        ("tokens", "I32", n, 4),
+        ("loss_mask", "U8", n, 1),
+    ):
+        header[name] = {"dtype": dtype, "shape": [count], "data_offsets": [offset, offset + count * size]}
+        offset += count * size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    masks: list[np.ndarray] = []  # 1 byte per token, written after all the tokens
+    loss_tokens = 0
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.write(np.ascontiguousarray(bin_offsets, dtype="<i8").tobytes())
+        f.write(np.ascontiguousarray(cu, dtype="<i8").tobytes())
+        for first in range(0, len(starts), WRITE_BLOCK_SEQUENCES):
+            block = slice(first, first + WRITE_BLOCK_SEQUENCES)
+            tokens, mask = source.read(starts[block], seq_lens[block])
+            f.write(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
+            block_cu = cu[first : first + WRITE_BLOCK_SEQUENCES + 1] - cu[first]
+            loss_tokens += trainable_loss_tokens(mask, block_cu)
+            masks.append(np.ascontiguousarray(mask, dtype=np.uint8))
+        for mask in masks:
+            f.write(mask.tobytes())
+    return loss_tokens
 
 
 class PackedDataset:
