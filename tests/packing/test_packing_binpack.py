@@ -100,3 +100,20 @@ def test_scales_n_log_n(algorithm):
     fill = np.bincount(bin_of, weights=lengths)
     assert fill.max() <= 4096
     assert len(fill) <= 1.01 * math.ceil(lengths.sum() / 4096)
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("seed", range(4))
+def test_block_by_block_walk_and_tree_bound_match_naive(monkeypatch, algorithm, seed):
+    # Items are converted to Python ints a block at a time; tiny blocks cross many block boundaries.
+    # Sizes just over, at, and under half the capacity stress the first-fit tree's bin-count bound.
+    from sftflow.packing import binpack
+
+    monkeypatch.setattr(binpack, "_BLOCK", 7)
+    rng = np.random.default_rng(seed)
+    capacity = 2 * int(rng.integers(4, 60))
+    half = capacity // 2
+    lengths = rng.choice([half - 1, half, half + 1, 1, capacity], size=int(rng.integers(1, 300))).tolist()
+    bins = pack_lengths(lengths, capacity, algorithm)
+    check_valid(bins, lengths, capacity)
+    assert bins == naive_pack(lengths, capacity, algorithm)

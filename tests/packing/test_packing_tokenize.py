@@ -168,3 +168,19 @@ def test_chat_template_kwargs_reach_the_template(demo_tokenizer_dir):
     ids, mask = encode(tok, {"messages": msgs}, chat_template_kwargs={"brief": True})
     assert tok.decode(ids).startswith("<|im_start|>system\nBe brief.")
     assert loss_runs(tok, ids, mask) == [msgs[1]["content"] + EOT]
+
+
+def test_encode_texts_equals_the_tokenizer_call(demo_tokenizer_dir):
+    # The Rust fast path must give exactly the ids of tokenizer(texts), even on a tokenizer whose
+    # backend was left with truncation and padding switched on.
+    from sftflow.packing.tokenize import encode_texts
+
+    tok = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
+    texts = ["<|im_start|>user\n12 + 30 = 42<|im_end|>\n", "", " 7 * 6 " * 40, "<|im_end|><|im_start|>"]
+    expected = tok(texts, add_special_tokens=False)["input_ids"]
+    assert len(expected[2]) > 20
+    tok.backend_tokenizer.enable_truncation(max_length=5)
+    tok.backend_tokenizer.enable_padding(length=64)
+    assert encode_texts(tok, texts) == expected
+    tok.split_special_tokens = True  # the special tokens' text is then tokenized as plain text
+    assert encode_texts(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"] != expected

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 ALGORITHMS = ("best_fit_decreasing", "first_fit_decreasing")
+
+# The packers walk the items in Python; converting them to Python ints a block at a time (rather than
+# all at once) keeps their memory a few MiB whatever the number of sequences (14M items as two Python
+# lists would take about 1 GB).
+_BLOCK = 65536
+
+
+def _placements(lengths: np.ndarray, order: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(item, size) in placement order, converted to Python ints block by block."""
+    for start in range(0, len(order), _BLOCK):
+        block = order[start : start + _BLOCK]
+        yield from zip(block.tolist(), lengths[block].tolist(), strict=True)
 
 
 def _decreasing_order(lengths: np.ndarray) -> np.ndarray:
@@ -27,7 +39,7 @@ def _best_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> np.ndarr
     free: list[int] = []
     buckets: dict[int, list[int]] = {}
     num_bins = 0
-    for item, size in zip(order.tolist(), lengths[order].tolist(), strict=True):
+    for item, size in _placements(lengths, order):
         pos = bisect.bisect_left(free, size)
         if pos == len(free):
             b = num_bins
@@ -59,12 +71,15 @@ def _first_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> np.ndar
     # A max segment tree over bin ids holding remaining room. Unopened bins start with full room,
     # and opened bins are always a prefix of the ids, so "leftmost leaf with room >= size" is the
     # first fit among open bins or, when none fits, the next new bin; no separate open-bin case.
+    # Any-fit packing leaves at most one bin half empty or emptier, so it never opens more than
+    # 2 * total / capacity + 1 bins: the tree needs no more leaves than that (nor than n).
+    max_bins = min(n, 2 * int(lengths.sum()) // capacity + 1)
     size_pow2 = 1
-    while size_pow2 < max(n, 1):
+    while size_pow2 < max(max_bins, 1):
         size_pow2 *= 2
     tree = [capacity] * (2 * size_pow2)
     num_bins = 0
-    for item, size in zip(order.tolist(), lengths[order].tolist(), strict=True):
+    for item, size in _placements(lengths, order):
         node = 1
         while node < size_pow2:
             node *= 2

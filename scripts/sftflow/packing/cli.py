@@ -29,6 +29,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overlong", choices=("truncate", "drop"))
     p.add_argument("--bins-per-shard", type=int)
     p.add_argument("--seed", type=int, help="seed of the bin order")
+    p.add_argument("--num-workers", type=int, help="tokenizing processes (default: one per available core)")
     p.add_argument("--chat-template", help="Jinja chat template file replacing the tokenizer's")
     return p
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parser().parse_args(argv)
     cfg: dict = {"enabled": not args.no_packing}
-    for key in ("max_total_sequence_length", "algorithm", "overlong", "bins_per_shard", "seed"):
+    for key in ("max_total_sequence_length", "algorithm", "overlong", "bins_per_shard", "seed", "num_workers"):
         value = getattr(args, key)
         if value is not None:
             cfg[key] = value

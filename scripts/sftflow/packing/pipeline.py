@@ -6,6 +6,7 @@ import copy
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,21 @@ import numpy as np
 
 from sftflow import config as C
 from sftflow.errors import SftflowError
-from sftflow.io import atomic_path, iter_jsonl, write_json
+from sftflow.io import atomic_path, write_json
 from sftflow.packing.binpack import assign_bins
-from sftflow.packing.shards import trainable_loss_tokens, write_packed
-from sftflow.packing.tokenize import tokenize_rows
+from sftflow.packing.shards import write_shards
+from sftflow.packing.stream import COUNTERS, ChunkTokenizer, TokenSpool, available_cpus, ordered_map, read_chunks
 
 LOG = logging.getLogger("sftflow.packing")
+
+# Rows go to the workers in chunks of at most CHUNK_ROWS rows or ~CHUNK_BYTES of JSON: big enough that
+# one tokenizer call amortises the inter-process copies, small enough that a few in flight per worker
+# stay a few MiB even with very long rows.
+CHUNK_ROWS = 1024
+CHUNK_BYTES = 4 * 2**20
+# With num_workers unset, inputs smaller than this are tokenized in-process.
+PARALLEL_MIN_BYTES = 2**20
+LOG_EVERY_ROWS = 100_000
 
 
 def validate_cfg(cfg: dict) -> dict:
@@ -62,6 +72,12 @@ def pack_jsonl(
     its template); `cfg` is a `packing:` config section (missing keys take the schema defaults);
     `chat_template_kwargs` go to the template when rendering messages rows. Nothing is left at
     `output_dir` if anything fails.
+
+    Two passes, so that memory does not grow with the number of rows: (1) chunks of rows are rendered
+    and tokenized by `packing.num_workers` processes and their kept sequences appended, in input order,
+    to a spool file inside the output's temporary directory, keeping only lengths in memory; the bins
+    are assigned on those lengths; (2) each shard is gathered from the spool and written. The output is
+    the same whatever the number of workers.
     """
     t_start = time.perf_counter()
     cfg = validate_cfg(cfg)
@@ -69,55 +85,25 @@ def pack_jsonl(
     tok, tok_name = _load_tokenizer(tokenizer, chat_template)
     pad_id = _pad_token_id(tok, tok_name)
     max_len = cfg["max_total_sequence_length"]
-
-    counts = {"rows": 0, "overlong": 0, "truncated_tokens": 0, "dropped_overlong": 0, "dropped_overlong_tokens": 0}
-    counts |= {"dropped_no_loss": 0, "dropped_no_loss_truncated": 0}
-    id_chunks: list[np.ndarray] = []
-    mask_chunks: list[np.ndarray] = []
-    lengths: list[int] = []
-    rows = ((f"{input_path}:{line}", row) for line, row in iter_jsonl(input_path))
-    for _where, ids, mask in tokenize_rows(tok, rows, chat_template_kwargs):
-        counts["rows"] += 1
-        if counts["rows"] % 100_000 == 0:
-            LOG.info("tokenized %d rows", counts["rows"])
-        truncated = False
-        if len(ids) > max_len:
-            counts["overlong"] += 1
-            if cfg["overlong"] == "drop":
-                counts["dropped_overlong"] += 1
-                counts["dropped_overlong_tokens"] += len(ids)
-                continue
-            counts["truncated_tokens"] += len(ids) - max_len
-            ids, mask = ids[:max_len], mask[:max_len]
-            truncated = True
-        # A sequence whose only loss tokens are at position 0 (or none, after truncation) would
-        # contribute nothing but padding-like compute; never keep it silently.
-        if not mask[1:].any():
-            counts["dropped_no_loss"] += 1
-            counts["dropped_no_loss_truncated"] += int(truncated)
-            continue
-        id_chunks.append(ids)
-        mask_chunks.append(mask)
-        lengths.append(len(ids))
-    t_tokenized = time.perf_counter()
-    if not lengths:
-        raise SftflowError(
-            f"{input_path}: no sequence left to pack ({counts['rows']} rows read, {counts['dropped_overlong']} dropped "
-            f"as over-long, {counts['dropped_no_loss']} without loss tokens); check packing.max_total_sequence_length"
-        )
-
-    lens = np.asarray(lengths, dtype=np.int64)
-    seq_offsets = np.concatenate([[0], np.cumsum(lens)])
-    tokens = np.concatenate(id_chunks)
-    loss_mask = np.concatenate(mask_chunks)
-    del id_chunks, mask_chunks
-
-    bin_of = assign_bins(lens, max_len, cfg["algorithm"]) if cfg["enabled"] else np.arange(len(lens))
-    seq_order, bin_sizes = _shuffled_layout(bin_of, lens, cfg["seed"])
-    t_packed = time.perf_counter()
+    workers = _num_workers(cfg, input_path)
+    job = ChunkTokenizer(str(input_path), tok, chat_template_kwargs, max_len, cfg["overlong"])
 
     with atomic_path(output_dir) as tmp:
         tmp.mkdir()
+        spool = TokenSpool(tmp / ".spool")
+        counts, lens = _tokenize_to_spool(input_path, job, workers, spool)
+        t_tokenized = time.perf_counter()
+        if not len(lens):
+            raise SftflowError(
+                f"{input_path}: no sequence left to pack ({counts['rows']} rows read, {counts['dropped_overlong']} "
+                f"dropped as over-long, {counts['dropped_no_loss']} without loss tokens); check "
+                "packing.max_total_sequence_length"
+            )
+        seq_offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lens, dtype=np.int64)])
+        bin_of = assign_bins(lens, max_len, cfg["algorithm"]) if cfg["enabled"] else np.arange(len(lens))
+        seq_order, bin_sizes = _shuffled_layout(bin_of, lens, cfg["seed"])
+        del bin_of
+        t_packed = time.perf_counter()
         meta = {
             "packing": cfg["enabled"],
             "max_total_sequence_length": max_len,
@@ -125,9 +111,11 @@ def pack_jsonl(
             "tokenizer": tok_name,
             "source": str(input_path),
         }
-        index = write_packed(tmp, tokens, loss_mask, seq_offsets, seq_order, bin_sizes, cfg["bins_per_shard"], meta)
+        index = write_shards(tmp, spool, seq_offsets, seq_order, bin_sizes, cfg["bins_per_shard"], meta)
+        shutil.rmtree(tmp / ".spool")
         t_written = time.perf_counter()
-        stats = _stats(cfg, counts, lens, index, loss_mask, seq_offsets)
+        stats = _stats(cfg, counts, lens, index)
+        stats["num_workers"] = workers
         stats["seconds"] = {
             "tokenize": round(t_tokenized - t_start, 3),
             "pack": round(t_packed - t_tokenized, 3),
@@ -140,22 +128,52 @@ def pack_jsonl(
     return stats
 
 
+def _num_workers(cfg: dict, input_path: Path) -> int:
+    """packing.num_workers, else one per available core (one for small inputs: forking costs more than it saves)."""
+    if cfg["num_workers"] is not None:
+        return cfg["num_workers"]
+    small = input_path.is_file() and input_path.stat().st_size < PARALLEL_MIN_BYTES
+    return 1 if small else available_cpus()
+
+
+def _tokenize_to_spool(
+    input_path: Path, job: ChunkTokenizer, workers: int, spool: TokenSpool
+) -> tuple[dict[str, int], np.ndarray]:
+    """Pass 1: every row tokenized (in chunk order), kept sequences spooled; return the counters and lengths."""
+    counts = dict.fromkeys(COUNTERS, 0)
+    lengths: list[np.ndarray] = []
+    next_log = LOG_EVERY_ROWS
+    chunks = read_chunks(input_path, CHUNK_ROWS, CHUNK_BYTES)
+    try:
+        for result in ordered_map(job, chunks, workers):
+            spool.append(result.tokens, result.loss_mask)
+            lengths.append(result.lengths)
+            for key, value in result.counts.items():
+                counts[key] += value
+            if counts["rows"] >= next_log:
+                LOG.info("tokenized %d rows", counts["rows"])
+                next_log += LOG_EVERY_ROWS
+    finally:
+        spool.close()
+    return counts, np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+
+
 def _shuffled_layout(bin_of: np.ndarray, lengths: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Storage order of sequences and size of each bin, with bins in a seeded random order."""
     num_bins = int(bin_of.max()) + 1
     new_position = np.random.default_rng(seed).permutation(num_bins)
-    shuffled_bin = new_position[bin_of]
-    # Within a bin keep the packer's placement order (longest first, ties by original index).
-    placement_rank = np.empty(len(lengths), dtype=np.int64)
-    placement_rank[np.argsort(-lengths, kind="stable")] = np.arange(len(lengths))
-    seq_order = np.lexsort((placement_rank, shuffled_bin))
+    # Within a bin keep the packer's placement order (longest first, ties by original index): visit the
+    # sequences in placement order and sort them stably by their bin's new position.
+    placement_order = np.argsort(-lengths.astype(np.int64), kind="stable")
+    shuffled_bin = new_position[bin_of[placement_order]]
+    seq_order = placement_order[np.argsort(shuffled_bin, kind="stable")]
     return seq_order, np.bincount(shuffled_bin, minlength=num_bins)
 
 
-def _stats(cfg: dict, counts: dict, lens: np.ndarray, index: dict, loss_mask: np.ndarray, offsets: np.ndarray) -> dict:
+def _stats(cfg: dict, counts: dict, lens: np.ndarray, index: dict) -> dict:
     max_len = cfg["max_total_sequence_length"]
     num_bins = index["num_bins"]
-    total = int(lens.sum())
+    total = int(lens.sum(dtype=np.int64))
     lower_bound = math.ceil(total / max_len)
     return {
         "source": index["source"],
@@ -179,7 +197,7 @@ def _stats(cfg: dict, counts: dict, lens: np.ndarray, index: dict, loss_mask: np
         "bins": num_bins,
         "shards": len(index["shards"]),
         "total_tokens": total,
-        "loss_tokens": trainable_loss_tokens(loss_mask, offsets),
+        "loss_tokens": index["num_loss_tokens"],
         "fill_ratio": round(total / (num_bins * max_len), 6),
         "lower_bound_bins": lower_bound,
         "bins_over_lower_bound": round(num_bins / lower_bound, 6),

@@ -5,24 +5,48 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from sftflow.errors import SftflowError
 
 FORMAT = "sftflow-packed-v1"
 SHARD_NAME = "shard_{:05d}.safetensors"
+# Sequences read from the source and written per step: bounds the index arrays and token copies.
+WRITE_BLOCK_SEQUENCES = 4096
 
 
 def trainable_loss_tokens(loss_mask: np.ndarray, seq_offsets: np.ndarray) -> int:
     """Loss tokens that are not the first token of their sequence (only those can be predicted)."""
     firsts = seq_offsets[:-1][seq_offsets[:-1] < seq_offsets[1:]]
     return int(loss_mask.sum(dtype=np.int64) - loss_mask[firsts].sum(dtype=np.int64))
+
+
+class SequenceSource(Protocol):
+    """Where write_shards reads sequences from: in-memory arrays or pack_jsonl's on-disk spool."""
+
+    def read(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens int32, loss_mask uint8) of the sequences at token offsets `starts`, back to back."""
+        ...
+
+
+@dataclass
+class ArraySequences:
+    """All sequences' tokens and loss masks held in memory, back to back."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+
+    def read(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from sftflow.packing.stream import gather_sequences
+
+        return gather_sequences(self.tokens, starts, lengths), gather_sequences(self.loss_mask, starts, lengths)
 
 
 def write_packed(
@@ -41,38 +65,39 @@ def write_packed(
     `seq_order` lists sequence ids in storage order and `bin_sizes[b]` how many of them bin b takes.
     `meta` supplies packing, max_total_sequence_length, pad_token_id, tokenizer and source.
     """
+    source = ArraySequences(tokens, loss_mask)
+    return write_shards(directory, source, seq_offsets, seq_order, bin_sizes, bins_per_shard, meta)
+
+
+def write_shards(
+    directory: str | os.PathLike,
+    source: SequenceSource,
+    seq_offsets: np.ndarray,
+    seq_order: np.ndarray,
+    bin_sizes: np.ndarray,
+    bins_per_shard: int,
+    meta: dict[str, Any],
+) -> dict:
+    """write_packed with the sequences read from `source` a block at a time (memory: one shard's loss mask)."""
     directory = Path(directory)
-    lengths = np.diff(seq_offsets)
     bin_starts = np.concatenate([[0], np.cumsum(bin_sizes, dtype=np.int64)])
     shards = []
     for first_bin in range(0, len(bin_sizes), bins_per_shard):
         last_bin = min(first_bin + bins_per_shard, len(bin_sizes))
         seqs = seq_order[bin_starts[first_bin] : bin_starts[last_bin]]
-        seq_lens = lengths[seqs]
+        starts = seq_offsets[seqs]
+        seq_lens = seq_offsets[seqs + 1] - starts
         cu = np.concatenate([[0], np.cumsum(seq_lens, dtype=np.int64)])
-        # Gather all the shard's tokens with one fancy index: position p of sequence j in the shard
-        # comes from seq_offsets[seqs[j]] + p, i.e. global index = shard index + (start_j - cu_j).
-        gather = np.arange(cu[-1], dtype=np.int64) + np.repeat(seq_offsets[seqs] - cu[:-1], seq_lens)
-        shard_tokens = np.ascontiguousarray(tokens[gather], dtype=np.int32)
-        shard_mask = np.ascontiguousarray(loss_mask[gather], dtype=np.uint8)
         name = SHARD_NAME.format(len(shards))
-        save_file(
-            {
-                "tokens": shard_tokens,
-                "loss_mask": shard_mask,
-                "cu_seqlens": cu.astype(np.int64),
-                "bin_offsets": (bin_starts[first_bin : last_bin + 1] - bin_starts[first_bin]).astype(np.int64),
-            },
-            str(directory / name),
-            metadata={"format": FORMAT},
-        )
+        bin_offsets = bin_starts[first_bin : last_bin + 1] - bin_starts[first_bin]
+        loss_tokens = _write_shard(directory / name, source, starts, seq_lens, cu, bin_offsets)
         shards.append(
             {
                 "file": name,
                 "num_bins": int(last_bin - first_bin),
                 "num_sequences": len(seqs),
                 "num_tokens": int(cu[-1]),
-                "num_loss_tokens": trainable_loss_tokens(shard_mask, cu),
+                "num_loss_tokens": loss_tokens,
             }
         )
     index = {
@@ -90,6 +115,50 @@ def write_packed(
     }
     (directory / "index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return index
+
+
+def _write_shard(
+    path: Path,
+    source: SequenceSource,
+    starts: np.ndarray,
+    seq_lens: np.ndarray,
+    cu: np.ndarray,
+    bin_offsets: np.ndarray,
+) -> int:
+    """Write one shard as safetensors, tokens streamed a block of sequences at a time; return its loss tokens.
+
+    The bytes are those of safetensors' save_file (compact JSON header, metadata first, tensors by
+    alignment then name, header padded to 8 bytes) without holding the shard's tokens in memory twice.
+    """
+    n = int(cu[-1])
+    header: dict = {"__metadata__": {"format": FORMAT}}
+    offset = 0
+    for name, dtype, count, size in (
+        ("bin_offsets", "I64", len(bin_offsets), 8),
+        ("cu_seqlens", "I64", len(cu), 8),
+        ("tokens", "I32", n, 4),
+        ("loss_mask", "U8", n, 1),
+    ):
+        header[name] = {"dtype": dtype, "shape": [count], "data_offsets": [offset, offset + count * size]}
+        offset += count * size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    masks: list[np.ndarray] = []  # 1 byte per token, written after all the tokens
+    loss_tokens = 0
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.write(np.ascontiguousarray(bin_offsets, dtype="<i8").tobytes())
+        f.write(np.ascontiguousarray(cu, dtype="<i8").tobytes())
+        for first in range(0, len(starts), WRITE_BLOCK_SEQUENCES):
+            block = slice(first, first + WRITE_BLOCK_SEQUENCES)
+            tokens, mask = source.read(starts[block], seq_lens[block])
+            f.write(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
+            block_cu = cu[first : first + WRITE_BLOCK_SEQUENCES + 1] - cu[first]
+            loss_tokens += trainable_loss_tokens(mask, block_cu)
+            masks.append(np.ascontiguousarray(mask, dtype=np.uint8))
+        for mask in masks:
+            f.write(mask.tobytes())
+    return loss_tokens
 
 
 class PackedDataset:

@@ -102,10 +102,30 @@ def _message_segments(messages: Any, where: str, tokenizer: Any, kwargs: dict) -
     return [(text, loss) for text, loss in segments if text]
 
 
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """`tokenizer(texts, add_special_tokens=False)["input_ids"]`, straight from the Rust tokenizer when there is one.
+
+    A fast tokenizer's call builds a BatchEncoding around the same `encode_batch` (about 7% of the time
+    on SFT rows); this sets the backend up as that call does (no truncation, no padding, the
+    tokenizer's split_special_tokens) and keeps only the ids.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    split_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    if backend.encode_special_tokens != split_special_tokens:
+        backend.encode_special_tokens = split_special_tokens
+    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+
+
 def tokenize_segments(tokenizer: Any, rows_segments: list[Segments]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Tokenize a batch of rows' segments in one tokenizer call; yield (ids int32, loss_mask uint8) per row."""
     texts = [text for segs in rows_segments for text, _ in segs]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    encoded = encode_texts(tokenizer, texts) if texts else []
     k = 0
     for segs in rows_segments:
         ids_parts, mask_parts = [], []

@@ -1,0 +1,144 @@
+"""pack_jsonl's streaming, multi-process path writes exactly what a plain in-memory packer writes.
+
+`reference_pack` below is the packing stage as it was before streaming (every token in memory, one
+process), kept here as the specification: the shards and index.json of pack_jsonl must be byte-identical
+to its output whatever the number of workers and however the rows are cut into chunks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from sftflow.packing import pack_jsonl
+from sftflow.packing import pipeline as packing_pipeline
+from sftflow.packing import shards as packing_shards
+from sftflow.packing.binpack import assign_bins
+from sftflow.packing.tokenize import tokenize_rows
+from tests.conftest import write_jsonl
+from tests.packing.test_packing_pipeline import EOT, make_rows
+
+
+def reference_pack(rows: list[dict], out: Path, tok, cfg: dict, source: str) -> None:
+    """Tokenize every row in memory, pack, shuffle bins with the seed, cut into shards of bins_per_shard bins."""
+    L = cfg["max_total_sequence_length"]
+    seqs = []
+    for _, ids, mask in tokenize_rows(tok, [("x", r) for r in rows]):
+        if len(ids) > L:
+            if cfg["overlong"] == "drop":
+                continue
+            ids, mask = ids[:L], mask[:L]
+        if mask[1:].any():
+            seqs.append((ids, mask))
+    lengths = np.array([len(ids) for ids, _ in seqs], dtype=np.int64)
+    bin_of = assign_bins(lengths, L, cfg["algorithm"]) if cfg["enabled"] else np.arange(len(seqs))
+    num_bins = int(bin_of.max()) + 1
+    shuffled_bin = np.random.default_rng(cfg["seed"]).permutation(num_bins)[bin_of]
+    placement_rank = np.empty(len(seqs), dtype=np.int64)
+    placement_rank[np.argsort(-lengths, kind="stable")] = np.arange(len(seqs))
+    order = np.lexsort((placement_rank, shuffled_bin))  # bin by bin, longest first within a bin
+    bin_sizes = np.bincount(shuffled_bin, minlength=num_bins)
+    bin_starts = np.concatenate([[0], np.cumsum(bin_sizes)])
+    out.mkdir()
+    shards = []
+    for k, first in enumerate(range(0, num_bins, cfg["bins_per_shard"])):
+        last = min(first + cfg["bins_per_shard"], num_bins)
+        members = [seqs[i] for i in order[bin_starts[first] : bin_starts[last]]]
+        tokens = np.concatenate([ids for ids, _ in members]).astype(np.int32)
+        mask = np.concatenate([m for _, m in members]).astype(np.uint8)
+        cu = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in members])]).astype(np.int64)
+        predictable = int(sum(int(m[1:].sum()) for _, m in members))
+        name = f"shard_{k:05d}.safetensors"
+        tensors = {"tokens": tokens, "loss_mask": mask, "cu_seqlens": cu}
+        tensors["bin_offsets"] = (bin_starts[first : last + 1] - bin_starts[first]).astype(np.int64)
+        save_file(tensors, str(out / name), metadata={"format": "sftflow-packed-v1"})
+        shards.append(
+            {
+                "file": name,
+                "num_bins": last - first,
+                "num_sequences": len(members),
+                "num_tokens": len(tokens),
+                "num_loss_tokens": predictable,
+            }
+        )
+    index = {
+        "format": "sftflow-packed-v1",
+        "packing": cfg["enabled"],
+        "max_total_sequence_length": L,
+        "pad_token_id": tok.pad_token_id,
+        "num_bins": num_bins,
+        "num_sequences": len(seqs),
+        "num_tokens": sum(s["num_tokens"] for s in shards),
+        "num_loss_tokens": sum(s["num_loss_tokens"] for s in shards),
+        "shards": shards,
+        "tokenizer": str(tok.name_or_path),
+        "source": source,
+    }
+    (out / "index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def fixture_rows() -> list[dict]:
+    """Both row shapes, blank lines aside; some rows over-long, some without any predictable loss token."""
+    rows = make_rows(150)
+    long_answer = " ".join(f"{k} + {k} = {2 * k}." for k in range(40))
+    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    for i in range(0, 150, 17):
+        rows[i] = {"input": prompt, "output": long_answer + EOT}  # over-long at L=96
+    for i in range(5, 150, 29):
+        rows[i] = {"input": "<|im_start|>user\n" + "Hi " * 120, "output": "2" + EOT}  # answer cut off
+    rows[7] = {"input": "", "output": "<|im_end|>"}  # its only loss token is the first one
+    return rows
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "stats.json"}
+
+
+CONFIGS = [
+    {"max_total_sequence_length": 96, "bins_per_shard": 5, "overlong": "truncate", "algorithm": "best_fit_decreasing"},
+    {"max_total_sequence_length": 96, "bins_per_shard": 3, "overlong": "drop", "algorithm": "first_fit_decreasing"},
+    {"max_total_sequence_length": 128, "bins_per_shard": 50, "enabled": False},
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_streaming_equals_in_memory_reference(tmp_path, demo_tok, monkeypatch, cfg):
+    rows = fixture_rows()
+    src = write_jsonl(tmp_path / "sft.jsonl", rows)
+    src.write_text(src.read_text().replace("\n", "\n\n", 3))  # blank lines are skipped, as before
+    full = packing_pipeline.validate_cfg(cfg)
+    reference_pack(rows, tmp_path / "reference", demo_tok, full, str(src))
+    expected = files_of(tmp_path / "reference")
+    assert len(expected) > 3  # several shards
+
+    monkeypatch.setattr(packing_pipeline, "CHUNK_ROWS", 11)  # many chunks, so workers interleave
+    monkeypatch.setattr(packing_shards, "WRITE_BLOCK_SEQUENCES", 3)  # shards written in many blocks
+    stats = {}
+    for workers in (1, 2, 3):
+        stats[workers] = pack_jsonl(src, tmp_path / f"w{workers}", demo_tok, cfg | {"num_workers": workers})
+        assert files_of(tmp_path / f"w{workers}") == expected, f"{workers} worker(s)"
+    for s in stats.values():
+        s.pop("seconds")
+        s.pop("num_workers")
+    assert stats[1] == stats[2] == stats[3]
+    dropped = stats[1]["dropped"]
+    assert dropped["no_loss_tokens"] >= 1 and stats[1]["overlong"]["count"] >= 9
+    assert stats[1]["rows_read"] == 150
+    assert stats[1]["sequences_kept"] + dropped["overlong"] + dropped["no_loss_tokens"] == 150
+
+
+def test_first_bad_line_is_reported_whatever_the_workers(tmp_path, demo_tok, monkeypatch):
+    monkeypatch.setattr(packing_pipeline, "CHUNK_ROWS", 4)
+    lines = [json.dumps(r) for r in make_rows(40)]
+    lines[13] = '{"input": "q", "output": ""}'
+    lines[30] = "{not json"
+    src = tmp_path / "sft.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    for workers in (1, 2):
+        with pytest.raises(Exception, match=r"sft.jsonl:14: 'output' is empty"):
+            pack_jsonl(src, tmp_path / "packed", demo_tok, {"num_workers": workers})
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["sft.jsonl"]  # nothing left behind
