@@ -50,7 +50,7 @@ else
     PY=${PYTHON:-python3}
     RESULTS=${OUT:-results/gpu_checks}
     prefix=$("$PY" -c 'import sys; print(sys.prefix)') || { echo "run.sh: cannot run $PY" >&2; exit 2; }
-    if [[ "$prefix" == "$REPO/.venv" ]]; then
+    if [[ -e .venv && "$(realpath "$prefix")" == "$(realpath .venv)" ]]; then
         echo "run.sh: $PY is the project's .venv (a CPU torch); use the GPU image's python3 (or --dry-run)" >&2
         exit 2
     fi
