@@ -1,11 +1,11 @@
 """Run the eval path (scripts/generate.py) once per inference server type that is installed here.
 
 Usage: .venv/bin/python benchmarks/eval_servers_check.py --out eval_servers.json [--gpus 1]
-       [--server-types transformers,vllm,sglang,trtllm] [--problems 32]
+       [--server-types transformers,vllm,sglang,trtllm] [--problems 32] [--seeds 0,2]
 
 Builds a tiny random Llama (demo tokenizer, ChatML template) and a benchmark of arithmetic problems,
 then for each server type whose package is installed starts the real server through generate.py
-(greedy, then 2 sampled seeds), and records wall time, requests/s and whether the outputs were written
+(once per --seeds value: 0 is greedy, N > 0 is N sampled seeds), and records wall time, requests/s and whether the outputs were written
 and graded. A type whose package is missing is recorded as "not installed", not as a failure.
 tests/gpu/run.sh runs it on a GPU machine; on a CPU machine, --gpus 0 --server-types transformers.
 Exit status 1 if an installed server failed.
@@ -87,6 +87,7 @@ def main() -> int:
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--server-types", default="transformers,vllm,sglang,trtllm")
     parser.add_argument("--problems", type=int, default=32)
+    parser.add_argument("--seeds", default="0,2", help="comma-separated runs: 0 greedy, N > 0 N sampled seeds")
     args = parser.parse_args()
     records = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +98,7 @@ def main() -> int:
                 records.append({"server_type": server_type, "status": "not installed"})
                 print(f"{server_type}: not installed, skipped", flush=True)
                 continue
-            for seeds in (0, 2):
+            for seeds in (int(s) for s in args.seeds.split(",")):
                 record = run_one(server_type, model, bench, root, args.gpus, seeds)
                 record["status"] = "ok" if record["returncode"] == 0 else "failed"
                 records.append(record)
