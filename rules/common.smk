@@ -260,6 +260,12 @@ def _slurm_placement(gpu_job):
     return res
 
 
+def cpu_threads():
+    """Threads of the data jobs that use worker processes (prepare_data, pack_data): the cores their Slurm job
+    asks for (slurm.cpu_cpus); Snakemake caps them at --cores locally."""
+    return config["slurm"]["cpu_cpus"]
+
+
 def cpu_resources():
     """Data preparation, packing, conversion, averaging, summary, report: one CPU task."""
     s = config["slurm"]

@@ -43,6 +43,7 @@ rule pack_data:
         out("benchmarks_time", "pack_data.tsv")
     conda:
         "../envs/data.yaml"
+    threads: cpu_threads()
     resources:
         **cpu_resources(),
     params:

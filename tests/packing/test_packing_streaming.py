@@ -142,3 +142,19 @@ def test_first_bad_line_is_reported_whatever_the_workers(tmp_path, demo_tok, mon
         with pytest.raises(Exception, match=r"sft.jsonl:14: 'output' is empty"):
             pack_jsonl(src, tmp_path / "packed", demo_tok, {"num_workers": workers})
         assert sorted(p.name for p in tmp_path.iterdir()) == ["sft.jsonl"]  # nothing left behind
+
+
+def test_automatic_workers_follow_the_cores_and_the_rules_threads(tmp_path, monkeypatch):
+    """packing.num_workers null: one worker per core this process may use, capped by the rule's threads
+    (`cores`), and one for a small input; a number in the config is taken as given."""
+    monkeypatch.setattr(packing_pipeline, "available_cpus", lambda: 4)
+    monkeypatch.setattr(packing_pipeline, "PARALLEL_MIN_BYTES", 10)
+    big, small = tmp_path / "big.jsonl", tmp_path / "small.jsonl"
+    big.write_text("x" * 100)
+    small.write_text("x")
+    auto = {"num_workers": None}
+    assert packing_pipeline._num_workers(auto, big) == 4
+    assert packing_pipeline._num_workers(auto, big, cores=2) == 2
+    assert packing_pipeline._num_workers(auto, big, cores=16) == 4
+    assert packing_pipeline._num_workers(auto, small, cores=2) == 1
+    assert packing_pipeline._num_workers({"num_workers": 3}, small, cores=2) == 3

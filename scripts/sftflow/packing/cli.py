@@ -61,6 +61,7 @@ def run_from_snakemake(smk) -> None:
             dict(smk.params.cfg),
             chat_template=smk.params.chat_template,
             chat_template_kwargs=dict(smk.params.get("chat_template_kwargs", None) or {}),
+            cores=smk.threads,
         )
     except SftflowError as err:
         LOG.error("%s", err)

@@ -65,12 +65,14 @@ def pack_jsonl(
     *,
     chat_template: str | None = None,
     chat_template_kwargs: dict | None = None,
+    cores: int | None = None,
 ) -> dict:
     """Tokenize, filter and pack `input_path` into the sftflow-packed-v1 directory `output_dir`; return the stats.
 
     `tokenizer` is a loaded HF tokenizer or a path/hub name (then `chat_template`, a Jinja file, replaces
     its template); `cfg` is a `packing:` config section (missing keys take the schema defaults);
-    `chat_template_kwargs` go to the template when rendering messages rows. Nothing is left at
+    `chat_template_kwargs` go to the template when rendering messages rows; `cores` (the rule's threads) caps
+    the automatic number of workers. Nothing is left at
     `output_dir` if anything fails.
 
     Two passes, so that memory does not grow with the number of rows: (1) chunks of rows are rendered
@@ -85,7 +87,7 @@ def pack_jsonl(
     tok, tok_name = _load_tokenizer(tokenizer, chat_template)
     pad_id = _pad_token_id(tok, tok_name)
     max_len = cfg["max_total_sequence_length"]
-    workers = _num_workers(cfg, input_path)
+    workers = _num_workers(cfg, input_path, cores)
     job = ChunkTokenizer(str(input_path), tok, chat_template_kwargs, max_len, cfg["overlong"])
 
     with atomic_path(output_dir) as tmp:
@@ -128,12 +130,13 @@ def pack_jsonl(
     return stats
 
 
-def _num_workers(cfg: dict, input_path: Path) -> int:
-    """packing.num_workers, else one per available core (one for small inputs: forking costs more than it saves)."""
+def _num_workers(cfg: dict, input_path: Path, cores: int | None = None) -> int:
+    """packing.num_workers, else one per available core, at most `cores` (one for small inputs: forking costs
+    more than it saves)."""
     if cfg["num_workers"] is not None:
         return cfg["num_workers"]
     small = input_path.is_file() and input_path.stat().st_size < PARALLEL_MIN_BYTES
-    return 1 if small else available_cpus()
+    return 1 if small else min(available_cpus(), cores or available_cpus())
 
 
 def _tokenize_to_spool(
