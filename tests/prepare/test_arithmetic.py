@@ -69,3 +69,16 @@ def test_drop_incorrect_arithmetic_and_split_filters():
     split = F.split_arithmetic("generation")
     row = split({"generation": "Sum: 10 + 20 + 30 = 60. Also 5 * 2 = 10."})
     assert row["generation"] == "Sum: 10 + 20 + 30 = 30 + 30 = 60. Also 5 * 2 = 10."
+
+
+def test_split_equation_leaves_one_operation_alone():
+    assert A.split_equation("10 * 3 = 30") is None
+    assert A.split_equation("(10 * 3) = 30") is None
+    assert A.split_equation("10 * 3 + 1 = 31") == "10 * 3 + 1 = 30 + 1 = 31"
+
+
+def test_integer_fast_path_uses_the_exact_tolerance():
+    assert A.equation_is_correct("10000 + 1 = 10002", 1e-4) is True  # off by 1 of 10001: within 1e-4
+    assert A.equation_is_correct("1000 + 1 = 1002", 1e-4) is False
+    assert A.equation_is_correct("7 - 9 = -2", 0.0) is True  # a negative stated value: the general path
+    assert A.equation_is_correct("9 - 7 = 2", 0.0) is True

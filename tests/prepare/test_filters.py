@@ -149,3 +149,20 @@ def test_code_text_choice_falls_back_to_text_without_code():
 )
 def test_normalize_problem_ignores_case_space_punctuation_not_math(a, b, same):
     assert (normalize_problem(a) == normalize_problem(b)) is same
+
+
+def test_text_memo_returns_the_functions_result_and_starts_afresh_when_full():
+    calls = []
+    memo = F.TextMemo(lambda text: calls.append(text) or text.upper(), max_chars=5)
+    assert [memo("ab"), memo("ab"), memo("cd"), memo("ab")] == ["AB", "AB", "CD", "AB"]
+    assert calls == ["ab", "cd"]  # repeated texts are not recomputed
+    assert memo("xyz") == "XYZ" and memo.chars <= 5  # over the bound: the memo was cleared
+    assert memo("ab") == "AB" and calls[-1] == "ab"
+
+
+@pytest.mark.parametrize("mode", ["all", "majority_code", "majority_text", "any_code"])
+def test_code_text_picks_on_flags_match_code_text_choice(mode):
+    for flags in ([True, False, False], [False, True, True, False], [False, False], [True]):
+        samples = [{K: "<tool_call>x" if f else "text"} for f in flags]
+        chosen = F.code_text_choice(samples, K, "<tool_call>", mode)
+        assert [samples[i] for i in F.code_text_picks(flags, mode)] == chosen

@@ -364,3 +364,13 @@ def test_worker_processes_give_the_same_output_and_stats(tmp_path, monkeypatch, 
     assert one == two and len(one) > 100
     for key in ("funnel", "selection", "rows_read", "rows_written", "input_files"):
         assert stats_one[key] == stats_two[key], key
+
+
+@pytest.mark.parametrize(
+    "record",
+    [{}, {"input": "a", "output": 'é\u2028\n"\\ 😀'}, {"expected_answer": "3", "id": 7, "x": None}],
+)
+def test_records_are_written_as_json_dumps_writes_them(record):
+    from sftflow.prepare.pipeline import dumps_like_json
+
+    assert dumps_like_json(record) == json.dumps(record)

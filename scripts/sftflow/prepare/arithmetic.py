@@ -175,8 +175,13 @@ def equation_is_correct(equation: str, rel_tol: float) -> bool | None:
         a, op, b, stated = int(simple[1]), simple[2], int(simple[3]), simple[4]
         if op == "/" and b == 0:
             return None
+        if op != "/" and "." not in stated:  # integers: the same comparison as below, without Fraction objects
+            value = a + b if op == "+" else a - b if op == "-" else a * b
+            miss = abs(int(stated) - value)
+            tol = _fraction(rel_tol)
+            return miss == 0 or miss * tol.denominator <= tol.numerator * abs(value)
         value = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else Fraction(a, b)
-        allowed = max(Fraction(rel_tol) * abs(value), stated_tolerance(stated))
+        allowed = max(_fraction(rel_tol) * abs(value), stated_tolerance(stated))
         return abs(Fraction(stated) - value) <= allowed
     sides = equation.split("=")
     try:
@@ -185,10 +190,15 @@ def equation_is_correct(equation: str, rel_tol: float) -> bool | None:
         return None
     first = values[0]
     for side, value in zip(sides[1:], values[1:]):
-        allowed = max(Fraction(rel_tol) * abs(first), stated_tolerance(side) if _is_plain_number(side) else 0)
+        allowed = max(_fraction(rel_tol) * abs(first), stated_tolerance(side) if _is_plain_number(side) else 0)
         if abs(value - first) > allowed:
             return False
     return True
+
+
+@lru_cache(maxsize=8)
+def _fraction(rel_tol: float) -> Fraction:
+    return Fraction(rel_tol)
 
 
 def _is_plain_number(side: str) -> bool:
@@ -205,6 +215,9 @@ def split_equation(equation: str) -> str | None:
     sides = equation.split("=")
     if len(sides) != 2 or not _is_plain_number(sides[1]):
         return None
+    tokens = _side_tokens(sides[0])
+    if tokens is None or _operations(tokens) <= 1:
+        return None  # not an expression, or one operation: nothing to expand (as `len(shown) <= 2` below)
     try:
         steps = solve_steps(sides[0])
         answer = evaluate(sides[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sftflow.errors import SftflowError
+from sftflow.prepare.filters import TextMemo
 from sftflow.prepare.prompts import PromptConfig
 
 
@@ -54,6 +55,7 @@ class Formatter:
             self.mode = "chat_template"
         elif tokenizer is not None:
             self.mode = "bos_prompt"
+        self._rendered_prompts = TextMemo(lambda user: self._render(self.messages(user), add_generation_prompt=True))
 
     def messages(self, user: str, assistant: str | None = None, reasoning: str | None = None) -> list[dict]:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
@@ -77,7 +79,7 @@ class Formatter:
 
     def _prompt_of(self, user: str) -> str:
         if self.mode == "chat_template":
-            return self._render(self.messages(user), add_generation_prompt=True)
+            return self._rendered_prompts(user)  # a problem's seeds share one prompt: rendered once
         text = f"{self.system}\n\n{user}" if self.system else user
         if self.mode == "bos_prompt":
             return (self.tokenizer.bos_token or "") + text

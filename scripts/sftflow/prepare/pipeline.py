@@ -10,12 +10,14 @@ import glob
 import hashlib
 import json
 import logging
+import mmap
 import multiprocessing
 import os
 import random
 import re
 import time
 from collections import defaultdict
+from json.encoder import encode_basestring_ascii as quote_json
 from pathlib import Path
 
 from sftflow.errors import SftflowError
@@ -39,6 +41,17 @@ def _work_in_worker(task):
 
 MAX_EXAMPLES = 20
 _JUDGEMENT = re.compile(r"judge?ment\s*:\s*\**\s*(yes|no)\b", re.IGNORECASE)
+
+
+def dumps_like_json(record: dict) -> str:
+    """json.dumps(record), with its default separators and ASCII escapes: a flat object of strings is joined
+    here from the same C string encoder json.dumps uses (json.dumps' set-up costs more than the encoding)."""
+    parts = []
+    for key, value in record.items():
+        if type(key) is not str or type(value) is not str:
+            return json.dumps(record)
+        parts.append(f"{quote_json(key)}: {quote_json(value)}")
+    return "{" + ", ".join(parts) + "}"
 
 
 def stats_path_for(output_path: str | Path) -> Path:
@@ -118,6 +131,7 @@ class Preparer:
             assistant_end=cfg["assistant_end"],
         )
         self._build_filters()
+        self._emitted: set[bytes] = set()  # digests of the rows this process has formatted and sent
 
     # ----------------------------------------------------------------- set-up
     def _build_filters(self) -> None:
@@ -245,10 +259,18 @@ class Preparer:
             digest = hashlib.blake2b(
                 row[self.input_key].encode() + b"\x00" + row[self.output_key].encode(), digest_size=16
             ).digest()
+            if digest in self._emitted:
+                # This worker already sent this (problem, solution) in an earlier row, which the main process
+                # keeps first: this one is a sure duplicate, so it is not formatted at all.
+                result["rows"].append((digest, None, None, None))
+                row.pop("__where")
+                continue
+            if self.cfg["deduplicate"]:
+                self._emitted.add(digest)
             has_code = self.cfg["code_begin"] in row[self.output_key]  # for code_text_filter
             problem = row[self.input_key]
-            # json.dumps, as NeMo-Skills writes its rows: the same settings give a byte-identical file
-            record = json.dumps(self.to_record(row)).encode("ascii") + b"\n"
+            # json.dumps' text, as NeMo-Skills writes its rows: the same settings give a byte-identical file
+            record = dumps_like_json(self.to_record(row)).encode("ascii") + b"\n"
             result["rows"].append((digest, problem, record, has_code))
         result["filters"] = [stage.take_counts() for stage in self.filters]
         result["length"] = []
@@ -396,6 +418,8 @@ class Preparer:
                     if digest in seen:
                         dedup["dropped"] += 1
                         continue
+                    if payload is None:  # a worker skips only rows it sent before (process_chunk)
+                        raise RuntimeError("internal error: a row skipped as a duplicate was not seen before")
                     seen.add(digest)
                 yield problem, payload, has_code
 
@@ -435,9 +459,15 @@ class Preparer:
             problem_ids.clear()
             order = self._reorder(index)
             with open(spool_path, "rb") as spool, open(tmp, "wb") as out:
-                for off, length, _, _ in order:
-                    spool.seek(off)
-                    out.write(spool.read(length))
+                if offset:  # copy slices of the mapped spool, written in large blocks
+                    with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as records:
+                        block = []
+                        for off, length, _, _ in order:
+                            block.append(records[off : off + length])
+                            if len(block) == 4096:
+                                out.write(b"".join(block))
+                                block = []
+                        out.write(b"".join(block))
             return len(order)
         finally:
             spool_path.unlink(missing_ok=True)
@@ -454,8 +484,7 @@ class Preparer:
         if mode:
             stage = {"stage": "code_text_filter", "mode": mode, "rows_in": len(index), "dropped": 0}
             for pid, entries in groups.items():
-                samples = [{"solution": cfg["code_begin"] if e[3] else "", "__entry": e} for e in entries]
-                groups[pid] = [s["__entry"] for s in F.code_text_choice(samples, "solution", cfg["code_begin"], mode)]
+                groups[pid] = [entries[i] for i in F.code_text_picks([e[3] for e in entries], mode)]
             stage["dropped"] = len(index) - sum(map(len, groups.values()))
             self.stats["code_text_filter"] = stage
         grouped = [entry for entries in groups.values() for entry in entries]
