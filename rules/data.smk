@@ -38,6 +38,7 @@ rule prepare_data:
         out("benchmarks_time", "prepare_data.tsv")
     conda:
         "../envs/data.yaml"
+    threads: cpu_threads()
     resources:
         **cpu_resources(),
     params:

@@ -38,8 +38,8 @@ def cli_schema() -> dict:
     return schema
 
 
-def prepare(cfg: dict, output_path: str) -> dict:
-    stats = Preparer(cfg).run(output_path)
+def prepare(cfg: dict, output_path: str, cores: int | None = None) -> dict:
+    stats = Preparer(cfg, cores).run(output_path)
     for line in summary_lines(stats):
         LOG.info(line)
     return stats
@@ -76,7 +76,7 @@ def run_from_snakemake(smk) -> None:
         cfg["contamination_file"] = str(smk.input.contamination)
     try:
         C.validate(cfg, cli_schema() | {"required": []})
-        prepare(cfg, smk.output.data)
+        prepare(cfg, smk.output.data, cores=smk.threads)
     except SftflowError as err:
         LOG.error("%s", err)
         raise SystemExit(f"error: {err}") from None

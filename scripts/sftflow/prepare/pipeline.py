@@ -23,6 +23,7 @@ from pathlib import Path
 from sftflow.errors import SftflowError
 from sftflow.io import atomic_path, check_input_file, iter_jsonl, parse_json_object, write_json
 from sftflow.mathtext import normalize_problem
+from sftflow.packing.stream import available_cpus
 from sftflow.prepare import filters as F
 from sftflow.prepare.formatting import Formatter, load_tokenizer
 from sftflow.prepare.prompts import load_prompt_config
@@ -112,8 +113,10 @@ def load_contaminated(path: str, key: str) -> tuple[set[str], int, list[dict]]:
 
 
 class Preparer:
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, cores: int | None = None):
+        """`cfg`: a prepare_data config section; `cores` (the rule's threads) caps the automatic worker count."""
         self.cfg = cfg
+        self.cores = cores
         self.input_key = cfg["input_key"]
         self.output_key = cfg["output_key"]
         self.stats: dict = {"input_files": [], "invalid_rows": {"count": 0, "examples": []}}
@@ -371,7 +374,7 @@ class Preparer:
 
     def _results(self, files: list[Path]):
         """Chunk results in input order, computed in worker processes when there is enough work."""
-        workers = self.cfg["num_workers"] or min(os.cpu_count() or 1, 8)
+        workers = self.cfg["num_workers"] or min(available_cpus(), self.cores or 8)
         chunks = self.raw_chunks(files)
         total_bytes = sum(p.stat().st_size for p in files if p.is_file())
         if workers <= 1 or total_bytes < PARALLEL_MIN_BYTES:
