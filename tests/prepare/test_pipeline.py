@@ -97,6 +97,19 @@ def test_dedup_across_files_and_skip_first(tmp_path):
     assert len(out) == 3
 
 
+def test_a_worker_forgetting_the_rows_it_sent_changes_nothing(tmp_path, monkeypatch):
+    """A worker skips formatting rows it sent before (sure duplicates); its memory of them is bounded, and
+    forgetting (here after every 2 rows) gives the same file and the same counts."""
+    from sftflow.prepare import pipeline
+
+    rows = [row(f"p{i % 3}", f"s{i % 4}") for i in range(40)]
+    _, out, stats = prepare(tmp_path / "a", {"a.jsonl": rows})
+    monkeypatch.setattr(pipeline, "EMITTED_MAX", 2)
+    _, forgetful, forgetful_stats = prepare(tmp_path / "b", {"a.jsonl": rows})
+    assert forgetful == out and len(out) == 12
+    assert forgetful_stats["funnel"] == stats["funnel"]
+
+
 def test_exclude_optional_keys_and_metadata(tmp_path):
     rows = [row("p", "s", True, predicted_answer="1", level="Level 3")]
     _, out, _ = prepare(tmp_path, {"a.jsonl": rows}, "++metadata={dataset: demo, generation_type: cot}")

@@ -112,6 +112,11 @@ def load_contaminated(path: str, key: str) -> tuple[set[str], int, list[dict]]:
     return contaminated, rows, matches
 
 
+# Digests a worker remembers of the rows it sent (~100 bytes each), to skip formatting sure duplicates; when
+# full it forgets them all, and a repeated row is formatted again and dropped by the main process instead.
+EMITTED_MAX = 1 << 20
+
+
 class Preparer:
     def __init__(self, cfg: dict, cores: int | None = None):
         """`cfg`: a prepare_data config section; `cores` (the rule's threads) caps the automatic worker count."""
@@ -269,6 +274,8 @@ class Preparer:
                 row.pop("__where")
                 continue
             if self.cfg["deduplicate"]:
+                if len(self._emitted) >= EMITTED_MAX:  # bounded memory: forgetting only costs formatting work
+                    self._emitted.clear()
                 self._emitted.add(digest)
             has_code = self.cfg["code_begin"] in row[self.output_key]  # for code_text_filter
             problem = row[self.input_key]
