@@ -46,7 +46,7 @@ TOO_LARGE = {
     "transformer-engine": "transformer_engine_cu13 2.20.2 is a 264 MiB wheel, and its torch extension is an sdist "
     "that compiles against the image's CUDA torch (megatron falls back to its local layers)",
     "flash-attn": "2.8.3.post2 is an sdist on PyPI (hours of CUDA compilation); prebuilt wheels are ~250 MiB "
-    "(the trainer falls back to per-segment SDPA)",
+    "(training.attention auto picks torch varlen_attn or compiled flex_attention)",
     "vllm": "0.34.0 is a 228 MiB wheel that also pins its own torch build (the eval-server check skips it)",
     "sglang": "needs sgl-kernel and flashinfer, several hundred MiB (the eval-server check skips it)",
     "trtllm": "tensorrt-llm is several GiB (the eval-server check skips it)",
