@@ -54,15 +54,20 @@ def run_variant(args) -> dict:
     else:
         loss = token_loss_sum(head(hidden), targets)
     loss.backward()
+    return _measured(args.variant, chunk, baseline, start, loss, hidden, head.weight)
+
+
+def _measured(variant, chunk, baseline, start, loss, hidden, weight) -> dict:
+    """One variant's result, taken right after its backward pass."""
     seconds = time.perf_counter() - start
     return {
-        "variant": args.variant,
+        "variant": variant,
         "chunk_tokens": chunk,
         "peak_mib": round((_peak_rss() - baseline) / MIB, 1),
         "seconds": round(seconds, 2),
         "loss": float(loss),
         "hidden_grad_norm": float(hidden.grad.norm()),
-        "weight_grad_norm": float(head.weight.grad.norm()),
+        "weight_grad_norm": float(weight.grad.norm()),
     }
 
 
@@ -109,16 +114,7 @@ def run_megatron_variant(args) -> dict:
     start = time.perf_counter()
     loss = loss_of(hidden, labels, loss_mask)
     loss.backward()
-    seconds = time.perf_counter() - start
-    result = {
-        "variant": args.variant,
-        "chunk_tokens": chunk,
-        "peak_mib": round((_peak_rss() - baseline) / MIB, 1),
-        "seconds": round(seconds, 2),
-        "loss": float(loss),
-        "hidden_grad_norm": float(hidden.grad.norm()),
-        "weight_grad_norm": float(layer.weight.grad.norm()),
-    }
+    result = _measured(args.variant, chunk, baseline, start, loss, hidden, layer.weight)
     dist.destroy_process_group()
     return result
 

@@ -301,9 +301,14 @@ def train_threads():
     return gpu_job_threads(config["training"]["num_gpus"])
 
 
-def eval_threads():
+def eval_server_gpus():
+    """GPUs of an evaluation job: the server's, none when it uses a running server (server_type openai)."""
     e = config["eval"]
-    return gpu_job_threads(e["server_gpus"] if e["server_type"] != "openai" else 0)
+    return e["server_gpus"] if e["server_type"] != "openai" else 0
+
+
+def eval_threads():
+    return gpu_job_threads(eval_server_gpus())
 
 
 def _gpu_job_resources(nodes, gpus_per_node, runtime):
@@ -334,9 +339,7 @@ def train_resources():
 
 
 def eval_resources():
-    e = config["eval"]
-    gpus = e["server_gpus"] if e["server_type"] != "openai" else 0
-    return _gpu_job_resources(1, gpus, config["slurm"]["eval_runtime"])
+    return _gpu_job_resources(1, eval_server_gpus(), config["slurm"]["eval_runtime"])
 
 
 def deleted_targets():
