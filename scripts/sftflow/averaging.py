@@ -2,10 +2,10 @@
 
 The NeMo-Skills `--average_steps=100,200,300` equivalent: the element-wise mean of every weight over
 the models `results/hf_models/step_N/`. Memory stays bounded by a few fixed-size chunks, not by the
-number or size of the models: the safetensors headers are parsed here, every tensor is read in chunks
-of at most CHUNK_ELEMENTS elements with plain file reads (no mmap, so input pages never count toward
-the process's RSS), summed in float32 (float64 for float64 weights), divided, cast back to the weights'
-dtype and appended to a safetensors file whose header was written first. Output (written under a
+number or size of the models: every tensor is read with the safetensors library (`safe_open`) in chunks
+of at most CHUNK_ELEMENTS elements (whole rows: a chunk is larger only when one row of a tensor is),
+summed in float32 (float64 for float64 weights), divided, cast back to the weights' dtype and appended
+to a safetensors file whose header was written first (sftflow.safetensors_io). Output (written under a
 temporary name, renamed when complete):
 
     model.safetensors, or the first model's shards   same file names and tensor -> shard grouping
@@ -13,7 +13,8 @@ temporary name, renamed when complete):
     config.json, tokenizer files, chat template ...  copied from the LAST model (the most trained one)
     sftflow_average.json                             the averaged steps and source dirs, tensors, dtypes
 
-torch is imported inside the functions that need it, so `check_average_steps` can run at DAG-build time.
+torch and safetensors are imported inside the functions that need them, so `check_average_steps` can run
+at DAG-build time.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ import json
 import logging
 import re
 import shutil
-import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -35,43 +35,43 @@ from pathlib import Path
 from sftflow.errors import SftflowError
 from sftflow.io import atomic_path
 from sftflow.logs import setup_logging
+from sftflow.safetensors_io import INDEX_FILE, ITEMSIZE, StreamingSafetensorsWriter, read_weight_index
 
 LOG = logging.getLogger("sftflow.averaging")
 
 CONFIG_KEY = "training.average_steps"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 EXPORT_RECORD = "sftflow_export.json"
 AVERAGE_RECORD = "sftflow_average.json"
 CHUNK_ELEMENTS = 4 * 1024**2  # 16 MiB of float32 sum: a few times that is the working memory
-MAX_HEADER_BYTES = 100 * 1024**2  # the safetensors library's own limit
 
-# safetensors dtype code -> (torch dtype name, bytes per element); these can be averaged
+# safetensors dtype code -> torch dtype name, of the dtypes that can be averaged
 FLOAT_DTYPES = {
-    "F64": ("float64", 8),
-    "F32": ("float32", 4),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
 }
-NON_FLOAT_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"}
+NON_FLOAT_DTYPES = set(ITEMSIZE) - set(FLOAT_DTYPES)
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor's bytes lie in a safetensors file."""
+    """One tensor of a safetensors file, as its header describes it."""
 
     name: str
     dtype: str  # safetensors code, e.g. "BF16"
     shape: tuple[int, ...]
     file: Path
-    begin: int  # absolute file offset of the first byte
-    nbytes: int
 
     @property
     def numel(self) -> int:
         return prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
 
 
 @dataclass
@@ -80,43 +80,24 @@ class ModelWeights:
 
     model_dir: Path
     tensors: dict[str, TensorInfo]
-    shards: dict[str, list[str]]  # file name -> tensor names, in file order
+    shards: dict[str, list[str]]  # file name -> tensor names
     file_metadata: dict[str, dict]  # file name -> the header's __metadata__
     index_metadata: dict | None  # model.safetensors.index.json "metadata"; None for a single file
 
 
 def read_safetensors_header(path: Path) -> tuple[list[TensorInfo], dict]:
-    """(tensors in data order, __metadata__) of a safetensors file, from its header alone."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) < 8:
-            raise SftflowError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > min(MAX_HEADER_BYTES, size - 8):
-            raise SftflowError(f"{path}: not a safetensors file (header length {header_len}, file size {size})")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, ValueError) as err:
-            raise SftflowError(f"{path}: not a safetensors file (header is not JSON: {err})") from None
-    if not isinstance(header, dict):
-        raise SftflowError(f"{path}: not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_len
-    tensors = []
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise SftflowError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}") from None
-        itemsize = FLOAT_DTYPES[dtype][1] if dtype in FLOAT_DTYPES else None
-        if not 0 <= begin <= end <= size - data_start or (itemsize and end - begin != prod(shape) * itemsize):
-            raise SftflowError(
-                f"{path}: tensor {name!r} ({dtype}, shape {list(shape)}) has data offsets [{begin}, {end}] "
-                f"that do not fit its shape or the file ({size} bytes); the file is truncated or corrupt"
-            )
-        tensors.append(TensorInfo(name, dtype, shape, path, data_start + begin, end - begin))
-    tensors.sort(key=lambda t: t.begin)
+    """(tensors, __metadata__) of a safetensors file, from its header (the library checks that the data fits it)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            tensors = [TensorInfo(n, s.get_dtype(), tuple(s.get_shape()), path) for n, s in slices.items()]
+    except SafetensorError as err:
+        raise SftflowError(
+            f"{path}: tensor data or header unreadable by the safetensors library ({err}); the file is truncated or corrupt"
+        ) from None
     return tensors, metadata
 
 
@@ -125,25 +106,12 @@ def read_model_weights(model_dir: Path) -> ModelWeights:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise SftflowError(f"{model_dir}: model directory not found")
-    if (model_dir / INDEX_FILE).is_file():
-        try:
-            index = json.loads((model_dir / INDEX_FILE).read_text(encoding="utf-8"))
-            weight_map = dict(index["weight_map"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise SftflowError(f"{model_dir / INDEX_FILE}: not a safetensors index ({err!r})") from None
-        index_metadata = dict(index.get("metadata") or {})
-        files = list(dict.fromkeys(sorted(weight_map.values())))
-    elif (model_dir / SINGLE_FILE).is_file():
-        weight_map, index_metadata, files = None, None, [SINGLE_FILE]
-    else:
-        raise SftflowError(
-            f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}; expected an HF model directory with safetensors "
-            "weights (as written by convert_step)"
-        )
+    index = read_weight_index(model_dir, "an HF model directory with safetensors weights (as written by convert_step)")
+    weight_map = index.weight_map
     tensors: dict[str, TensorInfo] = {}
     shards: dict[str, list[str]] = {}
     file_metadata: dict[str, dict] = {}
-    for filename in files:
+    for filename in index.files:
         path = model_dir / filename
         if not path.is_file():
             raise SftflowError(f"{model_dir / INDEX_FILE}: lists weight file {filename}, which is missing")
@@ -163,7 +131,7 @@ def read_model_weights(model_dir: Path) -> ModelWeights:
         raise SftflowError(f"{model_dir}: tensor {missing!r} is in {INDEX_FILE} but in none of the weight files")
     if not tensors:
         raise SftflowError(f"{model_dir}: the weight files hold no tensors")
-    return ModelWeights(model_dir, tensors, shards, file_metadata, index_metadata)
+    return ModelWeights(model_dir, tensors, shards, file_metadata, index.metadata)
 
 
 def _first_few(names: set[str], k: int = 3) -> str:
@@ -208,108 +176,98 @@ def check_compatible(models: Sequence[ModelWeights]) -> None:
                 )
 
 
-class StreamingSafetensorsWriter:
-    """Write a safetensors file tensor by tensor: the header (names, dtypes, shapes) first, then the bytes in order."""
-
-    def __init__(self, path: Path, tensors: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict) -> None:
-        header: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
-        self.expected: list[tuple[str, int]] = []
-        offset = 0
-        for name, dtype, shape in tensors:
-            nbytes = prod(shape) * FLOAT_DTYPES[dtype][1]
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self.expected.append((name, nbytes))
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)  # keep the data buffer 8-byte aligned, as the safetensors library does
-        self.data_bytes = offset
-        self.path = path
-        self._file = open(path, "wb")  # noqa: SIM115 (closed by __exit__)
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
-        self._next = 0  # index in self.expected of the tensor being written
-        self._written = 0  # bytes of it written so far
-        self._skip_empty()
-
-    def _skip_empty(self) -> None:
-        while self._next < len(self.expected) and self.expected[self._next][1] == 0:
-            self._next += 1
-
-    def write(self, name: str, data: memoryview | bytes) -> None:
-        """Append (part of) tensor `name`'s bytes; tensors must come in header order."""
-        expected_name, nbytes = self.expected[self._next] if self._next < len(self.expected) else (None, 0)
-        if name != expected_name or self._written + len(data) > nbytes:
-            raise RuntimeError(
-                f"internal error: {self.path}: got {len(data)} bytes of {name}, expected {expected_name}"
-            )
-        self._file.write(data)
-        self._written += len(data)
-        if self._written == nbytes:
-            self._next, self._written = self._next + 1, 0
-            self._skip_empty()
-
-    def __enter__(self) -> StreamingSafetensorsWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._file.close()
-        if exc_type is None and self._next != len(self.expected):
-            raise RuntimeError(
-                f"internal error: {self.path}: only {self._next} of {len(self.expected)} tensors written"
-            )
+def _row_chunks(shape: tuple[int, ...], chunk: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) ranges of rows (along the first dimension) holding about `chunk` elements, one row at least."""
+    if not shape:
+        yield 0, 1  # a scalar: one "row"
+        return
+    row = prod(shape[1:])
+    rows = max(1, chunk // row) if row else shape[0]
+    for start in range(0, shape[0], rows):
+        yield start, min(start + rows, shape[0])
 
 
-def _read_exact(path: Path, offset: int, out) -> None:
-    """Fill the writable buffer `out` with the bytes of `path` from `offset` on (plain reads, no mmap)."""
-    view = memoryview(out).cast("B")
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        done = 0
-        while done < len(view):
-            got = f.readinto(view[done:])
-            if not got:
-                raise SftflowError(f"{path}: file ends at byte {offset + done}, inside a tensor; it is truncated")
-            done += got
+def _chunk_capacity(tensors, chunk: int) -> int:
+    """The most elements one chunk of `_row_chunks` holds over `tensors` (chunk, or a row larger than it)."""
+    most = 1
+    for t in tensors:
+        for start, stop in _row_chunks(t.shape, chunk):
+            most = max(most, (stop - start) * prod(t.shape[1:]))
+            break
+    return most
+
+
+class _Readers:
+    """safe_open handles of the models' weight files, each opened on first use.
+
+    The library maps a file into memory: the pages a read touches count toward the process's RSS until the
+    file is closed. So every file is closed again once `budget` bytes have been read, which bounds the RSS
+    that reading adds (without it, averaging n models would hold all n in RSS by the end).
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._handles: dict[Path, object] = {}
+        self._read = 0
+
+    def handle(self, path: Path):
+        if self._read >= self.budget:
+            self._handles.clear()  # unmapped once the tensors read from them are gone too
+            self._read = 0
+        if path not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[path] = safe_open(str(path), framework="pt")
+        return self._handles[path]
+
+    def count(self, nbytes: int) -> None:
+        self._read += nbytes
+
+
+def _read_rows(readers: _Readers, source: TensorInfo, start: int, stop: int):
+    """Rows [start, stop) of a tensor, flat (the whole tensor for a scalar); valid until the next read."""
+    handle = readers.handle(source.file)
+    values = handle.get_tensor(source.name) if not source.shape else handle.get_slice(source.name)[start:stop]
+    readers.count(values.numel() * ITEMSIZE[source.dtype])
+    return values.reshape(-1)
 
 
 def _average_tensor(
-    name: str, models: Sequence[ModelWeights], writer: StreamingSafetensorsWriter, buffers, chunk: int
+    name: str,
+    models: Sequence[ModelWeights],
+    readers: _Readers,
+    writer: StreamingSafetensorsWriter,
+    buffers,
+    chunk: int,
 ) -> None:
-    """Stream the mean of tensor `name` over `models` into `writer`, `chunk` elements at a time."""
+    """Stream the mean of tensor `name` over `models` into `writer`, about `chunk` elements at a time."""
     import torch
 
-    read_buffer, sum_buffer, cast_buffer = buffers
+    sum_buffer, cast_buffer = buffers
     info = models[0].tensors[name]
-    dtype_name, itemsize = FLOAT_DTYPES[info.dtype]
-    dtype = getattr(torch, dtype_name)
+    dtype = getattr(torch, FLOAT_DTYPES[info.dtype])
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    for start in range(0, info.numel, chunk):
-        count = min(chunk, info.numel - start)
+    for start, stop in _row_chunks(info.shape, chunk):
+        count = (stop - start) * prod(info.shape[1:])
         acc = sum_buffer[: count * acc_dtype.itemsize].view(acc_dtype)
-        raw = read_buffer[: count * itemsize]
         # add_ of another dtype would allocate a converted copy per call; convert into a reused buffer instead
-        values = raw.view(dtype) if dtype == acc_dtype else cast_buffer[: count * acc_dtype.itemsize].view(acc_dtype)
+        converted = cast_buffer[: count * acc_dtype.itemsize].view(acc_dtype)
         for i, model in enumerate(models):
-            source = model.tensors[name]
-            _read_exact(source.file, source.begin + start * itemsize, raw.numpy())
+            values = _read_rows(readers, model.tensors[name], start, stop)
             if i == 0:
-                acc.copy_(raw.view(dtype))
-                continue
-            if dtype != acc_dtype:
-                values.copy_(raw.view(dtype))
-            acc.add_(values)
+                acc.copy_(values)
+            elif dtype == acc_dtype:
+                acc.add_(values)
+            else:
+                converted.copy_(values)
+                acc.add_(converted)
         acc.div_(len(models))
         if dtype == acc_dtype:
             out = acc
         else:
-            out = raw.view(dtype)  # the read buffer is free again: cast the mean back into it
+            out = cast_buffer[: count * dtype.itemsize].view(dtype)
             out.copy_(acc)  # round to nearest, like .to(dtype)
-        writer.write(name, out.view(torch.uint8).numpy().data)
-
-
-def _output_order(model: ModelWeights, filename: str) -> list[str]:
-    # The safetensors library's order: widest dtype first, then by name, so every tensor stays aligned.
-    names = model.shards[filename]
-    return sorted(names, key=lambda n: (-FLOAT_DTYPES[model.tensors[n].dtype][1], n))
+        writer.write(name, out.view(torch.uint8).numpy())
 
 
 def _check_steps(model_dirs: Sequence[Path], steps: Sequence[int] | None) -> list[int | None]:
@@ -351,6 +309,28 @@ def _copy_non_weight_files(source: Path, dest: Path) -> list[str]:
     return copied
 
 
+def _write_mean_weights(models: Sequence[ModelWeights], directory: Path, chunk: int, log: logging.Logger) -> None:
+    """The mean of the models' weights, in the first model's weight files (same names, same grouping)."""
+    import torch
+
+    first = models[0]
+    # Allocated once and reused for every chunk: with the chunk being read, these are the whole working memory.
+    capacity = _chunk_capacity(first.tensors.values(), chunk)
+    widest = max(ITEMSIZE[t.dtype] for t in first.tensors.values())
+    buffers = (
+        torch.empty(capacity * max(widest, 4), dtype=torch.uint8),  # the running sum (float32/float64)
+        torch.empty(capacity * max(widest, 4), dtype=torch.uint8),  # a chunk converted to the sum's dtype, the mean
+    )
+    readers = _Readers(budget=capacity * widest)
+    for filename, names in first.shards.items():
+        layout = [(name, first.tensors[name].dtype, first.tensors[name].shape) for name in names]
+        metadata = {"format": "pt", **first.file_metadata[filename]}
+        with StreamingSafetensorsWriter(directory / filename, layout, metadata) as writer:
+            for name in writer.names:
+                _average_tensor(name, models, readers, writer, buffers, chunk)
+        log.info("wrote %s (%d tensors, %.2f GB)", filename, len(names), writer.data_bytes / 1e9)
+
+
 def average_hf_models(
     model_dirs: Sequence[Path],
     output_dir: Path,
@@ -365,8 +345,6 @@ def average_hf_models(
     when the models are given in step order. `steps` (one per model) are recorded and checked against
     each dir's name step_N and its sftflow_export.json.
     """
-    import torch
-
     if sys.byteorder != "little":
         raise SftflowError("checkpoint averaging needs a little-endian machine (safetensors data is little-endian)")
     model_dirs = [Path(d) for d in model_dirs]
@@ -395,25 +373,10 @@ def average_hf_models(
         sum(t.nbytes for t in first.tensors.values()) / 1e9,
         output_dir,
     )
-    # Allocated once and reused for every chunk: these buffers are the whole working memory.
-    widest = max(FLOAT_DTYPES[t.dtype][1] for t in first.tensors.values())
-    buffers = (
-        torch.empty(chunk_elements * widest, dtype=torch.uint8),  # one model's chunk as stored, then the mean
-        torch.empty(chunk_elements * max(widest, 4), dtype=torch.uint8),  # the running sum (float32/float64)
-        torch.empty(chunk_elements * max(widest, 4), dtype=torch.uint8),  # a chunk converted to the sum's dtype
-    )
+    widest = max(ITEMSIZE[t.dtype] for t in first.tensors.values())
     with atomic_path(output_dir) as tmp:
         tmp.mkdir(parents=True)
-        for filename, names in first.shards.items():
-            order = _output_order(first, filename)
-            layout = [(name, first.tensors[name].dtype, first.tensors[name].shape) for name in order]
-            with StreamingSafetensorsWriter(
-                tmp / filename, layout, {"format": "pt", **first.file_metadata[filename]}
-            ) as writer:
-                for name in order:
-                    _average_tensor(name, models, writer, buffers, chunk_elements)
-            log.info("wrote %s (%d tensors, %.2f GB)", filename, len(names), writer.data_bytes / 1e9)
-
+        _write_mean_weights(models, tmp, chunk_elements, log)
         total_size = sum(t.nbytes for t in first.tensors.values())
         if first.index_metadata is not None:
             index_metadata = {**first.index_metadata, "total_size": total_size}
@@ -423,7 +386,7 @@ def average_hf_models(
             index = {"metadata": index_metadata, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         copied = _copy_non_weight_files(model_dirs[-1], tmp)
-        dtypes = Counter(FLOAT_DTYPES[t.dtype][0] for t in first.tensors.values())
+        dtypes = Counter(FLOAT_DTYPES[t.dtype] for t in first.tensors.values())
         record = {
             "method": "mean",
             "steps": labels,

@@ -217,14 +217,14 @@ def test_a_failure_while_writing_leaves_no_output_and_keeps_an_older_one(tmp_pat
     out = tmp_path / "avg"
     calls = []
 
-    def failing_read(path, offset, buffer):
-        calls.append(path)
+    def failing_read(*args):
+        calls.append(args)
         if len(calls) == 3:
             raise OSError("disk error")
-        return real_read(path, offset, buffer)
+        return real_read(*args)
 
-    real_read = averaging._read_exact
-    monkeypatch.setattr(averaging, "_read_exact", failing_read)
+    real_read = averaging._read_rows
+    monkeypatch.setattr(averaging, "_read_rows", failing_read)
     with pytest.raises(OSError, match="disk error"):
         average_hf_models(dirs, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no output, no temporary

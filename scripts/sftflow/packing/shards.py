@@ -5,7 +5,6 @@ from __future__ import annotations
 import bisect
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from sftflow.errors import SftflowError
+from sftflow.safetensors_io import StreamingSafetensorsWriter
 
 FORMAT = "sftflow-packed-v1"
 SHARD_NAME = "shard_{:05d}.safetensors"
@@ -127,37 +127,25 @@ def _write_shard(
 ) -> int:
     """Write one shard as safetensors, tokens streamed a block of sequences at a time; return its loss tokens.
 
-    The bytes are those of safetensors' save_file (compact JSON header, metadata first, tensors by
-    alignment then name, header padded to 8 bytes) without holding the shard's tokens in memory twice.
+    The bytes are those of safetensors' save_file, without holding the shard's tokens in memory twice.
     """
     n = int(cu[-1])
-    header: dict = {"__metadata__": {"format": FORMAT}}
-    offset = 0
-    for name, dtype, count, size in (
-        ("bin_offsets", "I64", len(bin_offsets), 8),
-        ("cu_seqlens", "I64", len(cu), 8),
-        ("tokens", "I32", n, 4),
-        ("loss_mask", "U8", n, 1),
-    ):
-        header[name] = {"dtype": dtype, "shape": [count], "data_offsets": [offset, offset + count * size]}
-        offset += count * size
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+    layout = [("bin_offsets", "I64", (len(bin_offsets),)), ("cu_seqlens", "I64", (len(cu),))]
+    layout += [("tokens", "I32", (n,)), ("loss_mask", "U8", (n,))]
     masks: list[np.ndarray] = []  # 1 byte per token, written after all the tokens
     loss_tokens = 0
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.write(np.ascontiguousarray(bin_offsets, dtype="<i8").tobytes())
-        f.write(np.ascontiguousarray(cu, dtype="<i8").tobytes())
+    with StreamingSafetensorsWriter(path, layout, {"format": FORMAT}) as writer:
+        writer.write("bin_offsets", np.ascontiguousarray(bin_offsets, dtype="<i8"))
+        writer.write("cu_seqlens", np.ascontiguousarray(cu, dtype="<i8"))
         for first in range(0, len(starts), WRITE_BLOCK_SEQUENCES):
             block = slice(first, first + WRITE_BLOCK_SEQUENCES)
             tokens, mask = source.read(starts[block], seq_lens[block])
-            f.write(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
+            writer.write("tokens", np.ascontiguousarray(tokens, dtype="<i4"))
             block_cu = cu[first : first + WRITE_BLOCK_SEQUENCES + 1] - cu[first]
             loss_tokens += trainable_loss_tokens(mask, block_cu)
             masks.append(np.ascontiguousarray(mask, dtype=np.uint8))
         for mask in masks:
-            f.write(mask.tobytes())
+            writer.write("loss_mask", mask)
     return loss_tokens
 
 
