@@ -209,15 +209,6 @@ class GradingStats:
     timeouts: int = 0
     error_examples: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "graded": self.graded,
-            "correct": self.correct,
-            "no_answer": self.no_answer,
-            "errors": self.errors,
-            "timeouts": self.timeouts,
-        }
-
 
 @dataclass(frozen=True)
 class Grade:

@@ -133,8 +133,3 @@ def bins_from_assignment(bin_of: np.ndarray, lengths: Sequence[int] | np.ndarray
 def pack_lengths(lengths: Sequence[int] | np.ndarray, capacity: int, algorithm: str) -> list[list[int]]:
     """Pack sequence lengths into bins of `capacity`; return each bin's sequence ids (every id exactly once)."""
     return bins_from_assignment(assign_bins(lengths, capacity, algorithm), lengths)
-
-
-def one_per_bin(num_sequences: int) -> list[list[int]]:
-    """The no-packing layout: bin i holds only sequence i."""
-    return [[i] for i in range(num_sequences)]
