@@ -8,6 +8,7 @@ to its output whatever the number of workers and however the rows are cut into c
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,7 @@ def test_streaming_equals_in_memory_reference(tmp_path, demo_tok, monkeypatch, c
     rows = fixture_rows()
     src = write_jsonl(tmp_path / "sft.jsonl", rows)
     src.write_text(src.read_text().replace("\n", "\n\n", 3))  # blank lines are skipped, as before
-    full = packing_pipeline.validate_cfg(cfg)
+    full = asdict(packing_pipeline.PackingConfig.from_section(cfg))
     reference_pack(rows, tmp_path / "reference", demo_tok, full, str(src))
     expected = files_of(tmp_path / "reference")
     assert len(expected) > 3  # several shards
@@ -152,9 +153,12 @@ def test_automatic_workers_follow_the_cores_and_the_rules_threads(tmp_path, monk
     big, small = tmp_path / "big.jsonl", tmp_path / "small.jsonl"
     big.write_text("x" * 100)
     small.write_text("x")
-    auto = {"num_workers": None}
+    auto = packing_pipeline.PackingConfig.from_section({"num_workers": None})
     assert packing_pipeline._num_workers(auto, big) == 4
     assert packing_pipeline._num_workers(auto, big, cores=2) == 2
     assert packing_pipeline._num_workers(auto, big, cores=16) == 4
     assert packing_pipeline._num_workers(auto, small, cores=2) == 1
-    assert packing_pipeline._num_workers({"num_workers": 3}, small, cores=2) == 3
+    assert (
+        packing_pipeline._num_workers(packing_pipeline.PackingConfig.from_section({"num_workers": 3}), small, cores=2)
+        == 3
+    )

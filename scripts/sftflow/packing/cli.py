@@ -9,7 +9,7 @@ import sys
 from sftflow.errors import SftflowError
 from sftflow.logs import setup_logging
 from sftflow.packing.binpack import ALGORITHMS
-from sftflow.packing.pipeline import pack_jsonl
+from sftflow.packing.pipeline import PackingConfig, pack_jsonl
 
 LOG = logging.getLogger("sftflow.packing")
 
@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             cfg[key] = value
     try:
-        pack_jsonl(args.input, args.output, args.tokenizer, cfg, chat_template=args.chat_template)
+        pack_jsonl(
+            args.input, args.output, args.tokenizer, PackingConfig.from_section(cfg), chat_template=args.chat_template
+        )
     except SftflowError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -58,7 +60,7 @@ def run_from_snakemake(smk) -> None:
             str(smk.input.data),
             str(smk.output.packed),
             smk.params.tokenizer,
-            dict(smk.params.cfg),
+            PackingConfig.from_section(smk.params.cfg),
             chat_template=smk.params.chat_template,
             chat_template_kwargs=dict(smk.params.get("chat_template_kwargs", None) or {}),
             cores=smk.threads,

@@ -8,6 +8,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,24 @@ PARALLEL_MIN_BYTES = 2**20
 LOG_EVERY_ROWS = 100_000
 
 
-def validate_cfg(cfg: dict) -> dict:
-    """A defaults-filled, schema-checked copy of a `packing:` config section (errors name packing.<key>)."""
-    return C.validate(copy.deepcopy(dict(cfg)), C.section_schema("packing"), prefix="packing")
+@dataclass(frozen=True)
+class PackingConfig:
+    """The `packing:` config section, schema-checked and defaults filled (see config/README.md for each key)."""
+
+    enabled: bool
+    max_total_sequence_length: int
+    algorithm: str
+    overlong: str
+    bins_per_shard: int
+    seed: int
+    num_workers: int | None
+
+    @classmethod
+    def from_section(cls, cfg: Mapping | PackingConfig) -> PackingConfig:
+        """From a `packing:` section (missing keys take the schema defaults; errors name packing.<key>)."""
+        if isinstance(cfg, PackingConfig):
+            return cfg
+        return cls(**C.validate(copy.deepcopy(dict(cfg)), C.section_schema("packing"), prefix="packing"))
 
 
 def _load_tokenizer(tokenizer: Any, chat_template: str | None) -> tuple[Any, str]:
@@ -61,7 +78,7 @@ def pack_jsonl(
     input_path: str | os.PathLike,
     output_dir: str | os.PathLike,
     tokenizer: Any,
-    cfg: dict,
+    cfg: Mapping | PackingConfig,
     *,
     chat_template: str | None = None,
     chat_template_kwargs: dict | None = None,
@@ -70,7 +87,7 @@ def pack_jsonl(
     """Tokenize, filter and pack `input_path` into the sftflow-packed-v1 directory `output_dir`; return the stats.
 
     `tokenizer` is a loaded HF tokenizer or a path/hub name (then `chat_template`, a Jinja file, replaces
-    its template); `cfg` is a `packing:` config section (missing keys take the schema defaults);
+    its template); `cfg` is a PackingConfig or a `packing:` config section (missing keys take the schema defaults);
     `chat_template_kwargs` go to the template when rendering messages rows; `cores` (the rule's threads) caps
     the automatic number of workers. Nothing is left at
     `output_dir` if anything fails.
@@ -82,13 +99,13 @@ def pack_jsonl(
     the same whatever the number of workers.
     """
     t_start = time.perf_counter()
-    cfg = validate_cfg(cfg)
+    cfg = PackingConfig.from_section(cfg)
     input_path = Path(input_path)
     tok, tok_name = _load_tokenizer(tokenizer, chat_template)
     pad_id = _pad_token_id(tok, tok_name)
-    max_len = cfg["max_total_sequence_length"]
+    max_len = cfg.max_total_sequence_length
     workers = _num_workers(cfg, input_path, cores)
-    job = ChunkTokenizer(str(input_path), tok, chat_template_kwargs, max_len, cfg["overlong"])
+    job = ChunkTokenizer(str(input_path), tok, chat_template_kwargs, max_len, cfg.overlong)
 
     with atomic_path(output_dir) as tmp:
         tmp.mkdir()
@@ -102,18 +119,18 @@ def pack_jsonl(
                 "packing.max_total_sequence_length"
             )
         seq_offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lens, dtype=np.int64)])
-        bin_of = assign_bins(lens, max_len, cfg["algorithm"]) if cfg["enabled"] else np.arange(len(lens))
-        seq_order, bin_sizes = _shuffled_layout(bin_of, lens, cfg["seed"])
+        bin_of = assign_bins(lens, max_len, cfg.algorithm) if cfg.enabled else np.arange(len(lens))
+        seq_order, bin_sizes = _shuffled_layout(bin_of, lens, cfg.seed)
         del bin_of
         t_packed = time.perf_counter()
         meta = {
-            "packing": cfg["enabled"],
+            "packing": cfg.enabled,
             "max_total_sequence_length": max_len,
             "pad_token_id": pad_id,
             "tokenizer": tok_name,
             "source": str(input_path),
         }
-        index = write_shards(tmp, spool, seq_offsets, seq_order, bin_sizes, cfg["bins_per_shard"], meta)
+        index = write_shards(tmp, spool, seq_offsets, seq_order, bin_sizes, cfg.bins_per_shard, meta)
         shutil.rmtree(tmp / ".spool")
         t_written = time.perf_counter()
         stats = _stats(cfg, counts, lens, index)
@@ -130,11 +147,11 @@ def pack_jsonl(
     return stats
 
 
-def _num_workers(cfg: dict, input_path: Path, cores: int | None = None) -> int:
+def _num_workers(cfg: PackingConfig, input_path: Path, cores: int | None = None) -> int:
     """packing.num_workers, else one per available core, at most `cores` (one for small inputs: forking costs
     more than it saves)."""
-    if cfg["num_workers"] is not None:
-        return cfg["num_workers"]
+    if cfg.num_workers is not None:
+        return cfg.num_workers
     small = input_path.is_file() and input_path.stat().st_size < PARALLEL_MIN_BYTES
     return 1 if small else min(available_cpus(), cores or available_cpus())
 
@@ -173,22 +190,22 @@ def _shuffled_layout(bin_of: np.ndarray, lengths: np.ndarray, seed: int) -> tupl
     return seq_order, np.bincount(shuffled_bin, minlength=num_bins)
 
 
-def _stats(cfg: dict, counts: dict, lens: np.ndarray, index: dict) -> dict:
-    max_len = cfg["max_total_sequence_length"]
+def _stats(cfg: PackingConfig, counts: dict, lens: np.ndarray, index: dict) -> dict:
+    max_len = cfg.max_total_sequence_length
     num_bins = index["num_bins"]
     total = int(lens.sum(dtype=np.int64))
     lower_bound = math.ceil(total / max_len)
     return {
         "source": index["source"],
         "tokenizer": index["tokenizer"],
-        "packing": cfg["enabled"],
-        "algorithm": cfg["algorithm"] if cfg["enabled"] else None,
+        "packing": cfg.enabled,
+        "algorithm": cfg.algorithm if cfg.enabled else None,
         "max_total_sequence_length": max_len,
         "rows_read": counts["rows"],
         "sequences_kept": len(lens),
         "overlong": {
             "count": counts["overlong"],
-            "action": cfg["overlong"],
+            "action": cfg.overlong,
             "tokens_truncated": counts["truncated_tokens"],
             "tokens_dropped": counts["dropped_overlong_tokens"],
         },
