@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from sftflow.evaluation.run import default_settings  # noqa: E402
+from sftflow.config import yaml_value  # noqa: E402
 from sftflow.evaluation.server import server_command  # noqa: E402
 
 INSTALLED = {
@@ -58,8 +58,8 @@ def run_one(server_type: str, model: Path, bench: Path, root: Path, gpus: int, s
     cmd += ["--benchmark", "demo", "--benchmark-file", str(bench), "--seeds", str(seeds)]
     cmd += ["--output-dir", str(run_dir / "out"), "--resume-dir", str(run_dir / "resume")]
     cmd += ["--server-log", str(run_dir / "server.log"), "--log", str(run_dir / "generate.log")]
-    settings = default_settings(server_type=server_type, max_new_tokens=32, concurrency=16, max_retries=2)
-    cmd += ["--settings", json.dumps(settings), "--"]
+    settings = dict(server_type=server_type, max_new_tokens=32, concurrency=16, max_retries=2)
+    cmd += [f"++eval.{key}={yaml_value(value)}" for key, value in settings.items()] + ["--"]
     cmd += server_command(server_type, str(model), gpus, python=sys.executable)
     started = time.monotonic()
     result = subprocess.run(cmd, capture_output=True, text=True)

@@ -123,18 +123,18 @@ def python_exe():
 
 def eval_result_settings():
     """The eval settings that change the answers (a plain value: the generate rule's rerun trigger)."""
-    from sftflow.evaluation.run import result_settings, settings_from_config
+    from sftflow.evaluation.settings import EvalSettings
 
-    return result_settings(settings_from_config(config))
+    return EvalSettings.from_config(config).result_settings()
 
 
 def generate_command(wildcards, input, output):
-    """The generate rule's command line: scripts/generate.py, then '--' and the server command, all quoted."""
-    import json
+    """The generate rule's command line: scripts/generate.py with the eval settings that differ from the
+    defaults as ++ arguments, then '--' and the server command, all quoted."""
     import shlex
 
-    from sftflow.evaluation.run import settings_from_config
     from sftflow.evaluation.server import server_command
+    from sftflow.evaluation.settings import EvalSettings
 
     e = config["eval"]
     model = input.model[0] if input.model else eval_model_path(wildcards.model)
@@ -170,9 +170,8 @@ def generate_command(wildcards, input, output):
         logs["server"],
         "--log",
         logs["generate"],
-        "--settings",
-        json.dumps(settings_from_config(config)),
     ]
+    args += EvalSettings.override_args(config)
     server = server_command(
         e["server_type"], model, e["server_gpus"], e["server_args"], python=python_exe()
     )

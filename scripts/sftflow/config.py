@@ -337,3 +337,9 @@ def parse_overrides(args: list[str]) -> dict:
                 raise SftflowError(f"argument {arg!r}: '{part}' is set both as a value and as a section")
         node[parts[-1]] = value
     return result
+
+
+def yaml_value(value: Any) -> str:
+    """`value` as the text of a `++key=value` argument that parse_overrides reads back to the same value."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000)
+    return text.removesuffix("\n").removesuffix("\n...").strip()

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.evaluation.run import default_settings
+from sftflow.config import yaml_value
 from sftflow.evaluation.server import server_command
 from tests.conftest import REPO, read_jsonl, write_jsonl
 
-SETTINGS = default_settings(max_new_tokens=12, concurrency=2, max_retries=2, request_timeout=60)
+# eval.* keys that differ from the schema's defaults (the rest keep them, as in the workflow)
+SETTINGS = dict(max_new_tokens=12, concurrency=2, max_retries=2, request_timeout=60)
 SETTINGS.update(server_start_timeout=180, grading_timeout=5)
 NUM_PROBLEMS = 24
 
@@ -61,7 +62,7 @@ def command(
     cmd += ["--benchmark", "demo", "--benchmark-file", str(bench), "--seeds", str(seeds)]
     cmd += ["--output-dir", str(root / run / "out"), "--resume-dir", str(root / "resume")]
     cmd += ["--server-log", str(root / run / "server.log"), "--log", str(root / run / "generate.log")]
-    cmd += ["--settings", json.dumps({**SETTINGS, **settings}), "--"]
+    cmd += [f"++eval.{key}={yaml_value(value)}" for key, value in {**SETTINGS, **settings}.items()] + ["--"]
     if answer is not None:
         cmd += [sys.executable, str(Path(__file__).with_name("gated_server.py")), "--answer", str(answer), "--"]
     return cmd + server_command("transformers", str(model), 0, python=sys.executable)
@@ -197,11 +198,11 @@ def test_openai_server_type_uses_a_running_server_and_starts_none(tiny_model, be
     assert reference.returncode == 0, reference.stderr[-3000:]
     cmd = server_command("transformers", str(tiny_model), 0, python=sys.executable)
     with InferenceServer(cmd, tmp_path / "user_server.log", start_timeout=180) as server:
-        cmd = command(tiny_model, benchmark_file, tmp_path / "openai", "run", max_samples=5, server_type="openai")
+        openai = dict(server_address=server.base_url, server_model=str(tiny_model), api_key_env="SFTFLOW_TEST_KEY")
+        cmd = command(
+            tiny_model, benchmark_file, tmp_path / "openai", "run", max_samples=5, server_type="openai", **openai
+        )
         cmd = cmd[: cmd.index("--")]  # no server command
-        settings = json.loads(cmd[cmd.index("--settings") + 1])
-        settings.update(server_address=server.base_url, server_model=str(tiny_model), api_key_env="SFTFLOW_TEST_KEY")
-        cmd[cmd.index("--settings") + 1] = json.dumps(settings)
         monkeypatch.setenv("SFTFLOW_TEST_KEY", "sk-test-secret-123")
         result = run(cmd)
         assert server.alive()  # ours, untouched

@@ -52,16 +52,19 @@ def test_extract_answer_with_a_regex_instead_of_boxed(generation, regex, expecte
 
 
 def test_a_mostly_unanswered_run_warns_naming_the_prompt_and_the_answer_format():
-    from sftflow.evaluation.run import default_settings, no_answer_warning
+    from dataclasses import replace
 
-    settings = default_settings(prompt_config="generic/default")
+    from sftflow.evaluation.run import no_answer_warning
+    from sftflow.evaluation.settings import EvalSettings
+
+    settings = EvalSettings.from_override_args(["++eval.prompt_config=generic/default"])
     assert no_answer_warning({"no_answer": 49.9}, settings) is None
     warning = no_answer_warning({"no_answer": 100.0}, settings)
     assert warning.startswith("100.0% of the generations have no answer: the grader looks for the last \\boxed{...}")
     assert "eval.prompt_config / prepare_data.prompt_config, now 'generic/default'" in warning
     assert "eval.extract_from_boxed: false and eval.extract_regex" in warning
     regex = no_answer_warning(
-        {"no_answer": 60.0}, {**settings, "extract_from_boxed": False, "extract_regex": "#### (\\S+)"}
+        {"no_answer": 60.0}, replace(settings, extract_from_boxed=False, extract_regex="#### (\\S+)")
     )
     assert "the last match of eval.extract_regex '#### (\\\\S+)'" in regex
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 
 from sftflow.errors import SftflowError
-from sftflow.evaluation.run import default_settings
+from sftflow.evaluation.settings import EvalSettings
 from sftflow.evaluation.summary import summarize
+
+
+def default_settings(**overrides) -> dict:
+    """The settings metrics.json records for the schema's defaults, with `overrides`."""
+    return {**asdict(EvalSettings.from_override_args([])), **overrides}
 
 
 def write_result(root, model: str, benchmark: str = "gsm8k", num_entries: int = 20, seeds: int = 0, **settings):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 
 import pytest
 
+from sftflow.evaluation.settings import EvalSettings
 from tests.conftest import SHARED_DATA, read_jsonl
 from tests.workflow.test_workflow import snakemake, workdir  # noqa: F401  (fixture)
 
@@ -65,8 +65,8 @@ def test_untrusted_config_values_are_quoted(workdir):  # noqa: F811
     line = next(line for line in text.splitlines() if "scripts/generate.py" in line)
     words = shlex.split(line)  # what /bin/sh will see: every config value stays one literal argument
     assert words[-5:] == ["--x", "$(touch pwned);", "rm", "-rf", "/"]
-    settings = json.loads(words[words.index("--settings") + 1])
-    assert settings["server_model"] == "a b;c"
+    settings = EvalSettings.from_override_args([w for w in words[: words.index("--")] if w.startswith("++")])
+    assert settings.server_model == "a b;c"
 
 
 def test_models_and_seeds_fan_out(workdir):  # noqa: F811

@@ -1,8 +1,9 @@
 """Evaluate one model on one benchmark: serve it, generate (with resume), grade, write outputs and metrics.
 
 `python scripts/generate.py --model-label final --model DIR --benchmark demo --benchmark-file F
---seeds 0 --output-dir DIR --resume-dir DIR --server-log F --settings JSON -- SERVER COMMAND...`
-(the `generate` rule writes this command line; `snakemake -n -p` shows it, server command included).
+--seeds 0 --output-dir DIR --resume-dir DIR --server-log F [++eval.KEY=VALUE ...] -- SERVER COMMAND...`
+(the `generate` rule writes this command line; `snakemake -n -p` shows it, server command included). The
+`++` arguments are the evaluation settings that differ from the schema defaults (sftflow.evaluation.settings).
 
 The output directory (written atomically) holds NeMo-Skills-format generation files - the benchmark
 rows plus `generation`, `predicted_answer`, `symbolic_correct`, `num_generated_tokens`,
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import re
 import shutil
@@ -29,6 +29,7 @@ from sftflow.evaluation.generation import Client, GenerationSettings, build_requ
 from sftflow.evaluation.grading import Grader, grade_generation
 from sftflow.evaluation.metrics import Sample, compute_metrics
 from sftflow.evaluation.server import InferenceServer, Terminated
+from sftflow.evaluation.settings import EvalSettings
 from sftflow.io import atomic_path, read_jsonl, write_json
 from sftflow.logs import setup_logging
 
@@ -36,99 +37,26 @@ __all__ = ["evaluate", "main"]
 
 log = logging.getLogger("sftflow.evaluate")
 
-# The `eval.*` keys this step reads from --settings (the rest of the section is the workflow's business).
-SETTING_KEYS = (
-    "server_type",
-    "server_address",
-    "server_model",
-    "api_key_env",
-    "endpoint",
-    "prompt_config",
-    "system_message",
-    "chat_template",
-    "chat_template_kwargs",
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "concurrency",
-    "max_retries",
-    "request_timeout",
-    "server_start_timeout",
-    "grading_timeout",
-    "max_samples",
-    "extract_from_boxed",
-    "extract_regex",
-)
 
-
-# The settings that only decide how answers are fetched (who pays, how many at once, how long to wait).
-# Every other setting changes the answers: those are the generate rule's rerun trigger, and eval.json
-# refuses to put results side by side that differ in one.
-_TRANSPORT_KEYS = (
-    "api_key_env",
-    "concurrency",
-    "max_retries",
-    "request_timeout",
-    "server_start_timeout",
-    "grading_timeout",
-)
-RESULT_SETTING_KEYS = tuple(k for k in SETTING_KEYS if k not in _TRANSPORT_KEYS)
-
-
-def result_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    return {k: settings[k] for k in RESULT_SETTING_KEYS}
-
-
-# The eval.* keys passed through unchanged; the prompt keys come from prepare_data / model (as in training).
-_PROMPT_KEYS = ("prompt_config", "system_message", "chat_template_kwargs", "chat_template")
-_DIRECT_KEYS = tuple(k for k in SETTING_KEYS if k not in _PROMPT_KEYS)
-
-
-# NeMo-Skills' prompt for gsm8k / math / math500: what eval uses when neither eval.prompt_config nor
-# prepare_data.prompt_config is set (training on the bare problem, NeMo-Skills' SFT default).
-DEFAULT_EVAL_PROMPT = "generic/math"
-
-
-def settings_from_config(config: dict) -> dict[str, Any]:
-    """The --settings of generate.py from a workflow config (defaults filled): eval.*, plus the training
-    prompt settings (eval.prompt_config, else prepare_data.prompt_config, else DEFAULT_EVAL_PROMPT; system
-    message, template)."""
-    e, prep = config["eval"], config["prepare_data"]
-    return {
-        **{k: e[k] for k in _DIRECT_KEYS},
-        "prompt_config": e["prompt_config"] or prep["prompt_config"] or DEFAULT_EVAL_PROMPT,
-        "system_message": prep["system_message"],
-        "chat_template_kwargs": prep["chat_template_kwargs"],
-        "chat_template": config["model"]["chat_template"],
-    }
-
-
-def default_settings(**overrides: Any) -> dict[str, Any]:
-    """settings_from_config of the schema's defaults, with `overrides` (for tests and benchmarks)."""
-    from sftflow.config import load_schema, validate
-
-    return {**settings_from_config(validate({}, load_schema())), **overrides}
-
-
-def _prompts(rows: list[dict], settings: dict, tokenizer_path: str, where: str) -> list[str | list[dict]]:
+def _prompts(rows: list[dict], settings: EvalSettings, tokenizer_path: str, where: str) -> list[str | list[dict]]:
     from sftflow.prepare.formatting import Formatter, load_tokenizer
     from sftflow.prepare.prompts import load_prompt_config
 
-    prompt = load_prompt_config(settings["prompt_config"])
-    if settings["endpoint"] == "chat":
+    prompt = load_prompt_config(settings.prompt_config)
+    if settings.endpoint == "chat":
         # The server applies its own chat template; we send the same messages training saw.
-        formatter = Formatter(prompt, None, settings["system_message"])
+        formatter = Formatter(prompt, None, settings.system_message)
         return [formatter.messages(prompt.fill(row, f"{where}:{i + 1}: ")) for i, row in enumerate(rows)]
-    tokenizer = load_tokenizer(tokenizer_path, settings["chat_template"])
-    formatter = Formatter(prompt, tokenizer, settings["system_message"], settings["chat_template_kwargs"])
-    log.info("prompts rendered as in training (%s, prompt config %s)", formatter.mode, settings["prompt_config"])
+    tokenizer = load_tokenizer(tokenizer_path, settings.chat_template)
+    formatter = Formatter(prompt, tokenizer, settings.system_message, settings.chat_template_kwargs)
+    log.info("prompts rendered as in training (%s, prompt config %s)", formatter.mode, settings.prompt_config)
     return [formatter.prompt_text(row, f"{where}:{i + 1}: ") for i, row in enumerate(rows)]
 
 
 NO_ANSWER_WARN_PERCENT = 50.0
 
 
-def no_answer_warning(metrics: dict[str, Any], settings: dict[str, Any]) -> str | None:
+def no_answer_warning(metrics: dict[str, Any], settings: EvalSettings) -> str | None:
     """A loud note when most generations have no answer the grader can find: usually the model does not
     write the answer format the extraction expects, not a model that knows nothing."""
     no_answer = metrics.get("no_answer")
@@ -136,20 +64,20 @@ def no_answer_warning(metrics: dict[str, Any], settings: dict[str, Any]) -> str 
         return None
     how = (
         "the last \\boxed{...}"
-        if settings["extract_from_boxed"]
-        else f"the last match of eval.extract_regex {settings['extract_regex']!r}"
+        if settings.extract_from_boxed
+        else f"the last match of eval.extract_regex {settings.extract_regex!r}"
     )
     return (
         f"{no_answer:.1f}% of the generations have no answer: the grader looks for {how}. Check that the prompt "
-        f"(eval.prompt_config / prepare_data.prompt_config, now {settings['prompt_config']!r}) asks for that format "
+        f"(eval.prompt_config / prepare_data.prompt_config, now {settings.prompt_config!r}) asks for that format "
         "and that eval.max_new_tokens lets the model reach it; a model that answers e.g. '#### 42' is graded with "
         "eval.extract_from_boxed: false and eval.extract_regex: '#### (\\S+)'"
     )
 
 
-def _graded_rows(rows: list[dict], answers: list[dict], grader: Grader, settings: dict) -> list[dict]:
+def _graded_rows(rows: list[dict], answers: list[dict], grader: Grader, settings: EvalSettings) -> list[dict]:
     graded = []
-    extraction = {k: settings[k] for k in ("extract_from_boxed", "extract_regex")}
+    extraction = {"extract_from_boxed": settings.extract_from_boxed, "extract_regex": settings.extract_regex}
     for row, answer in zip(rows, answers, strict=True):
         grade = grade_generation(answer["generation"], str(row["expected_answer"]), grader, **extraction)
         graded.append(
@@ -167,7 +95,7 @@ def _graded_rows(rows: list[dict], answers: list[dict], grader: Grader, settings
     return graded
 
 
-def evaluate(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+def evaluate(args: argparse.Namespace, settings: EvalSettings) -> dict[str, Any]:
     """Run one (model, benchmark) evaluation; returns what metrics.json holds."""
     started = time.monotonic()
     benchmark_file = Path(args.benchmark_file)
@@ -178,39 +106,39 @@ def evaluate(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, An
         if "expected_answer" not in row:
             raise SftflowError(f"{benchmark_file}:{line}: row has no 'expected_answer'")
     total = len(rows)
-    if settings["max_samples"] is not None:
-        rows = rows[: settings["max_samples"]]
-        log.info("eval.max_samples = %d: evaluating %d of %d problems", settings["max_samples"], len(rows), total)
+    if settings.max_samples is not None:
+        rows = rows[: settings.max_samples]
+        log.info("eval.max_samples = %d: evaluating %d of %d problems", settings.max_samples, len(rows), total)
 
     gen = GenerationSettings(
-        server_type=settings["server_type"],
-        model_name=settings["server_model"] or args.model,
-        endpoint=settings["endpoint"],
-        max_new_tokens=settings["max_new_tokens"],
-        temperature=settings["temperature"],
-        top_p=settings["top_p"],
-        concurrency=settings["concurrency"],
-        max_retries=settings["max_retries"],
-        request_timeout=settings["request_timeout"],
-        api_key_env=settings["api_key_env"],
+        server_type=settings.server_type,
+        model_name=settings.server_model or args.model,
+        endpoint=settings.endpoint,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        concurrency=settings.concurrency,
+        max_retries=settings.max_retries,
+        request_timeout=settings.request_timeout,
+        api_key_env=settings.api_key_env,
     )
     prompts = _prompts(rows, settings, args.tokenizer or args.model, str(benchmark_file))
-    fingerprint = model_fingerprint(args.model) if settings["server_type"] != "openai" else gen.model_name
+    fingerprint = model_fingerprint(args.model) if settings.server_type != "openai" else gen.model_name
     requests = build_requests(prompts, args.seeds, gen, fingerprint)
     resume_dir = Path(args.resume_dir)
 
-    if settings["server_type"] == "openai":
-        if not settings["server_address"]:
+    if settings.server_type == "openai":
+        if not settings.server_address:
             raise SftflowError("eval.server_address: required with server_type 'openai' (e.g. http://host:8000/v1)")
         server = None
         context = contextlib.nullcontext()
-        base_url = settings["server_address"]
+        base_url = settings.server_address
         Path(args.server_log).parent.mkdir(parents=True, exist_ok=True)
         Path(args.server_log).write_text(f"server_type openai: no server started; requests go to {base_url}\n")
     else:
         if not args.server_command:
             raise SftflowError("no server command after '--' (the generate rule supplies it)")
-        server = InferenceServer(args.server_command, args.server_log, start_timeout=settings["server_start_timeout"])
+        server = InferenceServer(args.server_command, args.server_log, start_timeout=settings.server_start_timeout)
         context = server
         base_url = server.base_url
     with context:
@@ -222,7 +150,7 @@ def evaluate(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, An
         )
         answers, counts = generate(requests, client, resume_dir)
 
-    grader = Grader(timeout_seconds=settings["grading_timeout"])
+    grader = Grader(timeout_seconds=settings.grading_timeout)
     outputs: dict[str, list[dict]] = {}
     for request in requests:
         outputs.setdefault(request.output, []).append(answers[request.key])
@@ -246,7 +174,7 @@ def evaluate(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, An
             "timeouts": grader.stats.timeouts,
             "error_examples": grader.stats.error_examples,
         },
-        "settings": {k: settings[k] for k in SETTING_KEYS if k != "api_key_env"},
+        "settings": settings.recorded(),
         "model_fingerprint": fingerprint,
         "warnings": [warning] if warning else [],
         "wall_seconds": round(time.monotonic() - started, 3),
@@ -277,6 +205,8 @@ def parser() -> argparse.ArgumentParser:
         prog="python scripts/generate.py",
         description="Evaluate one model on one benchmark through an inference server (started here unless "
         "server_type is openai). Everything after '--' is the server command; '{port}' in it is replaced.",
+        epilog="Evaluation settings that differ from the defaults of config/schema.yaml come as ++KEY=VALUE "
+        "arguments before '--', e.g. ++eval.max_new_tokens=512; keys: " + ", ".join(EvalSettings.config_keys()),
     )
     p.add_argument("--model-label", required=True, help="name in eval.json (final, base, averaged, step_N)")
     p.add_argument("--model", required=True, help="model directory or hub name the server loads")
@@ -288,25 +218,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-dir", required=True, help="answers of an interrupted run (kept until success)")
     p.add_argument("--server-log", required=True)
     p.add_argument("--log", help="also log to this file")
-    p.add_argument("--settings", required=True, help="JSON object with the eval.* keys " + ", ".join(SETTING_KEYS))
-    p.add_argument("server_command", nargs=argparse.REMAINDER)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.server_command and args.server_command[0] == "--":
-        args.server_command = args.server_command[1:]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, server_command = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    args = parser().parse_args([a for a in own if not a.startswith("++")])
+    args.server_command = server_command
     if args.log:
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)
     setup_logging(args.log)
     for noisy in ("httpx", "httpx2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        settings = json.loads(args.settings)
-        missing = [k for k in SETTING_KEYS if k not in settings]
-        if missing:
-            raise SftflowError(f"--settings lacks {', '.join(missing)}")
+        settings = EvalSettings.from_override_args([a for a in own if a.startswith("++")])
         if args.seeds < 0:
             raise SftflowError(f"--seeds must be >= 0, got {args.seeds}")
         evaluate(args, settings)
@@ -316,7 +242,4 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         log.error("stopped by SIGTERM (Slurm cancel or time limit); the answers so far are kept for the rerun")
         return 143
-    except json.JSONDecodeError as err:
-        print(f"error: --settings is not JSON ({err})", file=sys.stderr)
-        return 2
     return 0

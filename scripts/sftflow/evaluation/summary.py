@@ -39,10 +39,10 @@ def _load(directory: Path) -> dict[str, Any]:
 
 def _run_settings(data: dict[str, Any]) -> dict[str, Any]:
     """What must be equal for two models' results on one benchmark to be compared."""
-    from sftflow.evaluation.run import RESULT_SETTING_KEYS
+    from sftflow.evaluation.settings import EvalSettings
 
     settings = data.get("settings") or {}
-    compared = {f"settings.{k}": settings.get(k) for k in RESULT_SETTING_KEYS}
+    compared = {f"settings.{k}": settings.get(k) for k in EvalSettings.result_names()}
     compared["seeds"] = data.get("seeds")
     compared["num_entries"] = data["metrics"].get("num_entries")
     compared["num_problems_in_benchmark"] = data.get("num_problems_in_benchmark")
