@@ -195,11 +195,11 @@ def run_train(*args, timeout: int = 300, **kwargs) -> subprocess.CompletedProces
 def final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """Model tensors of the latest checkpoint, read without a process group."""
     from sftflow.train.checkpoint import latest_checkpoint
-    from sftflow.train.export import _read, model_tensors
+    from sftflow.train.fsdp import model_tensors, read_model_tensors
 
     latest = latest_checkpoint(ckpt_dir)
     tensors = model_tensors(latest.path)
-    return _read(latest.path, sorted(tensors), tensors)
+    return read_model_tensors(latest.path, sorted(tensors), tensors)
 
 
 def optimizer_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -224,7 +224,7 @@ def optimizer_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 def run_inprocess(parallel, ckpt: Path, packed: Path, model: Path, job: int = 0, jobs: int = 1, **training) -> dict:
     """One chained job in this process (world of one), returning its done record."""
-    from sftflow.train.config import validate_sections
+    from sftflow.config import validate_sections
     from sftflow.train.trainer import JobSpec, run_job
 
     cfg = validate_sections(training_config(**training))

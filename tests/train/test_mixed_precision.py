@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from sftflow.train import trainer
+from sftflow.train import fsdp
 from tests.train.helpers import final_weights, logged, optimizer_state, run_inprocess, training_config
 
 STEPS = dict(max_num_steps=4, save_period=2, train_micro_batch_size=4)
@@ -21,9 +21,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_the_product_trains_in_bf16_on_gpu_only():
-    assert trainer.mixed_precision_dtype("bf16", torch.device("cuda", 0)) == torch.bfloat16
-    assert trainer.mixed_precision_dtype("fp32", torch.device("cuda", 0)) is None
-    assert trainer.mixed_precision_dtype("bf16", torch.device("cpu")) is None
+    assert fsdp.mixed_precision_dtype("bf16", torch.device("cuda", 0)) == torch.bfloat16
+    assert fsdp.mixed_precision_dtype("fp32", torch.device("cuda", 0)) is None
+    assert fsdp.mixed_precision_dtype("bf16", torch.device("cpu")) is None
 
 
 @pytest.fixture
@@ -31,13 +31,14 @@ def bf16_on_cpu(monkeypatch):
     def gpu_policy_everywhere(precision: str, device: torch.device):
         return torch.bfloat16 if precision == "bf16" else None
 
-    monkeypatch.setattr(trainer, "mixed_precision_dtype", gpu_policy_everywhere)
+    monkeypatch.setattr(fsdp, "mixed_precision_dtype", gpu_policy_everywhere)
 
 
 def _engine(tmp_path, world1, packed, tiny_model, **training):
+    from sftflow.config import validate_sections
     from sftflow.packing import PackedDataset
-    from sftflow.train.config import validate_sections
-    from sftflow.train.trainer import FsdpEngine, JobSpec
+    from sftflow.train.fsdp import FsdpEngine
+    from sftflow.train.trainer import JobSpec
 
     cfg = validate_sections(training_config(precision="bf16", **training))
     spec = JobSpec(

@@ -36,6 +36,8 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from sftflow.errors import SftflowError
+from sftflow.train.engine import checkpoint_backend
 from sftflow.train.parallel import ParallelDims
 
 LOG = logging.getLogger("sftflow.train")
@@ -86,7 +88,8 @@ def latest_checkpoint(root: str | os.PathLike) -> CheckpointInfo | None:
     return found[-1] if found else None
 
 
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's random generators (torch CPU and CUDA, Python `random`) as tensors."""
     version, internal, gauss = random.getstate()
     state = {
         "torch_cpu": torch.get_rng_state(),
@@ -100,7 +103,8 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore what rng_state returned."""
     torch.set_rng_state(state["torch_cpu"])
     gauss = float(state["python_gauss"][0])
     random.setstate(
@@ -146,7 +150,7 @@ class Checkpointer:
             "model": model_sd,
             "optim": optim_sd,
             "train": _ints_to_tensors(train_state),
-            "rng": {f"rank{self.parallel.rank}": _rng_state(self.parallel.device)},
+            "rng": {f"rank{self.parallel.rank}": rng_state(self.parallel.device)},
         }
 
     def _write(self, tmp: Path, model, optimizer, train_state: dict) -> None:
@@ -190,7 +194,7 @@ class Checkpointer:
         dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if "rng" in state:
-            _set_rng_state(state["rng"][f"rank{self.parallel.rank}"], self.parallel.device)
+            set_rng_state(state["rng"][f"rank{self.parallel.rank}"], self.parallel.device)
         return _tensors_to_ints(state["train"])
 
 
@@ -198,6 +202,28 @@ def fault_point(kind: str, step: int) -> None:
     """SIGKILL this process if the test environment asks for a crash here (never set in real runs)."""
     if os.environ.get(FAULT_ENV) == f"{kind}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check_layout(meta: dict, current: dict, path: Path) -> None:
+    """Refuse to resume checkpoint `path` (its meta.json: `meta`) under another backend, or with other
+    parallel sizes where its backend needs the same ones (`current`: the backend's name and those sizes)."""
+    backend = checkpoint_backend(meta)
+    if backend != current["backend"]:
+        raise SftflowError(
+            f"checkpoint {path} was written by backend {backend!r}, not {current['backend']!r} (config key "
+            f"'training.backend'); set it back, or export the checkpoint and train from the exported model"
+        )
+
+    def name(key: str) -> str:
+        return "GPUs (training.num_nodes x training.num_gpus)" if key == "world_size" else f"training.{key}"
+
+    sizes = [k for k in current if k != "backend"]
+    changed = [f"{name(k)}: {meta.get(k)} -> {current[k]}" for k in sizes if meta.get(k) != current[k]]
+    if changed:
+        raise SftflowError(
+            f"checkpoint {path} was written with other parallel sizes ({'; '.join(changed)}); a {backend} "
+            "checkpoint resumes with the sizes it was written with"
+        )
 
 
 def read_meta(path: str | os.PathLike) -> dict:
