@@ -25,7 +25,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +43,6 @@ LOG = logging.getLogger("sftflow.train")
 
 STEP_DIR_RE = re.compile(r"^step_(\d{8})$")
 TMP_SUFFIX = ".tmp"
-# Fault injection for the crash-consistency tests: "save:N" SIGKILLs rank 0 after all ranks wrote step N
-# but before it is committed; "step:N" right after optimizer step N (see fault_point).
-FAULT_ENV = "SFTFLOW_TEST_KILL_AT"
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -171,13 +167,16 @@ class Checkpointer:
             (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2) + "\n", encoding="utf-8")
         self.parallel.barrier()
         if self.parallel.is_main:
-            fault_point("save", step)
-            if final.exists():  # a re-save of the same step (e.g. after max_num_steps changed): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
+            self.commit(tmp, final)
         self.parallel.barrier()
         return final, time.perf_counter() - start
+
+    def commit(self, tmp: Path, final: Path) -> None:
+        """Rank 0, once every rank wrote its part into `tmp`: the rename that makes the checkpoint exist."""
+        if final.exists():  # a re-save of the same step (e.g. after max_num_steps changed): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
 
     def load(self, path: Path, model, optimizer) -> dict:
         """Load model, optimizer, RNG and return the train state (step, data position, schedule)."""
@@ -196,12 +195,6 @@ class Checkpointer:
         if "rng" in state:
             set_rng_state(state["rng"][f"rank{self.parallel.rank}"], self.parallel.device)
         return _tensors_to_ints(state["train"])
-
-
-def fault_point(kind: str, step: int) -> None:
-    """SIGKILL this process if the test environment asks for a crash here (never set in real runs)."""
-    if os.environ.get(FAULT_ENV) == f"{kind}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def check_layout(meta: dict, current: dict, path: Path) -> None:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from sftflow.errors import SftflowError
 from sftflow.io import write_json
-from sftflow.train.checkpoint import Checkpointer, check_layout, fault_point, latest_checkpoint, read_meta
+from sftflow.train.checkpoint import Checkpointer, check_layout, latest_checkpoint, read_meta
 from sftflow.train.config import check_training_keys, check_training_matches
 from sftflow.train.data import BinSampler, TrainingPlan, job_target_step
 from sftflow.train.deadline import Deadline, StopSignal
@@ -314,7 +314,6 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
         lr = schedule.apply(step)
         loss, global_count, grad_norm = engine.train_step(micro_bins)
         step += 1
-        fault_point("step", step)
         seconds = time.perf_counter() - t_step
         deadline.record_step(seconds)
         metrics.log_step(
