@@ -149,16 +149,10 @@ class MegatronEngine:
     def __init__(self, cfg: dict, spec, parallel: ParallelDims, seq_len: int, pad_id: int) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        from sftflow.megatron.checkpoint import MegatronCheckpointer, load_rank_weights
+        from sftflow.megatron.checkpoint import MegatronCheckpointer
         from sftflow.megatron.model import build_gpt_model
-        from sftflow.megatron.weights import hf_to_megatron, local_model_dir, read_hf_weights, shard
+        from sftflow.megatron.weights import local_model_dir
         from sftflow.train.checkpoint import latest_checkpoint
 
         t = cfg["training"]
@@ -167,12 +161,42 @@ class MegatronEngine:
         model_dir = local_model_dir(spec.model)
         self.layout = model_layout(read_hf_config(model_dir), where=f"{spec.model}/config.json")
         self.use_te = transformer_engine_available()
+        self.sequence_parallel = bool(t["sequence_parallel"]) and parallel.tp > 1
+        self._check_features()
+        bf16 = t["precision"] == "bf16"
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        tensor_parallel.model_parallel_cuda_manual_seed(t["seed"])
+        self.padded_vocab = padded_vocab_size(self.layout.vocab_size, parallel.tp)
+        micro_tokens = t["train_micro_batch_size"] * seq_len
+        self.first_stage, self.last_stage = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        module = build_gpt_model(
+            self.layout,
+            self.padded_vocab,
+            max(micro_tokens, seq_len) * 2,
+            pre_process=self.first_stage,
+            post_process=self.last_stage,
+            transformer_engine=self.use_te,
+            **self._gpt_config(t, bf16, dtype),
+        )
+        module.cuda(torch.cuda.current_device())
+        # The last stage's GPTModel returns hidden states; the loss computes the logits, in chunks of tokens.
+        self.loss = OutputLayerLoss(module, self.layout.vocab_size, t["loss_chunk_tokens"]) if self.last_stage else None
+        if latest_checkpoint(spec.checkpoint_dir) is None:  # a resumed run loads its weights instead
+            self._import_hf_weights(module, spec.model, model_dir)
+        self.module = module
+        self.model, self.optimizer = self._distributed(module, t, bf16, dtype)
+        self.max_grad_norm = t["max_grad_norm"]
+        self.num_params = self._count_parameters()
+        self.checkpointer = MegatronCheckpointer(spec.checkpoint_dir, parallel, self)
+
+    def _check_features(self) -> None:
+        """Refuse what this model and megatron-core (with or without Transformer Engine) cannot train."""
+        parallel = self.parallel
         if parallel.cp > 1 and not self.use_te:
             raise SftflowError(
                 f"config key 'training.context_parallel_size' is {parallel.cp}: context parallelism needs "
                 "Transformer Engine's attention (pip install transformer_engine[pytorch]); it is not installed"
             )
-        self.sequence_parallel = bool(t["sequence_parallel"]) and parallel.tp > 1
         if self.layout.num_experts and parallel.tp > 1 and not self.sequence_parallel:
             raise SftflowError(
                 f"config key 'training.sequence_parallel' must be true for a mixture-of-experts model with "
@@ -186,9 +210,10 @@ class MegatronEngine:
                 "the sequence, this needs Transformer Engine's (pip install transformer_engine[pytorch]); it is "
                 "not installed. Set it to false"
             )
-        bf16 = t["precision"] == "bf16"
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        tensor_parallel.model_parallel_cuda_manual_seed(t["seed"])
+
+    def _gpt_config(self, t: dict, bf16: bool, dtype: torch.dtype) -> dict:
+        """TransformerConfig settings of this run's parallel layout, precision and recomputation."""
+        parallel = self.parallel
         config = {
             "tensor_model_parallel_size": parallel.tp,
             "pipeline_model_parallel_size": parallel.pp,
@@ -210,47 +235,45 @@ class MegatronEngine:
             config["moe_token_dispatcher_type"] = "alltoall"
         if t["activation_checkpointing"]:
             config.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-        self.padded_vocab = padded_vocab_size(self.layout.vocab_size, parallel.tp)
-        micro_tokens = t["train_micro_batch_size"] * seq_len
-        self.first_stage, self.last_stage = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-        module = build_gpt_model(
-            self.layout,
-            self.padded_vocab,
-            max(micro_tokens, seq_len) * 2,
-            pre_process=self.first_stage,
-            post_process=self.last_stage,
-            transformer_engine=self.use_te,
-            **config,
+        return config
+
+    def _import_hf_weights(self, module, model: str, model_dir: Path) -> None:
+        """Load this rank's part of the HF model's weights into `module`."""
+        from sftflow.megatron.checkpoint import load_rank_weights
+        from sftflow.megatron.weights import hf_to_megatron, read_hf_weights, shard
+
+        parallel = self.parallel
+        LOG.info("importing %s into megatron-core GPTModel (%s layers)", model, "TE" if self.use_te else "local")
+        # Each rank reads the whole HF model and keeps its part: the ranks of a node take turns, so the
+        # node's host memory holds one copy of the model at a time, not one per GPU.
+        for turn in range(parallel.local_world_size):
+            if parallel.local_rank == turn:
+                full = hf_to_megatron(read_hf_weights(model_dir), self.layout, self.padded_vocab)
+                weights = shard(full, self.layout, parallel)
+                del full
+                load_rank_weights(module, weights, self.layout, self.use_te, parallel.pp_rank, parallel)
+                del weights
+            dist.barrier()
+
+    def _distributed(self, module, t: dict, bf16: bool, dtype: torch.dtype):
+        """megatron-core's DDP around `module` and its distributed optimizer: (model, optimizer)."""
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
         )
-        module.cuda(torch.cuda.current_device())
-        # The last stage's GPTModel returns hidden states; the loss computes the logits, in chunks of tokens.
-        self.loss = OutputLayerLoss(module, self.layout.vocab_size, t["loss_chunk_tokens"]) if self.last_stage else None
-        if latest_checkpoint(spec.checkpoint_dir) is None:  # a resumed run loads its weights instead
-            LOG.info(
-                "importing %s into megatron-core GPTModel (%s layers)", spec.model, "TE" if self.use_te else "local"
-            )
-            # Each rank reads the whole HF model and keeps its part: the ranks of a node take turns, so the
-            # node's host memory holds one copy of the model at a time, not one per GPU.
-            for turn in range(parallel.local_world_size):
-                if parallel.local_rank == turn:
-                    full = hf_to_megatron(read_hf_weights(model_dir), self.layout, self.padded_vocab)
-                    weights = shard(full, self.layout, parallel)
-                    del full
-                    load_rank_weights(module, weights, self.layout, self.use_te, parallel.pp_rank, parallel)
-                    del weights
-                dist.barrier()
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
             use_distributed_optimizer=True,
             check_for_nan_in_grad=True,
         )
-        self.model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
-        self.module = module
+        model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
         module.config.finalize_model_grads_func = finalize_model_grads
-        module.config.no_sync_func = self.model.no_sync
-        self.max_grad_norm = t["max_grad_norm"]
-        self.optimizer = get_megatron_optimizer(
+        module.config.no_sync_func = model.no_sync
+        optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
                 lr=t["learning_rate"],
@@ -264,14 +287,13 @@ class MegatronEngine:
                 params_dtype=dtype,
                 use_distributed_optimizer=True,
             ),
-            [self.model],
+            [model],
         )
         # megatron-core's own scheduler sets each group's weight decay (x its wd_mult: 0 for biases and 1-D
         # weights) every step; run_job's schedule sets the learning rate only, so set the decay once here.
-        for group in self.optimizer.param_groups:
+        for group in optimizer.param_groups:
             group["weight_decay"] = t["weight_decay"] * group.get("wd_mult", 1.0)
-        self.num_params = self._count_parameters()
-        self.checkpointer = MegatronCheckpointer(spec.checkpoint_dir, parallel, self)
+        return model, optimizer
 
     def _count_parameters(self) -> int:
         """Parameters of the HF model (for MFU): every rank counts its shard, replicas are counted once, and

@@ -144,31 +144,7 @@ def export_checkpoint(
 
     with atomic_path(output_dir) as tmp:
         tmp.mkdir(parents=True)
-        weight_map: dict[str, str] = {}
-        total_bytes = 0
-        for k, shard_names in enumerate(shards, start=1):
-            filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            shard: dict[str, torch.Tensor] = {}
-            batch: list[str] = []
-            batch_bytes = 0
-            for name in [*shard_names, None]:
-                if name is not None:
-                    batch.append(name)
-                    batch_bytes += sizes[name]
-                if batch and (name is None or batch_bytes >= READ_BATCH_BYTES):
-                    for n, t in read(batch).items():
-                        shard[n] = t.to(out_dtype).contiguous()
-                    batch, batch_bytes = [], 0
-            save_file(shard, str(tmp / filename), metadata={"format": "pt"})
-            for n in shard_names:
-                weight_map[n] = filename
-            total_bytes += sum(sizes[n] for n in shard_names)
-            LOG.info("wrote %s (%d tensors)", filename, len(shard_names))
-            del shard
-        write_json(
-            tmp / "model.safetensors.index.json", {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-        )
-
+        _write_weights(tmp, shards, sizes, read, out_dtype)
         hf_config.use_cache = True
         hf_config.dtype = out_dtype
         if hasattr(hf_config, "_attn_implementation_internal"):
@@ -196,6 +172,34 @@ def export_checkpoint(
         )
     LOG.info("exported %s -> %s", checkpoint, output_dir)
     return Path(output_dir)
+
+
+def _write_weights(tmp: Path, shards: list[list[str]], sizes: dict[str, int], read, out_dtype: torch.dtype) -> None:
+    """The safetensors shards and their index; each shard's tensors are read READ_BATCH_BYTES at a time."""
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+    for k, shard_names in enumerate(shards, start=1):
+        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        shard: dict[str, torch.Tensor] = {}
+        batch: list[str] = []
+        batch_bytes = 0
+        for name in [*shard_names, None]:
+            if name is not None:
+                batch.append(name)
+                batch_bytes += sizes[name]
+            if batch and (name is None or batch_bytes >= READ_BATCH_BYTES):
+                for n, t in read(batch).items():
+                    shard[n] = t.to(out_dtype).contiguous()
+                batch, batch_bytes = [], 0
+        save_file(shard, str(tmp / filename), metadata={"format": "pt"})
+        for n in shard_names:
+            weight_map[n] = filename
+        total_bytes += sum(sizes[n] for n in shard_names)
+        LOG.info("wrote %s (%d tensors)", filename, len(shard_names))
+        del shard
+    write_json(
+        tmp / "model.safetensors.index.json", {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    )
 
 
 def check_training_complete(done_file: str | os.PathLike) -> dict:

@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from sftflow.train.checkpoint import Checkpointer, check_layout, latest_checkpoi
 from sftflow.train.config import check_training_keys, check_training_matches
 from sftflow.train.data import BinSampler, TrainingPlan, job_target_step
 from sftflow.train.deadline import Deadline, StopSignal
-from sftflow.train.engine import JobSpec, engine_class
+from sftflow.train.engine import Engine, JobSpec, engine_class
 from sftflow.train.lr_schedule import WarmupCosineSchedule, lr_at
 from sftflow.train.metrics import MetricsLogger
 from sftflow.train.parallel import ParallelDims
@@ -154,44 +155,17 @@ def _schedule_changes(saved: dict, step: int, total_steps: int, tcfg: dict) -> l
     return changes
 
 
-def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, clock=time.time) -> dict:
-    """Run one chained job; returns (and writes to spec.done_file) the done record. Collective.
-
-    `clock` (wall-clock seconds) drives the deadline; tests pass a fake one.
-    """
-    t_process_start = clock()
-    tcfg = cfg["training"]
-    engine_cls = engine_class(tcfg["backend"])
-    parallel = parallel or engine_cls.init_parallel(tcfg)
-    check_training_keys(cfg, world_size=parallel.world_size)
-    ranks = rank_placement(parallel)
-    LOG.info("ranks (node/local rank): %s", ", ".join(ranks))
-    torch.manual_seed(tcfg["seed"])
-    random.seed(tcfg["seed"])
-
-    # --- data and the step plan -------------------------------------------------------------------
-    from sftflow.packing import PackedDataset
-
-    dataset = PackedDataset(spec.packed)
-    seq_len = int(dataset.index["max_total_sequence_length"])
-    pad_id = int(dataset.index["pad_token_id"])
-    plan = TrainingPlan.make(tcfg, len(dataset), parallel.dp_size)
-    # Only rank 0 asks Slurm for the end time (hundreds of ranks must not all call squeue) and decides when
-    # to stop; the stop flag reaches the other ranks through the loop's per-step all-reduce.
-    deadline = (
-        Deadline.from_config(
+def _make_deadline(tcfg: dict, parallel: ParallelDims, t_process_start: float, clock) -> Deadline:
+    """Only rank 0 asks Slurm for the end time (hundreds of ranks must not all call squeue) and decides when
+    to stop; the stop flag reaches the other ranks through the loop's per-step all-reduce."""
+    if parallel.is_main:
+        return Deadline.from_config(
             tcfg["time_limit"], tcfg["time_margin_seconds"], t_process_start, dict(os.environ), clock=clock
         )
-        if parallel.is_main
-        else Deadline(None, tcfg["time_margin_seconds"], clock=clock)
-    )
-    has_deadline = parallel.any_rank(deadline.end_time is not None)
-    # Without a deadline job i of N trains its equal share. With one (a Slurm job, or training.time_limit)
-    # it trains on towards the end until the deadline stops it, as NeMo-RL's chained jobs do: a job that
-    # finishes early leaves the later ones nothing to do, and one that stops early is caught up by the next.
-    share = job_target_step(plan.total_steps, spec.job_index, spec.num_jobs)
-    target = plan.total_steps if has_deadline else share
-    fingerprint = data_fingerprint(spec.packed)
+    return Deadline(None, tcfg["time_margin_seconds"], clock=clock)
+
+
+def _log_job_plan(spec: JobSpec, plan: TrainingPlan, seq_len: int, target: int, has_deadline: bool, parallel) -> None:
     LOG.info(
         "job %d/%d: %d bins of %d tokens, %d steps per epoch, total %d steps, this job trains to step %d%s; "
         "world %d = dp %d x tp %d, micro-batch %d, gradient accumulation %d",
@@ -210,9 +184,189 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
         plan.grad_accum,
     )
 
+
+def _finish(spec: JobSpec, parallel: ParallelDims, record: dict) -> dict:
+    """Write the done record (rank 0) and wait for every rank."""
+    if spec.done_file and parallel.is_main:
+        write_json(spec.done_file, record)
+    parallel.barrier()
+    return record
+
+
+def _metrics_logger(spec: JobSpec, tcfg: dict, plan: TrainingPlan, target: int, start_step: int, engine, parallel):
+    cuda = parallel.device.type == "cuda"
+    return MetricsLogger(
+        spec.metrics_dir or Path(spec.checkpoint_dir) / "metrics",
+        enabled=parallel.is_main,
+        total_steps=plan.total_steps,
+        target_step=target,
+        start_step=start_step,
+        log_period=tcfg["log_period"],
+        num_params=engine.num_params,
+        num_gpus=parallel.world_size if cuda else 0,
+        device_name=torch.cuda.get_device_name(parallel.device) if cuda else "",
+    )
+
+
+def _resume(engine: Engine, sampler: BinSampler, schedule: WarmupCosineSchedule, deadline: Deadline, latest) -> int:
+    """Load the latest checkpoint (if any) into the engine, data order and schedule; returns its step."""
+    if latest is None:
+        return 0
+    t0 = time.perf_counter()
+    state = engine.load(latest.path)
+    sampler.load_state_dict(state)
+    schedule.load_state_dict(state["scheduler"])
+    load_seconds = time.perf_counter() - t0
+    deadline.estimate_save_from_load(load_seconds)
+    LOG.info("resumed from %s (step %d, epoch %d) in %.1f s", latest.path, state["step"], sampler.epoch, load_seconds)
+    return state["step"]
+
+
+def _run_meta(
+    spec: JobSpec, plan: TrainingPlan, parallel, engine: Engine, fingerprint: str, tcfg: dict, changes
+) -> dict:
+    """What every checkpoint of this job records in its meta.json (resume checks read it back)."""
+    return {
+        "data_fingerprint": fingerprint,
+        "model": spec.model,
+        "total_steps": plan.total_steps,
+        "world_size": parallel.world_size,
+        "num_params": engine.num_params,
+        **engine.meta(),
+        "training": tcfg,
+        "schedule_changes": changes,
+    }
+
+
+@dataclass
+class _Training:
+    """The parts of a job's training loop once the engine is built (run_job assembles them)."""
+
+    tcfg: dict
+    plan: TrainingPlan
+    parallel: ParallelDims
+    engine: Engine
+    dataset: object
+    sampler: BinSampler
+    schedule: WarmupCosineSchedule
+    deadline: Deadline
+    metrics: MetricsLogger
+    validation: object
+    meta: dict
+
+    def save(self, step: int) -> Path:
+        train_state = {"step": step, **self.sampler.state_dict(), "scheduler": self.schedule.state_dict()}
+        path, seconds = self.engine.save(step, train_state, self.meta)
+        self.deadline.record_save(seconds)
+        LOG.info("saved %s in %.1f s", path, seconds)
+        return path
+
+    def validate(self, step: int) -> None:
+        if self.validation is not None:
+            loss, n = self.engine.evaluate(self.validation, self.plan.micro_batch)
+            self.metrics.log_validation(step, loss, n)
+
+    def should_stop(self, step: int, stop_signal: StopSignal) -> bool:
+        """True on every rank when rank 0 runs out of time or any rank received a stop signal."""
+        deadline = self.deadline
+        out_of_time = self.parallel.is_main and deadline.should_stop()
+        if not self.parallel.any_rank(out_of_time or stop_signal.received is not None):
+            return False
+        if out_of_time:
+            LOG.warning(
+                "stopping at step %d before the deadline (%.0f s left; step %.1f s, save %.1f s, margin %.0f s)",
+                step,
+                deadline.seconds_left() or 0.0,
+                deadline.average_step,
+                deadline.save_seconds,
+                deadline.margin,
+            )
+        else:
+            LOG.warning("stopping at step %d: a rank received %s", step, stop_signal.received or "a stop signal")
+        return True
+
+    def step(self, step: int) -> int:
+        """Train optimizer step step + 1 and log it; returns step + 1."""
+        t_step = time.perf_counter()
+        micro_bins = [[self.dataset.get_bin(i) for i in ids] for ids in self.sampler.next_step()]
+        real_tokens = self.parallel.dp_sum(sum(len(b["input_ids"]) for bins in micro_bins for b in bins))
+        lr = self.schedule.apply(step)
+        loss, global_count, grad_norm = self.engine.train_step(micro_bins)
+        step += 1
+        seconds = time.perf_counter() - t_step
+        self.deadline.record_step(seconds)
+        self.metrics.log_step(
+            step,
+            {
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "lr": lr,
+                "tokens_per_second": real_tokens / seconds,
+                "loss_tokens": int(global_count),
+                "epoch": self.sampler.epoch,
+                "step_seconds": seconds,
+            },
+        )
+        return step
+
+    def train(self, step: int, target: int, last_saved: Path | None) -> tuple[int, Path | None]:
+        """Train from `step` to `target` (or the deadline), saving every save_period steps and at the end;
+        returns the step reached and the last checkpoint."""
+        tcfg, total = self.tcfg, self.plan.total_steps
+        last_saved_step = step if last_saved is not None else -1
+        stopped_early = False
+        stop_signal = StopSignal()
+        while step < target:
+            if self.should_stop(step, stop_signal):
+                stopped_early = True
+                break
+            step = self.step(step)
+            if tcfg["val_period"] and step % tcfg["val_period"] == 0 and step < total:
+                self.validate(step)
+            if step % tcfg["save_period"] == 0 and step < target:
+                last_saved, last_saved_step = self.save(step), step
+        if step != last_saved_step and step > 0:
+            last_saved = self.save(step)
+        stop_signal.restore()
+        if step >= total and not stopped_early:
+            self.validate(step)
+        self.metrics.close()
+        return step, last_saved
+
+
+def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, clock=time.time) -> dict:
+    """Run one chained job; returns (and writes to spec.done_file) the done record. Collective.
+
+    `clock` (wall-clock seconds) drives the deadline; tests pass a fake one.
+    """
+    t_process_start = clock()
+    tcfg = cfg["training"]
+    engine_cls = engine_class(tcfg["backend"])
+    parallel = parallel or engine_cls.init_parallel(tcfg)
+    check_training_keys(cfg, world_size=parallel.world_size)
+    ranks = rank_placement(parallel)
+    LOG.info("ranks (node/local rank): %s", ", ".join(ranks))
+    torch.manual_seed(tcfg["seed"])
+    random.seed(tcfg["seed"])
+
+    # --- data, the step plan, this job's target ---------------------------------------------------
+    from sftflow.packing import PackedDataset
+
+    dataset = PackedDataset(spec.packed)
+    seq_len, pad_id = int(dataset.index["max_total_sequence_length"]), int(dataset.index["pad_token_id"])
+    plan = TrainingPlan.make(tcfg, len(dataset), parallel.dp_size)
+    deadline = _make_deadline(tcfg, parallel, t_process_start, clock)
+    has_deadline = parallel.any_rank(deadline.end_time is not None)
+    # Without a deadline job i of N trains its equal share. With one (a Slurm job, or training.time_limit)
+    # it trains on towards the end until the deadline stops it, as NeMo-RL's chained jobs do: a job that
+    # finishes early leaves the later ones nothing to do, and one that stops early is caught up by the next.
+    share = job_target_step(plan.total_steps, spec.job_index, spec.num_jobs)
+    target = plan.total_steps if has_deadline else share
+    fingerprint = data_fingerprint(spec.packed)
+    _log_job_plan(spec, plan, seq_len, target, has_deadline, parallel)
+
     # --- resume point -----------------------------------------------------------------------------
-    checkpointer = Checkpointer(spec.checkpoint_dir, parallel)
-    checkpointer.clean_partial()
+    Checkpointer(spec.checkpoint_dir, parallel).clean_partial()
     latest = latest_checkpoint(spec.checkpoint_dir)
     saved_meta = read_meta(latest.path) if latest is not None else {}
     if latest is not None:
@@ -220,15 +374,12 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
         _check_resume_compatible(saved_meta, fingerprint, spec, latest.path, current, tcfg)
     if latest is not None and latest.step >= target:
         LOG.info("checkpoint %s is at or past this job's target step %d: nothing to train", latest.path, target)
-        record = _done_record(
-            spec, latest.step, latest.step, plan, target, latest.path, ranks, saved_meta.get("schedule_changes", [])
+        changes = saved_meta.get("schedule_changes", [])
+        return _finish(
+            spec, parallel, _done_record(spec, latest.step, latest.step, plan, target, latest.path, ranks, changes)
         )
-        if spec.done_file and parallel.is_main:
-            write_json(spec.done_file, record)
-        parallel.barrier()
-        return record
 
-    # --- model, optimizer, schedule ---------------------------------------------------------------
+    # --- engine, schedule, data order, then the loop ----------------------------------------------
     engine = engine_cls(cfg, spec, parallel, seq_len, pad_id)
     schedule = WarmupCosineSchedule(
         engine.optimizer,
@@ -238,111 +389,17 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
         total=plan.total_steps,
     )
     sampler = BinSampler(plan, parallel.dp_rank, tcfg["seed"])
-
-    step = 0
-    if latest is not None:
-        t0 = time.perf_counter()
-        state = engine.load(latest.path)
-        step = state["step"]
-        sampler.load_state_dict(state)
-        schedule.load_state_dict(state["scheduler"])
-        load_seconds = time.perf_counter() - t0
-        deadline.estimate_save_from_load(load_seconds)
-        LOG.info("resumed from %s (step %d, epoch %d) in %.1f s", latest.path, step, sampler.epoch, load_seconds)
-    start_step = step
-    schedule_changes = _schedule_changes(saved_meta, step, plan.total_steps, tcfg)
-
+    start_step = _resume(engine, sampler, schedule, deadline, latest)
+    schedule_changes = _schedule_changes(saved_meta, start_step, plan.total_steps, tcfg)
     validation = _prepare_validation(cfg, spec, parallel)
-    meta = {
-        "data_fingerprint": fingerprint,
-        "model": spec.model,
-        "total_steps": plan.total_steps,
-        "world_size": parallel.world_size,
-        "num_params": engine.num_params,
-        **engine.meta(),
-        "training": tcfg,
-        "schedule_changes": schedule_changes,
-    }
-    metrics = MetricsLogger(
-        spec.metrics_dir or Path(spec.checkpoint_dir) / "metrics",
-        enabled=parallel.is_main,
-        total_steps=plan.total_steps,
-        target_step=target,
-        start_step=start_step,
-        log_period=tcfg["log_period"],
-        num_params=engine.num_params,
-        num_gpus=parallel.world_size if parallel.device.type == "cuda" else 0,
-        device_name=torch.cuda.get_device_name(parallel.device) if parallel.device.type == "cuda" else "",
+    meta = _run_meta(spec, plan, parallel, engine, fingerprint, tcfg, schedule_changes)
+    metrics = _metrics_logger(spec, tcfg, plan, target, start_step, engine, parallel)
+    training = _Training(tcfg, plan, parallel, engine, dataset, sampler, schedule, deadline, metrics, validation, meta)
+    step, last_saved = training.train(start_step, target, latest.path if latest is not None else None)
+
+    record = _finish(
+        spec, parallel, _done_record(spec, start_step, step, plan, target, last_saved, ranks, schedule_changes)
     )
-
-    def save(at_step: int) -> Path:
-        train_state = {"step": at_step, **sampler.state_dict(), "scheduler": schedule.state_dict()}
-        path, seconds = engine.save(at_step, train_state, meta)
-        deadline.record_save(seconds)
-        LOG.info("saved %s in %.1f s", path, seconds)
-        return path
-
-    def validate(at_step: int) -> None:
-        if validation is not None:
-            loss, n = engine.evaluate(validation, plan.micro_batch)
-            metrics.log_validation(at_step, loss, n)
-
-    # --- the loop ---------------------------------------------------------------------------------
-    last_saved = latest.path if latest is not None else None
-    last_saved_step = start_step if latest is not None else -1
-    stopped_early = False
-    stop_signal = StopSignal()
-    while step < target:
-        out_of_time = parallel.is_main and deadline.should_stop()
-        if parallel.any_rank(out_of_time or stop_signal.received is not None):
-            if out_of_time:
-                LOG.warning(
-                    "stopping at step %d before the deadline (%.0f s left; step %.1f s, save %.1f s, margin %.0f s)",
-                    step,
-                    deadline.seconds_left() or 0.0,
-                    deadline.average_step,
-                    deadline.save_seconds,
-                    deadline.margin,
-                )
-            else:
-                LOG.warning("stopping at step %d: a rank received %s", step, stop_signal.received or "a stop signal")
-            stopped_early = True
-            break
-        t_step = time.perf_counter()
-        micro_bins = [[dataset.get_bin(i) for i in ids] for ids in sampler.next_step()]
-        real_tokens = parallel.dp_sum(sum(len(b["input_ids"]) for bins in micro_bins for b in bins))
-        lr = schedule.apply(step)
-        loss, global_count, grad_norm = engine.train_step(micro_bins)
-        step += 1
-        seconds = time.perf_counter() - t_step
-        deadline.record_step(seconds)
-        metrics.log_step(
-            step,
-            {
-                "loss": loss,
-                "grad_norm": grad_norm,
-                "lr": lr,
-                "tokens_per_second": real_tokens / seconds,
-                "loss_tokens": int(global_count),
-                "epoch": sampler.epoch,
-                "step_seconds": seconds,
-            },
-        )
-        if tcfg["val_period"] and step % tcfg["val_period"] == 0 and step < plan.total_steps:
-            validate(step)
-        if step % tcfg["save_period"] == 0 and step < target:
-            last_saved, last_saved_step = save(step), step
-
-    if step != last_saved_step and step > 0:
-        last_saved = save(step)
-    stop_signal.restore()
-    if step >= plan.total_steps and not stopped_early:
-        validate(step)
-    metrics.close()
-    record = _done_record(spec, start_step, step, plan, target, last_saved, ranks, schedule_changes)
-    if spec.done_file and parallel.is_main:
-        write_json(spec.done_file, record)
-    parallel.barrier()
     LOG.info(
         "job %d done: steps %d -> %d of %d%s",
         spec.job_index,
