@@ -92,10 +92,10 @@ def main() -> None:
         "loaded": all(loaded.values()) and len(loaded) == len(mine),
     }
     if "--save-shards" in sys.argv[7:]:
-        from sftflow.megatron.checkpoint import write_model_shards
+        from sftflow.megatron.checkpoint import module_weights, write_model_shards
 
         step_dir = out_dir / "step_00000001"
-        record["wrote"] = [f.name for f in write_model_shards(step_dir / "model", model, at)]
+        record["wrote"] = [f.name for f in write_model_shards(step_dir / "model", module_weights(model), at)]
         if dist.get_rank() == 0:
             meta = {"step": 1, "backend": "megatron", "world_size": dist.get_world_size(),
                     "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "context_parallel_size": 1,

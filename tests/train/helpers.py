@@ -252,3 +252,39 @@ def assert_weights_close(a: dict, b: dict, atol: float = WEIGHTS_ATOL) -> None:
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+class Box:
+    """A plain Stateful holding a dict (the data order's and the schedule's state, in these tests)."""
+
+    def __init__(self, **state) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+
+def train_state_of(states: dict) -> dict:
+    """What run_job resumes from, in one dict (step, data position, schedule)."""
+    return {"step": states["train"].step, **states["sampler"].state, "scheduler": states["schedule"].state}
+
+
+class ModelAndOptimizer:
+    """The model / optimizer component of a checkpoint, as an engine provides it."""
+
+    def __init__(self, model, optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

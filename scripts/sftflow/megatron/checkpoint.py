@@ -7,7 +7,8 @@ the parallel sizes), with megatron-specific contents::
     model/dense_tp{t}_pp{p}.safetensors           non-expert weights of tensor rank t, pipeline stage p
     model/experts_pp{p}_ep{e}_etp{x}.safetensors  expert weights of expert rank e, expert-tensor rank x
     optim/rank{r}.pt                              rank r's distributed-optimizer shard (fp32 main weights,
-                                                  Adam moments, step), RNG states and the train state
+                                                  Adam moments, step), CUDA RNG tracker, and the other
+                                                  Stateful components (sampler, schedule, rng, train)
 
 Model shards hold megatron-core local-spec names (sftflow.megatron.weights) whatever the layer spec
 trained them, so the export needs neither a GPU nor Transformer Engine: it reads every shard, unshards
@@ -30,7 +31,7 @@ import torch
 from sftflow.errors import SftflowError
 from sftflow.megatron.hf_config import ModelLayout, model_layout
 from sftflow.megatron.weights import from_te_names, megatron_to_hf, to_te_names, unshard
-from sftflow.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from sftflow.train.checkpoint import ENGINE, Checkpointer
 from sftflow.train.parallel import ParallelDims
 
 LOG = logging.getLogger("sftflow.train")
@@ -114,14 +115,14 @@ def hf_weights(checkpoint: str | Path, base_model: str | Path) -> dict[str, torc
     return megatron_to_hf(unshard(shards, layout, sizes), layout)
 
 
-def write_model_shards(model_dir: Path, module, rank: ParallelDims) -> list[Path]:
-    """This rank's model weights into `model_dir`: the dense ones if it is data-parallel rank 0 of its
-    replicas, the experts if it is expert-data-parallel rank 0 of theirs. Returns the files written."""
+def write_model_shards(model_dir: Path, weights: dict[str, torch.Tensor], rank: ParallelDims) -> list[Path]:
+    """This rank's model weights (module_weights) into `model_dir`: the dense ones if it is data-parallel
+    rank 0 of its replicas, the experts if it is expert-data-parallel rank 0 of theirs. Returns the files
+    written."""
     from megatron.core import parallel_state as ps
     from safetensors.torch import save_file
 
     model_dir.mkdir(parents=True, exist_ok=True)
-    weights = module_weights(module)
     written = []
     parts = [
         (ps.get_data_parallel_rank(with_context_parallel=True) == 0, dense_file(rank), False),
@@ -147,61 +148,78 @@ def _mark_unpadded(param_state: dict) -> dict:
     return param_state
 
 
+def _optimizers(optimizer) -> list:
+    """The dense and (MoE) expert optimizers; one holding no parameters on this rank (e.g. the expert
+    optimizer of a pipeline stage without MoE layers) is None: nothing to save or load."""
+    return [
+        o if any(group["params"] for group in o.optimizer.param_groups) else None
+        for o in getattr(optimizer, "chained_optimizers", [optimizer])
+    ]
+
+
+def engine_state_dict(engine) -> dict:
+    """A MegatronEngine's state: this rank's model weights (local-spec names, CPU), its distributed-optimizer
+    shards (fp32 main weights, Adam moments, step) and megatron-core's CUDA RNG tracker."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    opts = _optimizers(engine.optimizer)
+    return {
+        "model": module_weights(engine.module),
+        "optimizers": [o and o.state_dict() for o in opts],
+        "parameter_states": [o and o.get_parameter_state_dp_reshardable() for o in opts],
+        "cuda_rng_tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def load_engine_state_dict(engine, state: dict) -> None:
+    """Inverse of engine_state_dict: weights first, then the optimizer (its fp32 main weights are views of them)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    rank = engine.parallel
+    load_rank_weights(engine.module, state["model"], engine.layout, engine.use_te, rank.pp_rank, rank)
+    with torch.no_grad():  # in fp32 the main weights are views of the model's parameters
+        for opt, opt_state, param_state in zip(
+            _optimizers(engine.optimizer), state["optimizers"], state["parameter_states"], strict=True
+        ):
+            if opt is None or opt_state is None:
+                if (opt is None) != (opt_state is None):
+                    raise SftflowError(f"rank {rank.rank}'s optimizer state does not fit this run")
+                continue
+            opt.load_state_dict(opt_state)
+            opt.load_parameter_state_from_dp_reshardable(_mark_unpadded(param_state))
+            # Without Apex / TE, megatron-core's load_state_dict gives every parameter the *same* step
+            # tensor, which torch's Adam then increments once per parameter: give each its own.
+            for param_state_dict in opt.optimizer.state.values():
+                if isinstance(param_state_dict.get("step"), torch.Tensor):
+                    param_state_dict["step"] = param_state_dict["step"].clone()
+    get_cuda_rng_tracker().set_states(state["cuda_rng_tracker"])
+
+
 class MegatronCheckpointer(Checkpointer):
-    """Writes / loads one rank's part of a megatron checkpoint (see the module docstring)."""
+    """Stores a checkpoint's Stateful components in the megatron format (see the module docstring): the
+    engine's model weights as shared model shards, everything else of this rank in optim/rank{r}.pt."""
 
-    def __init__(self, root, parallel, engine) -> None:
-        super().__init__(root, parallel)
-        self.engine = engine
+    def _rank_file(self, checkpoint: Path) -> Path:
+        return checkpoint / "optim" / f"rank{self.parallel.rank:05d}.pt"
 
-    def _optimizers(self, optimizer) -> list:
-        """The dense and (MoE) expert optimizers; one holding no parameters on this rank (e.g. the expert
-        optimizer of a pipeline stage without MoE layers) is None: nothing to save or load."""
-        return [
-            o if any(group["params"] for group in o.optimizer.param_groups) else None
-            for o in getattr(optimizer, "chained_optimizers", [optimizer])
-        ]
-
-    def _write(self, tmp: Path, model, optimizer, train_state: dict) -> None:
-        from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-        write_model_shards(tmp / "model", self.engine.module, self.parallel)
+    def write(self, tmp: Path, states: dict) -> None:
+        engine_state = states[ENGINE].state_dict()
+        write_model_shards(tmp / "model", engine_state.pop("model"), self.parallel)
         (tmp / "optim").mkdir(exist_ok=True)
-        opts = self._optimizers(optimizer)
-        state = {
-            "optimizers": [o and o.state_dict() for o in opts],
-            "parameter_states": [o and o.get_parameter_state_dp_reshardable() for o in opts],
-            "rng": rng_state(self.parallel.device),
-            "cuda_rng_tracker": get_cuda_rng_tracker().get_states(),
-            "train": train_state,
-        }
-        torch.save(state, tmp / "optim" / f"rank{self.parallel.rank:05d}.pt")
+        others = {name: component.state_dict() for name, component in states.items() if name != ENGINE}
+        torch.save({**engine_state, **others}, self._rank_file(tmp))
 
-    def load(self, path: Path, model, optimizer) -> dict:
-        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    def read(self, path: Path, states: dict) -> None:
         from safetensors.torch import load_file
 
-        engine, rank = self.engine, self.parallel
+        rank = self.parallel
         weights = load_file(str(path / "model" / dense_file(rank)))
         if (path / "model" / experts_file(rank)).is_file():
             weights.update(load_file(str(path / "model" / experts_file(rank))))
-        load_rank_weights(engine.module, weights, engine.layout, engine.use_te, rank.pp_rank, rank)
-        state = torch.load(path / "optim" / f"rank{self.parallel.rank:05d}.pt", weights_only=True, map_location="cpu")
-        with torch.no_grad():  # in fp32 the main weights are views of the model's parameters
-            for opt, opt_state, param_state in zip(
-                self._optimizers(optimizer), state["optimizers"], state["parameter_states"], strict=True
-            ):
-                if opt is None or opt_state is None:
-                    if (opt is None) != (opt_state is None):
-                        raise SftflowError(f"{path}: rank {self.parallel.rank}'s optimizer state does not fit this run")
-                    continue
-                opt.load_state_dict(opt_state)
-                opt.load_parameter_state_from_dp_reshardable(_mark_unpadded(param_state))
-                # Without Apex / TE, megatron-core's load_state_dict gives every parameter the *same* step
-                # tensor, which torch's Adam then increments once per parameter: give each its own.
-                for param_state_dict in opt.optimizer.state.values():
-                    if isinstance(param_state_dict.get("step"), torch.Tensor):
-                        param_state_dict["step"] = param_state_dict["step"].clone()
-        set_rng_state(state["rng"], self.parallel.device)
-        get_cuda_rng_tracker().set_states(state["cuda_rng_tracker"])
-        return state["train"]
+        stored = torch.load(self._rank_file(path), weights_only=True, map_location="cpu")
+        engine_state = {"model": weights, **{k: v for k, v in stored.items() if k not in states}}
+        for name, component in states.items():
+            try:
+                component.load_state_dict(engine_state if name == ENGINE else stored[name])
+            except SftflowError as err:
+                raise SftflowError(f"{path}: {err}") from None

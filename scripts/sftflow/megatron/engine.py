@@ -187,7 +187,7 @@ class MegatronEngine:
         self.model, self.optimizer = self._distributed(module, t, bf16, dtype)
         self.max_grad_norm = t["max_grad_norm"]
         self.num_params = self._count_parameters()
-        self.checkpointer = MegatronCheckpointer(spec.checkpoint_dir, parallel, self)
+        self.checkpointer = MegatronCheckpointer(spec.checkpoint_dir, parallel)
 
     def _check_features(self) -> None:
         """Refuse what this model and megatron-core (with or without Transformer Engine) cannot train."""
@@ -415,8 +415,12 @@ class MegatronEngine:
         self.model.train()
         return loss_sum / max(count, 1.0), int(count)
 
-    def save(self, step: int, train_state: dict, meta: dict):
-        return self.checkpointer.save(step, self.model, self.optimizer, train_state, meta)
+    def state_dict(self) -> dict:
+        from sftflow.megatron.checkpoint import engine_state_dict
 
-    def load(self, path: Path) -> dict:
-        return self.checkpointer.load(path, self.model, self.optimizer)
+        return engine_state_dict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        from sftflow.megatron.checkpoint import load_engine_state_dict
+
+        load_engine_state_dict(self, state)

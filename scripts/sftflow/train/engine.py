@@ -46,6 +46,7 @@ class Engine(Protocol):
     name: ClassVar[str]  # the training.backend value; written to every checkpoint's meta.json
     optimizer: Any  # a torch.optim-like object: run_job sets param_groups[i]["lr"]
     num_params: int  # parameters of the HF model (for MFU)
+    checkpointer: Any  # a sftflow.train.checkpoint.Checkpointer: saves / loads the checkpoint's Stateful components in the backend's format
 
     def __init__(self, cfg: dict, spec: JobSpec, parallel: ParallelDims, seq_len: int, pad_id: int) -> None: ...
 
@@ -77,13 +78,12 @@ class Engine(Protocol):
         """Mean token loss and loss tokens over every bin of `dataset`."""
         ...
 
-    def save(self, step: int, train_state: dict, meta: dict) -> tuple[Path, float]:
-        """Write and commit the checkpoint of `step`; returns (path, seconds)."""
+    def state_dict(self) -> dict:
+        """Its model and optimizer state: one Stateful component of the checkpoint (sftflow.train.checkpoint),
+        stored at the checkpoint's top level."""
         ...
 
-    def load(self, path: Path) -> dict:
-        """Restore the checkpoint at `path`; returns its train state."""
-        ...
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass

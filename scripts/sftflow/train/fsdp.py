@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 from sftflow.errors import SftflowError
@@ -198,11 +199,13 @@ class FsdpEngine:
         total_count = int(self.parallel.dp_sum(count))
         return self.parallel.dp_sum(loss_sum) / max(total_count, 1), total_count
 
-    def save(self, step: int, train_state: dict, meta: dict) -> tuple[Path, float]:
-        return self.checkpointer.save(step, self.model, self.optimizer, train_state, meta)
+    def state_dict(self) -> dict:
+        """Model and optimizer state under full-model parameter names (DCP saves each rank's shards)."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
 
-    def load(self, path: Path) -> dict:
-        return self.checkpointer.load(path, self.model, self.optimizer)
+    def load_state_dict(self, state: dict) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def model_tensors(checkpoint: str | Path) -> dict[str, TensorStorageMetadata]:

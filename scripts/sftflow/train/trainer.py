@@ -28,7 +28,15 @@ import torch.distributed as dist
 
 from sftflow.errors import SftflowError
 from sftflow.io import write_json
-from sftflow.train.checkpoint import Checkpointer, check_layout, latest_checkpoint, read_meta
+from sftflow.train.checkpoint import (
+    ENGINE,
+    Checkpointer,
+    RngState,
+    TrainState,
+    check_layout,
+    latest_checkpoint,
+    read_meta,
+)
 from sftflow.train.config import check_training_keys, check_training_matches
 from sftflow.train.data import BinSampler, TrainingPlan, job_target_step
 from sftflow.train.deadline import Deadline, StopSignal
@@ -208,18 +216,27 @@ def _metrics_logger(spec: JobSpec, tcfg: dict, plan: TrainingPlan, target: int, 
     )
 
 
-def _resume(engine: Engine, sampler: BinSampler, schedule: WarmupCosineSchedule, deadline: Deadline, latest) -> int:
-    """Load the latest checkpoint (if any) into the engine, data order and schedule; returns its step."""
+def _schedule(engine: Engine, tcfg: dict, plan: TrainingPlan) -> WarmupCosineSchedule:
+    return WarmupCosineSchedule(
+        engine.optimizer,
+        peak=tcfg["learning_rate"],
+        minimum=tcfg["min_learning_rate"],
+        warmup=tcfg["warmup_steps"],
+        total=plan.total_steps,
+    )
+
+
+def _resume(checkpointer: Checkpointer, states: dict, deadline: Deadline, latest) -> int:
+    """Load the latest checkpoint (if any) into every Stateful component; returns its step."""
     if latest is None:
         return 0
     t0 = time.perf_counter()
-    state = engine.load(latest.path)
-    sampler.load_state_dict(state)
-    schedule.load_state_dict(state["scheduler"])
+    checkpointer.load(latest.path, states)
     load_seconds = time.perf_counter() - t0
     deadline.estimate_save_from_load(load_seconds)
-    LOG.info("resumed from %s (step %d, epoch %d) in %.1f s", latest.path, state["step"], sampler.epoch, load_seconds)
-    return state["step"]
+    step, epoch = states["train"].step, states["sampler"].epoch
+    LOG.info("resumed from %s (step %d, epoch %d) in %.1f s", latest.path, step, epoch, load_seconds)
+    return step
 
 
 def _run_meta(
@@ -253,10 +270,11 @@ class _Training:
     metrics: MetricsLogger
     validation: object
     meta: dict
+    states: dict  # what a checkpoint holds: name -> Stateful component
 
     def save(self, step: int) -> Path:
-        train_state = {"step": step, **self.sampler.state_dict(), "scheduler": self.schedule.state_dict()}
-        path, seconds = self.engine.save(step, train_state, self.meta)
+        self.states["train"].step = step
+        path, seconds = self.engine.checkpointer.save(step, self.states, self.meta)
         self.deadline.record_save(seconds)
         LOG.info("saved %s in %.1f s", path, seconds)
         return path
@@ -381,20 +399,22 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
 
     # --- engine, schedule, data order, then the loop ----------------------------------------------
     engine = engine_cls(cfg, spec, parallel, seq_len, pad_id)
-    schedule = WarmupCosineSchedule(
-        engine.optimizer,
-        peak=tcfg["learning_rate"],
-        minimum=tcfg["min_learning_rate"],
-        warmup=tcfg["warmup_steps"],
-        total=plan.total_steps,
-    )
-    sampler = BinSampler(plan, parallel.dp_rank, tcfg["seed"])
-    start_step = _resume(engine, sampler, schedule, deadline, latest)
+    sampler, schedule = BinSampler(plan, parallel.dp_rank, tcfg["seed"]), _schedule(engine, tcfg, plan)
+    states = {
+        ENGINE: engine,
+        "sampler": sampler,
+        "schedule": schedule,
+        "rng": RngState(parallel),
+        "train": TrainState(),
+    }
+    start_step = _resume(engine.checkpointer, states, deadline, latest)
     schedule_changes = _schedule_changes(saved_meta, start_step, plan.total_steps, tcfg)
     validation = _prepare_validation(cfg, spec, parallel)
     meta = _run_meta(spec, plan, parallel, engine, fingerprint, tcfg, schedule_changes)
     metrics = _metrics_logger(spec, tcfg, plan, target, start_step, engine, parallel)
-    training = _Training(tcfg, plan, parallel, engine, dataset, sampler, schedule, deadline, metrics, validation, meta)
+    training = _Training(
+        tcfg, plan, parallel, engine, dataset, sampler, schedule, deadline, metrics, validation, meta, states
+    )
     step, last_saved = training.train(start_step, target, latest.path if latest is not None else None)
 
     record = _finish(
