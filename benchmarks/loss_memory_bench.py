@@ -37,7 +37,7 @@ def run_variant(args) -> dict:
         return run_megatron_variant(args)
     import torch
 
-    from sftflow.train.trainer import chunked_token_loss_sum, loss_chunk_size, token_loss_sum
+    from sftflow.train.loss import chunked_token_loss_sum, loss_chunk_size, token_loss_sum
 
     torch.manual_seed(args.seed)
     head = torch.nn.Linear(args.hidden, args.vocab, bias=False)

@@ -308,6 +308,14 @@ def section_schema(name: str) -> dict:
     return load_schema()["properties"][name]
 
 
+def validate_sections(config: dict) -> dict:
+    """A defaults-filled, schema-checked copy of {"training": ..., "packing": ...} (as the trainer receives it)."""
+    out = copy.deepcopy(config)
+    for section in ("training", "packing"):
+        out[section] = validate(dict(out.get(section) or {}), section_schema(section), prefix=section)
+    return out
+
+
 def parse_overrides(args: list[str]) -> dict:
     """Parse NeMo-Skills/Hydra style `++a.b=value` arguments into a nested dict.
 

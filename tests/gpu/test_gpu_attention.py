@@ -45,8 +45,8 @@ def _sequences(lengths: list[int]) -> list[dict]:
 
 
 def _mean_loss(model, batches, kernel: str) -> torch.Tensor:
+    from sftflow.train.loss import token_loss_sum
     from sftflow.train.model import model_inputs
-    from sftflow.train.trainer import token_loss_sum
 
     total = sum(
         token_loss_sum(model(**model_inputs(b, torch.device("cuda"), kernel)).logits, b["targets"].cuda())

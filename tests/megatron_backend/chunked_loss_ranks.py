@@ -55,7 +55,8 @@ def build(model_dir: Path, tp: int):
 
     from sftflow.megatron.hf_config import model_layout, padded_vocab_size
     from sftflow.megatron.model import build_gpt_model
-    from sftflow.megatron.weights import Parallel, Rank, hf_to_megatron, shard
+    from sftflow.megatron.weights import hf_to_megatron, shard
+    from sftflow.train.parallel import ParallelDims
 
     layout = model_layout(json.loads((model_dir / "config.json").read_text()))
     padded = padded_vocab_size(layout.vocab_size, tp)
@@ -65,8 +66,8 @@ def build(model_dir: Path, tp: int):
         hf.setdefault("lm_head.weight", hf["model.embed_tokens.weight"])
     from megatron.core import parallel_state as ps
 
-    mine = shard(hf_to_megatron(hf, layout, padded), layout, Parallel(tp, 1, 1, 1),
-                 Rank(tp=ps.get_tensor_model_parallel_rank(), pp=0, ep=0, etp=0))  # fmt: skip
+    mine = shard(hf_to_megatron(hf, layout, padded), layout,
+                 ParallelDims(tp=tp, tp_rank=ps.get_tensor_model_parallel_rank()))  # fmt: skip
     extra = {k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")}
     model.load_state_dict({**mine, **extra}, strict=True)
     return model, layout

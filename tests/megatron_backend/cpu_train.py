@@ -26,8 +26,9 @@ def main() -> None:
     from megatron.core import parallel_state as ps
 
     from sftflow.logs import setup_logging
-    from sftflow.megatron.engine import MegatronDims
+    from sftflow.megatron.engine import megatron_parallel_dims
     from sftflow.train.cli import load_train_config
+    from sftflow.train.parallel import launch_environment
     from sftflow.train.trainer import JobSpec, run_job
 
     setup_logging()
@@ -42,9 +43,7 @@ def main() -> None:
         context_parallel_size=sizes["cp"], expert_model_parallel_size=sizes["ep"],
         expert_tensor_parallel_size=sizes["etp"],
     )  # fmt: skip
-    parallel = MegatronDims(world_size=dist.get_world_size(), rank=dist.get_rank(),
-                            local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=torch.device("cpu"),
-                            mesh=None, **sizes)  # fmt: skip
+    parallel = megatron_parallel_dims(launch_environment(), torch.device("cpu"))
     spec = JobSpec(packed=packed, model=model, checkpoint_dir=ckpt, job_index=int(job), num_jobs=int(jobs),
                    done_file=str(Path(ckpt) / f"job{job}.done"))  # fmt: skip
     record = run_job(cfg, spec, parallel)

@@ -25,6 +25,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 
+def weight_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight of a GPTModel (without megatron's `_extra_state` entries)."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
 def main() -> None:
     model_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
     tp, pp, ep, etp = (int(x) for x in sys.argv[3:7])
@@ -45,8 +50,9 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from sftflow.megatron.hf_config import model_layout, padded_vocab_size
-    from sftflow.megatron.model import build_gpt_model, weight_shapes
-    from sftflow.megatron.weights import Parallel, Rank, hf_to_megatron, shard
+    from sftflow.megatron.model import build_gpt_model
+    from sftflow.megatron.weights import hf_to_megatron, shard
+    from sftflow.train.parallel import ParallelDims
 
     layout = model_layout(json.loads((model_dir / "config.json").read_text()))
     padded = padded_vocab_size(layout.vocab_size, tp)
@@ -74,8 +80,9 @@ def main() -> None:
     hf = load_file(model_dir / "model.safetensors")
     if layout.tied_embeddings:
         hf.setdefault("lm_head.weight", hf["model.embed_tokens.weight"])
-    at = Rank(tp=ranks["tp"], pp=ranks["pp"], ep=ranks["ep"], etp=ranks["etp"])
-    mine = shard(hf_to_megatron(hf, layout, padded), layout, Parallel(tp, pp, ep, etp), at)
+    at = ParallelDims(tp=tp, pp=pp, ep=ep, etp=etp, tp_rank=ranks["tp"], pp_rank=ranks["pp"], ep_rank=ranks["ep"],
+                      etp_rank=ranks["etp"])  # fmt: skip
+    mine = shard(hf_to_megatron(hf, layout, padded), layout, at)
     extra = {k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")}
     model.load_state_dict({**mine, **extra}, strict=True)  # names and shapes exactly as megatron-core shards them
     loaded = {k: torch.equal(v.detach().cpu(), mine[k]) for k, v in model.state_dict().items() if k in mine}
@@ -85,10 +92,10 @@ def main() -> None:
         "loaded": all(loaded.values()) and len(loaded) == len(mine),
     }
     if "--save-shards" in sys.argv[7:]:
-        from sftflow.megatron.checkpoint import write_model_shards
+        from sftflow.megatron.checkpoint import module_weights, write_model_shards
 
         step_dir = out_dir / "step_00000001"
-        record["wrote"] = [f.name for f in write_model_shards(step_dir / "model", model, at)]
+        record["wrote"] = [f.name for f in write_model_shards(step_dir / "model", module_weights(model), at)]
         if dist.get_rank() == 0:
             meta = {"step": 1, "backend": "megatron", "world_size": dist.get_world_size(),
                     "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "context_parallel_size": 1,

@@ -80,7 +80,7 @@ def test_sequence_parallel_chunks_gather_the_right_tokens(rank_results):
 
 
 def test_automatic_chunking_counts_this_ranks_slice_of_the_vocabulary(rank_results):
-    from sftflow.train.trainer import loss_chunk_size
+    from sftflow.train.loss import loss_chunk_size
 
     for layout, local_vocab in (("tp2-tied", 256), ("tp1-tied", 384)):  # 300 padded to 128 x TP, over TP
         r = rank_results[0][layout]

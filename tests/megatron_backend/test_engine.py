@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sftflow.errors import SftflowError
-from sftflow.megatron.checkpoint import check_layout
+from sftflow.train.checkpoint import check_layout
 from tests.train.helpers import REPO, subprocess_env, train_command, training_config, write_config
 
 LAYOUT = {

@@ -15,7 +15,8 @@ import torch
 
 from sftflow.errors import SftflowError
 from sftflow.megatron.hf_config import model_layout, padded_vocab_size, transformer_config_kwargs
-from sftflow.megatron.weights import Parallel, Rank, fuse_qkv, hf_to_megatron, megatron_to_hf, shard, unshard
+from sftflow.megatron.weights import fuse_qkv, hf_to_megatron, megatron_to_hf, shard, unshard
+from sftflow.train.parallel import ParallelDims as Parallel
 
 HERE = Path(__file__).resolve().parent
 SMALL = {"vocab_size": 100, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 4,
@@ -66,22 +67,22 @@ def test_hf_megatron_hf_and_every_shard_layout_round_trip_bit_exactly(family):
         layouts += [Parallel(ep=2), Parallel(tp=2, ep=2), Parallel(ep=2, etp=2), Parallel(tp=2, pp=2, ep=2, etp=2)]
     for sizes in layouts:
         coords = [
-            Rank(t, s, e, j)
+            sizes.at(tp_rank=t, pp_rank=s, ep_rank=e, etp_rank=j)
             for t in range(sizes.tp) for s in range(sizes.pp) for e in range(sizes.ep) for j in range(sizes.etp)
         ]  # fmt: skip
-        shards = {at: shard(mc, layout, sizes, at) for at in coords}
+        shards = {at: shard(mc, layout, at) for at in coords}
         joined = unshard(shards, layout, sizes)
         assert joined.keys() == mc.keys(), sizes
         for name in mc:
             assert torch.equal(joined[name], mc[name]), (sizes, name)
         if sizes.pp > 1:  # stage 1 holds layers 2 and 3 as 0 and 1, the final norm and the output layer
-            stage1 = shards[Rank(pp=1)]
+            stage1 = shards[sizes.at(pp_rank=1)]
             assert torch.equal(stage1["decoder.layers.0.input_layernorm.weight"],
                                mc["decoder.layers.2.input_layernorm.weight"])  # fmt: skip
             assert "embedding.word_embeddings.weight" not in stage1 and "output_layer.weight" in stage1
-            assert "decoder.final_layernorm.weight" not in shards[Rank()]
+            assert "decoder.final_layernorm.weight" not in shards[sizes]
         if sizes.ep > 1:  # each expert-parallel rank holds its own half of the experts, renumbered from 0
-            first = shards[Rank(ep=1)]["decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"]
+            first = shards[sizes.at(ep_rank=1)]["decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"]
             expert2 = mc["decoder.layers.0.mlp.experts.local_experts.2.linear_fc2.weight"]
             assert torch.equal(first, torch.chunk(expert2, sizes.etp, 1)[0])
 
@@ -97,7 +98,7 @@ def test_qkv_is_fused_per_query_group_and_fc1_shards_keep_gate_and_up_apart():
     assert rows == [*range(0, 6), 100, 101, 102, 200, 201, 202, *range(6, 12), 103, 104, 105, 203, 204, 205]
     fc1 = torch.cat([torch.zeros(4, 1), torch.ones(4, 1)])  # [gate; up]
     mc = {"decoder.layers.0.mlp.linear_fc1.weight": fc1}
-    rank1 = shard(mc, layout, Parallel(tp=2), Rank(tp=1))["decoder.layers.0.mlp.linear_fc1.weight"]
+    rank1 = shard(mc, layout, Parallel(tp=2, tp_rank=1))["decoder.layers.0.mlp.linear_fc1.weight"]
     assert rank1[:, 0].tolist() == [0, 0, 1, 1]  # its gate rows, then its up rows
 
 
@@ -121,9 +122,9 @@ def test_config_translation_and_what_it_refuses():
     with pytest.raises(SftflowError, match=r"use_sliding_window"):
         model_layout({"model_type": "qwen2", **SMALL, "use_sliding_window": True})
     with pytest.raises(SftflowError, match=r"num_key_value_heads \(2\) must be divisible by tensor parallel 4"):
-        shard({}, model_layout({"model_type": "llama", **SMALL}), Parallel(tp=4), Rank())
+        shard({}, model_layout({"model_type": "llama", **SMALL}), Parallel(tp=4))
     with pytest.raises(SftflowError, match=r"num_hidden_layers \(4\) must be divisible by pipeline parallel 3"):
-        shard({}, model_layout({"model_type": "llama", **SMALL}), Parallel(pp=3), Rank())
+        shard({}, model_layout({"model_type": "llama", **SMALL}), Parallel(pp=3))
 
 
 def save_hf(model, path: Path) -> Path:

@@ -195,11 +195,11 @@ def run_train(*args, timeout: int = 300, **kwargs) -> subprocess.CompletedProces
 def final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """Model tensors of the latest checkpoint, read without a process group."""
     from sftflow.train.checkpoint import latest_checkpoint
-    from sftflow.train.export import _read, model_tensors
+    from sftflow.train.fsdp import model_tensors, read_model_tensors
 
     latest = latest_checkpoint(ckpt_dir)
     tensors = model_tensors(latest.path)
-    return _read(latest.path, sorted(tensors), tensors)
+    return read_model_tensors(latest.path, sorted(tensors), tensors)
 
 
 def optimizer_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -224,7 +224,7 @@ def optimizer_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 def run_inprocess(parallel, ckpt: Path, packed: Path, model: Path, job: int = 0, jobs: int = 1, **training) -> dict:
     """One chained job in this process (world of one), returning its done record."""
-    from sftflow.train.config import validate_sections
+    from sftflow.config import validate_sections
     from sftflow.train.trainer import JobSpec, run_job
 
     cfg = validate_sections(training_config(**training))
@@ -252,3 +252,39 @@ def assert_weights_close(a: dict, b: dict, atol: float = WEIGHTS_ATOL) -> None:
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+class Box:
+    """A plain Stateful holding a dict (the data order's and the schedule's state, in these tests)."""
+
+    def __init__(self, **state) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+
+def train_state_of(states: dict) -> dict:
+    """What run_job resumes from, in one dict (step, data position, schedule)."""
+    return {"step": states["train"].step, **states["sampler"].state, "scheduler": states["schedule"].state}
+
+
+class ModelAndOptimizer:
+    """The model / optimizer component of a checkpoint, as an engine provides it."""
+
+    def __init__(self, model, optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

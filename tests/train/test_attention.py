@@ -7,8 +7,8 @@ import torch
 
 from sftflow.packing import collate_bins
 from sftflow.train.attention import VARLEN_ATTENTION, register_attention, varlen_attention
+from sftflow.train.loss import token_loss_sum
 from sftflow.train.model import model_inputs
-from sftflow.train.trainer import token_loss_sum
 from tests.train.helpers import PAD_ID, random_sequences, tiny_llama_config
 
 ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral"]

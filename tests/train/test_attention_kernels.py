@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from sftflow.errors import SftflowError
 from sftflow.packing import collate_bins
 from sftflow.train import attention as A
+from sftflow.train.loss import token_loss_sum
 from sftflow.train.model import model_inputs
-from sftflow.train.trainer import token_loss_sum
 from tests.train.helpers import PAD_ID, random_sequences, tiny_llama_config
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

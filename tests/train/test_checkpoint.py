@@ -7,13 +7,23 @@ import random
 import pytest
 import torch
 
-from sftflow.train.checkpoint import Checkpointer, complete_checkpoints, latest_checkpoint
-from tests.train.helpers import run_inprocess
+from sftflow.train.checkpoint import ENGINE, Checkpointer, RngState, TrainState, complete_checkpoints, latest_checkpoint
+from tests.train.helpers import Box, ModelAndOptimizer, run_inprocess, train_state_of
 
 
 def _full(tensor):
     """The whole tensor, whether FSDP sharded it (DTensor) or not (one fp32 process is not sharded)."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _states(model, optimizer, world1, step: int, epoch: int, bins_consumed: int, next_step: int) -> dict:
+    return {
+        ENGINE: ModelAndOptimizer(model, optimizer),
+        "sampler": Box(epoch=epoch, bins_consumed=bins_consumed),
+        "schedule": Box(next_step=next_step),
+        "rng": RngState(world1),
+        "train": TrainState(step),
+    }
 
 
 def test_torn_and_unrelated_directories_are_not_checkpoints(tmp_path, world1, packed, tiny_model):
@@ -42,9 +52,7 @@ def test_save_then_load_restores_model_optimizer_rng_and_train_state(tmp_path, w
     opt.step()
     torch.manual_seed(123)
     random.seed(5)
-    path, _ = Checkpointer(tmp_path, world1).save(
-        1, model, opt, {"step": 1, "epoch": 2, "bins_consumed": 16, "scheduler": {"next_step": 1}}, {}
-    )
+    path, _ = Checkpointer(tmp_path, world1).save(1, _states(model, opt, world1, 1, 2, 16, 1), {})
     expect_torch, expect_py = torch.rand(3), random.random()
     weights = {k: _full(v).clone() for k, v in model.state_dict().items()}
 
@@ -52,7 +60,9 @@ def test_save_then_load_restores_model_optimizer_rng_and_train_state(tmp_path, w
     other_opt = torch.optim.AdamW(other.parameters(), lr=1e-2)
     torch.manual_seed(0)
     random.seed(0)
-    state = Checkpointer(tmp_path, world1).load(path, other, other_opt)
+    states = _states(other, other_opt, world1, 0, 0, 0, 0)
+    Checkpointer(tmp_path, world1).load(path, states)
+    state = train_state_of(states)
     assert state == {"step": 1, "epoch": 2, "bins_consumed": 16, "scheduler": {"next_step": 1}}
     assert torch.equal(torch.rand(3), expect_torch) and random.random() == expect_py
     for k, v in other.state_dict().items():

@@ -38,8 +38,8 @@ def batch(packed):
 
 
 def _loss_and_grads(model, batch: dict, chunk: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from sftflow.train.loss import CHUNKED_LOSS_METHOD, token_loss_sum
     from sftflow.train.model import model_inputs
-    from sftflow.train.trainer import CHUNKED_LOSS_METHOD, token_loss_sum
 
     model.zero_grad(set_to_none=True)
     inputs, targets = model_inputs(batch, torch.device("cpu")), batch["targets"]
@@ -68,8 +68,8 @@ CHUNKS = [7, 64, 100, 10_000]  # 7 and 100 do not divide the 192 tokens; 10,000 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_chunked_loss_and_gradients_equal_the_full_logits(world1, tiny_model, untied_model, batch, tied):
+    from sftflow.train.loss import attach_chunked_loss
     from sftflow.train.model import build_model
-    from sftflow.train.trainer import attach_chunked_loss
 
     model = build_model(str(tiny_model if tied else untied_model), world1, max_seq_len=SEQ_LEN)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
@@ -85,8 +85,8 @@ def test_chunked_loss_under_fsdp(world1, tiny_model, batch):
     forward method: same loss and (reduced) gradients."""
     from torch.distributed.fsdp import FSDPModule
 
+    from sftflow.train.loss import attach_chunked_loss
     from sftflow.train.model import build_model
-    from sftflow.train.trainer import attach_chunked_loss
 
     # An explicit (fp32) param dtype makes build_model wrap the one-rank model with FSDP, as it does with bf16.
     model = build_model(str(tiny_model), world1, param_dtype=torch.float32, max_seq_len=SEQ_LEN)
@@ -98,8 +98,8 @@ def test_chunked_loss_under_fsdp(world1, tiny_model, batch):
 
 
 def test_chunked_loss_without_gradients_equals_the_full_logits(world1, tiny_model, batch):
+    from sftflow.train.loss import CHUNKED_LOSS_METHOD, attach_chunked_loss, token_loss_sum
     from sftflow.train.model import build_model, model_inputs
-    from sftflow.train.trainer import CHUNKED_LOSS_METHOD, attach_chunked_loss, token_loss_sum
 
     model = build_model(str(tiny_model), world1, max_seq_len=SEQ_LEN)
     attach_chunked_loss(model)
@@ -124,7 +124,7 @@ def test_training_with_a_chunked_loss_matches_the_full_logits(tmp_path, world1, 
 
 
 def test_automatic_chunking_only_for_big_logits():
-    from sftflow.train.trainer import LOGITS_BUDGET_BYTES, loss_chunk_size
+    from sftflow.train.loss import LOGITS_BUDGET_BYTES, loss_chunk_size
 
     # Qwen's vocabulary and an 8k-token micro-batch: 4.6 GiB of fp32 logits -> chunks of 441 tokens (255.6 MiB).
     chunk = loss_chunk_size(None, 8192, 151_936)
@@ -140,8 +140,9 @@ def test_automatic_chunking_only_for_big_logits():
 
 
 def test_loss_chunk_tokens_is_validated_and_not_a_result_key():
+    from sftflow.config import validate_sections
     from sftflow.errors import SftflowError
-    from sftflow.train.config import RESULT_KEYS, validate_sections
+    from sftflow.train.config import RESULT_KEYS
     from tests.train.helpers import training_config
 
     assert validate_sections(training_config())["training"]["loss_chunk_tokens"] is None

@@ -9,9 +9,10 @@ import logging
 
 import pytest
 
+from sftflow.config import validate_sections
 from sftflow.errors import SftflowError
 from sftflow.train.checkpoint import latest_checkpoint, read_meta
-from sftflow.train.config import check_checkpoint_matches, validate_sections
+from sftflow.train.config import check_checkpoint_matches
 from sftflow.train.lr_schedule import lr_at
 from tests.train.helpers import logged, run_inprocess, training_config
 

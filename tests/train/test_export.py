@@ -9,10 +9,10 @@ import torch
 
 from sftflow.errors import SftflowError
 from sftflow.packing import PackedDataset, collate_bins
-from sftflow.train.checkpoint import Checkpointer, latest_checkpoint
+from sftflow.train.checkpoint import ENGINE, Checkpointer, latest_checkpoint
 from sftflow.train.export import export_checkpoint, plan_shards, resolve_checkpoint
 from sftflow.train.model import build_model, model_inputs
-from tests.train.helpers import make_model, run_inprocess
+from tests.train.helpers import ModelAndOptimizer, make_model, run_inprocess
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def _trainer_logits(world1, model_dir, ckpt, batch):
     """Logits of the trainer's own (FSDP, varlen-attention) model after loading the checkpoint."""
     model = build_model(str(model_dir), world1)
     optimizer = torch.optim.AdamW(model.parameters())
-    Checkpointer(ckpt, world1).load(latest_checkpoint(ckpt).path, model, optimizer)
+    Checkpointer(ckpt, world1).load(latest_checkpoint(ckpt).path, {ENGINE: ModelAndOptimizer(model, optimizer)})
     model.eval()
     with torch.no_grad():
         return model(**model_inputs(batch, world1.device)).logits

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.config import config_layers, merged_layers
+from sftflow.config import config_layers, merged_layers, validate_sections
 from sftflow.errors import SftflowError
 from sftflow.train.cli import (
     config_overrides,
@@ -20,7 +20,6 @@ from sftflow.train.cli import (
     planned_command,
     worker_environment,
 )
-from sftflow.train.config import validate_sections
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,8 +10,17 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from sftflow.train import trainer
-from tests.train.helpers import final_weights, logged, optimizer_state, run_inprocess, training_config
+from sftflow.train import fsdp
+from sftflow.train.checkpoint import ENGINE, RngState, TrainState
+from tests.train.helpers import (
+    Box,
+    final_weights,
+    logged,
+    optimizer_state,
+    run_inprocess,
+    train_state_of,
+    training_config,
+)
 
 STEPS = dict(max_num_steps=4, save_period=2, train_micro_batch_size=4)
 
@@ -21,9 +30,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_the_product_trains_in_bf16_on_gpu_only():
-    assert trainer.mixed_precision_dtype("bf16", torch.device("cuda", 0)) == torch.bfloat16
-    assert trainer.mixed_precision_dtype("fp32", torch.device("cuda", 0)) is None
-    assert trainer.mixed_precision_dtype("bf16", torch.device("cpu")) is None
+    assert fsdp.mixed_precision_dtype("bf16", torch.device("cuda", 0)) == torch.bfloat16
+    assert fsdp.mixed_precision_dtype("fp32", torch.device("cuda", 0)) is None
+    assert fsdp.mixed_precision_dtype("bf16", torch.device("cpu")) is None
 
 
 @pytest.fixture
@@ -31,13 +40,14 @@ def bf16_on_cpu(monkeypatch):
     def gpu_policy_everywhere(precision: str, device: torch.device):
         return torch.bfloat16 if precision == "bf16" else None
 
-    monkeypatch.setattr(trainer, "mixed_precision_dtype", gpu_policy_everywhere)
+    monkeypatch.setattr(fsdp, "mixed_precision_dtype", gpu_policy_everywhere)
 
 
 def _engine(tmp_path, world1, packed, tiny_model, **training):
+    from sftflow.config import validate_sections
     from sftflow.packing import PackedDataset
-    from sftflow.train.config import validate_sections
-    from sftflow.train.trainer import FsdpEngine, JobSpec
+    from sftflow.train.fsdp import FsdpEngine
+    from sftflow.train.trainer import JobSpec
 
     cfg = validate_sections(training_config(precision="bf16", **training))
     spec = JobSpec(
@@ -113,15 +123,27 @@ def test_bf16_chunked_loss_gives_the_full_logits_loss_and_fp32_gradients(
         assert float((chunked - full).norm() / full.norm()) < 2e-2
 
 
+def _states(engine, world1, step: int, epoch: int, bins_consumed: int, next_step: int) -> dict:
+    return {
+        ENGINE: engine,
+        "sampler": Box(epoch=epoch, bins_consumed=bins_consumed),
+        "schedule": Box(next_step=next_step),
+        "rng": RngState(world1),
+        "train": TrainState(step),
+    }
+
+
 def test_bf16_checkpoint_round_trip_restores_fp32_weights_and_optimizer_state(
     bf16_on_cpu, tmp_path, world1, packed, tiny_model
 ):
     engine, micro_bins = _engine(tmp_path / "a", world1, packed, tiny_model)
     engine.train_step(micro_bins)
     train_state = {"step": 1, "epoch": 0, "bins_consumed": 8, "scheduler": {"next_step": 1}}
-    path, _ = engine.save(1, train_state, {})
+    path, _ = engine.checkpointer.save(1, _states(engine, world1, 1, 0, 8, 1), {})
     other, _ = _engine(tmp_path / "b", world1, packed, tiny_model)
-    assert other.load(path) == train_state
+    states = _states(other, world1, 0, 0, 0, 0)
+    other.checkpointer.load(path, states)
+    assert train_state_of(states) == train_state
     for (name, p), q in zip(engine.model.named_parameters(), other.model.parameters(), strict=True):
         assert _local(q).dtype == torch.float32 and torch.equal(_local(q), _local(p)), name
     a, b = engine.optimizer.state_dict()["state"], other.optimizer.state_dict()["state"]

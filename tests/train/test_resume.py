@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,9 +54,11 @@ def one_job(tmp_path_factory, config_file, packed, tiny_model):
     return ckpt
 
 
-def _killed(cmd: list[str], env_fault: str) -> subprocess.CompletedProcess:
-    env = subprocess_env() | {"SFTFLOW_TEST_KILL_AT": env_fault}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+def _killed(cmd: list[str], fault: str) -> subprocess.CompletedProcess:
+    """Run the train command `cmd` through tests/train/crashing_train.py, which SIGKILLs it at `fault`."""
+    python, _train_py, *args = cmd
+    cmd = [python, str(Path(__file__).with_name("crashing_train.py")), fault, *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert result.returncode == -9, f"expected SIGKILL, got {result.returncode}:\n{result.stderr[-3000:]}"
     return result
 

@@ -115,7 +115,7 @@ class FakeClock:
 
 
 def test_job_stops_before_the_deadline_saves_and_reports_incomplete(tmp_path, world1, packed, tiny_model):
-    from sftflow.train.config import validate_sections
+    from sftflow.config import validate_sections
     from sftflow.train.trainer import JobSpec, run_job
     from tests.train.helpers import training_config
 
@@ -213,7 +213,7 @@ def test_sigusr1_stops_the_job_cleanly_at_the_next_step(tmp_path, world1, packed
     import os
     import signal
 
-    from sftflow.train.config import validate_sections
+    from sftflow.config import validate_sections
     from sftflow.train.trainer import JobSpec, run_job
     from tests.train.helpers import training_config
 

@@ -7,7 +7,8 @@ the parallel sizes), with megatron-specific contents::
     model/dense_tp{t}_pp{p}.safetensors           non-expert weights of tensor rank t, pipeline stage p
     model/experts_pp{p}_ep{e}_etp{x}.safetensors  expert weights of expert rank e, expert-tensor rank x
     optim/rank{r}.pt                              rank r's distributed-optimizer shard (fp32 main weights,
-                                                  Adam moments, step), RNG states and the train state
+                                                  Adam moments, step), CUDA RNG tracker, and the other
+                                                  Stateful components (sampler, schedule, rng, train)
 
 Model shards hold megatron-core local-spec names (sftflow.megatron.weights) whatever the layer spec
 trained them, so the export needs neither a GPU nor Transformer Engine: it reads every shard, unshards
@@ -29,36 +30,29 @@ import torch
 
 from sftflow.errors import SftflowError
 from sftflow.megatron.hf_config import ModelLayout, model_layout
-from sftflow.megatron.weights import Parallel, Rank, from_te_names, megatron_to_hf, to_te_names, unshard
-from sftflow.train.checkpoint import Checkpointer, _rng_state, _set_rng_state
+from sftflow.megatron.weights import from_te_names, megatron_to_hf, to_te_names, unshard
+from sftflow.train.checkpoint import ENGINE, Checkpointer
+from sftflow.train.parallel import ParallelDims
 
 LOG = logging.getLogger("sftflow.train")
 
 _DENSE = re.compile(r"^dense_tp(\d+)_pp(\d+)\.safetensors$")
 _EXPERTS = re.compile(r"^experts_pp(\d+)_ep(\d+)_etp(\d+)\.safetensors$")
-LAYOUT_KEYS = (
-    "world_size",
-    "tensor_model_parallel_size",
-    "pipeline_model_parallel_size",
-    "context_parallel_size",
-    "expert_model_parallel_size",
-    "expert_tensor_parallel_size",
-)
 
 
 def is_expert(name: str) -> bool:
     return ".mlp.experts." in name
 
 
-def dense_file(rank: Rank) -> str:
-    return f"dense_tp{rank.tp}_pp{rank.pp}.safetensors"
+def dense_file(rank: ParallelDims) -> str:
+    return f"dense_tp{rank.tp_rank}_pp{rank.pp_rank}.safetensors"
 
 
-def experts_file(rank: Rank) -> str:
-    return f"experts_pp{rank.pp}_ep{rank.ep}_etp{rank.etp}.safetensors"
+def experts_file(rank: ParallelDims) -> str:
+    return f"experts_pp{rank.pp_rank}_ep{rank.ep_rank}_etp{rank.etp_rank}.safetensors"
 
 
-def stage_moe_layers(layout: ModelLayout, sizes: Parallel, stage: int) -> dict[int, bool]:
+def stage_moe_layers(layout: ModelLayout, sizes: ParallelDims, stage: int) -> dict[int, bool]:
     """Local layer index -> is an MoE layer, for pipeline stage `stage`."""
     per_stage = layout.num_layers // sizes.pp
     return {i: layout.is_moe_layer(stage * per_stage + i) for i in range(per_stage)}
@@ -71,11 +65,11 @@ def module_weights(module) -> dict[str, torch.Tensor]:
 
 
 def load_rank_weights(module, weights: dict[str, torch.Tensor], layout: ModelLayout, te: bool, stage: int = 0,
-                      sizes: Parallel | None = None) -> None:  # fmt: skip
+                      sizes: ParallelDims | None = None) -> None:  # fmt: skip
     """Copy this rank's local-spec `weights` into `module`; every weight of the module must be given, and
     only those (names are listed in the error)."""
     if te:
-        weights = to_te_names(weights, stage_moe_layers(layout, sizes or Parallel(), stage))
+        weights = to_te_names(weights, stage_moe_layers(layout, sizes or ParallelDims(), stage))
     own = {k for k in module.state_dict() if not k.endswith("_extra_state")}
     missing, unexpected = sorted(own - set(weights)), sorted(set(weights) - own)
     if missing or unexpected:
@@ -88,30 +82,25 @@ def load_rank_weights(module, weights: dict[str, torch.Tensor], layout: ModelLay
         raise SftflowError(f"GPTModel weights not loaded: {bad[:5]}")
 
 
-def read_shards(checkpoint: Path) -> tuple[dict[Rank, dict[str, torch.Tensor]], Parallel]:
+def read_shards(checkpoint: Path) -> tuple[dict[ParallelDims, dict[str, torch.Tensor]], ParallelDims]:
     """Every model shard of a megatron checkpoint, keyed as weights.unshard expects, and the sizes."""
     from safetensors.torch import load_file
 
     meta = json.loads((checkpoint / "meta.json").read_text(encoding="utf-8"))
-    sizes = Parallel(
-        tp=meta["tensor_model_parallel_size"],
-        pp=meta["pipeline_model_parallel_size"],
-        ep=meta["expert_model_parallel_size"],
-        etp=meta["expert_tensor_parallel_size"],
-    )
-    shards: dict[Rank, dict[str, torch.Tensor]] = {}
+    sizes = ParallelDims.from_layout(meta)
+    shards: dict[ParallelDims, dict[str, torch.Tensor]] = {}
     for path in sorted((checkpoint / "model").glob("*.safetensors")):
         if m := _DENSE.match(path.name):
-            at = Rank(tp=int(m[1]), pp=int(m[2]))
+            at = sizes.at(tp_rank=int(m[1]), pp_rank=int(m[2]))
         elif m := _EXPERTS.match(path.name):
-            at = Rank(pp=int(m[1]), ep=int(m[2]), etp=int(m[3]))
+            at = sizes.at(pp_rank=int(m[1]), ep_rank=int(m[2]), etp_rank=int(m[3]))
         else:
             raise SftflowError(f"{path}: not a megatron model shard")
         shards.setdefault(at, {}).update(load_file(str(path)))
     for t in range(sizes.tp):
         for p in range(sizes.pp):
-            if Rank(tp=t, pp=p) not in shards:
-                raise SftflowError(f"{checkpoint}: model shard {dense_file(Rank(tp=t, pp=p))} is missing")
+            if sizes.at(tp_rank=t, pp_rank=p) not in shards:
+                raise SftflowError(f"{checkpoint}: model shard {dense_file(sizes.at(tp_rank=t, pp_rank=p))} is missing")
     return shards, sizes
 
 
@@ -126,36 +115,14 @@ def hf_weights(checkpoint: str | Path, base_model: str | Path) -> dict[str, torc
     return megatron_to_hf(unshard(shards, layout, sizes), layout)
 
 
-def check_layout(meta: dict, current: dict, path: Path) -> None:
-    """Refuse to resume a megatron checkpoint under another backend or other parallel sizes."""
-    backend = meta.get("backend", "fsdp")
-    if backend != current["backend"]:
-        raise SftflowError(
-            f"checkpoint {path} was written by backend {backend!r}, not {current['backend']!r} (config key "
-            f"'training.backend'); set it back, or export the checkpoint and train from the exported model"
-        )
-    if backend != "megatron":
-        return
-
-    def name(key: str) -> str:
-        return "GPUs (training.num_nodes x training.num_gpus)" if key == "world_size" else f"training.{key}"
-
-    changed = [f"{name(k)}: {meta.get(k)} -> {current[k]}" for k in LAYOUT_KEYS if meta.get(k) != current[k]]
-    if changed:
-        raise SftflowError(
-            f"checkpoint {path} was written with other parallel sizes ({'; '.join(changed)}); a megatron "
-            "checkpoint resumes with the sizes it was written with"
-        )
-
-
-def write_model_shards(model_dir: Path, module, rank: Rank) -> list[Path]:
-    """This rank's model weights into `model_dir`: the dense ones if it is data-parallel rank 0 of its
-    replicas, the experts if it is expert-data-parallel rank 0 of theirs. Returns the files written."""
+def write_model_shards(model_dir: Path, weights: dict[str, torch.Tensor], rank: ParallelDims) -> list[Path]:
+    """This rank's model weights (module_weights) into `model_dir`: the dense ones if it is data-parallel
+    rank 0 of its replicas, the experts if it is expert-data-parallel rank 0 of theirs. Returns the files
+    written."""
     from megatron.core import parallel_state as ps
     from safetensors.torch import save_file
 
     model_dir.mkdir(parents=True, exist_ok=True)
-    weights = module_weights(module)
     written = []
     parts = [
         (ps.get_data_parallel_rank(with_context_parallel=True) == 0, dense_file(rank), False),
@@ -181,61 +148,78 @@ def _mark_unpadded(param_state: dict) -> dict:
     return param_state
 
 
+def _optimizers(optimizer) -> list:
+    """The dense and (MoE) expert optimizers; one holding no parameters on this rank (e.g. the expert
+    optimizer of a pipeline stage without MoE layers) is None: nothing to save or load."""
+    return [
+        o if any(group["params"] for group in o.optimizer.param_groups) else None
+        for o in getattr(optimizer, "chained_optimizers", [optimizer])
+    ]
+
+
+def engine_state_dict(engine) -> dict:
+    """A MegatronEngine's state: this rank's model weights (local-spec names, CPU), its distributed-optimizer
+    shards (fp32 main weights, Adam moments, step) and megatron-core's CUDA RNG tracker."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    opts = _optimizers(engine.optimizer)
+    return {
+        "model": module_weights(engine.module),
+        "optimizers": [o and o.state_dict() for o in opts],
+        "parameter_states": [o and o.get_parameter_state_dp_reshardable() for o in opts],
+        "cuda_rng_tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def load_engine_state_dict(engine, state: dict) -> None:
+    """Inverse of engine_state_dict: weights first, then the optimizer (its fp32 main weights are views of them)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    rank = engine.parallel
+    load_rank_weights(engine.module, state["model"], engine.layout, engine.use_te, rank.pp_rank, rank)
+    with torch.no_grad():  # in fp32 the main weights are views of the model's parameters
+        for opt, opt_state, param_state in zip(
+            _optimizers(engine.optimizer), state["optimizers"], state["parameter_states"], strict=True
+        ):
+            if opt is None or opt_state is None:
+                if (opt is None) != (opt_state is None):
+                    raise SftflowError(f"rank {rank.rank}'s optimizer state does not fit this run")
+                continue
+            opt.load_state_dict(opt_state)
+            opt.load_parameter_state_from_dp_reshardable(_mark_unpadded(param_state))
+            # Without Apex / TE, megatron-core's load_state_dict gives every parameter the *same* step
+            # tensor, which torch's Adam then increments once per parameter: give each its own.
+            for param_state_dict in opt.optimizer.state.values():
+                if isinstance(param_state_dict.get("step"), torch.Tensor):
+                    param_state_dict["step"] = param_state_dict["step"].clone()
+    get_cuda_rng_tracker().set_states(state["cuda_rng_tracker"])
+
+
 class MegatronCheckpointer(Checkpointer):
-    """Writes / loads one rank's part of a megatron checkpoint (see the module docstring)."""
+    """Stores a checkpoint's Stateful components in the megatron format (see the module docstring): the
+    engine's model weights as shared model shards, everything else of this rank in optim/rank{r}.pt."""
 
-    def __init__(self, root, parallel, engine) -> None:
-        super().__init__(root, parallel)
-        self.engine = engine
+    def _rank_file(self, checkpoint: Path) -> Path:
+        return checkpoint / "optim" / f"rank{self.parallel.rank:05d}.pt"
 
-    def _optimizers(self, optimizer) -> list:
-        """The dense and (MoE) expert optimizers; one holding no parameters on this rank (e.g. the expert
-        optimizer of a pipeline stage without MoE layers) is None: nothing to save or load."""
-        return [
-            o if any(group["params"] for group in o.optimizer.param_groups) else None
-            for o in getattr(optimizer, "chained_optimizers", [optimizer])
-        ]
-
-    def _write(self, tmp: Path, model, optimizer, train_state: dict) -> None:
-        from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-        write_model_shards(tmp / "model", self.engine.module, self.engine.rank)
+    def write(self, tmp: Path, states: dict) -> None:
+        engine_state = states[ENGINE].state_dict()
+        write_model_shards(tmp / "model", engine_state.pop("model"), self.parallel)
         (tmp / "optim").mkdir(exist_ok=True)
-        opts = self._optimizers(optimizer)
-        state = {
-            "optimizers": [o and o.state_dict() for o in opts],
-            "parameter_states": [o and o.get_parameter_state_dp_reshardable() for o in opts],
-            "rng": _rng_state(self.parallel.device),
-            "cuda_rng_tracker": get_cuda_rng_tracker().get_states(),
-            "train": train_state,
-        }
-        torch.save(state, tmp / "optim" / f"rank{self.parallel.rank:05d}.pt")
+        others = {name: component.state_dict() for name, component in states.items() if name != ENGINE}
+        torch.save({**engine_state, **others}, self._rank_file(tmp))
 
-    def load(self, path: Path, model, optimizer) -> dict:
-        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    def read(self, path: Path, states: dict) -> None:
         from safetensors.torch import load_file
 
-        engine, rank = self.engine, self.engine.rank
+        rank = self.parallel
         weights = load_file(str(path / "model" / dense_file(rank)))
         if (path / "model" / experts_file(rank)).is_file():
             weights.update(load_file(str(path / "model" / experts_file(rank))))
-        load_rank_weights(engine.module, weights, engine.layout, engine.use_te, rank.pp, engine.sizes)
-        state = torch.load(path / "optim" / f"rank{self.parallel.rank:05d}.pt", weights_only=True, map_location="cpu")
-        with torch.no_grad():  # in fp32 the main weights are views of the model's parameters
-            for opt, opt_state, param_state in zip(
-                self._optimizers(optimizer), state["optimizers"], state["parameter_states"], strict=True
-            ):
-                if opt is None or opt_state is None:
-                    if (opt is None) != (opt_state is None):
-                        raise SftflowError(f"{path}: rank {self.parallel.rank}'s optimizer state does not fit this run")
-                    continue
-                opt.load_state_dict(opt_state)
-                opt.load_parameter_state_from_dp_reshardable(_mark_unpadded(param_state))
-                # Without Apex / TE, megatron-core's load_state_dict gives every parameter the *same* step
-                # tensor, which torch's Adam then increments once per parameter: give each its own.
-                for param_state_dict in opt.optimizer.state.values():
-                    if isinstance(param_state_dict.get("step"), torch.Tensor):
-                        param_state_dict["step"] = param_state_dict["step"].clone()
-        _set_rng_state(state["rng"], self.parallel.device)
-        get_cuda_rng_tracker().set_states(state["cuda_rng_tracker"])
-        return state["train"]
+        stored = torch.load(self._rank_file(path), weights_only=True, map_location="cpu")
+        engine_state = {"model": weights, **{k: v for k, v in stored.items() if k not in states}}
+        for name, component in states.items():
+            try:
+                component.load_state_dict(engine_state if name == ENGINE else stored[name])
+            except SftflowError as err:
+                raise SftflowError(f"{path}: {err}") from None

@@ -28,8 +28,8 @@ import importlib.util
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,8 @@ from sftflow.errors import SftflowError
 from sftflow.megatron.batches import megatron_micro_batch
 from sftflow.megatron.hf_config import model_layout, padded_vocab_size
 from sftflow.megatron.loss import OutputLayerLoss
-from sftflow.train.parallel import ParallelDims, init_process_group
+from sftflow.train.data import eval_micro_batches
+from sftflow.train.parallel import LaunchEnvironment, ParallelDims, init_process_group
 
 LOG = logging.getLogger("sftflow.train")
 
@@ -56,47 +57,7 @@ def _patch_moe_router_without_te() -> None:
         moe_utils.te_general_gemm = None
 
 
-@dataclass
-class MegatronDims(ParallelDims):
-    """ParallelDims for megatron-core's parallel state: data parallel is world / (tp x pp x cp)."""
-
-    pp: int = 1
-    cp: int = 1
-    ep: int = 1
-    etp: int = 1
-
-    @property
-    def dp_size(self) -> int:
-        from megatron.core import parallel_state as ps
-
-        return ps.get_data_parallel_world_size()
-
-    @property
-    def dp_rank(self) -> int:
-        from megatron.core import parallel_state as ps
-
-        return ps.get_data_parallel_rank()
-
-    def dp_sum(self, value: float | int) -> float:
-        """Sum over the data-parallel replicas (tp, pp and cp ranks of one replica hold the same bins)."""
-        from megatron.core import parallel_state as ps
-
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
-        return float(t.item())
-
-    def layout(self) -> dict:
-        return {
-            "world_size": self.world_size,
-            "tensor_model_parallel_size": self.tp,
-            "pipeline_model_parallel_size": self.pp,
-            "context_parallel_size": self.cp,
-            "expert_model_parallel_size": self.ep,
-            "expert_tensor_parallel_size": self.etp,
-        }
-
-
-def init_megatron_parallel(tcfg: dict, timeout_minutes: float = 30.0) -> MegatronDims:
+def init_megatron_parallel(tcfg: dict, timeout_minutes: float = 30.0) -> ParallelDims:
     """Process group plus megatron-core's parallel state for the training config's sizes."""
     if not torch.cuda.is_available():
         raise SftflowError(
@@ -106,25 +67,43 @@ def init_megatron_parallel(tcfg: dict, timeout_minutes: float = 30.0) -> Megatro
         )
     # megatron-core orders tensor-parallel communication behind compute on one CUDA queue (as Megatron-LM sets it)
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    rank, world, local_rank, device = init_process_group(timeout_minutes)
+    env, device = init_process_group(timeout_minutes)
     from megatron.core import parallel_state as ps
 
-    sizes = {
-        "tp": tcfg["tensor_model_parallel_size"],
-        "pp": tcfg["pipeline_model_parallel_size"],
-        "cp": tcfg["context_parallel_size"],
-        "ep": tcfg["expert_model_parallel_size"],
-        "etp": tcfg["expert_tensor_parallel_size"],
-    }
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
-            tensor_model_parallel_size=sizes["tp"],
-            pipeline_model_parallel_size=sizes["pp"],
-            context_parallel_size=sizes["cp"],
-            expert_model_parallel_size=sizes["ep"],
-            expert_tensor_parallel_size=sizes["etp"],
+            tensor_model_parallel_size=tcfg["tensor_model_parallel_size"],
+            pipeline_model_parallel_size=tcfg["pipeline_model_parallel_size"],
+            context_parallel_size=tcfg["context_parallel_size"],
+            expert_model_parallel_size=tcfg["expert_model_parallel_size"],
+            expert_tensor_parallel_size=tcfg["expert_tensor_parallel_size"],
         )
-    return MegatronDims(world_size=world, rank=rank, local_rank=local_rank, device=device, mesh=None, **sizes)
+    return megatron_parallel_dims(env, device)
+
+
+def megatron_parallel_dims(env: LaunchEnvironment, device: torch.device) -> ParallelDims:
+    """The layout that megatron-core's (initialised) parallel state describes, for this rank."""
+    from megatron.core import parallel_state as ps
+
+    return ParallelDims(
+        world_size=env.world_size,
+        rank=env.rank,
+        local_rank=env.local_rank,
+        local_world_size=env.local_world_size,
+        device=device,
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        cp=ps.get_context_parallel_world_size(),
+        ep=ps.get_expert_model_parallel_world_size(),
+        etp=ps.get_expert_tensor_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        cp_rank=ps.get_context_parallel_rank(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        dp_group=ps.get_data_parallel_group(),
+    )
 
 
 def vocab_padding_parameters(layout, padded_vocab: int, pp: int) -> int:
@@ -146,21 +125,34 @@ def read_hf_config(model_dir: str | os.PathLike) -> dict:
 
 
 class MegatronEngine:
-    """One rank's part of a megatron-core training run (see the module docstring)."""
+    """One rank's part of a megatron-core training run: the megatron backend's Engine (sftflow.train.engine)."""
 
-    def __init__(self, cfg: dict, spec, parallel: MegatronDims, seq_len: int, pad_id: int) -> None:
+    name: ClassVar[str] = "megatron"
+
+    @classmethod
+    def init_parallel(cls, training: dict) -> ParallelDims:
+        return init_megatron_parallel(training)
+
+    @classmethod
+    def resume_layout(cls, parallel: ParallelDims) -> dict[str, int]:
+        return parallel.layout()  # the optimizer shards follow the layout: resume with the same one
+
+    @staticmethod
+    def hf_weights(checkpoint: Path, base_model: str):
+        """Every shard, unsharded and mapped to HF names (one copy of the model in host memory)."""
+        from sftflow.megatron.checkpoint import hf_weights
+
+        full = hf_weights(checkpoint, base_model)
+        shapes = {n: (tuple(t.shape), t.dtype) for n, t in full.items()}
+        return shapes, lambda names: {n: full[n] for n in names}
+
+    def __init__(self, cfg: dict, spec, parallel: ParallelDims, seq_len: int, pad_id: int) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        from sftflow.megatron.checkpoint import MegatronCheckpointer, load_rank_weights
+        from sftflow.megatron.checkpoint import MegatronCheckpointer
         from sftflow.megatron.model import build_gpt_model
-        from sftflow.megatron.weights import Rank, hf_to_megatron, local_model_dir, read_hf_weights, shard
+        from sftflow.megatron.weights import local_model_dir
         from sftflow.train.checkpoint import latest_checkpoint
 
         t = cfg["training"]
@@ -169,12 +161,42 @@ class MegatronEngine:
         model_dir = local_model_dir(spec.model)
         self.layout = model_layout(read_hf_config(model_dir), where=f"{spec.model}/config.json")
         self.use_te = transformer_engine_available()
+        self.sequence_parallel = bool(t["sequence_parallel"]) and parallel.tp > 1
+        self._check_features()
+        bf16 = t["precision"] == "bf16"
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        tensor_parallel.model_parallel_cuda_manual_seed(t["seed"])
+        self.padded_vocab = padded_vocab_size(self.layout.vocab_size, parallel.tp)
+        micro_tokens = t["train_micro_batch_size"] * seq_len
+        self.first_stage, self.last_stage = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        module = build_gpt_model(
+            self.layout,
+            self.padded_vocab,
+            max(micro_tokens, seq_len) * 2,
+            pre_process=self.first_stage,
+            post_process=self.last_stage,
+            transformer_engine=self.use_te,
+            **self._gpt_config(t, bf16, dtype),
+        )
+        module.cuda(torch.cuda.current_device())
+        # The last stage's GPTModel returns hidden states; the loss computes the logits, in chunks of tokens.
+        self.loss = OutputLayerLoss(module, self.layout.vocab_size, t["loss_chunk_tokens"]) if self.last_stage else None
+        if latest_checkpoint(spec.checkpoint_dir) is None:  # a resumed run loads its weights instead
+            self._import_hf_weights(module, spec.model, model_dir)
+        self.module = module
+        self.model, self.optimizer = self._distributed(module, t, bf16, dtype)
+        self.max_grad_norm = t["max_grad_norm"]
+        self.num_params = self._count_parameters()
+        self.checkpointer = MegatronCheckpointer(spec.checkpoint_dir, parallel)
+
+    def _check_features(self) -> None:
+        """Refuse what this model and megatron-core (with or without Transformer Engine) cannot train."""
+        parallel = self.parallel
         if parallel.cp > 1 and not self.use_te:
             raise SftflowError(
                 f"config key 'training.context_parallel_size' is {parallel.cp}: context parallelism needs "
                 "Transformer Engine's attention (pip install transformer_engine[pytorch]); it is not installed"
             )
-        self.sequence_parallel = bool(t["sequence_parallel"]) and parallel.tp > 1
         if self.layout.num_experts and parallel.tp > 1 and not self.sequence_parallel:
             raise SftflowError(
                 f"config key 'training.sequence_parallel' must be true for a mixture-of-experts model with "
@@ -188,10 +210,10 @@ class MegatronEngine:
                 "the sequence, this needs Transformer Engine's (pip install transformer_engine[pytorch]); it is "
                 "not installed. Set it to false"
             )
-        self.cp_rank = ps.get_context_parallel_rank()
-        bf16 = t["precision"] == "bf16"
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        tensor_parallel.model_parallel_cuda_manual_seed(t["seed"])
+
+    def _gpt_config(self, t: dict, bf16: bool, dtype: torch.dtype) -> dict:
+        """TransformerConfig settings of this run's parallel layout, precision and recomputation."""
+        parallel = self.parallel
         config = {
             "tensor_model_parallel_size": parallel.tp,
             "pipeline_model_parallel_size": parallel.pp,
@@ -213,53 +235,45 @@ class MegatronEngine:
             config["moe_token_dispatcher_type"] = "alltoall"
         if t["activation_checkpointing"]:
             config.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-        self.padded_vocab = padded_vocab_size(self.layout.vocab_size, parallel.tp)
-        micro_tokens = t["train_micro_batch_size"] * seq_len
-        self.first_stage, self.last_stage = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-        module = build_gpt_model(
-            self.layout,
-            self.padded_vocab,
-            max(micro_tokens, seq_len) * 2,
-            pre_process=self.first_stage,
-            post_process=self.last_stage,
-            transformer_engine=self.use_te,
-            **config,
+        return config
+
+    def _import_hf_weights(self, module, model: str, model_dir: Path) -> None:
+        """Load this rank's part of the HF model's weights into `module`."""
+        from sftflow.megatron.checkpoint import load_rank_weights
+        from sftflow.megatron.weights import hf_to_megatron, read_hf_weights, shard
+
+        parallel = self.parallel
+        LOG.info("importing %s into megatron-core GPTModel (%s layers)", model, "TE" if self.use_te else "local")
+        # Each rank reads the whole HF model and keeps its part: the ranks of a node take turns, so the
+        # node's host memory holds one copy of the model at a time, not one per GPU.
+        for turn in range(parallel.local_world_size):
+            if parallel.local_rank == turn:
+                full = hf_to_megatron(read_hf_weights(model_dir), self.layout, self.padded_vocab)
+                weights = shard(full, self.layout, parallel)
+                del full
+                load_rank_weights(module, weights, self.layout, self.use_te, parallel.pp_rank, parallel)
+                del weights
+            dist.barrier()
+
+    def _distributed(self, module, t: dict, bf16: bool, dtype: torch.dtype):
+        """megatron-core's DDP around `module` and its distributed optimizer: (model, optimizer)."""
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
         )
-        module.cuda(torch.cuda.current_device())
-        # The last stage's GPTModel returns hidden states; the loss computes the logits, in chunks of tokens.
-        self.loss = OutputLayerLoss(module, self.layout.vocab_size, t["loss_chunk_tokens"]) if self.last_stage else None
-        self.rank = Rank(
-            tp=ps.get_tensor_model_parallel_rank(),
-            pp=ps.get_pipeline_model_parallel_rank(),
-            ep=ps.get_expert_model_parallel_rank(),
-            etp=ps.get_expert_tensor_parallel_rank(),
-        )
-        if latest_checkpoint(spec.checkpoint_dir) is None:  # a resumed run loads its weights instead
-            LOG.info(
-                "importing %s into megatron-core GPTModel (%s layers)", spec.model, "TE" if self.use_te else "local"
-            )
-            # Each rank reads the whole HF model and keeps its part: the ranks of a node take turns, so the
-            # node's host memory holds one copy of the model at a time, not one per GPU.
-            for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
-                if parallel.local_rank == turn:
-                    full = hf_to_megatron(read_hf_weights(model_dir), self.layout, self.padded_vocab)
-                    weights = shard(full, self.layout, self.sizes, self.rank)
-                    del full
-                    load_rank_weights(module, weights, self.layout, self.use_te, self.rank.pp, self.sizes)
-                    del weights
-                dist.barrier()
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
             use_distributed_optimizer=True,
             check_for_nan_in_grad=True,
         )
-        self.model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
-        self.module = module
+        model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
         module.config.finalize_model_grads_func = finalize_model_grads
-        module.config.no_sync_func = self.model.no_sync
-        self.max_grad_norm = t["max_grad_norm"]
-        self.optimizer = get_megatron_optimizer(
+        module.config.no_sync_func = model.no_sync
+        optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
                 lr=t["learning_rate"],
@@ -273,21 +287,13 @@ class MegatronEngine:
                 params_dtype=dtype,
                 use_distributed_optimizer=True,
             ),
-            [self.model],
+            [model],
         )
         # megatron-core's own scheduler sets each group's weight decay (x its wd_mult: 0 for biases and 1-D
         # weights) every step; run_job's schedule sets the learning rate only, so set the decay once here.
-        for group in self.optimizer.param_groups:
+        for group in optimizer.param_groups:
             group["weight_decay"] = t["weight_decay"] * group.get("wd_mult", 1.0)
-        self.num_params = self._count_parameters()
-        self.checkpointer = MegatronCheckpointer(spec.checkpoint_dir, parallel, self)
-
-    @property
-    def sizes(self):
-        from sftflow.megatron.weights import Parallel
-
-        p = self.parallel
-        return Parallel(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp)
+        return model, optimizer
 
     def _count_parameters(self) -> int:
         """Parameters of the HF model (for MFU): every rank counts its shard, replicas are counted once, and
@@ -312,7 +318,7 @@ class MegatronEngine:
         return int(t.sum().item()) - vocab_padding_parameters(self.layout, self.padded_vocab, self.parallel.pp)
 
     def meta(self) -> dict:
-        return {"backend": "megatron", **self.parallel.layout(), "transformer_engine": self.use_te}
+        return {"backend": self.name, **self.parallel.layout(), "transformer_engine": self.use_te}
 
     # --- one step -------------------------------------------------------------------------------------
 
@@ -322,7 +328,7 @@ class MegatronEngine:
                 bins,
                 self.pad_id,
                 cp_size=self.parallel.cp,
-                cp_rank=self.cp_rank,
+                cp_rank=self.parallel.cp_rank,
                 length_multiple=self.parallel.tp if self.sequence_parallel else 1,
                 pad_to=pad_to,
                 block_mask=not self.use_te,
@@ -402,8 +408,6 @@ class MegatronEngine:
         return loss_sum / max(count, 1.0), count, float("nan") if grad_norm is None else float(grad_norm)
 
     def evaluate(self, dataset, micro_batch: int) -> tuple[float, int]:
-        from sftflow.train.trainer import eval_micro_batches
-
         self.model.eval()
         with torch.no_grad():
             micro = self._micro_batches(eval_micro_batches(dataset, self.parallel, micro_batch))
@@ -411,8 +415,12 @@ class MegatronEngine:
         self.model.train()
         return loss_sum / max(count, 1.0), int(count)
 
-    def save(self, step: int, train_state: dict, meta: dict):
-        return self.checkpointer.save(step, self.model, self.optimizer, train_state, meta)
+    def state_dict(self) -> dict:
+        from sftflow.megatron.checkpoint import engine_state_dict
 
-    def load(self, path: Path) -> dict:
-        return self.checkpointer.load(path, self.model, self.optimizer)
+        return engine_state_dict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        from sftflow.megatron.checkpoint import load_engine_state_dict
+
+        load_engine_state_dict(self, state)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from sftflow.train.trainer import loss_chunk_size
+from sftflow.train.loss import loss_chunk_size
 
 
 def vocab_parallel_token_losses(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -40,7 +40,7 @@ class OutputLayerLoss:
 
     Building it changes `module`: its output layer returns its input (the hidden states) from then on, and
     GPTModel's output is [batch, tokens, hidden] instead of the logits (with sequence parallelism: this TP
-    rank's tokens). `chunk_setting` is training.loss_chunk_tokens (see sftflow.train.trainer.loss_chunk_size,
+    rank's tokens). `chunk_setting` is training.loss_chunk_tokens (see sftflow.train.loss.loss_chunk_size,
     applied to this rank's logits: all tokens of the micro-batch on this rank x its slice of the vocabulary).
     """
 

@@ -33,8 +33,3 @@ def build_gpt_model(
         post_process=post_process,
         **gpt_model_kwargs(layout, padded_vocab, max_sequence_length),
     )
-
-
-def weight_shapes(model) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every weight of a GPTModel (without megatron's `_extra_state` entries)."""
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}

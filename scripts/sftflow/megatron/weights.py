@@ -27,12 +27,12 @@ transformers 5 models (`model.state_dict()`), whose MoE experts are fused 3-D te
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 
 from sftflow.errors import SftflowError
 from sftflow.megatron.hf_config import ModelLayout
+from sftflow.train.parallel import ParallelDims
 
 # How each megatron weight is split across tensor-parallel ranks.
 COLUMN, ROW, VOCAB, GATED, REPLICATED = "column", "row", "vocab", "gated", "replicated"
@@ -217,30 +217,10 @@ def _join(shards: list[torch.Tensor], kind: str) -> torch.Tensor:
     return torch.cat(shards, dim=1 if kind == ROW else 0)
 
 
-@dataclass(frozen=True)
-class Parallel:
-    """Parallel sizes: tensor, pipeline, expert and expert-tensor parallel."""
-
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    etp: int = 1
-
-
-@dataclass(frozen=True)
-class Rank:
-    """One rank's coordinates in those sizes."""
-
-    tp: int = 0
-    pp: int = 0
-    ep: int = 0
-    etp: int = 0
-
-
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
 
-def _check_sizes(layout: ModelLayout, sizes: Parallel) -> None:
+def _check_sizes(layout: ModelLayout, sizes: ParallelDims) -> None:
     if layout.num_kv_heads % sizes.tp:
         raise SftflowError(
             f"num_key_value_heads ({layout.num_kv_heads}) must be divisible by tensor parallel {sizes.tp}"
@@ -251,57 +231,59 @@ def _check_sizes(layout: ModelLayout, sizes: Parallel) -> None:
         raise SftflowError(f"num_experts ({layout.num_experts}) must be divisible by expert parallel {sizes.ep}")
 
 
-def shard(mc: dict[str, torch.Tensor], layout: ModelLayout, sizes: Parallel, at: Rank) -> dict[str, torch.Tensor]:
-    """The part of a full GPTModel state dict that the rank at coordinates `at` holds.
+def shard(mc: dict[str, torch.Tensor], layout: ModelLayout, at: ParallelDims) -> dict[str, torch.Tensor]:
+    """The part of a full GPTModel state dict that the rank at `at` holds (its sizes and its coordinates).
 
     Pipeline stage s holds layers s*L/pp ... (renumbered from 0), the embedding if first and the final norm
     and output layer if last (with tied embeddings and pp > 1 the last stage keeps its own copy of the
     embedding as output_layer.weight, as megatron-core does). Dense weights are split over tp ranks;
     experts over ep ranks (rank r holds experts r*E/ep ... as local_experts.0 ...), each over etp ranks.
     """
-    _check_sizes(layout, sizes)
-    per_stage = layout.num_layers // sizes.pp
-    per_ep = layout.num_experts // sizes.ep if layout.num_experts else 0
-    first, last = at.pp == 0, at.pp == sizes.pp - 1
+    _check_sizes(layout, at)
+    per_stage = layout.num_layers // at.pp
+    per_ep = layout.num_experts // at.ep if layout.num_experts else 0
+    first, last = at.pp_rank == 0, at.pp_rank == at.pp - 1
     out = {}
     for name, tensor in mc.items():
         layer = _LAYER.match(name)
         if layer:
             i = int(layer[1])
-            if i // per_stage != at.pp:
+            if i // per_stage != at.pp_rank:
                 continue
-            local = f"decoder.layers.{i - at.pp * per_stage}.{layer[2]}"
+            local = f"decoder.layers.{i - at.pp_rank * per_stage}.{layer[2]}"
             expert = _EXPERT.match(local)
             if expert:
                 e = int(expert[2])
-                if e // per_ep == at.ep:
-                    out[f"{expert[1]}{e - at.ep * per_ep}{expert[3]}"] = _split(
-                        tensor, split_kind(name), sizes.etp, at.etp, name
+                if e // per_ep == at.ep_rank:
+                    out[f"{expert[1]}{e - at.ep_rank * per_ep}{expert[3]}"] = _split(
+                        tensor, split_kind(name), at.etp, at.etp_rank, name
                     )
             else:
-                out[local] = _split(tensor, split_kind(name), sizes.tp, at.tp, name)
+                out[local] = _split(tensor, split_kind(name), at.tp, at.tp_rank, name)
         elif name == "embedding.word_embeddings.weight":
             if first:
-                out[name] = _split(tensor, VOCAB, sizes.tp, at.tp, name)
-            if last and sizes.pp > 1 and layout.tied_embeddings:
-                out["output_layer.weight"] = _split(tensor, VOCAB, sizes.tp, at.tp, name)
+                out[name] = _split(tensor, VOCAB, at.tp, at.tp_rank, name)
+            if last and at.pp > 1 and layout.tied_embeddings:
+                out["output_layer.weight"] = _split(tensor, VOCAB, at.tp, at.tp_rank, name)
         elif last:  # final norm, output layer
-            out[name] = _split(tensor, split_kind(name), sizes.tp, at.tp, name)
+            out[name] = _split(tensor, split_kind(name), at.tp, at.tp_rank, name)
     return out
 
 
 def unshard(
-    shards: dict[Rank, dict[str, torch.Tensor]], layout: ModelLayout, sizes: Parallel
+    shards: dict[ParallelDims, dict[str, torch.Tensor]], layout: ModelLayout, sizes: ParallelDims
 ) -> dict[str, torch.Tensor]:
-    """The full state dict from every rank's part (keyed by coordinates); inverse of shard.
+    """The full state dict from every rank's part (keyed by `sizes.at(...)` the rank's coordinates); inverse
+    of shard.
 
     Dense weights are read from the ep/etp rank 0 copies (the others are replicas), experts from tp rank 0."""
     per_stage = layout.num_layers // sizes.pp
     per_ep = layout.num_experts // sizes.ep if layout.num_experts else 0
+    origin = sizes.at(tp_rank=0, pp_rank=0, ep_rank=0, etp_rank=0)
     out: dict[str, torch.Tensor] = {}
     for stage in range(sizes.pp):
         last = stage == sizes.pp - 1
-        for name in shards[Rank(pp=stage)]:
+        for name in shards[origin.at(pp_rank=stage)]:
             if last and sizes.pp > 1 and layout.tied_embeddings and name == "output_layer.weight":
                 continue  # the last stage's copy of the embedding
             layer = _LAYER.match(name)
@@ -309,10 +291,10 @@ def unshard(
             expert = _EXPERT.match(full)
             if expert:
                 for r in range(sizes.ep):
-                    parts = [shards[Rank(pp=stage, ep=r, etp=j)][name] for j in range(sizes.etp)]
+                    parts = [shards[origin.at(pp_rank=stage, ep_rank=r, etp_rank=j)][name] for j in range(sizes.etp)]
                     out[f"{expert[1]}{int(expert[2]) + r * per_ep}{expert[3]}"] = _join(parts, split_kind(full))
             else:
-                parts = [shards[Rank(tp=t, pp=stage)][name] for t in range(sizes.tp)]
+                parts = [shards[origin.at(tp_rank=t, pp_rank=stage)][name] for t in range(sizes.tp)]
                 out[full] = _join(parts, split_kind(full))
     return out
 

@@ -2,7 +2,10 @@
 
 One module per concept (torchtitan style):
 
-- parallel     ParallelDims: process group and the ("dp", "tp") device mesh
+- engine       the Engine contract and the backend registry (training.backend -> engine, config check)
+- fsdp         the fsdp backend's engine; fsdp_config its config checks
+- parallel     ParallelDims: both backends' parallel layout, the process group, the fsdp ("dp", "tp") mesh
+- loss         token loss sum, optionally chunked over lm_head's logits
 - model        HF model loading, varlen (per-sequence) attention, apply_tp / apply_ac / apply_fsdp
 - data         deterministic, resumable bin order split over dp ranks and micro-batches
 - lr_schedule  linear warm-up + cosine decay
@@ -10,7 +13,7 @@ One module per concept (torchtitan style):
 - deadline     stop before the Slurm / time_limit deadline with time to save
 - metrics      console, TensorBoard, metrics.jsonl (+ MFU on GPU)
 - trainer      one chained job, top to bottom
-- export       DCP checkpoint -> HF folder, streaming on CPU
+- export       checkpoint -> HF folder on CPU, through the backend's reader
 - config       cross-key checks of the training section
 - cli          command lines of scripts/train.py (worker and `launch`) and scripts/convert_checkpoint.py
 """

@@ -5,11 +5,15 @@ Layout of the checkpoint directory (shared by all chained jobs)::
     step_00000100/          a complete checkpoint (DCP: .metadata + one __R_0.distcp per rank, meta.json)
     step_00000200.tmp/      being written; never read, removed by the next job
 
-Each checkpoint holds one DCP state dict:
+A checkpoint is a dict of Stateful components, torchtitan-style: the engine (its model and optimizer),
+the data order (`sampler`), the learning-rate schedule (`schedule`), every rank's RNG (`rng`) and the
+train state (`train`); saving writes each one's state_dict, resuming is one `load` into each. The fsdp
+backend stores them as one DCP state dict:
 
     model.<fqn>             full-model parameter names (get_state_dict unshards the names, not the data)
     optim.state.<fqn>.*     AdamW moments and step counts, same names; optim.param_groups
-    train.*                 step, data position (epoch, bins consumed), LR schedule state
+    sampler.*, schedule.*   data position (epoch, bins consumed), LR schedule state
+    train.step              optimizer steps taken
     rng.rank<r>.*           every rank's torch CPU (and CUDA) generator and Python `random` state
 
 All ranks write into `step_N.tmp`; after a barrier rank 0 renames it to `step_N`. The rename is the
@@ -25,26 +29,24 @@ import os
 import random
 import re
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from sftflow.errors import SftflowError
+from sftflow.train.engine import checkpoint_backend
 from sftflow.train.parallel import ParallelDims
 
 LOG = logging.getLogger("sftflow.train")
 
 STEP_DIR_RE = re.compile(r"^step_(\d{8})$")
 TMP_SUFFIX = ".tmp"
-# Fault injection for the crash-consistency tests: "save:N" SIGKILLs rank 0 after all ranks wrote step N
-# but before it is committed; "step:N" right after optimizer step N (see fault_point).
-FAULT_ENV = "SFTFLOW_TEST_KILL_AT"
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -86,7 +88,8 @@ def latest_checkpoint(root: str | os.PathLike) -> CheckpointInfo | None:
     return found[-1] if found else None
 
 
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's random generators (torch CPU and CUDA, Python `random`) as tensors."""
     version, internal, gauss = random.getstate()
     state = {
         "torch_cpu": torch.get_rng_state(),
@@ -100,7 +103,8 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore what rng_state returned."""
     torch.set_rng_state(state["torch_cpu"])
     gauss = float(state["python_gauss"][0])
     random.setstate(
@@ -114,18 +118,63 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["torch_cuda"], device)
 
 
-def _ints_to_tensors(values: dict) -> dict:
-    return {
-        k: (_ints_to_tensors(v) if isinstance(v, dict) else torch.tensor(int(v), dtype=torch.int64))
-        for k, v in values.items()
-    }
+class Stateful(Protocol):
+    """What a checkpoint holds: anything with torch-style state_dict / load_state_dict."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
-def _tensors_to_ints(values: dict) -> dict:
-    return {k: (_tensors_to_ints(v) if isinstance(v, dict) else int(v)) for k, v in values.items()}
+class RngState:
+    """This rank's random generators, under its own rank's key (every rank saves and restores its own)."""
+
+    # Saved with fewer ranks, a checkpoint has none for this rank: the weights, optimizer and data position
+    # still resume exactly, but this rank's random stream starts fresh (only matters with dropout).
+    optional = True
+
+    def __init__(self, parallel: ParallelDims) -> None:
+        self.key, self.device = f"rank{parallel.rank}", parallel.device
+
+    def state_dict(self) -> dict:
+        return {self.key: rng_state(self.device)}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state[self.key], self.device)
+
+
+@dataclass
+class TrainState:
+    """The optimizer steps taken so far."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+# The component whose state dict is stored at the top level of a checkpoint (its "model" and optimizer
+# entries keep their own names: the export reads "model.<name>"), as torchtitan flattens its model's.
+ENGINE = "engine"
+
+
+def _to_storage(state: dict) -> dict:
+    """Plain ints as int64 tensors (DCP stores tensors sharded by rank, other values pickled by rank 0)."""
+    return {k: torch.tensor(v, dtype=torch.int64) if type(v) is int else v for k, v in state.items()}
+
+
+def _from_storage(loaded: dict, template: dict) -> dict:
+    return {k: int(v) if type(template[k]) is int else v for k, v in loaded.items()}
 
 
 class Checkpointer:
+    """Saves and loads a dict of Stateful components (the engine's model and optimizer, the data order, the
+    schedule, RNG, the train state) as one checkpoint directory; this class stores them with DCP, a backend
+    with its own format overrides `write` and `read` (sftflow.megatron.checkpoint)."""
+
     def __init__(self, root: str | os.PathLike, parallel: ParallelDims) -> None:
         self.root = Path(root)
         self.parallel = parallel
@@ -140,20 +189,42 @@ class Checkpointer:
                     shutil.rmtree(child, ignore_errors=True)
         self.parallel.barrier()
 
-    def _state(self, model, optimizer, train_state: dict) -> dict:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        return {
-            "model": model_sd,
-            "optim": optim_sd,
-            "train": _ints_to_tensors(train_state),
-            "rng": {f"rank{self.parallel.rank}": _rng_state(self.parallel.device)},
-        }
+    def _state(self, states: dict[str, Stateful]) -> dict:
+        """One state dict of every component: the engine's entries at the top level, the others by name."""
+        state: dict = {}
+        for name, component in states.items():
+            if name == ENGINE:
+                state.update(component.state_dict())
+            else:
+                state[name] = _to_storage(component.state_dict())
+        return state
 
-    def _write(self, tmp: Path, model, optimizer, train_state: dict) -> None:
+    def write(self, tmp: Path, states: dict[str, Stateful]) -> None:
         """This rank's part of the checkpoint, into the uncommitted directory `tmp`."""
-        dcp.save(self._state(model, optimizer, train_state), checkpoint_id=str(tmp))
+        dcp.save(self._state(states), checkpoint_id=str(tmp))
 
-    def save(self, step: int, model, optimizer, train_state: dict, meta: dict) -> tuple[Path, float]:
+    def read(self, path: Path, states: dict[str, Stateful]) -> None:
+        """Load every component from `path` (an optional one the checkpoint lacks keeps its state)."""
+        state = self._state(states)  # the current state dicts are the template DCP loads into
+        stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        skipped = [
+            name
+            for name, component in states.items()
+            if getattr(component, "optional", False) and not any(key.startswith(f"{name}.") for key in stored)
+        ]
+        for name in skipped:
+            LOG.warning(
+                "%s has no %s state for rank %d (saved with another world size)", path, name, self.parallel.rank
+            )
+            del state[name]
+        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
+        for name, component in states.items():
+            if name == ENGINE:
+                component.load_state_dict({k: v for k, v in state.items() if k not in states})
+            elif name not in skipped:
+                component.load_state_dict(_from_storage(state[name], component.state_dict()))
+
+    def save(self, step: int, states: dict[str, Stateful], meta: dict) -> tuple[Path, float]:
         """Write step `step` and commit it; returns (path, seconds). Collective: every rank calls it."""
         start = time.perf_counter()
         final = self.root / step_dir_name(step)
@@ -162,42 +233,47 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.parallel.barrier()
-        self._write(tmp, model, optimizer, train_state)
+        self.write(tmp, states)
         if self.parallel.is_main:
             (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2) + "\n", encoding="utf-8")
         self.parallel.barrier()
         if self.parallel.is_main:
-            fault_point("save", step)
-            if final.exists():  # a re-save of the same step (e.g. after max_num_steps changed): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
+            self.commit(tmp, final)
         self.parallel.barrier()
         return final, time.perf_counter() - start
 
-    def load(self, path: Path, model, optimizer) -> dict:
-        """Load model, optimizer, RNG and return the train state (step, data position, schedule)."""
-        state = self._state(
-            model, optimizer, {"step": 0, "epoch": 0, "bins_consumed": 0, "scheduler": {"next_step": 0}}
+    def commit(self, tmp: Path, final: Path) -> None:
+        """Rank 0, once every rank wrote its part into `tmp`: the rename that makes the checkpoint exist."""
+        if final.exists():  # a re-save of the same step (e.g. after max_num_steps changed): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+
+    def load(self, path: Path, states: dict[str, Stateful]) -> None:
+        """Restore every component from the committed checkpoint `path` (resume is this one call)."""
+        self.read(path, states)
+
+
+def check_layout(meta: dict, current: dict, path: Path) -> None:
+    """Refuse to resume checkpoint `path` (its meta.json: `meta`) under another backend, or with other
+    parallel sizes where its backend needs the same ones (`current`: the backend's name and those sizes)."""
+    backend = checkpoint_backend(meta)
+    if backend != current["backend"]:
+        raise SftflowError(
+            f"checkpoint {path} was written by backend {backend!r}, not {current['backend']!r} (config key "
+            f"'training.backend'); set it back, or export the checkpoint and train from the exported model"
         )
-        stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        rng_key = f"rng.rank{self.parallel.rank}.torch_cpu"
-        if rng_key not in stored:
-            # Saved with fewer ranks: the weights, optimizer and data position still resume exactly,
-            # but this rank's random stream starts fresh (only matters with dropout).
-            LOG.warning("%s has no RNG state for rank %d (saved with another world size)", path, self.parallel.rank)
-            del state["rng"]
-        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        if "rng" in state:
-            _set_rng_state(state["rng"][f"rank{self.parallel.rank}"], self.parallel.device)
-        return _tensors_to_ints(state["train"])
 
+    def name(key: str) -> str:
+        return "GPUs (training.num_nodes x training.num_gpus)" if key == "world_size" else f"training.{key}"
 
-def fault_point(kind: str, step: int) -> None:
-    """SIGKILL this process if the test environment asks for a crash here (never set in real runs)."""
-    if os.environ.get(FAULT_ENV) == f"{kind}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    sizes = [k for k in current if k != "backend"]
+    changed = [f"{name(k)}: {meta.get(k)} -> {current[k]}" for k in sizes if meta.get(k) != current[k]]
+    if changed:
+        raise SftflowError(
+            f"checkpoint {path} was written with other parallel sizes ({'; '.join(changed)}); a {backend} "
+            "checkpoint resumes with the sizes it was written with"
+        )
 
 
 def read_meta(path: str | os.PathLike) -> dict:

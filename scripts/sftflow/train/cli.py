@@ -77,7 +77,7 @@ def load_train_config(path: str | None, overrides: list[str]) -> dict:
     if unknown:
         raise SftflowError(f"--config {path}: unknown sections {sorted(unknown)} (expected training, packing)")
     _deep_update(raw, C.parse_overrides(overrides))
-    from sftflow.train.config import validate_sections
+    from sftflow.config import validate_sections
 
     return validate_sections(raw)
 
@@ -96,8 +96,9 @@ def _setup_rank_logging(rank: int, world_size: int) -> None:
 def train_main(argv: list[str] | None = None) -> int:
     setup_logging()
     args, extra = train_parser().parse_known_args(argv)
+    from sftflow.train.engine import init_parallel
     from sftflow.train.parallel import shutdown
-    from sftflow.train.trainer import JobSpec, init_training_parallel, run_job
+    from sftflow.train.trainer import JobSpec, run_job
 
     try:
         bad = [a for a in extra if not a.startswith("++")]
@@ -108,7 +109,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 f"--job-index {args.job_index} is not in 0..{args.num_jobs - 1} (--num-jobs {args.num_jobs})"
             )
         cfg = load_train_config(args.config, extra)
-        parallel = init_training_parallel(cfg["training"])
+        parallel = init_parallel(cfg["training"])
         _setup_rank_logging(parallel.rank, parallel.world_size)
         if parallel.is_main:  # the job's resolved config, for the record
             from sftflow.io import write_json
@@ -195,7 +196,7 @@ def config_overrides(config: dict, sections: tuple[str, ...] = ("training", "pac
     The worker fills in the defaults again (validate_sections), so these arguments alone rebuild the
     config: the command line shows exactly what an experiment changed, as NeMo-Skills' commands do.
     """
-    from sftflow.train.config import validate_sections
+    from sftflow.config import validate_sections
 
     defaults = validate_sections({})
 

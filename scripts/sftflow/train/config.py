@@ -1,19 +1,18 @@
 """Checks of the `training:` section that a JSON schema cannot express; errors name the key and the numbers.
 
 `check_training_keys(config)` takes the whole workflow config (defaults filled) and is meant to be
-called from `sftflow.config.check_cross_keys`, so a bad combination fails before any job starts.
+called from `sftflow.config.check_cross_keys`, so a bad combination fails before any job starts; the
+configured backend's own checks (its check_config, see sftflow.train.engine) run from here.
 The trainer runs the same checks again with the real world size and model config.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
-from sftflow import config as C
 from sftflow.errors import SftflowError
-from sftflow.megatron.hf_config import num_experts
+from sftflow.train.engine import config_check
 
 
 def _demo_or_local_model_config(config: dict) -> dict | None:
@@ -30,69 +29,8 @@ def _demo_or_local_model_config(config: dict) -> dict | None:
     return None
 
 
-# Parallelism only backend megatron has: config key -> what it is.
-MEGATRON_ONLY = {
-    "context_parallel_size": "context parallelism",
-    "pipeline_model_parallel_size": "pipeline parallelism",
-    "expert_model_parallel_size": "expert parallelism",
-    "expert_tensor_parallel_size": "expert tensor parallelism",
-}
-
-
-def _check_batch(t: dict, world: int, dp: int, model_parallel: str) -> None:
-    gbs, mbs = t["train_global_batch_size"], t["train_micro_batch_size"]
-    if gbs % (mbs * dp):
-        raise SftflowError(
-            f"config key 'training.train_global_batch_size' ({gbs}) must be divisible by "
-            f"training.train_micro_batch_size x data-parallel size ({mbs} x {dp} = {mbs * dp}; "
-            f"data-parallel size = {world} GPUs / {model_parallel})"
-        )
-
-
-def _check_divides_model(key: str, size: int, model_config: dict | None, *fields: str) -> None:
-    """training.<key> (size) must divide each of the model's `fields` that the config knows."""
-    if size <= 1 or not model_config:
-        return
-    for field in fields:
-        n = model_config.get(field)
-        if isinstance(n, int) and n % size:
-            raise SftflowError(f"config key 'training.{key}' ({size}) must divide the model's {field} ({n})")
-
-
-def check_megatron_layout(t: dict, world: int, model_config: dict | None) -> None:
-    """Reject a megatron parallel layout that cannot be built, naming the keys and the numbers."""
-    tp, pp, cp = t["tensor_model_parallel_size"], t["pipeline_model_parallel_size"], t["context_parallel_size"]
-    ep, etp = t["expert_model_parallel_size"], t["expert_tensor_parallel_size"]
-    gpus = f"the number of GPUs (training.num_nodes x training.num_gpus = {world})"
-    if world % (tp * pp * cp):
-        raise SftflowError(
-            "config keys 'training.tensor_model_parallel_size' x 'pipeline_model_parallel_size' x "
-            f"'context_parallel_size' ({tp} x {pp} x {cp} = {tp * pp * cp}) must divide {gpus}"
-        )
-    if world % (ep * etp * pp):
-        raise SftflowError(
-            "config keys 'training.expert_model_parallel_size' x 'expert_tensor_parallel_size' x "
-            f"'pipeline_model_parallel_size' ({ep} x {etp} x {pp} = {ep * etp * pp}) must divide {gpus}"
-        )
-    _check_batch(t, world, world // (tp * pp * cp), f"(tensor {tp} x pipeline {pp} x context {cp})")
-    if not model_config:
-        return
-    if model_config.get("model_type"):  # the demo's sizes have none; a real config.json does
-        from sftflow.megatron.hf_config import model_layout
-
-        model_layout(model_config, "the base model's config.json (config key 'model.base_model')")
-    _check_divides_model("tensor_model_parallel_size", tp, model_config, "num_attention_heads", "num_key_value_heads")
-    _check_divides_model("pipeline_model_parallel_size", pp, model_config, "num_hidden_layers")
-    experts = num_experts(model_config)
-    if ep > 1 and (not experts or experts % ep):
-        raise SftflowError(
-            f"config key 'training.expert_model_parallel_size' ({ep}) must divide the model's number of experts "
-            f"({experts or 'none: not a mixture-of-experts model'})"
-        )
-
-
 def check_training_keys(config: dict, world_size: int | None = None, model_config: dict | None = None) -> None:
-    """Reject training settings the fsdp trainer cannot run (instead of silently ignoring them).
+    """Reject training settings the configured backend cannot run (instead of silently ignoring them).
 
     `world_size` defaults to training.num_nodes x training.num_gpus; `model_config` (a config.json
     dict) to the demo's sizes or a local base model's config.json when there is one.
@@ -100,35 +38,8 @@ def check_training_keys(config: dict, world_size: int | None = None, model_confi
     t = config["training"]
     world = world_size if world_size is not None else t["num_nodes"] * t["num_gpus"]
     model_config = model_config if model_config is not None else _demo_or_local_model_config(config)
-    if t["backend"] == "megatron":
-        if t.get("attention", "auto") != "auto":
-            raise SftflowError(
-                f"config key 'training.attention' is {t['attention']!r}, but backend megatron chooses its own "
-                "attention kernel: set it to auto (or remove it)"
-            )
-        check_megatron_layout(t, world, model_config)
-        _check_common(t)
-        return
-    if t["sequence_parallel"]:
-        raise SftflowError(
-            "config key 'training.sequence_parallel' is true, but backend 'fsdp' has no sequence parallelism: "
-            "set it to false, or use backend: megatron"
-        )
-    for key, what in MEGATRON_ONLY.items():
-        if t[key] > 1:
-            raise SftflowError(
-                f"config key 'training.{key}' is {t[key]}, but backend 'fsdp' has no {what}: set it to 1, "
-                f"or use backend: megatron for {what}"
-            )
-    tp = t["tensor_model_parallel_size"]
-    if world % tp:
-        raise SftflowError(
-            f"config key 'training.tensor_model_parallel_size' ({tp}) must divide the number of GPUs "
-            f"(training.num_nodes x training.num_gpus = {world})"
-        )
-    _check_batch(t, world, world // tp, f"tensor_model_parallel_size {tp}")
+    config_check(t["backend"])(t, world, model_config)
     _check_common(t)
-    _check_divides_model("tensor_model_parallel_size", tp, model_config, "num_attention_heads", "num_key_value_heads")
 
 
 def _check_common(t: dict) -> None:
@@ -141,14 +52,6 @@ def _check_common(t: dict) -> None:
         from sftflow.train.deadline import parse_time_limit
 
         parse_time_limit(t["time_limit"])
-
-
-def validate_sections(config: dict) -> dict:
-    """A defaults-filled, schema-checked copy of {"training": ..., "packing": ...} (as the trainer receives it)."""
-    out = copy.deepcopy(config)
-    for section in ("training", "packing"):
-        out[section] = C.validate(dict(out.get(section) or {}), C.section_schema(section), prefix=section)
-    return out
 
 
 # The training keys that decide what each step computes. A checkpoint made with other values belongs to

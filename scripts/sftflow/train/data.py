@@ -11,6 +11,7 @@ micro-batches; tensor-parallel ranks of one dp group take the same slice.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -101,3 +102,16 @@ def eval_batches(num_bins: int, micro_batch: int, dp_rank: int, dp_size: int) ->
     mine = list(range(dp_rank, num_bins, dp_size))
     for i in range(0, len(mine), micro_batch):
         yield mine[i : i + micro_batch]
+
+
+def eval_micro_batches(dataset, parallel, micro_batch: int) -> list[list[dict]]:
+    """This dp rank's micro-batches (lists of bins) for a pass over every bin of `dataset`.
+
+    Every rank gets the same number of micro-batches (the forwards are collective): ranks short of data
+    get a one-token dummy bin that carries no loss."""
+    pad = int(dataset.index["pad_token_id"])
+    per_rank = math.ceil(len(dataset) / parallel.dp_size)
+    num_batches = math.ceil(per_rank / micro_batch)
+    dummy = {"input_ids": [pad], "loss_mask": [False], "seq_lens": [1]}
+    batches = list(eval_batches(len(dataset), micro_batch, parallel.dp_rank, parallel.dp_size))
+    return [[dataset.get_bin(i) for i in batches[k]] if k < len(batches) else [dummy] for k in range(num_batches)]

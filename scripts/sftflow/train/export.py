@@ -1,11 +1,10 @@
-"""Export a DCP training checkpoint to a Hugging Face model folder, streaming, on CPU, without a process group.
+"""Export a training checkpoint to a Hugging Face model folder, on CPU, without a process group.
 
-The DCP metadata lists every model tensor with its full shape and dtype, so the export plans the
-output shards first and then reads a few tensors at a time (`dcp.load` of a dict holding only those
-tensors, `no_dist=True`): memory stays around one output shard, never the whole model, and no GPU
-or optimizer state is touched. A megatron checkpoint (meta.json "backend": "megatron") is read whole instead:
-its per-rank shards are unsharded and mapped to HF names (sftflow.megatron.checkpoint.hf_weights), so that
-export holds one copy of the model in host memory. Output (written under a temporary name, renamed when
+The backend that wrote the checkpoint (its meta.json) reads it as HF weights (`Engine.hf_weights`, see
+sftflow.train.engine): names and shapes first, then the tensors a few at a time, so the export plans the
+output shards before reading anything and writes one shard at a time. The fsdp backend's reader loads only
+the asked-for tensors from DCP (memory stays around one output shard); the megatron backend's unshards the
+whole model once (one copy in host memory). Output (written under a temporary name, renamed when
 complete), the same for both backends:
 
     model-00001-of-0000N.safetensors ...   weights in the base model's dtype (or --dtype)
@@ -21,35 +20,21 @@ import json
 import logging
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from sftflow.errors import SftflowError
 from sftflow.io import atomic_path, write_json
 from sftflow.train.checkpoint import complete_checkpoints, read_meta
+from sftflow.train.engine import checkpoint_backend, engine_class
 
 LOG = logging.getLogger("sftflow.export")
 
-MODEL_PREFIX = "model."
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 READ_BATCH_BYTES = 256 * 1024**2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def model_tensors(checkpoint: str | os.PathLike) -> dict[str, TensorStorageMetadata]:
-    """HF parameter name -> DCP tensor metadata, for the model part of a checkpoint."""
-    metadata = FileSystemReader(str(checkpoint)).read_metadata()
-    return {
-        key[len(MODEL_PREFIX) :]: md
-        for key, md in metadata.state_dict_metadata.items()
-        if key.startswith(MODEL_PREFIX) and isinstance(md, TensorStorageMetadata)
-    }
 
 
 def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
@@ -63,14 +48,6 @@ def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
         shards[-1].append(name)
         used += nbytes
     return shards
-
-
-def _read(checkpoint: Path, names: list[str], tensors: dict[str, TensorStorageMetadata]) -> dict[str, torch.Tensor]:
-    want = {MODEL_PREFIX + n: torch.empty(tuple(tensors[n].size), dtype=tensors[n].properties.dtype) for n in names}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(want, checkpoint_id=str(checkpoint), no_dist=True)
-    return {n: want[MODEL_PREFIX + n] for n in names}
 
 
 _FUSED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -144,22 +121,8 @@ def export_checkpoint(
 
     checkpoint = Path(checkpoint)
     hf_config = AutoConfig.from_pretrained(base_model)
-    if read_meta(checkpoint).get("backend") == "megatron":
-        from sftflow.megatron.checkpoint import hf_weights
-
-        full = hf_weights(checkpoint, base_model)  # every shard, unsharded and mapped to HF names
-        shapes = {n: (tuple(t.shape), t.dtype) for n, t in full.items()}
-
-        def read(names: list[str]) -> dict[str, torch.Tensor]:
-            return {n: full[n] for n in names}
-
-    else:
-        tensors = model_tensors(checkpoint)
-        shapes = {n: (tuple(m.size), m.properties.dtype) for n, m in tensors.items()}
-
-        def read(names: list[str]) -> dict[str, torch.Tensor]:
-            return _read(checkpoint, names, tensors)
-
+    backend = checkpoint_backend(read_meta(checkpoint))
+    shapes, read = engine_class(backend).hf_weights(checkpoint, base_model)
     if not shapes:
         raise SftflowError(f"{checkpoint}: no model tensors in this checkpoint")
     shapes, read = hub_expert_layout(shapes, read)
@@ -181,31 +144,7 @@ def export_checkpoint(
 
     with atomic_path(output_dir) as tmp:
         tmp.mkdir(parents=True)
-        weight_map: dict[str, str] = {}
-        total_bytes = 0
-        for k, shard_names in enumerate(shards, start=1):
-            filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            shard: dict[str, torch.Tensor] = {}
-            batch: list[str] = []
-            batch_bytes = 0
-            for name in [*shard_names, None]:
-                if name is not None:
-                    batch.append(name)
-                    batch_bytes += sizes[name]
-                if batch and (name is None or batch_bytes >= READ_BATCH_BYTES):
-                    for n, t in read(batch).items():
-                        shard[n] = t.to(out_dtype).contiguous()
-                    batch, batch_bytes = [], 0
-            save_file(shard, str(tmp / filename), metadata={"format": "pt"})
-            for n in shard_names:
-                weight_map[n] = filename
-            total_bytes += sum(sizes[n] for n in shard_names)
-            LOG.info("wrote %s (%d tensors)", filename, len(shard_names))
-            del shard
-        write_json(
-            tmp / "model.safetensors.index.json", {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-        )
-
+        _write_weights(tmp, shards, sizes, read, out_dtype)
         hf_config.use_cache = True
         hf_config.dtype = out_dtype
         if hasattr(hf_config, "_attn_implementation_internal"):
@@ -233,6 +172,34 @@ def export_checkpoint(
         )
     LOG.info("exported %s -> %s", checkpoint, output_dir)
     return Path(output_dir)
+
+
+def _write_weights(tmp: Path, shards: list[list[str]], sizes: dict[str, int], read, out_dtype: torch.dtype) -> None:
+    """The safetensors shards and their index; each shard's tensors are read READ_BATCH_BYTES at a time."""
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+    for k, shard_names in enumerate(shards, start=1):
+        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        shard: dict[str, torch.Tensor] = {}
+        batch: list[str] = []
+        batch_bytes = 0
+        for name in [*shard_names, None]:
+            if name is not None:
+                batch.append(name)
+                batch_bytes += sizes[name]
+            if batch and (name is None or batch_bytes >= READ_BATCH_BYTES):
+                for n, t in read(batch).items():
+                    shard[n] = t.to(out_dtype).contiguous()
+                batch, batch_bytes = [], 0
+        save_file(shard, str(tmp / filename), metadata={"format": "pt"})
+        for n in shard_names:
+            weight_map[n] = filename
+        total_bytes += sum(sizes[n] for n in shard_names)
+        LOG.info("wrote %s (%d tensors)", filename, len(shard_names))
+        del shard
+    write_json(
+        tmp / "model.safetensors.index.json", {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    )
 
 
 def check_training_complete(done_file: str | os.PathLike) -> dict:

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sftflow.errors import SftflowError
 from sftflow.train.attention import VARLEN_ATTENTION, register_attention, segment_bounds
+from sftflow.train.checks import check_tp_divides_heads
 from sftflow.train.parallel import ParallelDims
 
 LOG = logging.getLogger("sftflow.train")
@@ -68,16 +69,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"causal LMs laid out like {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     return layers
-
-
-def check_tp_divides_heads(hf_config, tp: int) -> None:
-    heads, kv_heads = hf_config.num_attention_heads, getattr(hf_config, "num_key_value_heads", None)
-    kv_heads = kv_heads or heads
-    for what, n in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
-        if n % tp:
-            raise SftflowError(
-                f"config key 'training.tensor_model_parallel_size' ({tp}) must divide the model's {what} ({n})"
-            )
 
 
 def apply_tp(model: nn.Module, tp_mesh) -> None:
@@ -181,7 +172,9 @@ def build_model(
     hf_config = AutoConfig.from_pretrained(model_name)
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         LOG.warning("model type %r is untested (tested: %s)", hf_config.model_type, ", ".join(SUPPORTED_MODEL_TYPES))
-    check_tp_divides_heads(hf_config, parallel.tp)
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    check_tp_divides_heads(parallel.tp, {"num_attention_heads": heads, "num_key_value_heads": kv_heads})
     check_no_sliding_window(hf_config, max_seq_len)
     hf_config.use_cache = False
 

@@ -1,0 +1,151 @@
+"""The contract between the trainer and a training backend, and the registry that names the backends.
+
+`run_job` (sftflow.train.trainer), the HF export (sftflow.train.export) and the config checks
+(sftflow.train.config) know backends only by the name in `training.backend`: they ask this registry for
+the backend's engine class or its config check, and the registry imports that backend's module then, so
+none of them imports a backend. Importing this module imports neither torch nor a backend.
+
+A backend is two things, named here by "module:attribute":
+
+* `engine`: a class following `Engine` (below): it joins the process group, builds the model and optimizer
+  for this rank, runs a step and an evaluation, hands its model / optimizer state to the checkpointer and
+  reads its checkpoints back as HF weights for the export;
+* `checks`: `check_config(training, world_size, model_config)`, in a module that imports no torch (the
+  workflow runs it while planning): it refuses settings the backend cannot run, naming the keys.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from sftflow.errors import SftflowError
+
+if TYPE_CHECKING:
+    import torch
+
+    from sftflow.train.parallel import ParallelDims
+
+# HF weight name -> (shape, dtype), and a reader of a list of those names -> {name: tensor}.
+WeightShapes = dict[str, tuple[tuple[int, ...], "torch.dtype"]]
+WeightReader = Callable[[list[str]], dict[str, "torch.Tensor"]]
+
+
+class Engine(Protocol):
+    """One rank's part of a training run under one backend; `run_job` drives it the same way for every backend.
+
+    run_job builds it once the resume point is known (`engine_class(name)(cfg, spec, parallel, seq_len,
+    pad_id)`), sets the learning rate of `optimizer.param_groups` before each step, calls `train_step`
+    with this rank's micro-batches (each a list of packed bins) and `evaluate` with the validation data.
+    Every method is collective: all ranks call it in the same order.
+    """
+
+    name: ClassVar[str]  # the training.backend value; written to every checkpoint's meta.json
+    optimizer: Any  # a torch.optim-like object: run_job sets param_groups[i]["lr"]
+    num_params: int  # parameters of the HF model (for MFU)
+    checkpointer: Any  # a sftflow.train.checkpoint.Checkpointer: saves / loads the checkpoint's Stateful components in the backend's format
+
+    def __init__(self, cfg: dict, spec: JobSpec, parallel: ParallelDims, seq_len: int, pad_id: int) -> None: ...
+
+    @classmethod
+    def init_parallel(cls, training: dict) -> ParallelDims:
+        """Join the process group and set up the backend's parallel state for the training section's sizes."""
+        ...
+
+    @classmethod
+    def resume_layout(cls, parallel: ParallelDims) -> dict[str, int]:
+        """The parallel sizes a checkpoint of this backend can only be resumed with (meta.json keys -> values;
+        empty when the backend reshards its checkpoints to any layout)."""
+        ...
+
+    @staticmethod
+    def hf_weights(checkpoint: Path, base_model: str) -> tuple[WeightShapes, WeightReader]:
+        """The HF weights of one committed checkpoint, read on CPU without a process group."""
+        ...
+
+    def meta(self) -> dict:
+        """What meta.json records about this run's backend and layout (at least the "backend" key)."""
+        ...
+
+    def train_step(self, micro_bins: list[list[dict]]) -> tuple[float, float, float]:
+        """One optimizer step; returns (mean token loss, loss tokens, gradient norm) of the global batch."""
+        ...
+
+    def evaluate(self, dataset: Any, micro_batch: int) -> tuple[float, int]:
+        """Mean token loss and loss tokens over every bin of `dataset`."""
+        ...
+
+    def state_dict(self) -> dict:
+        """Its model and optimizer state: one Stateful component of the checkpoint (sftflow.train.checkpoint),
+        stored at the checkpoint's top level."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class JobSpec:
+    """Where one chained job reads and writes (the command line of scripts/train.py)."""
+
+    packed: str
+    model: str
+    checkpoint_dir: str
+    job_index: int = 0
+    num_jobs: int = 1
+    done_file: str | None = None
+    metrics_dir: str | None = None
+    tokenizer: str | None = None
+    chat_template: str | None = None
+
+
+@dataclass(frozen=True)
+class Backend:
+    engine: str  # "module:Class" of the Engine
+    checks: str  # "module:function" of its check_config (a module that imports no torch)
+
+
+BACKENDS: dict[str, Backend] = {
+    "fsdp": Backend("sftflow.train.fsdp:FsdpEngine", "sftflow.train.fsdp_config:check_config"),
+    "megatron": Backend("sftflow.megatron.engine:MegatronEngine", "sftflow.megatron.config:check_config"),
+}
+# The backend of checkpoints written before meta.json named one.
+DEFAULT_BACKEND = "fsdp"
+
+
+def register(name: str, engine: str, checks: str) -> None:
+    """Make `training.backend: name` use the Engine class `engine` and the config check `checks`."""
+    BACKENDS[name] = Backend(engine, checks)
+
+
+def _load(target: str) -> Any:
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise SftflowError(f"config key 'training.backend': unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The Engine class of backend `name` (imports the backend)."""
+    return _load(_backend(name).engine)
+
+
+def config_check(name: str) -> Callable[[dict, int, dict | None], None]:
+    """check_config(training, world_size, model_config) of backend `name` (imports no torch)."""
+    return _load(_backend(name).checks)
+
+
+def checkpoint_backend(meta: dict) -> str:
+    """The backend that wrote a checkpoint, from its meta.json."""
+    return meta.get("backend", DEFAULT_BACKEND)
+
+
+def init_parallel(training: dict) -> ParallelDims:
+    """The process group and parallel layout of the configured backend."""
+    return engine_class(training["backend"]).init_parallel(training)

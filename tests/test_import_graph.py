@@ -1,0 +1,116 @@
+"""The package's import graph: no cycles, and the trainer, export and config checks reach a backend only
+through the registry (sftflow.train.engine), never by importing one or naming one."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sftflow.train.engine import BACKENDS
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+PACKAGE = SCRIPTS / "sftflow"
+# Modules that must work for any backend.
+BACKEND_BLIND = ("sftflow.config", "sftflow.train.config", "sftflow.train.trainer", "sftflow.train.export")
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(SCRIPTS).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The sftflow modules that `name` imports anywhere in its body (module level or inside functions)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            candidates = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for candidate in candidates:
+            while candidate and candidate not in modules:
+                candidate = candidate.rpartition(".")[0]
+            if candidate and candidate != name:
+                targets.add(candidate)
+    return targets
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def test_no_import_cycle_among_sftflow_modules(graph):
+    state: dict[str, str] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                cycle = stack[stack.index(target) :] + [target]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, [*stack, target])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def _backend_modules() -> set[str]:
+    return {target.partition(":")[0] for backend in BACKENDS.values() for target in (backend.engine, backend.checks)}
+
+
+def test_trainer_export_and_config_import_no_backend(graph):
+    backends = _backend_modules()
+    backend_packages = {m.rpartition(".")[0] for m in backends if not m.startswith("sftflow.train.")}
+    for module in BACKEND_BLIND:
+        reached, todo = set(), [module]
+        while todo:
+            for target in graph[todo.pop()] - reached:
+                reached.add(target)
+                todo.append(target)
+        leaked = sorted(m for m in reached if m in backends or m.rpartition(".")[0] in backend_packages)
+        assert not leaked, f"{module} imports backend modules {leaked}"
+
+
+def test_trainer_export_and_config_name_no_backend():
+    for module in BACKEND_BLIND:
+        path = PACKAGE.joinpath(*module.split(".")[1:]).with_suffix(".py")
+        names = [
+            node.value
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Constant) and node.value in BACKENDS
+        ]
+        assert not names, f"{module} names backends {names}; dispatch through sftflow.train.engine"
+
+
+def test_config_checks_of_every_backend_import_no_torch():
+    code = (
+        "import sys; from sftflow.train.engine import BACKENDS, config_check\n"
+        "for name in BACKENDS: config_check(name)\n"
+        "import sftflow.config, sftflow.train.config\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SCRIPTS)}
+    )
+    assert result.returncode == 0, result.stderr
