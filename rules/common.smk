@@ -2,6 +2,7 @@
 import os
 import re
 import sys
+from pathlib import Path  # also the other rule files' Path
 
 OUT = Path(config["output_dir"])
 DEMO = config["demo"]["enabled"]

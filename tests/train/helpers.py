@@ -177,10 +177,12 @@ def train_command(
 
 
 def subprocess_env() -> dict:
+    """The environment of a trainer or rank subprocess. sftflow comes from the editable install; PYTHONPATH
+    is the repo root, for the `tests.` helpers the rank scripts import (tests/megatron_backend/cpu_shim.py)."""
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
     env.pop("SLURM_JOB_ID", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "scripts"), str(REPO)])
+    env["PYTHONPATH"] = str(REPO)
     return env
 
 
