@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --durations=25
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check scripts tests benchmarks
-	$(VENV)/bin/ruff format --check scripts tests benchmarks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/snakemake --lint
 	$(VENV)/bin/snakefmt --check Snakefile rules

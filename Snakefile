@@ -29,6 +29,13 @@ CONFIG_SOURCES = value_sources(
 validate_workflow_config(config, CONFIG_SOURCES)
 
 
+wildcard_constraints:
+    job=r"\d+",
+    seed=r"\d+",
+    benchmark=r"[A-Za-z0-9_\-]+",
+    model=r"final|base|averaged|step_\d+",
+
+
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/data.smk"
