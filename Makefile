@@ -7,10 +7,13 @@ DEMO_TARGET ?= all
 
 .PHONY: demo test lint install
 
-$(STAMP): requirements.txt requirements-nodeps.txt
+# The pinned requirements, then the sftflow package itself (scripts/sftflow, editable): importable by every script,
+# rule, test and job run with this venv's python.
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 install: $(STAMP)
@@ -23,7 +26,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --durations=25
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check scripts tests benchmarks
-	$(VENV)/bin/ruff format --check scripts tests benchmarks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/snakemake --lint
 	$(VENV)/bin/snakefmt --check Snakefile rules

@@ -1,7 +1,4 @@
 # sftflow: generated math solutions -> SFT data -> chained training jobs -> final_hf_model -> results/eval.json
-import sys
-from pathlib import Path
-
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -17,12 +14,11 @@ if not workflow.overwrite_configfiles:
 report: "report/workflow.rst"
 
 
-sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 from sftflow.config import (
     config_layers,
     validate_workflow_config,
     value_sources,
-)  # noqa: E402
+)
 
 # Where each value comes from (schema default, which config file, --config): errors name it, and so does
 # the report's config page (python scripts/show_config.py prints it too).
@@ -31,6 +27,13 @@ CONFIG_SOURCES = value_sources(
 )
 # Fills every default from config/schema.yaml and fails, naming the key, before any job starts.
 validate_workflow_config(config, CONFIG_SOURCES)
+
+
+wildcard_constraints:
+    job=r"\d+",
+    seed=r"\d+",
+    benchmark=r"[A-Za-z0-9_\-]+",
+    model=r"final|base|averaged|step_\d+",
 
 
 include: "rules/common.smk"

@@ -15,16 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import torch
 
-import torch  # noqa: E402
-
-from sftflow.train import attention as A  # noqa: E402
+from sftflow.train import attention as A
 
 
 def segment_lengths(tokens: int, segments: int, seed: int) -> list[int]:

@@ -23,14 +23,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 
 MIB = 2**20
 
 CHILD = """
 import json, sys, time
 from pathlib import Path
-sys.path.insert(0, {scripts!r})
 import torch
 from safetensors.torch import load_file, save_file
 from sftflow.averaging import average_hf_models
@@ -88,7 +86,7 @@ def build_checkpoints(workdir: Path, num_models: int, size_mb: int, tensor_mb: i
 
 
 def run_child(dirs: list[Path], out: Path, naive: bool) -> dict:
-    code = CHILD.format(scripts=str(REPO / "scripts"), dirs=[str(d) for d in dirs], out=str(out), naive=naive)
+    code = CHILD.format(dirs=[str(d) for d in dirs], out=str(out), naive=naive)
     result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 

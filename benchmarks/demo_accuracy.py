@@ -8,10 +8,6 @@ last \\boxed{} of the completion, compared as a string with expected_answer (dem
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 def main() -> None:

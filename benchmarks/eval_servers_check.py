@@ -23,11 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+from sftflow.config import yaml_value
+from sftflow.evaluation.server import server_command
 
-from sftflow.config import yaml_value  # noqa: E402
-from sftflow.evaluation.server import server_command  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 INSTALLED = {
     "transformers": lambda: importlib.util.find_spec("fastapi") is not None,

@@ -1,6 +1,7 @@
 """Peak CPU memory of the loss part of a training step (lm_head + cross-entropy, forward and backward), chunked
 (training.loss_chunk_tokens) vs the full logits:
-`python benchmarks/loss_memory_bench.py [--tokens 8192] [--backend fsdp|megatron]`.
+`python -m benchmarks.loss_memory_bench [--tokens 8192] [--backend fsdp|megatron]` (from the repo root: the
+megatron variant imports the tests' CUDA -> CPU shim).
 
 Each variant runs in its own subprocess, on the same random final hidden states ([tokens, hidden], requiring
 grad) and targets (a quarter ignored, as prompt tokens are), through the backend's own functions: fsdp,
@@ -23,7 +24,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "scripts"), str(REPO)]
 
 MIB = 2**20
 
@@ -135,8 +135,8 @@ def main() -> None:
 
     results = {}
     for variant in ("chunked", "full"):
-        cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        cmd = [sys.executable, "-m", "benchmarks.loss_memory_bench", "--variant", variant, *sys.argv[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     chunked, full = results["chunked"], results["full"]
     fp32_logits_mib = args.tokens * args.vocab * 4 / MIB

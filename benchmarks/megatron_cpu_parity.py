@@ -1,6 +1,6 @@
 """How closely the megatron backend follows the fsdp backend, on CPU: every parallel layout, same data.
 
-    python benchmarks/megatron_cpu_parity.py [--steps 8] [--out result.json]
+    python -m benchmarks.megatron_cpu_parity [--steps 8] [--out result.json]    # from the repo root
 
 Builds the trainer tests' tiny Llama (2 layers, hidden 64, tied embeddings) and a tiny Qwen3-MoE (4 experts,
 2 active, first layer dense), packs 96 random sequences into 64-token rows, trains each with the fsdp backend
@@ -20,10 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "scripts"), str(REPO)]
-
-from tests.train.helpers import (  # noqa: E402
+from tests.train.helpers import (
+    REPO,
     logged,
     make_model,
     make_moe_model,

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-from sftflow.packing.binpack import ALGORITHMS, assign_bins  # noqa: E402
+from sftflow.packing.binpack import ALGORITHMS, assign_bins
 
 
 def synthetic_lengths(n: int, capacity: int, median: float, sigma: float, seed: int) -> np.ndarray:

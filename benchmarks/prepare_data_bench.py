@@ -123,7 +123,6 @@ def main() -> None:
     common = [*base, "++majority_filter.min_majority_votes=2", *filters]
     tokenizer = work / "chatml-tokenizer"
     if not tokenizer.exists():  # the demo's ChatML tokenizer: every row rendered through a chat template
-        sys.path.insert(0, str(ROOT / "scripts"))
         from sftflow.demo.data import corpus
         from sftflow.demo.model import build_tokenizer
 

@@ -21,11 +21,9 @@ import time
 from pathlib import Path
 
 import psutil
+from prepare_data_bench import WRAPPER, synthesize  # a sibling: benchmarks/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.prepare_data_bench import WRAPPER, synthesize  # noqa: E402
 
 VOCAB_SIZE = 32768
 CHATML = (

@@ -33,10 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from train_bench import REPO, read_our_metrics, summarize  # noqa: E402  (also puts scripts/ on sys.path)
+from train_bench import REPO, read_our_metrics, summarize  # a sibling: benchmarks/ is this script's folder
 
 PAD_ID = 0
 

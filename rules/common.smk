@@ -1,10 +1,10 @@
-# Path helpers and input functions shared by every rule file.
+# Path helpers and input functions shared by every rule file. Plain Python (Snakemake's `config` and `workflow`
+# are its only outside names), so that ruff checks it like the package (pyproject.toml).
 import os
-import re
 import sys
+from pathlib import Path  # also the other rule files' Path
 
 OUT = Path(config["output_dir"])
-DEMO = config["demo"]["enabled"]
 
 
 def check_existing_checkpoints():
@@ -14,13 +14,6 @@ def check_existing_checkpoints():
     from sftflow.train.config import check_checkpoint_matches
 
     check_checkpoint_matches(out("checkpoints"), config["training"])
-
-
-wildcard_constraints:
-    job=r"\d+",
-    seed=r"\d+",
-    benchmark=r"[A-Za-z0-9_\-]+",
-    model=r"final|base|averaged|step_\d+",
 
 
 def out(*parts):

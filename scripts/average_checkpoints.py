@@ -8,11 +8,8 @@ params.steps, output.model and log supply the arguments.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sftflow.averaging import average_from_snakemake, average_main  # noqa: E402
+from sftflow.averaging import average_from_snakemake, average_main
 
 if "snakemake" in globals():
     average_from_snakemake(snakemake)  # noqa: F821

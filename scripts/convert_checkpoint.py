@@ -5,11 +5,8 @@ input, output and params supply them.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sftflow.train.cli import convert_from_snakemake, convert_main  # noqa: E402
+from sftflow.train.cli import convert_from_snakemake, convert_main
 
 if "snakemake" in globals():
     convert_from_snakemake(snakemake)  # noqa: F821

@@ -1,12 +1,7 @@
 """Compare training problems with the evaluated benchmarks' test problems; called by the decontaminate rule."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sftflow.contamination import find_contamination  # noqa: E402
-from sftflow.logs import setup_logging  # noqa: E402
+from sftflow.contamination import find_contamination
+from sftflow.logs import setup_logging
 
 smk = snakemake  # noqa: F821
 setup_logging(smk.log[0])

@@ -4,11 +4,8 @@ The `generate` rule (rules/eval.smk) writes the command line; run `python script
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sftflow.evaluation.run import main  # noqa: E402
+from sftflow.evaluation.run import main
 
 if __name__ == "__main__":
     sys.exit(main())

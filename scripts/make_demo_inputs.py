@@ -1,13 +1,9 @@
 """Make the offline demo's inputs (tokenizer, base model, generated data); called by rules/demo.smk."""
 
-import sys
+import logging
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import logging  # noqa: E402
-
-from sftflow.logs import setup_logging  # noqa: E402
+from sftflow.logs import setup_logging
 
 LOG = logging.getLogger("sftflow.demo")
 

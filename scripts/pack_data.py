@@ -1,11 +1,8 @@
 """Pack prepared SFT data: `python scripts/pack_data.py --input sft.jsonl --tokenizer DIR --output DIR [...]`."""
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sftflow.packing.cli import main, run_from_snakemake  # noqa: E402
+from sftflow.packing.cli import main, run_from_snakemake
 
 if "snakemake" in globals():
     run_from_snakemake(snakemake)  # noqa: F821

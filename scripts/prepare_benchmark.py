@@ -6,11 +6,8 @@ CLI: python scripts/prepare_benchmark.py NAME OUTPUT [--source FILE]
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sftflow.evaluation.benchmarks import prepare_from_snakemake, prepare_main  # noqa: E402
+from sftflow.evaluation.benchmarks import prepare_from_snakemake, prepare_main
 
 if "snakemake" in globals():
     prepare_from_snakemake(snakemake)  # noqa: F821

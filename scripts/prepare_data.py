@@ -1,11 +1,8 @@
 """Prepare SFT data from generation outputs: `python scripts/prepare_data.py ++input_files=... ++output_path=...`."""
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sftflow.prepare.cli import main, run_from_snakemake  # noqa: E402
+from sftflow.prepare.cli import main, run_from_snakemake
 
 if "snakemake" in globals():
     run_from_snakemake(snakemake)  # noqa: F821

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from snakemake.cli import parse_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sftflow.config import (  # noqa: E402
+from sftflow.config import (
     config_layers,
     effective_config_yaml,
     merged_layers,
     validate_workflow_config,
     value_sources,
 )
-from sftflow.errors import SftflowError  # noqa: E402
+from sftflow.errors import SftflowError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,11 +6,8 @@ See sftflow/train/cli.py for the arguments.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sftflow.train.cli import launch_main, train_main  # noqa: E402
+from sftflow.train.cli import launch_main, train_main
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["launch"]:

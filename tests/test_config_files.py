@@ -49,6 +49,8 @@ def test_conda_envs_pin_what_requirements_txt_pins():
         for requirement in pip:
             if requirement.startswith("--"):  # pip options such as --extra-index-url
                 continue
+            # A local path (`-e ..`, `.`) resolves against the copy Snakemake makes in .snakemake/conda: see envs/.
+            assert not requirement.startswith(("-e", ".", "/")), f"{env_file}: {requirement} cannot be installed"
             assert "==" in requirement, f"{env_file}: {requirement} is not pinned"
             name, version = requirement.split("==")
             name = re.sub(r"\[.*\]", "", name).lower()

@@ -90,8 +90,5 @@ def test_the_eval_summary_runs_without_matplotlib():
 
     from tests.conftest import REPO
 
-    code = (
-        "import sys; sys.modules['matplotlib'] = None; sys.path.insert(0, 'scripts');"
-        "import sftflow.evaluation.summary, sftflow.report.eval_table"
-    )
+    code = "import sys; sys.modules['matplotlib'] = None; import sftflow.evaluation.summary, sftflow.report.eval_table"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

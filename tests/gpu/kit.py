@@ -12,7 +12,8 @@ packages (tests/gpu/image-standins.txt -> tests/gpu/kit/image-standins), for `ru
 
 `check` imports every module the GPU checks import (GPU_IMPORTS, the one list both modes use), checks that each kit
 package's requirements are met by the kit or the image, that torch is the image's and not the kit's, and (not in
---dry-run) that CUDA is visible. Exit status: 0 ok, 1 a missing or conflicting package, 3 no CUDA device.
+--dry-run) that CUDA is visible. Exit status: 0 ok, 1 a missing or conflicting package, 3 no CUDA device. run.sh
+runs it with the kit, scripts/, the repo root and benchmarks/ on PYTHONPATH (the image has no install of sftflow).
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ GPU_IMPORTS = [
     "transformers.cli.serving.response",
     "transformers.cli.serving.model_manager",
     "transformers.cli.serving.utils",
-    # the GPU tests and the benchmarks run.sh runs (benchmarks/ is on the path; attention_bench only once it exists)
+    # the GPU tests and the benchmarks run.sh runs (run.sh puts benchmarks/ on PYTHONPATH for `check`; attention_bench
+    # only once it exists)
     "tests.train.helpers",
     "tests.megatron_backend.test_mapping",
     "tests.gpu.test_gpu_attention",
@@ -275,7 +277,6 @@ def requirement_problems(target: Path, dry_run: bool) -> list[str]:
 def check(args: argparse.Namespace) -> int:
     """Import GPU_IMPORTS under the kit; write what was found to --out; exit 0, 1 (a package problem) or 3 (no GPU)."""
     target = Path(args.target).resolve()
-    sys.path.insert(0, str(REPO / "benchmarks"))
     report: dict = {"mode": "dry-run" if args.dry_run else "gpu", "python": sys.version.split()[0], "imports": {}}
     problems = []
     if (target / "torch").exists():

@@ -124,10 +124,10 @@ install_kit() {
         fi
         kit_timeout "$PY" tests/gpu/kit.py image-site "$WORK/image-site" || return
         # -S: no site-packages: only the kit, the image's versions and the image's packages of this environment
-        PYTHONPATH="$WORK/kit:$WORK/standins:$WORK/image-site:$REPO/scripts:$REPO" \
+        PYTHONPATH="$WORK/kit:$WORK/standins:$WORK/image-site:$REPO/scripts:$REPO:$REPO/benchmarks" \
             kit_timeout "$PY" -S tests/gpu/kit.py check --dry-run --target "$WORK/kit" --out "$RESULTS/kit_check.json"
     else
-        PYTHONPATH="$WORK/kit:$REPO/scripts:$REPO" \
+        PYTHONPATH="$WORK/kit:$REPO/scripts:$REPO:$REPO/benchmarks" \
             kit_timeout "$PY" tests/gpu/kit.py check --target "$WORK/kit" --out "$RESULTS/kit_check.json"
     fi
 }
@@ -142,6 +142,8 @@ case $kit_rc in
     124 | 137) record kit timeout $(( SECONDS - KIT_T0 )) "${PART_BUDGET[kit]}" ;;
     *) record kit failed $(( SECONDS - KIT_T0 )) "${PART_BUDGET[kit]}" "exit $kit_rc: a missing or conflicting package (kit_check.json)" ;;
 esac
+# The image's python3 has no install of this project: sftflow comes from scripts/ (an environment variable, as
+# the project's code never edits sys.path), the tests' helpers from the repo root.
 export PYTHONPATH="$WORK/kit:$REPO/scripts:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 finish() {

@@ -14,7 +14,7 @@ through OutputLayerLoss, chunked and not, and a plain-torch reference on the who
 
 Every result is saved as OUT_DIR/rank<r>.pt; the test compares them.
 
-    torchrun --standalone --nproc-per-node=2 chunked_loss_ranks.py TIED_MODEL UNTIED_MODEL OUT_DIR
+    PYTHONPATH=. torchrun --standalone --nproc-per-node=2 tests/megatron_backend/chunked_loss_ranks.py TIED UNTIED OUT_DIR
 """
 
 import json
@@ -23,8 +23,6 @@ import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 warnings.filterwarnings("ignore")
 
 from tests.megatron_backend import cpu_shim  # noqa: E402

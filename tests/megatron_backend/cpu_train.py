@@ -1,6 +1,9 @@
 """One rank of a megatron-backend training job on CPU gloo ranks, under torchrun (see cpu_shim.py).
 
-torchrun --standalone --nproc-per-node=W cpu_train.py CONFIG_JSON PACKED MODEL CKPT JOB NUM_JOBS
+From the repo root (PYTHONPATH for the tests' own helpers; sftflow is installed):
+
+    PYTHONPATH=. torchrun --standalone --nproc-per-node=W tests/megatron_backend/cpu_train.py \\
+        CONFIG_JSON PACKED MODEL CKPT JOB NUM_JOBS
 """
 
 import json
@@ -9,8 +12,6 @@ import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 warnings.filterwarnings("ignore")
 
 from tests.megatron_backend import cpu_shim  # noqa: E402

@@ -18,7 +18,6 @@ import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
@@ -36,7 +35,6 @@ def main() -> None:
     forward = "--forward" in sys.argv[7:]
     on_gpu = forward and "--cpu" not in sys.argv[7:]
     if forward and not on_gpu:  # megatron-core's forward on the CPU (tests/megatron_backend/cpu_shim.py)
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
         from tests.megatron_backend import cpu_shim
 
         cpu_shim.install()

@@ -17,6 +17,7 @@ from sftflow.errors import SftflowError
 from sftflow.megatron.hf_config import model_layout, padded_vocab_size, transformer_config_kwargs
 from sftflow.megatron.weights import fuse_qkv, hf_to_megatron, megatron_to_hf, shard, unshard
 from sftflow.train.parallel import ParallelDims as Parallel
+from tests.train.helpers import subprocess_env
 
 HERE = Path(__file__).resolve().parent
 SMALL = {"vocab_size": 100, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 4,
@@ -149,7 +150,7 @@ def run_ranks(model_dir: Path, out: Path, tp: int, pp: int, ep: int, etp: int, *
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
            str(HERE / "megatron_ranks.py"), str(model_dir), str(out), str(tp), str(pp), str(ep), str(etp),
            *[f for f in flags if not f.startswith("world=")]]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 

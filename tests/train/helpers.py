@@ -177,10 +177,13 @@ def train_command(
 
 
 def subprocess_env() -> dict:
+    """The environment of a trainer or rank subprocess. sftflow comes from the editable install; the repo root
+    goes first on PYTHONPATH, for the `tests.` helpers the rank scripts import (tests/megatron_backend/cpu_shim.py),
+    before what is there already (on a GPU machine, tests/gpu/run.sh's kit and scripts/)."""
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
     env.pop("SLURM_JOB_ID", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "scripts"), str(REPO)])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
 

@@ -22,7 +22,7 @@ from sftflow.averaging import (
     check_average_steps,
 )
 from sftflow.errors import SftflowError
-from tests.train.helpers import REPO, make_tokenizer, tiny_llama_config
+from tests.train.helpers import make_tokenizer, tiny_llama_config
 
 
 def _write_weights(model_dir: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -310,7 +310,6 @@ RSS_CHILD = textwrap.dedent(
     import json, sys
     from pathlib import Path
 
-    sys.path.insert(0, sys.argv[1])
     import torch  # noqa: F401
     from sftflow.averaging import average_hf_models
 
@@ -318,11 +317,11 @@ RSS_CHILD = textwrap.dedent(
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
-    dirs = [Path(d) for d in sys.argv[3:]]
+    dirs = [Path(d) for d in sys.argv[2:]]
     baseline = status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current RSS
-    average_hf_models(dirs, Path(sys.argv[2]))
+    average_hf_models(dirs, Path(sys.argv[1]))
     print(json.dumps({"baseline": baseline, "peak": status_bytes("VmHWM")}))
     """
 )
@@ -350,7 +349,7 @@ def test_peak_memory_stays_below_one_and_a_half_checkpoints(tmp_path):
     subprocess.run([sys.executable, "-c", MAKE_CHECKPOINTS, str(num_tensors), *dirs], check=True, env=env)
     out = tmp_path / "avg"
     result = subprocess.run(
-        [sys.executable, "-c", RSS_CHILD, str(REPO / "scripts"), str(out), *dirs],
+        [sys.executable, "-c", RSS_CHILD, str(out), *dirs],
         check=True,
         capture_output=True,
         text=True,
