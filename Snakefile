@@ -22,9 +22,7 @@ from sftflow.config import (
 
 # Where each value comes from (schema default, which config file, --config): errors name it, and so does
 # the report's config page (python scripts/show_config.py prints it too).
-CONFIG_SOURCES = value_sources(
-    config_layers(workflow.overwrite_configfiles, workflow.config_settings.config)
-)
+CONFIG_SOURCES = value_sources(config_layers(workflow.overwrite_configfiles, workflow.config_settings.config))
 # Fills every default from config/schema.yaml and fails, naming the key, before any job starts.
 validate_workflow_config(config, CONFIG_SOURCES)
 

@@ -47,10 +47,7 @@ def get_generations():
     """The generation files data preparation reads: the demo's, or the user's globs (expanded now)."""
     patterns = config["prepare_data"]["input_files"]
     if patterns is None:
-        return [
-            out("demo", "generations", f"output-rs{i}.jsonl")
-            for i in range(config["demo"]["num_seeds"])
-        ]
+        return [out("demo", "generations", f"output-rs{i}.jsonl") for i in range(config["demo"]["num_seeds"])]
     from sftflow.prepare.pipeline import expand_input_files
 
     return [str(p) for p in expand_input_files(patterns)]
@@ -107,9 +104,7 @@ def eval_tokenizer(label):
 
 def python_exe():
     """The interpreter for shell rules: the conda env's python under --sdm conda, else Snakemake's own."""
-    if "conda" in {
-        str(m).lower() for m in workflow.deployment_settings.deployment_method
-    }:
+    if "conda" in {str(m).lower() for m in workflow.deployment_settings.deployment_method}:
         return "python"
     return sys.executable
 
@@ -131,9 +126,7 @@ def generate_command(wildcards, input, output):
 
     e = config["eval"]
     model = input.model[0] if input.model else eval_model_path(wildcards.model)
-    tokenizer = (
-        input.tokenizer[0] if input.tokenizer else eval_tokenizer(wildcards.model)
-    )
+    tokenizer = input.tokenizer[0] if input.tokenizer else eval_tokenizer(wildcards.model)
     args = [python_exe(), str(Path(workflow.basedir) / "scripts" / "generate.py")]
     args += [
         "--model-label",
@@ -154,10 +147,7 @@ def generate_command(wildcards, input, output):
         "--resume-dir",
         out("eval", ".inprogress", wildcards.model, wildcards.benchmark),
     ]
-    logs = {
-        kind: out("logs", f"{kind}_{wildcards.model}_{wildcards.benchmark}.log")
-        for kind in ("generate", "server")
-    }
+    logs = {kind: out("logs", f"{kind}_{wildcards.model}_{wildcards.benchmark}.log") for kind in ("generate", "server")}
     args += [
         "--server-log",
         logs["server"],
@@ -165,9 +155,7 @@ def generate_command(wildcards, input, output):
         logs["generate"],
     ]
     args += EvalSettings.override_args(config)
-    server = server_command(
-        e["server_type"], model, e["server_gpus"], e["server_args"], python=python_exe()
-    )
+    server = server_command(e["server_type"], model, e["server_gpus"], e["server_args"], python=python_exe())
     return shlex.join(args + ["--", *server])
 
 
@@ -350,9 +338,7 @@ def deleted_targets():
                     [out("eval", label, b) for b in benchmark_names()],
                 )
             )
-        made_from += [
-            (out("eval", label, b), [out("eval.json")]) for b in benchmark_names()
-        ]
+        made_from += [(out("eval", label, b), [out("eval.json")]) for b in benchmark_names()]
     made_from += [(page, [out("eval.json")]) for page in report_pages()]
     found = []
     for target, results in made_from:

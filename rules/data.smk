@@ -43,9 +43,7 @@ rule prepare_data:
         **cpu_resources(),
     params:
         cfg=config["prepare_data"],
-        tokenizer=lambda wildcards, input: (
-            input.tokenizer[0] if input.tokenizer else get_tokenizer()
-        ),
+        tokenizer=lambda wildcards, input: (input.tokenizer[0] if input.tokenizer else get_tokenizer()),
         chat_template=config["model"]["chat_template"],
     script:
         "../scripts/prepare_data.py"

@@ -41,10 +41,7 @@ rule demo_base_model:
 
 rule demo_generations:
     output:
-        generations=[
-            out("demo", "generations", f"output-rs{i}.jsonl")
-            for i in range(config["demo"]["num_seeds"])
-        ],
+        generations=[out("demo", "generations", f"output-rs{i}.jsonl") for i in range(config["demo"]["num_seeds"])],
         benchmark=out("benchmarks", "demo", "test.jsonl"),
     log:
         out("logs", "demo_generations.log"),

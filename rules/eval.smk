@@ -19,9 +19,7 @@ rule prepare_benchmark:
     resources:
         **cpu_resources(),
     params:
-        source=lambda wildcards: config["eval"]["benchmark_files"].get(
-            wildcards.benchmark
-        ),
+        source=lambda wildcards: config["eval"]["benchmark_files"].get(wildcards.benchmark),
     script:
         "../scripts/prepare_benchmark.py"
 

@@ -22,9 +22,7 @@ TRAINING_PLAN_KEYS = (
     "num_training_jobs",
     "time_limit",
 )
-LAST_JOB_DONE = out(
-    "checkpoints", f"job{config['training']['num_training_jobs'] - 1}.done"
-)
+LAST_JOB_DONE = out("checkpoints", f"job{config['training']['num_training_jobs'] - 1}.done")
 # Checkpoints of a run with other learning rate, batch size, seed ... are refused before any job (once, in
 # the main process: a job's own re-parse need not read them again).
 if workflow.is_main_process:
@@ -48,9 +46,7 @@ rule pack_data:
         **cpu_resources(),
     params:
         cfg=config["packing"],
-        tokenizer=lambda wildcards, input: (
-            input.tokenizer[0] if input.tokenizer else get_tokenizer()
-        ),
+        tokenizer=lambda wildcards, input: (input.tokenizer[0] if input.tokenizer else get_tokenizer()),
         chat_template=config["model"]["chat_template"],
         chat_template_kwargs=config["prepare_data"]["chat_template_kwargs"],
     script:
@@ -64,9 +60,7 @@ rule train_job:
         tokenizer=local_inputs(get_tokenizer()),
         validation=local_inputs(*filter(None, [config["training"]["validation_data"]])),
         previous=lambda wildcards: (
-            []
-            if int(wildcards.job) == 0
-            else out("checkpoints", f"job{int(wildcards.job) - 1}.done")
+            [] if int(wildcards.job) == 0 else out("checkpoints", f"job{int(wildcards.job) - 1}.done")
         ),
     output:
         done=out("checkpoints", "job{job}.done"),
@@ -108,12 +102,8 @@ rule convert_final:
         **cpu_resources(),
     params:
         checkpoint_dir=lambda wildcards, input: str(Path(input.last_job).parent),
-        model=lambda wildcards, input: (
-            input.model[0] if input.model else get_base_model()
-        ),
-        tokenizer=lambda wildcards, input: (
-            input.tokenizer[0] if input.tokenizer else get_tokenizer()
-        ),
+        model=lambda wildcards, input: (input.model[0] if input.model else get_base_model()),
+        tokenizer=lambda wildcards, input: (input.tokenizer[0] if input.tokenizer else get_tokenizer()),
         chat_template=config["model"]["chat_template"],
     script:
         "../scripts/convert_checkpoint.py"
@@ -138,12 +128,8 @@ rule convert_step:
         **cpu_resources(),
     params:
         checkpoint_dir=lambda wildcards, input: str(Path(input.last_job).parent),
-        model=lambda wildcards, input: (
-            input.model[0] if input.model else get_base_model()
-        ),
-        tokenizer=lambda wildcards, input: (
-            input.tokenizer[0] if input.tokenizer else get_tokenizer()
-        ),
+        model=lambda wildcards, input: (input.model[0] if input.model else get_base_model()),
+        tokenizer=lambda wildcards, input: (input.tokenizer[0] if input.tokenizer else get_tokenizer()),
         chat_template=config["model"]["chat_template"],
         step=lambda wildcards: int(wildcards.step),
     script:
@@ -153,10 +139,7 @@ rule convert_step:
 rule average_checkpoints:
     input:
         # Sorted: the last model (whose config and tokenizer files are copied) is the most trained.
-        models=[
-            out("hf_models", f"step_{s}")
-            for s in sorted(config["training"]["average_steps"] or [])
-        ],
+        models=[out("hf_models", f"step_{s}") for s in sorted(config["training"]["average_steps"] or [])],
     output:
         model=directory(out("averaged_hf_model")),
     log:
