@@ -114,3 +114,27 @@ def test_config_checks_of_every_backend_import_no_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SCRIPTS)}
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_planning_time_checkpoint_check_reads_a_checkpoint_without_torch(tmp_path):
+    """The Snakefile calls check_checkpoint_matches while planning: every snakemake call (dry runs, each Slurm
+    job step) would pay torch's import (~5 s) if finding and reading the latest checkpoint imported it."""
+    step = tmp_path / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text('{"training": {"learning_rate": 0.001}}')
+    code = (
+        "import sys\n"
+        "from sftflow.errors import SftflowError\n"
+        "from sftflow.train.config import check_checkpoint_matches\n"
+        "try:\n"
+        f"    check_checkpoint_matches({str(step.parent)!r}, {{'learning_rate': 0.002}})\n"
+        "except SftflowError as err:\n"
+        "    assert 'training.learning_rate: 0.001 there, 0.002 now' in str(err), err\n"
+        "else:\n"
+        "    raise AssertionError('the changed learning rate was not refused')\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SCRIPTS)}
+    )
+    assert result.returncode == 0, result.stderr

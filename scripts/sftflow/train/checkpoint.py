@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -40,13 +39,20 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 
 from sftflow.errors import SftflowError
+from sftflow.train.checkpoint_dir import (  # noqa: F401  (re-exported: the checkpoint API in one place)
+    STEP_DIR_RE,
+    TMP_SUFFIX,
+    CheckpointInfo,
+    complete_checkpoints,
+    latest_checkpoint,
+    read_meta,
+    step_dir_name,
+)
 from sftflow.train.engine import checkpoint_backend
 from sftflow.train.parallel import ParallelDims
 
 LOG = logging.getLogger("sftflow.train")
 
-STEP_DIR_RE = re.compile(r"^step_(\d{8})$")
-TMP_SUFFIX = ".tmp"
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -59,33 +65,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    step: int
-    path: Path
-
-
-def complete_checkpoints(root: str | os.PathLike) -> list[CheckpointInfo]:
-    """Committed checkpoints (renamed, with their meta.json), oldest first."""
-    root = Path(root)
-    found = []
-    if root.is_dir():
-        for child in root.iterdir():
-            m = STEP_DIR_RE.match(child.name)
-            if m and child.is_dir() and (child / "meta.json").is_file():
-                found.append(CheckpointInfo(int(m.group(1)), child))
-    return sorted(found, key=lambda c: c.step)
-
-
-def latest_checkpoint(root: str | os.PathLike) -> CheckpointInfo | None:
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -274,11 +253,6 @@ def check_layout(meta: dict, current: dict, path: Path) -> None:
             f"checkpoint {path} was written with other parallel sizes ({'; '.join(changed)}); a {backend} "
             "checkpoint resumes with the sizes it was written with"
         )
-
-
-def read_meta(path: str | os.PathLike) -> dict:
-    meta = Path(path) / "meta.json"
-    return json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
 
 
 def _fsync_dir(path: Path) -> None:

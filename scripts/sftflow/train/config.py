@@ -96,7 +96,7 @@ def check_checkpoint_matches(checkpoint_dir: str | Path, training: dict) -> None
     it resumes)."""
     if not Path(checkpoint_dir).is_dir():
         return
-    from sftflow.train.checkpoint import latest_checkpoint, read_meta
+    from sftflow.train.checkpoint_dir import latest_checkpoint, read_meta
 
     latest = latest_checkpoint(checkpoint_dir)
     if latest is not None:
