@@ -346,22 +346,16 @@ def local_model_dir(model: str):
 
 def read_hf_weights(model_dir) -> dict[str, torch.Tensor]:
     """Every tensor of a HF model folder's safetensors (one file or an index of shards), hub MoE experts fused."""
-    import json
     from pathlib import Path
 
     from safetensors.torch import load_file
 
+    from sftflow.safetensors_io import read_weight_index
+
     model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    elif (model_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise SftflowError(
-            f"{model_dir}: no model.safetensors or model.safetensors.index.json (config key 'model.base_model'; "
-            "backend megatron imports safetensors weights)"
-        )
+    files = read_weight_index(
+        model_dir, "safetensors weights (config key 'model.base_model'; backend megatron imports them)"
+    ).files
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         tensors.update(load_file(str(model_dir / name)))

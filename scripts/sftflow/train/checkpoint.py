@@ -54,7 +54,6 @@ from sftflow.train.parallel import ParallelDims
 LOG = logging.getLogger("sftflow.train")
 
 
-
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's default planner unpickles non-tensor entries (optimizer param_groups) with weights_only=False;
     this one only accepts plain data (numbers, strings, tuples, lists, dicts), like torch.load(weights_only=True)."""

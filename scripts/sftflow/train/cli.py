@@ -31,8 +31,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from sftflow import config as C
 from sftflow.errors import SftflowError
 from sftflow.logs import setup_logging
@@ -184,12 +182,6 @@ def srun_torchrun_command(
     ]
 
 
-def _yaml_value(value) -> str:
-    """`value` as the YAML text parse_overrides reads back to the same value (1.0e-05, '04:00:00', [1, 2])."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000)
-    return text.removesuffix("\n").removesuffix("\n...").strip()
-
-
 def config_overrides(config: dict, sections: tuple[str, ...] = ("training", "packing")) -> list[str]:
     """`++section.key=value` for every key of `sections` that differs from the schema default.
 
@@ -203,7 +195,7 @@ def config_overrides(config: dict, sections: tuple[str, ...] = ("training", "pac
     def walk(prefix: str, value, default) -> list[str]:
         if isinstance(value, dict) and isinstance(default, dict):
             return [arg for key in value for arg in walk(f"{prefix}.{key}", value[key], default.get(key))]
-        return [] if value == default else [f"++{prefix}={_yaml_value(value)}"]
+        return [] if value == default else [f"++{prefix}={C.yaml_value(value)}"]
 
     return [arg for section in sections for arg in walk(section, config.get(section, {}), defaults[section])]
 
