@@ -283,16 +283,8 @@ class ResumeState:
 STOP_GRACE_SECONDS = 10.0
 
 
-def generate(
-    requests: Sequence[Request],
-    client: Client,
-    resume_dir: Path,
-    progress_every: float = 10.0,
-) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Answer every request (resuming from `resume_dir`); return ({key: answer}, counts for the log/metrics)."""
-    resume_dir.mkdir(parents=True, exist_ok=True)
-    state = ResumeState.load(resume_dir, requests)
-    pending = [r for r in requests if r.key not in state.answers]
+def _start_counts(requests: Sequence[Request], pending: list[Request], state: ResumeState, client: Client) -> dict:
+    """What generate() starts from (requests, answers resumed, stale / torn lines ignored, to send), logged."""
     counts = {
         "requests": len(requests),
         "resumed": len(requests) - len(pending),
@@ -313,7 +305,20 @@ def generate(
         log.info(
             "sending %d requests to %s (concurrency %d)", len(pending), client.base_url, client.settings.concurrency
         )
+    return counts
 
+
+def generate(
+    requests: Sequence[Request],
+    client: Client,
+    resume_dir: Path,
+    progress_every: float = 10.0,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Answer every request (resuming from `resume_dir`); return ({key: answer}, counts for the log/metrics)."""
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    state = ResumeState.load(resume_dir, requests)
+    pending = [r for r in requests if r.key not in state.answers]
+    counts = _start_counts(requests, pending, state, client)
     answers = dict(state.answers)
     handles = {name: open(resume_dir / f"{name}-async", "ab") for name in sorted({r.output for r in pending})}
     started = time.monotonic()

@@ -99,17 +99,7 @@ def evaluate(args: argparse.Namespace, settings: EvalSettings) -> dict[str, Any]
     """Run one (model, benchmark) evaluation; returns what metrics.json holds."""
     started = time.monotonic()
     benchmark_file = Path(args.benchmark_file)
-    rows = read_jsonl(benchmark_file)
-    if not rows:
-        raise SftflowError(f"{benchmark_file}: the benchmark has no rows")
-    for line, row in enumerate(rows, start=1):
-        if "expected_answer" not in row:
-            raise SftflowError(f"{benchmark_file}:{line}: row has no 'expected_answer'")
-    total = len(rows)
-    if settings.max_samples is not None:
-        rows = rows[: settings.max_samples]
-        log.info("eval.max_samples = %d: evaluating %d of %d problems", settings.max_samples, len(rows), total)
-
+    rows, total = _read_benchmark(benchmark_file, settings)
     gen = GenerationSettings(
         server_type=settings.server_type,
         model_name=settings.server_model or args.model,
@@ -125,30 +115,7 @@ def evaluate(args: argparse.Namespace, settings: EvalSettings) -> dict[str, Any]
     prompts = _prompts(rows, settings, args.tokenizer or args.model, str(benchmark_file))
     fingerprint = model_fingerprint(args.model) if settings.server_type != "openai" else gen.model_name
     requests = build_requests(prompts, args.seeds, gen, fingerprint)
-    resume_dir = Path(args.resume_dir)
-
-    if settings.server_type == "openai":
-        if not settings.server_address:
-            raise SftflowError("eval.server_address: required with server_type 'openai' (e.g. http://host:8000/v1)")
-        server = None
-        context = contextlib.nullcontext()
-        base_url = settings.server_address
-        Path(args.server_log).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.server_log).write_text(f"server_type openai: no server started; requests go to {base_url}\n")
-    else:
-        if not args.server_command:
-            raise SftflowError("no server command after '--' (the generate rule supplies it)")
-        server = InferenceServer(args.server_command, args.server_log, start_timeout=settings.server_start_timeout)
-        context = server
-        base_url = server.base_url
-    with context:
-        client = Client(
-            base_url,
-            gen,
-            server_alive=server.alive if server else None,
-            server_death=server.death_message if server else None,
-        )
-        answers, counts = generate(requests, client, resume_dir)
+    answers, counts = _serve_and_generate(args, settings, gen, requests)
 
     grader = Grader(timeout_seconds=settings.grading_timeout)
     outputs: dict[str, list[dict]] = {}
@@ -184,8 +151,53 @@ def evaluate(args: argparse.Namespace, settings: EvalSettings) -> dict[str, Any]
         for name, file_rows in graded.items():
             (tmp / name).write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in file_rows))
         write_json(tmp / "metrics.json", result)
-    shutil.rmtree(resume_dir, ignore_errors=True)
-    m = metrics
+    shutil.rmtree(args.resume_dir, ignore_errors=True)
+    _log_scores(args, metrics)
+    return result
+
+
+def _read_benchmark(benchmark_file: Path, settings: EvalSettings) -> tuple[list[dict], int]:
+    """The benchmark's rows (the first eval.max_samples of them) and how many it has in all."""
+    rows = read_jsonl(benchmark_file)
+    if not rows:
+        raise SftflowError(f"{benchmark_file}: the benchmark has no rows")
+    for line, row in enumerate(rows, start=1):
+        if "expected_answer" not in row:
+            raise SftflowError(f"{benchmark_file}:{line}: row has no 'expected_answer'")
+    total = len(rows)
+    if settings.max_samples is not None:
+        rows = rows[: settings.max_samples]
+        log.info("eval.max_samples = %d: evaluating %d of %d problems", settings.max_samples, len(rows), total)
+    return rows, total
+
+
+def _serve_and_generate(args: argparse.Namespace, settings: EvalSettings, gen: GenerationSettings, requests: list):
+    """Start the inference server (none for server_type openai), send every request; (answers, counts)."""
+    if settings.server_type == "openai":
+        if not settings.server_address:
+            raise SftflowError("eval.server_address: required with server_type 'openai' (e.g. http://host:8000/v1)")
+        server = None
+        context = contextlib.nullcontext()
+        base_url = settings.server_address
+        Path(args.server_log).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.server_log).write_text(f"server_type openai: no server started; requests go to {base_url}\n")
+    else:
+        if not args.server_command:
+            raise SftflowError("no server command after '--' (the generate rule supplies it)")
+        server = InferenceServer(args.server_command, args.server_log, start_timeout=settings.server_start_timeout)
+        context = server
+        base_url = server.base_url
+    with context:
+        client = Client(
+            base_url,
+            gen,
+            server_alive=server.alive if server else None,
+            server_death=server.death_message if server else None,
+        )
+        return generate(requests, client, Path(args.resume_dir))
+
+
+def _log_scores(args: argparse.Namespace, m: dict) -> None:
     log.info(
         "%s on %s: pass@1 %.2f%% over %d problems x %d sample(s); no answer %.2f%%; %s",
         args.model_label,
@@ -197,7 +209,6 @@ def evaluate(args: argparse.Namespace, settings: EvalSettings) -> dict[str, Any]
         ", ".join(f"{k} {v:.2f}%" for k, v in m.items() if re.fullmatch(r"(pass|majority)@\d+", k) and k != "pass@1")
         or "greedy",
     )
-    return result
 
 
 def parser() -> argparse.ArgumentParser:
