@@ -28,6 +28,7 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -40,6 +41,7 @@ from sftflow.megatron.hf_config import model_layout, padded_vocab_size
 from sftflow.megatron.loss import OutputLayerLoss
 from sftflow.train.data import eval_micro_batches
 from sftflow.train.parallel import LaunchEnvironment, ParallelDims, init_process_group
+from sftflow.train.settings import TrainingConfig
 
 LOG = logging.getLogger("sftflow.train")
 
@@ -57,8 +59,9 @@ def _patch_moe_router_without_te() -> None:
         moe_utils.te_general_gemm = None
 
 
-def init_megatron_parallel(tcfg: dict, timeout_minutes: float = 30.0) -> ParallelDims:
+def init_megatron_parallel(tcfg: Mapping | TrainingConfig, timeout_minutes: float = 30.0) -> ParallelDims:
     """Process group plus megatron-core's parallel state for the training config's sizes."""
+    tcfg = TrainingConfig.from_section(tcfg)
     if not torch.cuda.is_available():
         raise SftflowError(
             "config key 'training.backend' is 'megatron', but this process sees no CUDA GPU: megatron-core's "
@@ -72,11 +75,11 @@ def init_megatron_parallel(tcfg: dict, timeout_minutes: float = 30.0) -> Paralle
 
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
-            tensor_model_parallel_size=tcfg["tensor_model_parallel_size"],
-            pipeline_model_parallel_size=tcfg["pipeline_model_parallel_size"],
-            context_parallel_size=tcfg["context_parallel_size"],
-            expert_model_parallel_size=tcfg["expert_model_parallel_size"],
-            expert_tensor_parallel_size=tcfg["expert_tensor_parallel_size"],
+            tensor_model_parallel_size=tcfg.tensor_model_parallel_size,
+            pipeline_model_parallel_size=tcfg.pipeline_model_parallel_size,
+            context_parallel_size=tcfg.context_parallel_size,
+            expert_model_parallel_size=tcfg.expert_model_parallel_size,
+            expert_tensor_parallel_size=tcfg.expert_tensor_parallel_size,
         )
     return megatron_parallel_dims(env, device)
 
@@ -130,7 +133,7 @@ class MegatronEngine:
     name: ClassVar[str] = "megatron"
 
     @classmethod
-    def init_parallel(cls, training: dict) -> ParallelDims:
+    def init_parallel(cls, training: Mapping | TrainingConfig) -> ParallelDims:
         return init_megatron_parallel(training)
 
     @classmethod
@@ -155,19 +158,19 @@ class MegatronEngine:
         from sftflow.megatron.weights import local_model_dir
         from sftflow.train.checkpoint import latest_checkpoint
 
-        t = cfg["training"]
+        t = TrainingConfig.from_section(cfg["training"])
         self.parallel, self.pad_id = parallel, pad_id
         parallel.on_main(lambda: local_model_dir(spec.model))  # a hub model is downloaded once, by rank 0
         model_dir = local_model_dir(spec.model)
         self.layout = model_layout(read_hf_config(model_dir), where=f"{spec.model}/config.json")
         self.use_te = transformer_engine_available()
-        self.sequence_parallel = bool(t["sequence_parallel"]) and parallel.tp > 1
+        self.sequence_parallel = bool(t.sequence_parallel) and parallel.tp > 1
         self._check_features()
-        bf16 = t["precision"] == "bf16"
+        bf16 = t.precision == "bf16"
         dtype = torch.bfloat16 if bf16 else torch.float32
-        tensor_parallel.model_parallel_cuda_manual_seed(t["seed"])
+        tensor_parallel.model_parallel_cuda_manual_seed(t.seed)
         self.padded_vocab = padded_vocab_size(self.layout.vocab_size, parallel.tp)
-        micro_tokens = t["train_micro_batch_size"] * seq_len
+        micro_tokens = t.train_micro_batch_size * seq_len
         self.first_stage, self.last_stage = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
         module = build_gpt_model(
             self.layout,
@@ -180,12 +183,12 @@ class MegatronEngine:
         )
         module.cuda(torch.cuda.current_device())
         # The last stage's GPTModel returns hidden states; the loss computes the logits, in chunks of tokens.
-        self.loss = OutputLayerLoss(module, self.layout.vocab_size, t["loss_chunk_tokens"]) if self.last_stage else None
+        self.loss = OutputLayerLoss(module, self.layout.vocab_size, t.loss_chunk_tokens) if self.last_stage else None
         if latest_checkpoint(spec.checkpoint_dir) is None:  # a resumed run loads its weights instead
             self._import_hf_weights(module, spec.model, model_dir)
         self.module = module
         self.model, self.optimizer = self._distributed(module, t, bf16, dtype)
-        self.max_grad_norm = t["max_grad_norm"]
+        self.max_grad_norm = t.max_grad_norm
         self.num_params = self._count_parameters()
         self.checkpointer = MegatronCheckpointer(spec.checkpoint_dir, parallel)
 
@@ -211,7 +214,7 @@ class MegatronEngine:
                 "not installed. Set it to false"
             )
 
-    def _gpt_config(self, t: dict, bf16: bool, dtype: torch.dtype) -> dict:
+    def _gpt_config(self, t: TrainingConfig, bf16: bool, dtype: torch.dtype) -> dict:
         """TransformerConfig settings of this run's parallel layout, precision and recomputation."""
         parallel = self.parallel
         config = {
@@ -233,7 +236,7 @@ class MegatronEngine:
             # Expert-parallel ranks are data-parallel ranks with packed micro-batches of their own lengths:
             # the all-to-all dispatcher exchanges each rank's own token count (all-gather needs equal ones).
             config["moe_token_dispatcher_type"] = "alltoall"
-        if t["activation_checkpointing"]:
+        if t.activation_checkpointing:
             config.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         return config
 
@@ -255,7 +258,7 @@ class MegatronEngine:
                 del weights
             dist.barrier()
 
-    def _distributed(self, module, t: dict, bf16: bool, dtype: torch.dtype):
+    def _distributed(self, module, t: TrainingConfig, bf16: bool, dtype: torch.dtype):
         """megatron-core's DDP around `module` and its distributed optimizer: (model, optimizer)."""
         from megatron.core.distributed import (
             DistributedDataParallel,
@@ -276,13 +279,13 @@ class MegatronEngine:
         optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
-                lr=t["learning_rate"],
-                min_lr=t["min_learning_rate"],
-                weight_decay=t["weight_decay"],  # megatron-core: none on biases and 1-D weights, as fsdp
-                adam_beta1=t["adam_beta1"],
-                adam_beta2=t["adam_beta2"],
-                adam_eps=t["adam_eps"],
-                clip_grad=float(t["max_grad_norm"] or 0.0),
+                lr=t.learning_rate,
+                min_lr=t.min_learning_rate,
+                weight_decay=t.weight_decay,  # megatron-core: none on biases and 1-D weights, as fsdp
+                adam_beta1=t.adam_beta1,
+                adam_beta2=t.adam_beta2,
+                adam_eps=t.adam_eps,
+                clip_grad=float(t.max_grad_norm or 0.0),
                 bf16=bf16,
                 params_dtype=dtype,
                 use_distributed_optimizer=True,
@@ -292,7 +295,7 @@ class MegatronEngine:
         # megatron-core's own scheduler sets each group's weight decay (x its wd_mult: 0 for biases and 1-D
         # weights) every step; run_job's schedule sets the learning rate only, so set the decay once here.
         for group in optimizer.param_groups:
-            group["weight_decay"] = t["weight_decay"] * group.get("wd_mult", 1.0)
+            group["weight_decay"] = t.weight_decay * group.get("wd_mult", 1.0)
         return model, optimizer
 
     def _count_parameters(self) -> int:

@@ -12,12 +12,13 @@ micro-batches; tensor-parallel ranks of one dp group take the same slice.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from sftflow.errors import SftflowError
+from sftflow.train.settings import TrainingConfig
 
 
 def epoch_permutation(num_bins: int, seed: int, epoch: int) -> list[int]:
@@ -40,8 +41,9 @@ class TrainingPlan:
     grad_accum: int
 
     @classmethod
-    def make(cls, cfg: dict, num_bins: int, dp_size: int) -> TrainingPlan:
-        gbs, mbs = cfg["train_global_batch_size"], cfg["train_micro_batch_size"]
+    def make(cls, cfg: Mapping | TrainingConfig, num_bins: int, dp_size: int) -> TrainingPlan:
+        cfg = TrainingConfig.from_section(cfg)
+        gbs, mbs = cfg.train_global_batch_size, cfg.train_micro_batch_size
         if gbs % (mbs * dp_size):
             raise SftflowError(
                 f"config key 'training.train_global_batch_size' ({gbs}) must be divisible by "
@@ -53,7 +55,7 @@ class TrainingPlan:
                 f"(config key 'training.train_global_batch_size' = {gbs}); lower it or add data"
             )
         steps_per_epoch = num_bins // gbs
-        total = min(cfg["max_num_steps"], cfg["max_num_epochs"] * steps_per_epoch)
+        total = min(cfg.max_num_steps, cfg.max_num_epochs * steps_per_epoch)
         return cls(num_bins, gbs, mbs, dp_size, steps_per_epoch, total, gbs // (mbs * dp_size))
 
 

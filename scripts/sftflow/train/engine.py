@@ -17,7 +17,7 @@ A backend is two things, named here by "module:attribute":
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -146,6 +146,6 @@ def checkpoint_backend(meta: dict) -> str:
     return meta.get("backend", DEFAULT_BACKEND)
 
 
-def init_parallel(training: dict) -> ParallelDims:
+def init_parallel(training: Mapping) -> ParallelDims:
     """The process group and parallel layout of the configured backend."""
-    return engine_class(training["backend"]).init_parallel(training)
+    return engine_class(training.get("backend", DEFAULT_BACKEND)).init_parallel(training)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -42,6 +43,7 @@ from sftflow.train.loss import (
 )
 from sftflow.train.model import build_model, count_parameters, model_inputs
 from sftflow.train.parallel import ParallelDims, init_parallel
+from sftflow.train.settings import TrainingConfig
 
 LOG = logging.getLogger("sftflow.train")
 MODEL_PREFIX = "model."
@@ -97,35 +99,35 @@ class FsdpEngine:
     name: ClassVar[str] = "fsdp"
 
     def __init__(self, cfg: dict, spec: JobSpec, parallel: ParallelDims, seq_len: int, pad_id: int) -> None:
-        tcfg = cfg["training"]
-        self.parallel, self.seq_len, self.pad_id, self.max_grad_norm = parallel, seq_len, pad_id, tcfg["max_grad_norm"]
-        param_dtype = mixed_precision_dtype(tcfg["precision"], parallel.device)
+        tcfg = TrainingConfig.from_section(cfg["training"])
+        self.parallel, self.seq_len, self.pad_id, self.max_grad_norm = parallel, seq_len, pad_id, tcfg.max_grad_norm
+        param_dtype = mixed_precision_dtype(tcfg.precision, parallel.device)
         self.model = build_model(
             spec.model,
             parallel,
             param_dtype=param_dtype,
-            activation_checkpointing=tcfg["activation_checkpointing"],
+            activation_checkpointing=tcfg.activation_checkpointing,
             max_seq_len=seq_len,
         )
         self.attention = resolve_kernel(
-            tcfg.get("attention", "auto"),
+            tcfg.attention,
             parallel.device,
             param_dtype or torch.float32,
             float(getattr(self.model.config, "attention_dropout", 0.0) or 0.0),
         )
-        LOG.info("packed attention: %s (training.attention: %s)", self.attention, tcfg.get("attention", "auto"))
+        LOG.info("packed attention: %s (training.attention: %s)", self.attention, tcfg.attention)
         self.params = list(self.model.parameters())
         # As in HF Trainer: no weight decay on biases and norm weights (1-D parameters).
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": tcfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tcfg["learning_rate"],
-            betas=(tcfg["adam_beta1"], tcfg["adam_beta2"]),
-            eps=tcfg["adam_eps"],
+            [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=tcfg.learning_rate,
+            betas=(tcfg.adam_beta1, tcfg.adam_beta2),
+            eps=tcfg.adam_eps,
         )
         self.num_params = count_parameters(self.model)
-        self.loss_chunk_tokens = tcfg.get("loss_chunk_tokens")
+        self.loss_chunk_tokens = tcfg.loss_chunk_tokens
         self.vocab_size = self.model.get_output_embeddings().out_features
         unsupported = chunked_loss_unsupported(self.model)
         if parallel.tp > 1:  # lm_head's output is sharded over the TP ranks there; not built for that yet
@@ -139,8 +141,8 @@ class FsdpEngine:
         self.checkpointer = Checkpointer(spec.checkpoint_dir, parallel)
 
     @classmethod
-    def init_parallel(cls, training: dict) -> ParallelDims:
-        return init_parallel(training["tensor_model_parallel_size"])
+    def init_parallel(cls, training: Mapping | TrainingConfig) -> ParallelDims:
+        return init_parallel(TrainingConfig.from_section(training).tensor_model_parallel_size)
 
     @classmethod
     def resume_layout(cls, parallel: ParallelDims) -> dict[str, int]:

@@ -44,6 +44,7 @@ from sftflow.train.engine import Engine, JobSpec, engine_class
 from sftflow.train.lr_schedule import WarmupCosineSchedule, lr_at
 from sftflow.train.metrics import MetricsLogger
 from sftflow.train.parallel import ParallelDims
+from sftflow.train.settings import TrainingConfig
 
 LOG = logging.getLogger("sftflow.train")
 
@@ -116,7 +117,7 @@ def _done_record(
 
 
 def _check_resume_compatible(
-    meta: dict, fingerprint: str, spec: JobSpec, path: Path, current: dict, training: dict
+    meta: dict, fingerprint: str, spec: JobSpec, path: Path, current: dict, training: TrainingConfig
 ) -> None:
     check_layout(meta, current, path)
     if meta.get("data_fingerprint") not in (None, fingerprint):
@@ -129,10 +130,10 @@ def _check_resume_compatible(
             f"checkpoint {path} continues base model {meta['model']!r}, not {spec.model!r} (config key "
             f"'model.base_model'); delete {spec.checkpoint_dir} to train the new model from scratch"
         )
-    check_training_matches(meta.get("training"), training, path)
+    check_training_matches(meta.get("training"), training.as_dict(), path)
 
 
-def _schedule_changes(saved: dict, step: int, total_steps: int, tcfg: dict) -> list[dict]:
+def _schedule_changes(saved: dict, step: int, total_steps: int, tcfg: TrainingConfig) -> list[dict]:
     """The run's record of total-step changes; a resume with another total (max_num_steps or max_num_epochs
     changed) appends one and says so: the cosine decay is recomputed over the new total from this step on."""
     changes = list(saved.get("schedule_changes", []))
@@ -141,9 +142,9 @@ def _schedule_changes(saved: dict, step: int, total_steps: int, tcfg: dict) -> l
         rates = {
             total: lr_at(
                 step,
-                peak=tcfg["learning_rate"],
-                minimum=tcfg["min_learning_rate"],
-                warmup=tcfg["warmup_steps"],
+                peak=tcfg.learning_rate,
+                minimum=tcfg.min_learning_rate,
+                warmup=tcfg.warmup_steps,
                 total=total,
             )
             for total in (before, total_steps)
@@ -163,14 +164,14 @@ def _schedule_changes(saved: dict, step: int, total_steps: int, tcfg: dict) -> l
     return changes
 
 
-def _make_deadline(tcfg: dict, parallel: ParallelDims, t_process_start: float, clock) -> Deadline:
+def _make_deadline(tcfg: TrainingConfig, parallel: ParallelDims, t_process_start: float, clock) -> Deadline:
     """Only rank 0 asks Slurm for the end time (hundreds of ranks must not all call squeue) and decides when
     to stop; the stop flag reaches the other ranks through the loop's per-step all-reduce."""
     if parallel.is_main:
         return Deadline.from_config(
-            tcfg["time_limit"], tcfg["time_margin_seconds"], t_process_start, dict(os.environ), clock=clock
+            tcfg.time_limit, tcfg.time_margin_seconds, t_process_start, dict(os.environ), clock=clock
         )
-    return Deadline(None, tcfg["time_margin_seconds"], clock=clock)
+    return Deadline(None, tcfg.time_margin_seconds, clock=clock)
 
 
 def _log_job_plan(spec: JobSpec, plan: TrainingPlan, seq_len: int, target: int, has_deadline: bool, parallel) -> None:
@@ -201,7 +202,9 @@ def _finish(spec: JobSpec, parallel: ParallelDims, record: dict) -> dict:
     return record
 
 
-def _metrics_logger(spec: JobSpec, tcfg: dict, plan: TrainingPlan, target: int, start_step: int, engine, parallel):
+def _metrics_logger(
+    spec: JobSpec, tcfg: TrainingConfig, plan: TrainingPlan, target: int, start_step: int, engine, parallel
+):
     cuda = parallel.device.type == "cuda"
     return MetricsLogger(
         spec.metrics_dir or Path(spec.checkpoint_dir) / "metrics",
@@ -209,19 +212,19 @@ def _metrics_logger(spec: JobSpec, tcfg: dict, plan: TrainingPlan, target: int, 
         total_steps=plan.total_steps,
         target_step=target,
         start_step=start_step,
-        log_period=tcfg["log_period"],
+        log_period=tcfg.log_period,
         num_params=engine.num_params,
         num_gpus=parallel.world_size if cuda else 0,
         device_name=torch.cuda.get_device_name(parallel.device) if cuda else "",
     )
 
 
-def _schedule(engine: Engine, tcfg: dict, plan: TrainingPlan) -> WarmupCosineSchedule:
+def _schedule(engine: Engine, tcfg: TrainingConfig, plan: TrainingPlan) -> WarmupCosineSchedule:
     return WarmupCosineSchedule(
         engine.optimizer,
-        peak=tcfg["learning_rate"],
-        minimum=tcfg["min_learning_rate"],
-        warmup=tcfg["warmup_steps"],
+        peak=tcfg.learning_rate,
+        minimum=tcfg.min_learning_rate,
+        warmup=tcfg.warmup_steps,
         total=plan.total_steps,
     )
 
@@ -240,7 +243,7 @@ def _resume(checkpointer: Checkpointer, states: dict, deadline: Deadline, latest
 
 
 def _run_meta(
-    spec: JobSpec, plan: TrainingPlan, parallel, engine: Engine, fingerprint: str, tcfg: dict, changes
+    spec: JobSpec, plan: TrainingPlan, parallel, engine: Engine, fingerprint: str, tcfg: TrainingConfig, changes
 ) -> dict:
     """What every checkpoint of this job records in its meta.json (resume checks read it back)."""
     return {
@@ -250,7 +253,7 @@ def _run_meta(
         "world_size": parallel.world_size,
         "num_params": engine.num_params,
         **engine.meta(),
-        "training": tcfg,
+        "training": tcfg.as_dict(),
         "schedule_changes": changes,
     }
 
@@ -259,7 +262,7 @@ def _run_meta(
 class _Training:
     """The parts of a job's training loop once the engine is built (run_job assembles them)."""
 
-    tcfg: dict
+    tcfg: TrainingConfig
     plan: TrainingPlan
     parallel: ParallelDims
     engine: Engine
@@ -339,9 +342,9 @@ class _Training:
                 stopped_early = True
                 break
             step = self.step(step)
-            if tcfg["val_period"] and step % tcfg["val_period"] == 0 and step < total:
+            if tcfg.val_period and step % tcfg.val_period == 0 and step < total:
                 self.validate(step)
-            if step % tcfg["save_period"] == 0 and step < target:
+            if step % tcfg.save_period == 0 and step < target:
                 last_saved, last_saved_step = self.save(step), step
         if step != last_saved_step and step > 0:
             last_saved = self.save(step)
@@ -358,14 +361,14 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
     `clock` (wall-clock seconds) drives the deadline; tests pass a fake one.
     """
     t_process_start = clock()
-    tcfg = cfg["training"]
-    engine_cls = engine_class(tcfg["backend"])
+    tcfg = TrainingConfig.from_section(cfg["training"])
+    engine_cls = engine_class(tcfg.backend)
     parallel = parallel or engine_cls.init_parallel(tcfg)
     check_training_keys(cfg, world_size=parallel.world_size)
     ranks = rank_placement(parallel)
     LOG.info("ranks (node/local rank): %s", ", ".join(ranks))
-    torch.manual_seed(tcfg["seed"])
-    random.seed(tcfg["seed"])
+    torch.manual_seed(tcfg.seed)
+    random.seed(tcfg.seed)
 
     # --- data, the step plan, this job's target ---------------------------------------------------
     from sftflow.packing import PackedDataset
@@ -399,7 +402,7 @@ def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, cloc
 
     # --- engine, schedule, data order, then the loop ----------------------------------------------
     engine = engine_cls(cfg, spec, parallel, seq_len, pad_id)
-    sampler, schedule = BinSampler(plan, parallel.dp_rank, tcfg["seed"]), _schedule(engine, tcfg, plan)
+    sampler, schedule = BinSampler(plan, parallel.dp_rank, tcfg.seed), _schedule(engine, tcfg, plan)
     states = {
         ENGINE: engine,
         "sampler": sampler,

@@ -1,0 +1,65 @@
+"""TrainingConfig: the `training:` config section, typed, built once where a job starts (run_job, the launcher).
+
+The fields are the schema's keys (config/schema.yaml is the only list of keys and their defaults:
+`from_section` fills and checks them there, and a key the schema has but this class lacks is a TypeError at
+the first job, caught by the tests). See config/README.md for what each key means.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sftflow import config as C
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    backend: str
+    num_nodes: int
+    num_gpus: int
+    num_training_jobs: int
+    max_num_epochs: int
+    max_num_steps: int
+    train_global_batch_size: int
+    train_micro_batch_size: int
+    learning_rate: float
+    min_learning_rate: float
+    warmup_steps: int
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+    max_grad_norm: float | None
+    seed: int
+    precision: str
+    attention: str
+    activation_checkpointing: bool
+    loss_chunk_tokens: int | None
+    tensor_model_parallel_size: int
+    sequence_parallel: bool
+    context_parallel_size: int
+    pipeline_model_parallel_size: int
+    expert_model_parallel_size: int
+    expert_tensor_parallel_size: int
+    save_period: int
+    val_period: int
+    validation_data: str | None
+    time_limit: str | None
+    time_margin_seconds: float
+    log_period: int
+    conversion_step: int | None
+    average_steps: list | None
+
+    @classmethod
+    def from_section(cls, training: Mapping | TrainingConfig) -> TrainingConfig:
+        """From a `training:` section (missing keys take the schema defaults; errors name training.<key>)."""
+        if isinstance(training, TrainingConfig):
+            return training
+        return cls(**C.validate(copy.deepcopy(dict(training)), C.section_schema("training"), prefix="training"))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The section as plain data (what checkpoints record in meta.json and resume checks compare)."""
+        return asdict(self)
