@@ -51,8 +51,9 @@ class Engine(Protocol):
     def __init__(self, cfg: dict, spec: JobSpec, parallel: ParallelDims, seq_len: int, pad_id: int) -> None: ...
 
     @classmethod
-    def init_parallel(cls, training: dict) -> ParallelDims:
-        """Join the process group and set up the backend's parallel state for the training section's sizes."""
+    def init_parallel(cls, training: Any) -> ParallelDims:
+        """Join the process group and set up the backend's parallel state for the training section's sizes
+        (a `training:` mapping, or the sftflow.train.settings.TrainingConfig built from one)."""
         ...
 
     @classmethod
