@@ -308,11 +308,16 @@ def section_schema(name: str) -> dict:
     return load_schema()["properties"][name]
 
 
+def validate_section(name: str, values: Mapping | None) -> dict:
+    """A defaults-filled, schema-checked copy of the config section `name` (errors name `name.<key>`)."""
+    return validate(copy.deepcopy(dict(values or {})), section_schema(name), prefix=name)
+
+
 def validate_sections(config: dict) -> dict:
     """A defaults-filled, schema-checked copy of {"training": ..., "packing": ...} (as the trainer receives it)."""
     out = copy.deepcopy(config)
     for section in ("training", "packing"):
-        out[section] = validate(dict(out.get(section) or {}), section_schema(section), prefix=section)
+        out[section] = validate_section(section, out.get(section))
     return out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -51,7 +50,7 @@ class PackingConfig:
         """From a `packing:` section (missing keys take the schema defaults; errors name packing.<key>)."""
         if isinstance(cfg, PackingConfig):
             return cfg
-        return cls(**C.validate(copy.deepcopy(dict(cfg)), C.section_schema("packing"), prefix="packing"))
+        return cls(**C.validate_section("packing", cfg))
 
 
 def _load_tokenizer(tokenizer: Any, chat_template: str | None) -> tuple[Any, str]:

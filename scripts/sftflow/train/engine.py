@@ -149,4 +149,4 @@ def checkpoint_backend(meta: dict) -> str:
 
 def init_parallel(training: Mapping) -> ParallelDims:
     """The process group and parallel layout of the configured backend."""
-    return engine_class(training.get("backend", DEFAULT_BACKEND)).init_parallel(training)
+    return engine_class(training["backend"]).init_parallel(training)

@@ -7,7 +7,6 @@ the first job, caught by the tests). See config/README.md for what each key mean
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -58,7 +57,7 @@ class TrainingConfig:
         """From a `training:` section (missing keys take the schema defaults; errors name training.<key>)."""
         if isinstance(training, TrainingConfig):
             return training
-        return cls(**C.validate(copy.deepcopy(dict(training)), C.section_schema("training"), prefix="training"))
+        return cls(**C.validate_section("training", training))
 
     def as_dict(self) -> dict[str, Any]:
         """The section as plain data (what checkpoints record in meta.json and resume checks compare)."""
