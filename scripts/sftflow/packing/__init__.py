@@ -34,18 +34,24 @@ The output is a directory, written atomically (built under a temporary name, ren
 Reading: ``PackedDataset(path).get_bin(i)`` and ``collate_bins(bins, seq_len, pad_token_id)``.
 """
 
-from sftflow.packing.binpack import assign_bins, pack_lengths
-from sftflow.packing.collate import collate_bins
-from sftflow.packing.pipeline import pack_jsonl, summary_lines
-from sftflow.packing.shards import FORMAT, PackedDataset, write_packed
+import importlib
 
-__all__ = [
-    "FORMAT",
-    "PackedDataset",
-    "assign_bins",
-    "collate_bins",
-    "pack_jsonl",
-    "pack_lengths",
-    "summary_lines",
-    "write_packed",
-]
+# Where each public name lives. They load on first use, so that a torch-free stage (pack_data, prepare_data)
+# importing one submodule does not import torch through collate.
+_EXPORTS = {
+    "FORMAT": "shards",
+    "PackedDataset": "shards",
+    "assign_bins": "binpack",
+    "collate_bins": "collate",
+    "pack_jsonl": "pipeline",
+    "pack_lengths": "binpack",
+    "summary_lines": "pipeline",
+    "write_packed": "shards",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sftflow.packing' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"sftflow.packing.{_EXPORTS[name]}"), name)

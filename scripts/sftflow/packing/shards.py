@@ -7,14 +7,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 from safetensors import safe_open
 
 from sftflow.errors import SftflowError
 from sftflow.safetensors_io import StreamingSafetensorsWriter
+
+if TYPE_CHECKING:  # torch loads only where bins are read (the trainer): pack_data writes shards without it
+    import torch
 
 FORMAT = "sftflow-packed-v1"
 SHARD_NAME = "shard_{:05d}.safetensors"
@@ -193,6 +195,8 @@ class PackedDataset:
         s0, s1 = int(bin_offsets[b]), int(bin_offsets[b + 1])
         offsets = cu_seqlens[s0 : s1 + 1]
         t0, t1 = int(offsets[0]), int(offsets[-1])
+        import torch
+
         return {
             "input_ids": handle.get_slice("tokens")[t0:t1].to(torch.long),
             "loss_mask": handle.get_slice("loss_mask")[t0:t1].to(torch.bool),
