@@ -52,3 +52,12 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def small_demo_run(tmp_path_factory) -> Path:
+    """One finished local run of the small demo (tests/workflow/small_demo.py), shared: tests read it or copy
+    it (copy_with_data), never change it."""
+    from tests.workflow.small_demo import run_small_demo
+
+    return run_small_demo(tmp_path_factory.mktemp("small_demo_run"))

@@ -2,12 +2,14 @@
 
 Every job of the small demo runs as its own Slurm job under the cluster's account (checked with `sacct`,
 which the plugin also uses for its status checks), the chained training jobs run in order, and
-results/eval.json equals a local run's. A second test trains across two Slurm nodes: srun starts one
+results/eval.json equals a local run's (the shared small demo run, tests/conftest.py). A second test trains across two Slurm nodes: srun starts one
 torchrun agent per node and the ranks rendezvous over c10d. A third gives every training job Slurm's
 shortest wall time: the jobs stop, save and resume mid-training, and the weights equal an uninterrupted
 run's. A fourth has Slurm cancel a training job mid-training (as preemption does): the trainer saves on
 Slurm's SIGTERM, Snakemake resubmits the job, and it resumes from that checkpoint. The last three use the
-options for clusters without accounting (squeue status, no account).
+options for clusters without accounting (squeue status, no account), and start from a copy of the shared
+small demo run's data stages (tests/workflow/small_demo.py): they train on Slurm, and check that nothing else
+ran there; the first test runs the data stages on Slurm.
 
 No test depends on the machine's speed: the wall-time and cancel tests train towards far more steps than
 any machine reaches, so the deadline or the cancel always lands mid-training, and they assert on the steps
@@ -27,31 +29,11 @@ import pytest
 import torch
 
 from tests.slurm.cluster import ACCOUNT
-from tests.workflow.test_demo_training import SMALL_TRAINING
-from tests.workflow.test_workflow import SNAKEMAKE, copy_workflow, snakemake, workdir  # noqa: F401  (fixture)
+from tests.workflow.small_demo import DATA_RULES, SLURM, SMALL_RUN, SMALL_TRAINING, copy_with_data, rules_run
+from tests.workflow.test_workflow import SNAKEMAKE, snakemake, workdir  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-# Resources sized for the test cluster (2 nodes x 2 CPUs, 8 GB each): config keys, not profile edits.
-SLURM = """
-slurm:
-  gpus: false
-  cpu_cpus: 1
-  cpu_mem_mb: 1500
-  cpus_per_gpu: 1
-  mem_mb_per_gpu: 3000
-  cpu_runtime: 20
-  train_runtime: 20
-  eval_runtime: 20
-"""
-EVAL = """
-eval:
-  models: [final]
-  server_gpus: 0
-  max_new_tokens: 24
-  max_samples: 8
-  concurrency: 2
-"""
 # Options for a cluster without accounting: status from squeue, no account to guess (see README).
 NO_ACCOUNTING = ("--slurm-status-command", "squeue", "--slurm-no-account")
 
@@ -80,10 +62,9 @@ def slurm_jobs_by_rule(root: Path) -> dict[str, str]:
     return found
 
 
-def test_profile_runs_every_job_on_slurm_and_matches_a_local_run(slurm_cluster, workdir, tmp_path):  # noqa: F811
-    config = SMALL_TRAINING + EVAL + SLURM
+def test_profile_runs_every_job_on_slurm_and_matches_a_local_run(slurm_cluster, workdir, small_demo_run):  # noqa: F811
     # The plugin's defaults: job status from sacct; the account named in the config (validated with sacctmgr).
-    (workdir / "c.yaml").write_text(config + f"  account: {ACCOUNT}\n")
+    (workdir / "c.yaml").write_text(SMALL_RUN + f"  account: {ACCOUNT}\n")
     result = run_on_slurm(slurm_cluster, workdir, "results/eval.json", "c.yaml", options=())
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
 
@@ -92,8 +73,7 @@ def test_profile_runs_every_job_on_slurm_and_matches_a_local_run(slurm_cluster, 
     by_rule = slurm_jobs_by_rule(workdir)
     rules = sorted(r.split("/")[0] for r in by_rule.values())
     assert rules == sorted(
-        ["demo_tokenizer", "demo_base_model", "demo_generations", "decontaminate", "prepare_data", "pack_data"]
-        + ["train_job", "train_job", "convert_final", "generate", "eval_summary"]
+        [*DATA_RULES, "train_job", "train_job", "convert_final", "generate", "generate", "eval_summary"]
         + ["report_data", "report_training", "report_config"]  # eval.json brings the report's pages
     ), by_rule
     for job_id, rule in by_rule.items():
@@ -112,40 +92,53 @@ def test_profile_runs_every_job_on_slurm_and_matches_a_local_run(slurm_cluster, 
     )
     assert len(train) == 2 and train[0][1] <= train[1][0]  # the second started after the first ended
 
-    # The same config run locally gives the same evaluation.
-    local = copy_workflow(tmp_path / "local")
-    (local / "c.yaml").write_text(config)
-    result = snakemake("--cores", "2", "results/eval.json", "--configfile", "config/config.yaml", "c.yaml", cwd=local)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-
+    # The same config run locally (the shared finished run; its own jobs split the steps 6 + 6) gives the
+    # same evaluation: the same scores and the same answers, model by model.
     def scores(root: Path) -> dict:
         summary = json.loads((root / "results" / "eval.json").read_text())
         timing = ("avg_gen_seconds", "total_gen_seconds")
         return {m: {b: {k: v for k, v in r.items() if k not in timing} for b, r in per.items()}
                 for m, per in summary["results"].items()}  # fmt: skip
 
-    assert scores(workdir) == scores(local)
-    outputs = [(root / "results" / "eval" / "final" / "demo" / "output.jsonl").read_text() for root in (workdir, local)]
-    strip = [
-        [{k: v for k, v in json.loads(x).items() if k != "generation_seconds"} for x in o.splitlines()] for o in outputs
-    ]
-    assert strip[0] == strip[1]
+    assert scores(workdir) == scores(small_demo_run) and set(scores(workdir)) == {"final", "base"}
+    for model in ("final", "base"):
+        outputs = [
+            [
+                {k: v for k, v in json.loads(line).items() if k != "generation_seconds"}
+                for line in (root / "results" / "eval" / model / "demo" / "output.jsonl").read_text().splitlines()
+            ]
+            for root in (workdir, small_demo_run)
+        ]
+        assert outputs[0] == outputs[1] and outputs[0], model
 
 
-def test_training_spans_two_slurm_nodes(slurm_cluster, workdir):  # noqa: F811
+@pytest.fixture
+def run_dir(small_demo_run, tmp_path) -> Path:
+    """A workflow copy whose data stages are done (the shared small demo run's): the tests below train on
+    Slurm, and every one of them uses the small demo's data. (The test above runs the data stages on Slurm.)"""
+    return copy_with_data(small_demo_run, tmp_path / "run")
+
+
+def only_training_ran(by_rule: dict[str, str]) -> None:
+    """The copy's data stages were up to date: Slurm ran training jobs only."""
+    assert by_rule and all(rule.startswith("train_job") for rule in by_rule.values()), by_rule
+
+
+def test_training_spans_two_slurm_nodes(slurm_cluster, run_dir):
     config = SMALL_TRAINING.replace("num_training_jobs: 2", "num_training_jobs: 1").replace(
         "max_num_steps: 12", "max_num_steps: 4\n  num_nodes: 2\n  num_gpus: 1"
     )
-    (workdir / "c.yaml").write_text(config + SLURM)
-    result = run_on_slurm(slurm_cluster, workdir, "results/checkpoints/job0.done", "c.yaml")
+    (run_dir / "c.yaml").write_text(config + SLURM)
+    result = run_on_slurm(slurm_cluster, run_dir, "results/checkpoints/job0.done", "c.yaml")
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    done = json.loads((workdir / "results" / "checkpoints" / "job0.done").read_text())
+    done = json.loads((run_dir / "results" / "checkpoints" / "job0.done").read_text())
     assert done["complete"] and done["end_step"] == 4
     assert sorted(done["ranks"]) == ["node1/0", "node2/0"]  # rank 0 and rank 1 on different Slurm nodes
-    log = (workdir / "results" / "logs" / "train_job0.log").read_text()
+    log = (run_dir / "results" / "logs" / "train_job0.log").read_text()
     assert "launching: srun --nodes=2 --ntasks=2 --ntasks-per-node=1" in log
     assert "--nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:" in log
-    (train_job,) = [j for j, rule in slurm_jobs_by_rule(workdir).items() if rule.startswith("train_job")]
+    only_training_ran(slurm_jobs_by_rule(run_dir))
+    (train_job,) = [j for j, rule in slurm_jobs_by_rule(run_dir).items() if rule.startswith("train_job")]
     (record,) = [j for j in slurm_cluster.completed_jobs() if j["JobID"] == train_job]
     assert record["NNodes"] == "2" and record["State"] == "COMPLETED"
 
@@ -201,25 +194,25 @@ def exported_weights(root: Path, step: int, output: Path) -> dict:
     return weights
 
 
-def test_a_training_job_cancelled_by_slurm_is_resubmitted_and_resumes(slurm_cluster, workdir):  # noqa: F811
+def test_a_training_job_cancelled_by_slurm_is_resubmitted_and_resumes(slurm_cluster, run_dir):
     """Slurm kills the running training job mid-training (`scancel`, as preemption does: SIGTERM, then SIGKILL
     after KillWait). The trainer saves at the next step boundary; Snakemake (retries: 2 in the profile)
     resubmits the job, and the resubmission resumes from that checkpoint (the only one: save_period is never
     reached), then trains until its wall time and saves. Training never ends by itself, so the cancel lands
     mid-training on any machine."""
-    (workdir / "c.yaml").write_text(endless_training() + ONE_MINUTE)
+    (run_dir / "c.yaml").write_text(endless_training() + ONE_MINUTE)
     cmd = slurm_command("results/checkpoints/job0.done", "c.yaml")
-    output = workdir / "snakemake.out"
-    checkpoints = workdir / "results" / "checkpoints"
+    output = run_dir / "snakemake.out"
+    checkpoints = run_dir / "results" / "checkpoints"
     with open(output, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=slurm_cluster.env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=run_dir, env=slurm_cluster.env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 900
         while not ((checkpoints / "metrics" / "metrics.jsonl").exists() and trained_steps(checkpoints)):
             assert proc.poll() is None, output.read_text()[-4000:]
             assert time.monotonic() < deadline, "training never logged a step"
             time.sleep(0.2)
-        (killed,) = [j for j, rule in slurm_jobs_by_rule(workdir).items() if rule.startswith("train_job")]
+        (killed,) = [j for j, rule in slurm_jobs_by_rule(run_dir).items() if rule.startswith("train_job")]
         subprocess.run(["scancel", killed], env=slurm_cluster.env(), check=True)
         assert proc.wait(timeout=900) == 0, output.read_text()[-5000:]
     finally:
@@ -227,8 +220,9 @@ def test_a_training_job_cancelled_by_slurm_is_resubmitted_and_resumes(slurm_clus
             proc.kill()
 
     jobs = {j["JobID"]: j for j in slurm_cluster.completed_jobs()}
+    only_training_ran(slurm_jobs_by_rule(run_dir))
     train_jobs = sorted(
-        (int(j), rule) for j, rule in slurm_jobs_by_rule(workdir).items() if rule.startswith("train_job")
+        (int(j), rule) for j, rule in slurm_jobs_by_rule(run_dir).items() if rule.startswith("train_job")
     )
     assert len(train_jobs) == 2 and str(train_jobs[0][0]) == killed  # the killed job, then its resubmission
     assert jobs[killed]["State"].startswith("CANCELLED") and jobs[str(train_jobs[1][0])]["State"] == "COMPLETED", jobs
@@ -241,33 +235,36 @@ def test_a_training_job_cancelled_by_slurm_is_resubmitted_and_resumes(slurm_clus
     assert saved == [start, end] and not list(checkpoints.glob("*.tmp"))
     assert trained_steps(checkpoints) == list(range(1, end + 1))  # no step lost, none trained twice
     # (Snakemake deletes the cancelled attempt's log before the retry; the resubmission's log is this one.)
-    log = (workdir / "results" / "logs" / "train_job0.log").read_text()
+    log = (run_dir / "results" / "logs" / "train_job0.log").read_text()
     assert f"resumed from results/checkpoints/step_{start:08d} (step {start}," in log, log[-3000:]
     assert f"stopping at step {end} before the deadline" in log, log[-3000:]
 
 
-def test_wall_time_stops_saves_resumes_and_ends_with_uninterrupted_weights(slurm_cluster, workdir, tmp_path):  # noqa: F811
+def test_wall_time_stops_saves_resumes_and_ends_with_uninterrupted_weights(
+    slurm_cluster, run_dir, small_demo_run, tmp_path
+):
     """Slurm's smallest limit (1 minute) per training job, and more steps than any machine trains in it: each
     job stops, saves and exits before its limit, the next resumes exactly there, and the weights at the last
     saved step equal those of one uninterrupted local run of that many steps."""
-    (workdir / "c.yaml").write_text(endless_training() + ONE_MINUTE)
-    result = run_on_slurm(slurm_cluster, workdir, "results/checkpoints/job1.done", "c.yaml")
+    (run_dir / "c.yaml").write_text(endless_training() + ONE_MINUTE)
+    result = run_on_slurm(slurm_cluster, run_dir, "results/checkpoints/job1.done", "c.yaml")
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
 
-    checkpoints = workdir / "results" / "checkpoints"
+    checkpoints = run_dir / "results" / "checkpoints"
     done = [json.loads((checkpoints / f"job{i}.done").read_text()) for i in range(2)]
     stops = [d["end_step"] for d in done]
     assert [d["start_step"] for d in done] == [0, stops[0]]  # job 1 resumed where job 0 stopped
     assert 0 < stops[0] < stops[1] and not any(d["complete"] for d in done)
     for i, stop in enumerate(stops):
-        log = (workdir / "results" / "logs" / f"train_job{i}.log").read_text()
+        log = (run_dir / "results" / "logs" / f"train_job{i}.log").read_text()
         assert re.search(r"deadline: \S+ \(Slurm job \d+'s end time\)", log), log[-3000:]
         assert f"stopping at step {stop} before the deadline" in log, log[-3000:]
         assert f"saved results/checkpoints/step_{stop:08d}" in log, log[-3000:]
     assert trained_steps(checkpoints) == list(range(1, stops[1] + 1))  # no step lost, none trained twice
 
     # Each job ended COMPLETED, by itself, inside its 1-minute limit.
-    by_rule = slurm_jobs_by_rule(workdir)
+    by_rule = slurm_jobs_by_rule(run_dir)
+    only_training_ran(by_rule)
     train_jobs = [j for j in slurm_cluster.completed_jobs() if by_rule.get(j["JobID"], "").startswith("train_job")]
     assert sorted(by_rule[j["JobID"]] for j in train_jobs) == ["train_job/0", "train_job/1"]
     for job in train_jobs:
@@ -275,13 +272,14 @@ def test_wall_time_stops_saves_resumes_and_ends_with_uninterrupted_weights(slurm
 
     # The same config, uninterrupted (one local job, no wall time) for exactly that many steps and on as many
     # cores (slurm.cpus_per_gpu also sets a local job's threads), ends with the same weights.
-    local = copy_workflow(tmp_path / "local")
+    local = copy_with_data(small_demo_run, tmp_path / "local")
     (local / "c.yaml").write_text(endless_training(num_training_jobs="1", max_num_steps=str(stops[1])) + SLURM)
     result = snakemake(
         "--cores", "2", "results/checkpoints/job0.done", "--configfile", "config/config.yaml", "c.yaml", cwd=local
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    chained = exported_weights(workdir, stops[1], tmp_path / "chained_hf")
+    assert rules_run(result.stderr) == ["train_job"], result.stderr[-4000:]  # on the same data, made once
+    chained = exported_weights(run_dir, stops[1], tmp_path / "chained_hf")
     uninterrupted = exported_weights(local, stops[1], tmp_path / "uninterrupted_hf")
     assert chained.keys() == uninterrupted.keys() and chained
     for name in chained:

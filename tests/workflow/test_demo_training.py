@@ -11,21 +11,9 @@ import sys
 import pytest
 import torch
 
-from tests.workflow.test_workflow import snakemake, workdir  # noqa: F401  (fixture)
+from tests.workflow.small_demo import SMALL_TRAINING, copy_with_data, rules_run
+from tests.workflow.test_workflow import snakemake
 
-# The small demo both this test and tests/report train: 2 chained jobs of 6 steps each.
-SMALL_TRAINING = """
-demo:
-  num_train_problems: 300
-  num_test_problems: 20
-  num_seeds: 2
-training:
-  num_training_jobs: 2
-  max_num_steps: 12
-  save_period: 5
-  train_global_batch_size: 4
-  train_micro_batch_size: 2
-"""
 SMALL = (
     SMALL_TRAINING
     + """
@@ -45,12 +33,15 @@ def metrics(root):
 
 
 @pytest.mark.slow
-def test_demo_trains_chained_jobs_and_exports_then_continues(workdir):  # noqa: F811
+def test_demo_trains_chained_jobs_and_exports_then_continues(small_demo_run, tmp_path):
+    # The data stages are the shared run's (the small demo's data); everything from training on runs here.
+    workdir = copy_with_data(small_demo_run, tmp_path / "run")
     (workdir / "small.yaml").write_text(SMALL)
     result = snakemake(
         "--cores", "2", "results/final_hf_model", "--configfile", "config/config.yaml", "small.yaml", cwd=workdir
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert rules_run(result.stderr) == ["train_job", "train_job", "convert_final"], result.stderr[-4000:]
     results = workdir / "results"
     jobs = [json.loads((results / "checkpoints" / f"job{i}.done").read_text()) for i in range(2)]
     assert [(j["start_step"], j["end_step"]) for j in jobs] == [(0, 6), (6, 12)]
