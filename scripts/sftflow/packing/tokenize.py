@@ -107,7 +107,8 @@ def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
     A fast tokenizer's call builds a BatchEncoding around the same `encode_batch` (about 7% of the time
     on SFT rows); this sets the backend up as that call does (no truncation, no padding, the
-    tokenizer's split_special_tokens) and keeps only the ids.
+    tokenizer's split_special_tokens) and keeps only the ids. Where the tokenizers library has it,
+    `encode_batch_fast` is used: the same ids, without the character offsets nothing here reads.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     if backend is None:
@@ -119,7 +120,8 @@ def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     split_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
     if backend.encode_special_tokens != split_special_tokens:
         backend.encode_special_tokens = split_special_tokens
-    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [encoding.ids for encoding in encode_batch(texts, add_special_tokens=False)]
 
 
 def tokenize_segments(tokenizer: Any, rows_segments: list[Segments]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
