@@ -15,7 +15,7 @@ import numpy as np
 
 from sftflow.errors import SftflowError
 from sftflow.io import check_input_file, parse_json_object
-from sftflow.packing.tokenize import tokenize_rows
+from sftflow.packing.tokenize import Segments, row_segments, tokenize_flat
 
 # What pack_jsonl counts about the rows it reads (summed over chunks; see pipeline._stats).
 COUNTERS = (
@@ -76,52 +76,59 @@ class ChunkTokenizer:
     overlong: str
     spool: TokenSpool
 
-    def _rows(self, lines: list[tuple[int, bytes]]) -> Iterator[tuple[str, dict]]:
-        # A generator, so that rows are parsed as tokenize_rows reaches them: the first bad line in file
-        # order is the one reported, whether it is bad JSON or a bad row.
+    def _segments(self, lines: list[tuple[int, bytes]]) -> list[Segments]:
+        # Each line parsed and split in file order: the first bad line is the one reported, whether it
+        # is bad JSON or a bad row.
+        rows_segments = []
         for line_number, raw in lines:
             where = f"{self.source}:{line_number}"
             row, reason = parse_json_object(raw)
             if reason is not None:
                 raise SftflowError(f"{where}: {reason}")
-            yield where, row
+            rows_segments.append(row_segments(row, where, self.tokenizer, self.chat_template_kwargs))
+        return rows_segments
 
     def __call__(self, lines: list[tuple[int, bytes]]) -> ChunkResult:
         """Tokenize the chunk and append its kept sequences to this process's spool part; only lengths come back."""
-        counts = dict.fromkeys(COUNTERS, 0)
-        ids_parts: list[np.ndarray] = []
-        mask_parts: list[np.ndarray] = []
-        for _where, ids, mask in tokenize_rows(self.tokenizer, self._rows(lines), self.chat_template_kwargs):
-            counts["rows"] += 1
-            kept = self._keep(ids, mask, counts)
-            if kept is not None:
-                ids_parts.append(kept[0])
-                mask_parts.append(kept[1])
-        lengths = np.fromiter((len(ids) for ids in ids_parts), dtype=np.int32, count=len(ids_parts))
-        if not ids_parts:
-            return ChunkResult("", 0, lengths, counts)
-        part, offset = self.spool.append(np.concatenate(ids_parts), np.concatenate(mask_parts))
-        return ChunkResult(part, offset, lengths, counts)
+        ids, mask, lengths = tokenize_flat(self.tokenizer, self._segments(lines))
+        starts = np.cumsum(lengths) - lengths
+        counts, kept_lengths = self._keep(ids, mask, starts, lengths)
+        keep = kept_lengths > 0
+        if not keep.any():
+            return ChunkResult("", 0, np.zeros(0, np.int32), counts)
+        if not keep.all() or (kept_lengths < lengths).any():  # some rows dropped or truncated
+            index = _ranges(starts[keep], kept_lengths[keep])
+            ids, mask = ids[index], mask[index]
+        part, offset = self.spool.append(ids, mask)
+        return ChunkResult(part, offset, kept_lengths[keep].astype(np.int32), counts)
 
-    def _keep(self, ids: np.ndarray, mask: np.ndarray, counts: dict) -> tuple[np.ndarray, np.ndarray] | None:
-        """Truncate or drop an over-long sequence, drop one without predictable loss tokens; count both."""
-        truncated = False
-        if len(ids) > self.max_len:
-            counts["overlong"] += 1
-            if self.overlong == "drop":
-                counts["dropped_overlong"] += 1
-                counts["dropped_overlong_tokens"] += len(ids)
-                return None
-            counts["truncated_tokens"] += len(ids) - self.max_len
-            ids, mask = ids[: self.max_len], mask[: self.max_len]
-            truncated = True
+    def _keep(
+        self, ids: np.ndarray, mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+    ) -> tuple[dict[str, int], np.ndarray]:
+        """Counters and each row's kept length: over-long rows truncated to max_len or dropped (0), rows
+        without predictable loss tokens dropped (0)."""
+        counts = dict.fromkeys(COUNTERS, 0)
+        counts["rows"] = len(lengths)
+        overlong = lengths > self.max_len
+        counts["overlong"] = int(overlong.sum())
+        dropped = overlong if self.overlong == "drop" else np.zeros_like(overlong)
+        if self.overlong == "drop":
+            counts["dropped_overlong"] = counts["overlong"]
+            counts["dropped_overlong_tokens"] = int(lengths[overlong].sum())
+        else:
+            counts["truncated_tokens"] = int((lengths[overlong] - self.max_len).sum())
+        kept = np.where(dropped, 0, np.minimum(lengths, self.max_len))
         # A sequence whose only loss tokens are at position 0 (or none, after truncation) would
-        # contribute nothing but padding-like compute; never keep it silently.
-        if not mask[1:].any():
-            counts["dropped_no_loss"] += 1
-            counts["dropped_no_loss_truncated"] += int(truncated)
-            return None
-        return ids, mask
+        # contribute nothing but padding-like compute; never keep it silently. Loss tokens at
+        # positions 1..kept-1 of each row, from the running count of loss tokens:
+        running = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+        predictable = running[starts + kept] - running[starts + np.minimum(kept, 1)]
+        no_loss = ~dropped & (predictable == 0)
+        counts["dropped_no_loss"] = int(no_loss.sum())
+        if self.overlong != "drop":
+            counts["dropped_no_loss_truncated"] = int((no_loss & overlong).sum())
+        kept[no_loss] = 0
+        return counts, kept
 
 
 _WORKER_JOB: Callable | None = None  # set in the parent just before the pool forks
