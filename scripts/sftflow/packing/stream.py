@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import mmap
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -16,6 +17,9 @@ import numpy as np
 from sftflow.errors import SftflowError
 from sftflow.io import check_input_file, parse_json_object
 from sftflow.packing.tokenize import Segments, row_segments, tokenize_flat
+
+# Sequences gathered from the spool per mapping of a part file (see TokenSpool._gather).
+READ_SEQUENCES = 256
 
 # What pack_jsonl counts about the rows it reads (summed over chunks; see pipeline._stats).
 COUNTERS = (
@@ -221,10 +225,11 @@ class TokenSpool:
             self._table = None
 
     def close(self) -> None:
-        """Close the files this process appended to (workers' close when they exit)."""
-        _part, fds = self._files.pop(os.getpid(), ("", {}))
-        for fd in fds.values():
-            os.close(fd)
+        """Close the files this process opened to append to (a worker's close when it exits)."""
+        for _part, fds in self._files.values():
+            for fd in fds.values():
+                os.close(fd)
+        self._files.clear()
 
     def _chunk_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
         if self._table is None:
@@ -236,11 +241,7 @@ class TokenSpool:
         return self._table
 
     def read(self, field: str, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """`field` of the sequences at input-order token offsets `starts` (of `lengths` tokens), back to back.
-
-        The part files are mapped for this call only: the pages it touches leave the process's memory
-        with the mapping, so reading a shard at a time never holds more than a shard.
-        """
+        """`field` of the sequences at input-order token offsets `starts` (of `lengths` tokens), back to back."""
         firsts, part_ids, offsets, parts = self._chunk_table()
         starts = np.asarray(starts, dtype=np.int64)
         chunk = np.searchsorted(firsts, starts, side="right") - 1
@@ -257,11 +258,22 @@ class TokenSpool:
         return out
 
     def _gather(self, part: str, field: str, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        data = np.memmap(self.path(part, field), dtype=self.FIELDS[field], mode="r")
-        try:
-            return gather_sequences(data, starts, lengths)
-        finally:
-            del data
+        # Every page a read touches counts in this process's RSS while the file is mapped, and the kernel
+        # maps up to 16 cached neighbours with it (fault-around): ~64 KiB per sequence, as the sequences of
+        # a shard are scattered over the spool. Mapping for READ_SEQUENCES sequences at a time bounds that
+        # to a few MiB, whatever the size of the spool.
+        out = np.empty(int(lengths.sum(dtype=np.int64)), dtype=self.FIELDS[field])
+        pos = 0
+        with open(self.path(part, field), "rb") as f:
+            for first in range(0, len(starts), READ_SEQUENCES):
+                block = slice(first, first + READ_SEQUENCES)
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                    data = np.frombuffer(mapped, dtype=out.dtype)
+                    values = gather_sequences(data, starts[block], lengths[block])
+                    del data  # the mapping closes only once no array views it
+                out[pos : pos + len(values)] = values
+                pos += len(values)
+        return out
 
 
 def _write_all(fd: int, data: np.ndarray) -> None:
