@@ -92,10 +92,10 @@ def pack_jsonl(
     `output_dir` if anything fails.
 
     Two passes, so that memory does not grow with the number of rows: (1) chunks of rows are rendered
-    and tokenized by `packing.num_workers` processes and their kept sequences appended, in input order,
-    to a spool file inside the output's temporary directory, keeping only lengths in memory; the bins
-    are assigned on those lengths; (2) each shard is gathered from the spool and written. The output is
-    the same whatever the number of workers.
+    and tokenized by `packing.num_workers` processes, each appending its kept sequences to its own part
+    of a spool inside the output's temporary directory; this process keeps only the lengths (int32), in
+    input order; the bins are assigned on those lengths; (2) each shard is gathered from the spool and
+    written. The output is the same whatever the number of workers.
     """
     t_start = time.perf_counter()
     cfg = PackingConfig.from_section(cfg)
