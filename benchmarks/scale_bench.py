@@ -4,9 +4,11 @@ Usage: .venv/bin/python benchmarks/scale_bench.py --rows 250000 [--rows 1000000 
 
 Per size: synthesize N rows (prepare_data_bench's generator), run prepare_data with the tokenizer (so every
 row goes through its ChatML template), then pack_data, each as its own process; then time the tokenizer's
-own `encode_batch` (all cores) on the same rendered texts, in another process. Peak RSS is reported twice:
-the largest single process (getrusage, children) and the sum over the process tree (sampled every 0.1 s,
-an upper bound: forked workers share pages). Prints a markdown table and writes results JSON.
+own `encode_batch` (all cores) on the same rendered texts, in another process. Peak RSS is reported three
+times: the largest single process (getrusage, children), pack_data's main process alone (its own getrusage,
+written at exit) and the sum over the process tree (sampled every 0.1 s, an upper bound: forked workers
+share pages). Prints a markdown table and writes results JSON. `--reuse-prepared` skips prepare_data when its
+output is newer than the synthesized input (pack_data and raw encode_batch still run).
 """
 
 from __future__ import annotations
@@ -60,6 +62,19 @@ with open(sys.argv[2], "rb") as f:
 if batch:
     run(batch)
 print(json.dumps({"rows": rows, "tokens": tokens, "seconds": round(seconds, 2), "rows_per_second": round(rows / seconds)}))
+"""
+
+# Runs a script as __main__ and, at exit, writes this process's own peak RSS (not its children's) to argv[1].
+SELF_PEAK = """
+import atexit, os, resource, runpy, sys
+out, pid = sys.argv[1], os.getpid()
+def record():
+    if os.getpid() == pid:
+        with open(out, "w") as f:
+            f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+atexit.register(record)
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
@@ -144,7 +159,7 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     return result
 
 
-def run_size(rows: int, work: Path, tokenizer: Path, workers: int | None) -> dict:
+def run_size(rows: int, work: Path, tokenizer: Path, workers: int | None, reuse_prepared: bool = False) -> dict:
     py = sys.executable
     src = work / f"generated-{rows}.jsonl"
     if not src.exists():
@@ -154,13 +169,21 @@ def run_size(rows: int, work: Path, tokenizer: Path, workers: int | None) -> dic
     sft = work / f"sft-{rows}.jsonl"
     result: dict = {"rows": rows, "input_mib": round(src.stat().st_size / 2**20, 1)}
     prepare_cmd = [py, str(ROOT / "scripts" / "prepare_data.py"), f"++input_files={src}", f"++output_path={sft}"]
-    result["prepare_data"] = measure([*prepare_cmd, f"++tokenizer={tokenizer}"])
+    prepared = work / f"prepare-{rows}.json"
+    if reuse_prepared and prepared.is_file() and sft.is_file() and sft.stat().st_mtime > src.stat().st_mtime:
+        result["prepare_data"] = {**json.loads(prepared.read_text()), "reused": True}
+    else:
+        result["prepare_data"] = measure([*prepare_cmd, f"++tokenizer={tokenizer}"])
+        prepared.write_text(json.dumps(result["prepare_data"]) + "\n")
     print(f"{rows}: prepare_data {result['prepare_data']}", flush=True)
-    pack_cmd = [py, str(ROOT / "scripts" / "pack_data.py"), "--input", str(sft), "--tokenizer", str(tokenizer)]
+    main_peak = work / f"pack-main-peak-{rows}.kib"
+    pack_cmd = [py, "-c", SELF_PEAK, str(main_peak), str(ROOT / "scripts" / "pack_data.py")]
+    pack_cmd += ["--input", str(sft), "--tokenizer", str(tokenizer)]
     pack_cmd += ["--output", str(work / f"packed-{rows}"), "--max-total-sequence-length", "4096"]
     if workers:
         pack_cmd += ["--num-workers", str(workers)]
     result["pack_data"] = measure(pack_cmd)
+    result["pack_data"]["peak_main_rss_mib"] = round(int(main_peak.read_text()) / 1024, 1)
     print(f"{rows}: pack_data {result['pack_data']}", flush=True)
     result["pack_stats"] = json.loads((work / f"packed-{rows}" / "stats.json").read_text())
     raw = subprocess.run([py, "-c", RAW_ENCODE, str(tokenizer), str(sft)], capture_output=True, text=True)
@@ -171,6 +194,9 @@ def run_size(rows: int, work: Path, tokenizer: Path, workers: int | None) -> dic
     result["sft_rows"] = result["raw_encode_batch"]["rows"]
     result["pack_rows_per_second"] = round(result["sft_rows"] / result["pack_data"]["seconds"])
     result["pack_vs_raw"] = round(result["pack_rows_per_second"] / result["raw_encode_batch"]["rows_per_second"], 3)
+    # The same ratio over pack_data's tokenize phase alone (its own clock: start-up, bins and shards excluded).
+    tokenize_seconds = result["pack_stats"]["seconds"]["tokenize"]
+    result["pack_tokenize_vs_raw"] = round(result["raw_encode_batch"]["seconds"] / tokenize_seconds, 3)
     return result
 
 
@@ -188,20 +214,21 @@ def projection(results: list[dict], target_rows: int) -> dict:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| rows | stage | seconds | rows/s | peak RSS, largest process | peak RSS, process tree |",
-        "|---|---|---|---|---|---|",
+        "| rows | stage | seconds | rows/s | peak RSS, largest process | peak RSS, main process | peak RSS, process tree |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for stage, n in (("prepare_data", r["rows"]), ("pack_data", r["sft_rows"])):
             m = r[stage]
+            main = f"{m['peak_main_rss_mib']:.0f} MiB" if "peak_main_rss_mib" in m else ""
             lines.append(
                 f"| {r['rows']:,} | {stage} | {m['seconds']:.1f} | {round(n / m['seconds']):,} | "
-                f"{m['peak_rss_mib']:.0f} MiB | {m['peak_tree_rss_mib']:.0f} MiB |"
+                f"{m['peak_rss_mib']:.0f} MiB | {main} | {m['peak_tree_rss_mib']:.0f} MiB |"
             )
         raw = r["raw_encode_batch"]
         lines.append(
             f"| {r['rows']:,} | raw encode_batch (all cores) | {raw['seconds']:.1f} | {raw['rows_per_second']:,} | "
-            f"| pack / raw = {r['pack_vs_raw']:.2f} |"
+            f"| | pack / raw = {r['pack_vs_raw']:.2f} (tokenize phase {r['pack_tokenize_vs_raw']:.2f}) |"
         )
     return "\n".join(lines)
 
@@ -212,11 +239,15 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(ROOT / "benchmarks" / "out" / "scale"))
     parser.add_argument("--num-workers", type=int, help="pack_data workers (default: its own, all cores)")
     parser.add_argument("--project-to", type=int, default=14_000_000)
+    parser.add_argument(
+        "--reuse-prepared", action="store_true", help="skip prepare_data where its output is newer than the input"
+    )
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(ROOT / "benchmarks" / "out" / "bpe32k-chatml")
-    results = [run_size(n, work, tokenizer, args.num_workers) for n in sorted(args.rows or [250_000])]
+    sizes = sorted(args.rows or [250_000])
+    results = [run_size(n, work, tokenizer, args.num_workers, args.reuse_prepared) for n in sizes]
     summary = {
         "cpus": len(os.sched_getaffinity(0)),
         "tokenizer": str(tokenizer),

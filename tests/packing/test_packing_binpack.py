@@ -117,3 +117,27 @@ def test_block_by_block_walk_and_tree_bound_match_naive(monkeypatch, algorithm, 
     bins = pack_lengths(lengths, capacity, algorithm)
     check_valid(bins, lengths, capacity)
     assert bins == naive_pack(lengths, capacity, algorithm)
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_int32_lengths_give_the_int64_packing_in_int32_ids(algorithm):
+    # pack_jsonl hands the packers int32 lengths and keeps every per-sequence array int32.
+    from sftflow.packing.binpack import placement_order
+
+    lengths = np.random.default_rng(1).integers(1, 4097, size=5000)
+    order = placement_order(lengths.astype(np.int32))
+    assert order.dtype == np.int32
+    assert (order == np.argsort(-lengths, kind="stable")).all()
+    bin_of = assign_bins(lengths.astype(np.int32), 4096, algorithm, order=order)
+    assert bin_of.dtype == np.int32
+    assert (bin_of == assign_bins(lengths, 4096, algorithm)).all()
+
+
+def test_more_sequences_than_int32_ids_are_refused_naming_the_limit():
+    from sftflow.errors import SftflowError
+    from sftflow.packing.binpack import MAX_SEQUENCES, check_sequence_count
+
+    assert MAX_SEQUENCES == 2**31 - 1
+    check_sequence_count(MAX_SEQUENCES)
+    with pytest.raises(SftflowError, match=r"2,147,483,648 sequences .* 2,147,483,647 \(2\*\*31 - 1\) .* int32"):
+        check_sequence_count(2**31)

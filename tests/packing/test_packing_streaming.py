@@ -162,3 +162,46 @@ def test_automatic_workers_follow_the_cores_and_the_rules_threads(tmp_path, monk
         packing_pipeline._num_workers(packing_pipeline.PackingConfig.from_section({"num_workers": 3}), small, cores=2)
         == 3
     )
+
+
+def test_pack_jsonl_refuses_more_sequences_than_the_int32_limit(tmp_path, demo_tok, monkeypatch):
+    from sftflow.errors import SftflowError
+    from sftflow.packing import binpack
+
+    monkeypatch.setattr(binpack, "MAX_SEQUENCES", 10)
+    src = write_jsonl(tmp_path / "sft.jsonl", make_rows(40))
+    with pytest.raises(SftflowError, match=r"sequences to pack: more than the 10 .* int32 sequence ids"):
+        pack_jsonl(src, tmp_path / "packed", demo_tok, {"num_workers": 1})
+    assert not (tmp_path / "packed").exists()
+
+
+def test_spool_parts_read_back_in_input_order(tmp_path, monkeypatch):
+    """Each process appends to its own spool part; sequences are read by their offset in input order,
+    whichever part holds them and however the reads mix parts."""
+    from sftflow.packing import stream
+    from sftflow.packing.shards import ArraySequences
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 30, size=60)
+    tokens = rng.integers(0, 50_000, size=int(lengths.sum())).astype(np.int32)
+    mask = rng.integers(0, 2, size=len(tokens)).astype(np.uint8)
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    spool = stream.TokenSpool(tmp_path / "spool")
+    first = 0
+    for k, size in enumerate([7, 0, 13, 1, 20, 19]):  # chunks of sequences, one empty, over three "processes"
+        monkeypatch.setattr(stream.os, "getpid", lambda k=k: 1000 + k % 3)
+        a, b = bounds[first], bounds[first + size]
+        part, offset = spool.append(tokens[a:b], mask[a:b]) if size else ("", 0)
+        spool.add_chunk(part, offset, int(b - a))
+        first += size
+    monkeypatch.undo()
+    spool.close()
+    monkeypatch.setattr(stream, "READ_SEQUENCES", 4)  # each read maps the parts several times
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [
+        f"part-{pid}.{field}" for pid in (1000, 1001, 1002) for field in ("loss_mask", "tokens")
+    ]
+    expected = ArraySequences(tokens, mask)
+    for picked in (rng.permutation(60), np.array([59, 0]), np.array([8, 9, 10])):
+        starts, n = bounds[picked], lengths[picked]
+        for field in ("tokens", "loss_mask"):
+            assert (spool.read(field, starts, n) == expected.read(field, starts, n)).all()

@@ -17,7 +17,7 @@ import numpy as np
 from sftflow import config as C
 from sftflow.errors import SftflowError
 from sftflow.io import atomic_path, write_json
-from sftflow.packing.binpack import assign_bins
+from sftflow.packing.binpack import assign_bins, check_sequence_count, placement_order
 from sftflow.packing.shards import write_shards
 from sftflow.packing.stream import COUNTERS, ChunkTokenizer, TokenSpool, available_cpus, ordered_map, read_chunks
 
@@ -92,10 +92,10 @@ def pack_jsonl(
     `output_dir` if anything fails.
 
     Two passes, so that memory does not grow with the number of rows: (1) chunks of rows are rendered
-    and tokenized by `packing.num_workers` processes and their kept sequences appended, in input order,
-    to a spool file inside the output's temporary directory, keeping only lengths in memory; the bins
-    are assigned on those lengths; (2) each shard is gathered from the spool and written. The output is
-    the same whatever the number of workers.
+    and tokenized by `packing.num_workers` processes, each appending its kept sequences to its own part
+    of a spool inside the output's temporary directory; this process keeps only the lengths (int32), in
+    input order; the bins are assigned on those lengths; (2) each shard is gathered from the spool and
+    written. The output is the same whatever the number of workers.
     """
     t_start = time.perf_counter()
     cfg = PackingConfig.from_section(cfg)
@@ -104,11 +104,11 @@ def pack_jsonl(
     pad_id = _pad_token_id(tok, tok_name)
     max_len = cfg.max_total_sequence_length
     workers = _num_workers(cfg, input_path, cores)
-    job = ChunkTokenizer(str(input_path), tok, chat_template_kwargs, max_len, cfg.overlong)
 
     with atomic_path(output_dir) as tmp:
         tmp.mkdir()
         spool = TokenSpool(tmp / ".spool")
+        job = ChunkTokenizer(str(input_path), tok, chat_template_kwargs, max_len, cfg.overlong, spool)
         counts, lens = _tokenize_to_spool(input_path, job, workers, spool)
         t_tokenized = time.perf_counter()
         if not len(lens):
@@ -117,10 +117,7 @@ def pack_jsonl(
                 f"dropped as over-long, {counts['dropped_no_loss']} without loss tokens); check "
                 "packing.max_total_sequence_length"
             )
-        seq_offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lens, dtype=np.int64)])
-        bin_of = assign_bins(lens, max_len, cfg.algorithm) if cfg.enabled else np.arange(len(lens))
-        seq_order, bin_sizes = _shuffled_layout(bin_of, lens, cfg.seed)
-        del bin_of
+        seq_order, bin_sizes = _bin_layout(lens, cfg)
         t_packed = time.perf_counter()
         meta = {
             "packing": cfg.enabled,
@@ -129,10 +126,15 @@ def pack_jsonl(
             "tokenizer": tok_name,
             "source": str(input_path),
         }
+        length_stats = _length_stats(lens)
+        # From here on the sequences are addressed by offset: the int32 lengths make way for the int64 offsets.
+        seq_offsets = np.zeros(len(lens) + 1, np.int64)
+        np.cumsum(lens, dtype=np.int64, out=seq_offsets[1:])
+        del lens
         index = write_shards(tmp, spool, seq_offsets, seq_order, bin_sizes, cfg.bins_per_shard, meta)
         shutil.rmtree(tmp / ".spool")
         t_written = time.perf_counter()
-        stats = _stats(cfg, counts, lens, index)
+        stats = _stats(cfg, counts, length_stats, index)
         stats["num_workers"] = workers
         stats["seconds"] = {
             "tokenize": round(t_tokenized - t_start, 3),
@@ -158,14 +160,17 @@ def _num_workers(cfg: PackingConfig, input_path: Path, cores: int | None = None)
 def _tokenize_to_spool(
     input_path: Path, job: ChunkTokenizer, workers: int, spool: TokenSpool
 ) -> tuple[dict[str, int], np.ndarray]:
-    """Pass 1: every row tokenized (in chunk order), kept sequences spooled; return the counters and lengths."""
+    """Pass 1: every row tokenized, kept sequences spooled (by the workers); return the counters and lengths (int32).
+
+    Only the lengths and counters of each chunk come back to this process, in chunk order.
+    """
     counts = dict.fromkeys(COUNTERS, 0)
     lengths: list[np.ndarray] = []
     next_log = LOG_EVERY_ROWS
     chunks = read_chunks(input_path, CHUNK_ROWS, CHUNK_BYTES)
     try:
         for result in ordered_map(job, chunks, workers):
-            spool.append(result.tokens, result.loss_mask)
+            spool.add_chunk(result.part, result.offset, int(result.lengths.sum(dtype=np.int64)))
             lengths.append(result.lengths)
             for key, value in result.counts.items():
                 counts[key] += value
@@ -177,22 +182,46 @@ def _tokenize_to_spool(
     return counts, np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
 
 
-def _shuffled_layout(bin_of: np.ndarray, lengths: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Storage order of sequences and size of each bin, with bins in a seeded random order."""
-    num_bins = int(bin_of.max()) + 1
-    new_position = np.random.default_rng(seed).permutation(num_bins)
-    # Within a bin keep the packer's placement order (longest first, ties by original index): visit the
-    # sequences in placement order and sort them stably by their bin's new position.
-    placement_order = np.argsort(-lengths.astype(np.int64), kind="stable")
-    shuffled_bin = new_position[bin_of[placement_order]]
-    seq_order = placement_order[np.argsort(shuffled_bin, kind="stable")]
-    return seq_order, np.bincount(shuffled_bin, minlength=num_bins)
+def _bin_layout(lengths: np.ndarray, cfg: PackingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Storage order of the sequences (int32) and size of each bin, with bins in a seeded random order.
+
+    Within a bin the packer's placement order is kept (longest first, ties by input order): the sequences
+    are visited in placement order and sorted stably by their bin's new position. Memory: a few
+    per-sequence arrays, int32 but for argsort's answer, each freed before the next is made.
+    """
+    check_sequence_count(len(lengths))
+    order = placement_order(lengths)
+    if cfg.enabled:
+        bin_of = assign_bins(lengths, cfg.max_total_sequence_length, cfg.algorithm, order=order)
+    else:
+        bin_of = np.arange(len(lengths), dtype=np.int32)
+    shuffled_bin = bin_of[order]  # each sequence's bin, in placement order
+    del bin_of
+    num_bins = int(shuffled_bin.max()) + 1
+    new_position = np.random.default_rng(seed=cfg.seed).permutation(num_bins).astype(np.int32)
+    shuffled_bin = new_position[shuffled_bin]
+    del new_position
+    bin_sizes = np.bincount(shuffled_bin, minlength=num_bins)
+    by_bin = np.argsort(shuffled_bin, kind="stable")
+    del shuffled_bin
+    seq_order = order[by_bin]
+    return seq_order, bin_sizes
 
 
-def _stats(cfg: PackingConfig, counts: dict, lens: np.ndarray, index: dict) -> dict:
+def _length_stats(lengths: np.ndarray) -> dict:
+    """The sums the stats need from the per-sequence lengths (so that these can be freed before writing)."""
+    return {
+        "sequences": len(lengths),
+        "total_tokens": int(lengths.sum(dtype=np.int64)),
+        "mean": float(lengths.mean(dtype=np.float64)),
+        "max": int(lengths.max()),
+    }
+
+
+def _stats(cfg: PackingConfig, counts: dict, lengths: dict, index: dict) -> dict:
     max_len = cfg.max_total_sequence_length
     num_bins = index["num_bins"]
-    total = int(lens.sum(dtype=np.int64))
+    total = lengths["total_tokens"]
     lower_bound = math.ceil(total / max_len)
     return {
         "source": index["source"],
@@ -201,7 +230,7 @@ def _stats(cfg: PackingConfig, counts: dict, lens: np.ndarray, index: dict) -> d
         "algorithm": cfg.algorithm if cfg.enabled else None,
         "max_total_sequence_length": max_len,
         "rows_read": counts["rows"],
-        "sequences_kept": len(lens),
+        "sequences_kept": lengths["sequences"],
         "overlong": {
             "count": counts["overlong"],
             "action": cfg.overlong,
@@ -220,9 +249,9 @@ def _stats(cfg: PackingConfig, counts: dict, lens: np.ndarray, index: dict) -> d
         "fill_ratio": round(total / (num_bins * max_len), 6),
         "lower_bound_bins": lower_bound,
         "bins_over_lower_bound": round(num_bins / lower_bound, 6),
-        "mean_sequences_per_bin": round(len(lens) / num_bins, 4),
-        "mean_sequence_length": round(float(lens.mean()), 2),
-        "max_sequence_length": int(lens.max()),
+        "mean_sequences_per_bin": round(lengths["sequences"] / num_bins, 4),
+        "mean_sequence_length": round(lengths["mean"], 2),
+        "max_sequence_length": lengths["max"],
     }
 
 

@@ -33,8 +33,8 @@ def trainable_loss_tokens(loss_mask: np.ndarray, seq_offsets: np.ndarray) -> int
 class SequenceSource(Protocol):
     """Where write_shards reads sequences from: in-memory arrays or pack_jsonl's on-disk spool."""
 
-    def read(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens int32, loss_mask uint8) of the sequences at token offsets `starts`, back to back."""
+    def read(self, field: str, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """`field` ("tokens", int32, or "loss_mask", uint8) of the sequences at token offsets `starts`, back to back."""
         ...
 
 
@@ -45,10 +45,10 @@ class ArraySequences:
     tokens: np.ndarray
     loss_mask: np.ndarray
 
-    def read(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, field: str, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         from sftflow.packing.stream import gather_sequences
 
-        return gather_sequences(self.tokens, starts, lengths), gather_sequences(self.loss_mask, starts, lengths)
+        return gather_sequences(getattr(self, field), starts, lengths)
 
 
 def write_packed(
@@ -127,27 +127,27 @@ def _write_shard(
     cu: np.ndarray,
     bin_offsets: np.ndarray,
 ) -> int:
-    """Write one shard as safetensors, tokens streamed a block of sequences at a time; return its loss tokens.
+    """Write one shard as safetensors, streamed a block of sequences at a time; return its loss tokens.
 
-    The bytes are those of safetensors' save_file, without holding the shard's tokens in memory twice.
+    The bytes are those of safetensors' save_file, without holding the shard's tokens or loss mask in
+    memory: the file holds all the tokens before all the masks, so the sequences are read twice.
     """
     n = int(cu[-1])
     layout = [("bin_offsets", "I64", (len(bin_offsets),)), ("cu_seqlens", "I64", (len(cu),))]
     layout += [("tokens", "I32", (n,)), ("loss_mask", "U8", (n,))]
-    masks: list[np.ndarray] = []  # 1 byte per token, written after all the tokens
     loss_tokens = 0
     with StreamingSafetensorsWriter(path, layout, {"format": FORMAT}) as writer:
         writer.write("bin_offsets", np.ascontiguousarray(bin_offsets, dtype="<i8"))
         writer.write("cu_seqlens", np.ascontiguousarray(cu, dtype="<i8"))
-        for first in range(0, len(starts), WRITE_BLOCK_SEQUENCES):
-            block = slice(first, first + WRITE_BLOCK_SEQUENCES)
-            tokens, mask = source.read(starts[block], seq_lens[block])
-            writer.write("tokens", np.ascontiguousarray(tokens, dtype="<i4"))
-            block_cu = cu[first : first + WRITE_BLOCK_SEQUENCES + 1] - cu[first]
-            loss_tokens += trainable_loss_tokens(mask, block_cu)
-            masks.append(np.ascontiguousarray(mask, dtype=np.uint8))
-        for mask in masks:
-            writer.write("loss_mask", mask)
+        for field in ("tokens", "loss_mask"):
+            for first in range(0, len(starts), WRITE_BLOCK_SEQUENCES):
+                block = slice(first, first + WRITE_BLOCK_SEQUENCES)
+                values = source.read(field, starts[block], seq_lens[block])
+                if field == "loss_mask":
+                    loss_tokens += trainable_loss_tokens(
+                        values, cu[first : first + WRITE_BLOCK_SEQUENCES + 1] - cu[first]
+                    )
+                writer.write(field, np.ascontiguousarray(values, dtype="<i4" if field == "tokens" else np.uint8))
     return loss_tokens
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import mmap
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -15,7 +16,10 @@ import numpy as np
 
 from sftflow.errors import SftflowError
 from sftflow.io import check_input_file, parse_json_object
-from sftflow.packing.tokenize import tokenize_rows
+from sftflow.packing.tokenize import Segments, row_segments, tokenize_flat
+
+# Sequences gathered from the spool per mapping of a part file (see TokenSpool._gather).
+READ_SEQUENCES = 256
 
 # What pack_jsonl counts about the rows it reads (summed over chunks; see pipeline._stats).
 COUNTERS = (
@@ -57,68 +61,78 @@ def read_chunks(path: Path, chunk_rows: int, chunk_bytes: int) -> Iterator[list[
 
 @dataclass
 class ChunkResult:
-    """The kept sequences of one chunk, back to back, and the chunk's counters."""
+    """Where one chunk's kept sequences went in the spool (back to back), their lengths and the chunk's counters."""
 
-    tokens: np.ndarray  # int32
-    loss_mask: np.ndarray  # uint8
+    part: str  # the spool part of the process that tokenized the chunk
+    offset: int  # token offset of the chunk's first sequence in that part
     lengths: np.ndarray  # int32, one per kept sequence
     counts: dict[str, int]
 
 
 @dataclass
 class ChunkTokenizer:
-    """Everything a worker needs to turn a chunk of raw lines into a ChunkResult (inherited through fork)."""
+    """Everything a worker needs to turn a chunk of raw lines into spooled sequences (inherited through fork)."""
 
     source: str
     tokenizer: Any
     chat_template_kwargs: dict | None
     max_len: int
     overlong: str
+    spool: TokenSpool
 
-    def _rows(self, lines: list[tuple[int, bytes]]) -> Iterator[tuple[str, dict]]:
-        # A generator, so that rows are parsed as tokenize_rows reaches them: the first bad line in file
-        # order is the one reported, whether it is bad JSON or a bad row.
+    def _segments(self, lines: list[tuple[int, bytes]]) -> list[Segments]:
+        # Each line parsed and split in file order: the first bad line is the one reported, whether it
+        # is bad JSON or a bad row.
+        rows_segments = []
         for line_number, raw in lines:
             where = f"{self.source}:{line_number}"
             row, reason = parse_json_object(raw)
             if reason is not None:
                 raise SftflowError(f"{where}: {reason}")
-            yield where, row
+            rows_segments.append(row_segments(row, where, self.tokenizer, self.chat_template_kwargs))
+        return rows_segments
 
     def __call__(self, lines: list[tuple[int, bytes]]) -> ChunkResult:
-        counts = dict.fromkeys(COUNTERS, 0)
-        ids_parts: list[np.ndarray] = []
-        mask_parts: list[np.ndarray] = []
-        for _where, ids, mask in tokenize_rows(self.tokenizer, self._rows(lines), self.chat_template_kwargs):
-            counts["rows"] += 1
-            kept = self._keep(ids, mask, counts)
-            if kept is not None:
-                ids_parts.append(kept[0])
-                mask_parts.append(kept[1])
-        lengths = np.fromiter((len(ids) for ids in ids_parts), dtype=np.int32, count=len(ids_parts))
-        if not ids_parts:
-            return ChunkResult(np.zeros(0, np.int32), np.zeros(0, np.uint8), lengths, counts)
-        return ChunkResult(np.concatenate(ids_parts), np.concatenate(mask_parts), lengths, counts)
+        """Tokenize the chunk and append its kept sequences to this process's spool part; only lengths come back."""
+        ids, mask, lengths = tokenize_flat(self.tokenizer, self._segments(lines))
+        starts = np.cumsum(lengths) - lengths
+        counts, kept_lengths = self._keep(ids, mask, starts, lengths)
+        keep = kept_lengths > 0
+        if not keep.any():
+            return ChunkResult("", 0, np.zeros(0, np.int32), counts)
+        if not keep.all() or (kept_lengths < lengths).any():  # some rows dropped or truncated
+            index = _ranges(starts[keep], kept_lengths[keep])
+            ids, mask = ids[index], mask[index]
+        part, offset = self.spool.append(ids, mask)
+        return ChunkResult(part, offset, kept_lengths[keep].astype(np.int32), counts)
 
-    def _keep(self, ids: np.ndarray, mask: np.ndarray, counts: dict) -> tuple[np.ndarray, np.ndarray] | None:
-        """Truncate or drop an over-long sequence, drop one without predictable loss tokens; count both."""
-        truncated = False
-        if len(ids) > self.max_len:
-            counts["overlong"] += 1
-            if self.overlong == "drop":
-                counts["dropped_overlong"] += 1
-                counts["dropped_overlong_tokens"] += len(ids)
-                return None
-            counts["truncated_tokens"] += len(ids) - self.max_len
-            ids, mask = ids[: self.max_len], mask[: self.max_len]
-            truncated = True
+    def _keep(
+        self, ids: np.ndarray, mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+    ) -> tuple[dict[str, int], np.ndarray]:
+        """Counters and each row's kept length: over-long rows truncated to max_len or dropped (0), rows
+        without predictable loss tokens dropped (0)."""
+        counts = dict.fromkeys(COUNTERS, 0)
+        counts["rows"] = len(lengths)
+        overlong = lengths > self.max_len
+        counts["overlong"] = int(overlong.sum())
+        dropped = overlong if self.overlong == "drop" else np.zeros_like(overlong)
+        if self.overlong == "drop":
+            counts["dropped_overlong"] = counts["overlong"]
+            counts["dropped_overlong_tokens"] = int(lengths[overlong].sum())
+        else:
+            counts["truncated_tokens"] = int((lengths[overlong] - self.max_len).sum())
+        kept = np.where(dropped, 0, np.minimum(lengths, self.max_len))
         # A sequence whose only loss tokens are at position 0 (or none, after truncation) would
-        # contribute nothing but padding-like compute; never keep it silently.
-        if not mask[1:].any():
-            counts["dropped_no_loss"] += 1
-            counts["dropped_no_loss_truncated"] += int(truncated)
-            return None
-        return ids, mask
+        # contribute nothing but padding-like compute; never keep it silently. Loss tokens at
+        # positions 1..kept-1 of each row, from the running count of loss tokens:
+        running = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+        predictable = running[starts + kept] - running[starts + np.minimum(kept, 1)]
+        no_loss = ~dropped & (predictable == 0)
+        counts["dropped_no_loss"] = int(no_loss.sum())
+        if self.overlong != "drop":
+            counts["dropped_no_loss_truncated"] = int((no_loss & overlong).sum())
+        kept[no_loss] = 0
+        return counts, kept
 
 
 _WORKER_JOB: Callable | None = None  # set in the parent just before the pool forks
@@ -169,37 +183,112 @@ def _environ(**values: str) -> Iterator[None]:
 
 
 class TokenSpool:
-    """Token ids and loss masks of the kept sequences, appended to two flat files as chunks come back."""
+    """Token ids and loss masks of the kept sequences, on disk: each process appends to its own part.
+
+    A worker appends the chunks it tokenizes to its own pair of files (`append`), so no token passes
+    through the parent; the parent records, in input order, where each chunk went (`add_chunk`). Sequences
+    are then addressed by their offset in input order (0, len_0, len_0 + len_1, ...), whatever process
+    wrote them, which keeps the output independent of the number of workers.
+    """
+
+    FIELDS = {"tokens": np.int32, "loss_mask": np.uint8}
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir()
-        self.tokens_path = directory / "tokens.int32"
-        self.mask_path = directory / "loss_mask.uint8"
-        self._tokens = open(self.tokens_path, "wb")  # noqa: SIM115 (closed by close())
-        self._mask = open(self.mask_path, "wb")  # noqa: SIM115
+        self.directory = directory
+        self._files: dict[int, tuple[str, dict[str, int]]] = {}  # pid -> (part, field -> fd), this process's
+        self._chunks: list[tuple[int, str, int]] = []  # (first token in input order, part, offset in the part)
         self.num_tokens = 0
+        self._table: tuple[np.ndarray, np.ndarray, np.ndarray, list[str]] | None = None
 
-    def append(self, tokens: np.ndarray, loss_mask: np.ndarray) -> None:
-        self._tokens.write(memoryview(np.ascontiguousarray(tokens, dtype=np.int32)))
-        self._mask.write(memoryview(np.ascontiguousarray(loss_mask, dtype=np.uint8)))
-        self.num_tokens += len(tokens)
+    def path(self, part: str, field: str) -> Path:
+        return self.directory / f"{part}.{field}"
+
+    def append(self, tokens: np.ndarray, loss_mask: np.ndarray) -> tuple[str, int]:
+        """Append sequences to this process's part; return (part, token offset in it) for add_chunk."""
+        pid = os.getpid()
+        if pid not in self._files:  # first chunk of this process (a forked worker starts with none open)
+            part = f"part-{pid}"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+            self._files[pid] = (part, {field: os.open(self.path(part, field), flags) for field in self.FIELDS})
+        part, fds = self._files[pid]
+        offset = os.fstat(fds["tokens"]).st_size // 4
+        for field, data in (("tokens", tokens), ("loss_mask", loss_mask)):
+            _write_all(fds[field], np.ascontiguousarray(data, dtype=self.FIELDS[field]))
+        return part, offset
+
+    def add_chunk(self, part: str, offset: int, num_tokens: int) -> None:
+        """Record that the next `num_tokens` tokens in input order are at `offset` in `part` (call in input order)."""
+        if num_tokens:
+            self._chunks.append((self.num_tokens, part, offset))
+            self.num_tokens += num_tokens
+            self._table = None
 
     def close(self) -> None:
-        self._tokens.close()
-        self._mask.close()
+        """Close the files this process opened to append to (a worker's close when it exits)."""
+        for _part, fds in self._files.values():
+            for fd in fds.values():
+                os.close(fd)
+        self._files.clear()
 
-    def read(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The sequences at token offsets `starts` (of `lengths` tokens) back to back: (tokens, loss_mask).
+    def _chunk_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        if self._table is None:
+            parts = sorted({part for _, part, _ in self._chunks})
+            firsts = np.array([first for first, _, _ in self._chunks], dtype=np.int64)
+            part_ids = np.array([parts.index(part) for _, part, _ in self._chunks], dtype=np.int32)
+            offsets = np.array([offset for _, _, offset in self._chunks], dtype=np.int64)
+            self._table = (firsts, part_ids, offsets, parts)
+        return self._table
 
-        The files are mapped for this call only: the pages it touches leave the process's memory
-        with the mapping, so reading a shard at a time never holds more than a shard.
-        """
-        tokens = np.memmap(self.tokens_path, dtype=np.int32, mode="r", shape=(self.num_tokens,))
-        mask = np.memmap(self.mask_path, dtype=np.uint8, mode="r", shape=(self.num_tokens,))
-        try:
-            return gather_sequences(tokens, starts, lengths), gather_sequences(mask, starts, lengths)
-        finally:
-            del tokens, mask
+    def read(self, field: str, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """`field` of the sequences at input-order token offsets `starts` (of `lengths` tokens), back to back."""
+        firsts, part_ids, offsets, parts = self._chunk_table()
+        starts = np.asarray(starts, dtype=np.int64)
+        chunk = np.searchsorted(firsts, starts, side="right") - 1
+        local = offsets[chunk] + (starts - firsts[chunk])
+        seq_part = part_ids[chunk]
+        used = np.unique(seq_part).tolist()
+        if len(used) == 1:
+            return self._gather(parts[used[0]], field, local, lengths)
+        out = np.empty(int(lengths.sum(dtype=np.int64)), dtype=self.FIELDS[field])
+        out_starts = np.cumsum(lengths, dtype=np.int64) - lengths
+        for k in used:
+            mine = np.flatnonzero(seq_part == k)
+            out[_ranges(out_starts[mine], lengths[mine])] = self._gather(parts[k], field, local[mine], lengths[mine])
+        return out
+
+    def _gather(self, part: str, field: str, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        # Every page a read touches counts in this process's RSS while the file is mapped, and the kernel
+        # maps up to 16 cached neighbours with it (fault-around): ~64 KiB per sequence, as the sequences of
+        # a shard are scattered over the spool. Mapping for READ_SEQUENCES sequences at a time bounds that
+        # to a few MiB, whatever the size of the spool.
+        out = np.empty(int(lengths.sum(dtype=np.int64)), dtype=self.FIELDS[field])
+        pos = 0
+        with open(self.path(part, field), "rb") as f:
+            for first in range(0, len(starts), READ_SEQUENCES):
+                block = slice(first, first + READ_SEQUENCES)
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                    data = np.frombuffer(mapped, dtype=out.dtype)
+                    values = gather_sequences(data, starts[block], lengths[block])
+                    del data  # the mapping closes only once no array views it
+                out[pos : pos + len(values)] = values
+                pos += len(values)
+        return out
+
+
+def _write_all(fd: int, data: np.ndarray) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        view = view[os.write(fd, view) :]
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """starts[j] + 0 .. starts[j] + lengths[j] - 1 for every j, concatenated (int64)."""
+    n = np.asarray(lengths, dtype=np.int64)
+    ends = np.cumsum(n)
+    total = int(ends[-1]) if len(ends) else 0
+    # Position p of the result belongs to range j: it is p + (starts[j] - where range j begins in the result).
+    return np.arange(total, dtype=np.int64) + np.repeat(np.asarray(starts, dtype=np.int64) - (ends - n), n)
 
 
 def gather_sequences(source: np.ndarray, starts: np.ndarray, lengths: np.ndarray, block: int = 8192) -> np.ndarray:
@@ -207,11 +296,7 @@ def gather_sequences(source: np.ndarray, starts: np.ndarray, lengths: np.ndarray
     out = np.empty(int(lengths.sum(dtype=np.int64)), dtype=source.dtype)
     pos = 0
     for first in range(0, len(starts), block):
-        s = np.asarray(starts[first : first + block], dtype=np.int64)
-        n = np.asarray(lengths[first : first + block], dtype=np.int64)
-        ends = np.cumsum(n)
-        total = int(ends[-1]) if len(ends) else 0
-        # Position p of the block's output comes from source[p + (start_j - offset_j)] for its sequence j.
-        out[pos : pos + total] = source[np.arange(total, dtype=np.int64) + np.repeat(s - (ends - n), n)]
-        pos += total
+        index = _ranges(starts[first : first + block], lengths[first : first + block])
+        out[pos : pos + len(index)] = source[index]
+        pos += len(index)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -122,22 +123,29 @@ def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
 
 
-def tokenize_segments(tokenizer: Any, rows_segments: list[Segments]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Tokenize a batch of rows' segments in one tokenizer call; yield (ids int32, loss_mask uint8) per row."""
+def tokenize_flat(tokenizer: Any, rows_segments: list[Segments]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokenize a batch of rows' segments in one tokenizer call: (ids int32, loss_mask uint8, row_lengths int64).
+
+    The rows' ids are back to back in one array (row j at row_lengths[:j].sum()), built with a few
+    array operations for the whole batch rather than a few per row.
+    """
     texts = [text for segs in rows_segments for text, _ in segs]
     encoded = encode_texts(tokenizer, texts) if texts else []
-    k = 0
-    for segs in rows_segments:
-        ids_parts, mask_parts = [], []
-        for _, loss in segs:
-            ids = encoded[k]
-            k += 1
-            ids_parts.append(np.asarray(ids, dtype=np.int32))
-            mask_parts.append(np.full(len(ids), 1 if loss else 0, dtype=np.uint8))
-        if ids_parts:
-            yield np.concatenate(ids_parts), np.concatenate(mask_parts)
-        else:
-            yield np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.uint8)
+    segment_lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    num_tokens = int(segment_lengths.sum())
+    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=num_tokens)
+    is_loss = np.fromiter((loss for segs in rows_segments for _, loss in segs), dtype=np.uint8, count=len(texts))
+    segment_row = np.repeat(np.arange(len(rows_segments)), [len(segs) for segs in rows_segments])
+    row_lengths = np.bincount(segment_row, weights=segment_lengths, minlength=len(rows_segments))
+    return ids, np.repeat(is_loss, segment_lengths), row_lengths.astype(np.int64)
+
+
+def tokenize_segments(tokenizer: Any, rows_segments: list[Segments]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Tokenize a batch of rows' segments in one tokenizer call; yield (ids int32, loss_mask uint8) per row."""
+    ids, mask, row_lengths = tokenize_flat(tokenizer, rows_segments)
+    ends = np.cumsum(row_lengths)
+    for start, end in zip((ends - row_lengths).tolist(), ends.tolist(), strict=True):
+        yield ids[start:end], mask[start:end]
 
 
 def tokenize_rows(
