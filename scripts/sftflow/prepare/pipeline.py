@@ -139,6 +139,8 @@ class Preparer:
             assistant_end=cfg["assistant_end"],
         )
         self._build_filters()
+        # What process_chunk runs: the filters, with consecutive pure text filters joined into one memoised step.
+        self.steps = F.chain_text_filters(self.filters)
         self._emitted: set[bytes] = set()  # digests of the rows this process has formatted and sent
 
     # ----------------------------------------------------------------- set-up
@@ -257,8 +259,8 @@ class Preparer:
                 continue
             result["selection"][f"{label}_kept"] += 1
             row["__where"] = where
-            for stage in self.filters:
-                row = stage(row)
+            for step in self.steps:
+                row = step(row)
                 if row is None:
                     break
             else:
@@ -282,6 +284,9 @@ class Preparer:
             # json.dumps' text, as NeMo-Skills writes its rows: the same settings give a byte-identical file
             record = dumps_like_json(self.to_record(row)).encode("ascii") + b"\n"
             result["rows"].append((digest, problem, record, has_code))
+        for step in self.steps:
+            if isinstance(step, F.TextChain):
+                step.settle()
         result["filters"] = [stage.take_counts() for stage in self.filters]
         result["length"] = []
         for st in self.length_stages:  # counts since the last chunk, then reset (as RowFilter.take_counts)
