@@ -5,6 +5,7 @@ The filters mirror NeMo-Skills' math_sft.yaml semantics; each is switched on in 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -96,21 +97,28 @@ class TextMemo:
 
 
 class TextFilter:
-    """A row filter that is a pure function of row[key]: `text_fn(text)` gives (the new text, or None to drop the
-    row; the name of a note to count in `notes` for it, or None). Memoised per text.
+    """A row filter that is a pure function of row[key]: `fn(text)` is the new text, or None to drop the row.
+    `note`, if given, is (name, predicate): rows whose text satisfies the predicate are counted in `notes[name]`.
 
     Being pure is what lets the pipeline run consecutive text filters as one TextChain."""
 
-    def __init__(self, key: str, text_fn: Callable[[str], tuple[str | None, str | None]], notes: dict | None = None):
+    def __init__(
+        self,
+        key: str,
+        fn: Callable[[str], str | None],
+        note: tuple[str, Callable[[str], bool]] | None = None,
+        notes: dict | None = None,
+    ):
         self.key = key
-        self.text_fn = text_fn
+        self.fn = fn
+        self.note = note
         self.notes = notes
-        self.memo = TextMemo(text_fn)
+        self.memo = TextMemo(lambda text: (fn(text), note is not None and note[1](text)))
 
     def __call__(self, row: dict) -> dict | None:
-        text, note = self.memo(row[self.key])
-        if note is not None:
-            self.notes[note] = self.notes.get(note, 0) + 1
+        text, noted = self.memo(row[self.key])
+        if noted:
+            self.notes[self.note[0]] = self.notes.get(self.note[0], 0) + 1
         if text is None:
             return None
         row[self.key] = text
@@ -119,7 +127,7 @@ class TextFilter:
 
 def text_filter(key: str, fn: Callable[[str], str | None]) -> TextFilter:
     """A row filter from a pure function of row[key] (the new text, or None to drop), memoised per text."""
-    return TextFilter(key, lambda text: (fn(text), None))
+    return TextFilter(key, fn)
 
 
 class TextChain:
@@ -132,6 +140,7 @@ class TextChain:
         self.stages = stages
         self.key = stages[0].key
         self.memo = TextMemo(self._run)
+        self._functions = [(stage.fn.fn, stage.fn.note) for stage in stages]
         self.outcomes: list[tuple] = []  # (index of the stage that dropped the text or None, modified, notes)
         self._outcome_ids: dict[tuple, int] = {}
         self.tally: list[int] = []
@@ -139,10 +148,10 @@ class TextChain:
     def _run(self, text: str) -> tuple[str | None, int]:
         modified, notes = [], []
         dropped_at = None
-        for i, stage in enumerate(self.stages):
-            new, note = stage.fn.text_fn(text)
-            if note is not None:
-                notes.append((i, note))
+        for i, (fn, note) in enumerate(self._functions):
+            new = fn(text)
+            if note is not None and note[1](text):
+                notes.append((i, note[0]))
             if new is None:
                 dropped_at = i
                 break
@@ -202,8 +211,11 @@ def drop_multi_boxed(key: str) -> TextFilter:
 
 def drop_if_contains(key: str, markers: Iterable[str]) -> TextFilter:
     markers = tuple(markers)  # `in` per marker: str.find's fast search beats one regex alternation
+    shared = os.path.commonprefix(markers)  # a text without it holds none of them ("Let's " before each)
 
     def fn(text: str) -> str | None:
+        if shared and shared not in text:
+            return text
         for marker in markers:
             if marker in text:
                 return None
@@ -249,10 +261,7 @@ def trim_after_last_boxed(text: str) -> str:
 
 
 def trim_solutions(key: str, counter: dict) -> TextFilter:
-    def trim(text: str) -> tuple[str, str | None]:
-        return trim_after_last_boxed(text), None if find_boxed(text) else "kept_without_boxed"
-
-    return TextFilter(key, trim, counter)
+    return TextFilter(key, trim_after_last_boxed, ("kept_without_boxed", lambda text: not find_boxed(text)), counter)
 
 
 @lru_cache(maxsize=8)  # drop_incorrect_arithmetic and split_arithmetic look at the same text in turn
