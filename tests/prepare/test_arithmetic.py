@@ -82,3 +82,81 @@ def test_integer_fast_path_uses_the_exact_tolerance():
     assert A.equation_is_correct("1000 + 1 = 1002", 1e-4) is False
     assert A.equation_is_correct("7 - 9 = -2", 0.0) is True  # a negative stated value: the general path
     assert A.equation_is_correct("9 - 7 = 2", 0.0) is True
+
+
+# Neighbours that do and do not let an equation's sides continue, around chains of the "a op b = c" form.
+LEFT = [
+    "",
+    "\n",
+    "$",
+    "\\[",
+    "\\(",
+    "There are ",
+    "x",
+    "x ",
+    "AB^2 = ",
+    "3 times ",
+    "so, ",
+    "1,",
+    "...",
+    "\\cdots ",
+    "\\quad ",
+    "- ",
+    "-",
+    "(",
+    "* ",
+    "e.g. ",
+    "\\, ",
+    "é ",
+    "ab\\\\ ",
+    "\t",
+]
+RIGHT = [
+    "",
+    "\n",
+    "$",
+    " pencils.",
+    "x",
+    " x",
+    "^2",
+    "!",
+    " !",
+    ",000",
+    ", so",
+    ".5",
+    ". ",
+    "...",
+    "\\]",
+    "\\%",
+    "\\quad",
+    " cm",
+    "?",
+    ":4",
+    " )",
+    "\\\\",
+    " times 2",
+]
+SIMPLE_CHAINS = ["10 * 3 = 30", " 2+2=4 ", "1.5 / 3 = 0.5", "10 -3 = 7", "7 / 0 = 1", "12 - 5 = 8", "4*2 =  8"]
+
+
+def test_simple_chain_fast_path_finds_what_the_general_reading_finds():
+    taken = 0
+    for left in LEFT:
+        for chain in SIMPLE_CHAINS:
+            for right in RIGHT:
+                text = left + chain + right
+                for start, end in A._chains(text):
+                    simple = A._simple_chain_equations(text, start, end)
+                    if simple is not None:
+                        taken += 1
+                        assert simple == A._chain_equations(text, start, end), repr(text)
+    assert taken > len(LEFT) * len(SIMPLE_CHAINS) * len(RIGHT) // 2  # most chains take the fast path
+    text = "x = 1 + 2 = 3"
+    [(start, end)] = A._chains(text)
+    assert A._simple_chain_equations(text, start, end) is None  # other chains take the general reading
+
+
+def test_split_equation_of_one_operation_is_none_as_the_general_reading():
+    for equation in ("10 * 3 = 30", "2+2=4", " 7 / 2 = 3.5 ", "10 -3 = 7"):
+        assert A._SIMPLE.fullmatch(equation)  # the fast path's case
+        assert A.split_equation(equation) is None and A._expand(equation) is None

@@ -166,3 +166,85 @@ def test_code_text_picks_on_flags_match_code_text_choice(mode):
         samples = [{K: "<tool_call>x" if f else "text"} for f in flags]
         chosen = F.code_text_choice(samples, K, "<tool_call>", mode)
         assert [samples[i] for i in F.code_text_picks(flags, mode)] == chosen
+
+
+ALL_TEXT_FILTERS = [
+    f"++filters.{name}=true"
+    for name in (
+        "drop_multi_boxed",
+        "remove_code_errors",
+        "remove_matplotlib",
+        "remove_verification_code",
+        "majority_filter",
+        "trim_prefix",
+        "trim_solutions",
+        "drop_incorrect_arithmetic",
+        "split_arithmetic",
+    )
+]
+# Rows for every outcome of the chained stages: dropped at each stage (before and after the majority filter
+# between the two chains), modified by several stages, counted without a boxed answer, repeated (memo hits),
+# and texts that become another row's text after trim_prefix.
+TRICKY_TEXTS = [
+    "My solution:\nx = 1 + 2 + 3 = 6 so \\boxed{6}\ntail",
+    "x = 1 + 2 + 3 = 6 so \\boxed{6}",
+    "Two answers \\boxed{1} and \\boxed{2}",
+    "Traceback (most recent call last): \\boxed{3}",
+    "import matplotlib\n\\boxed{1}",
+    "Let's verify this with Python. \\boxed{1}",
+    "My solution:\n2 * 3 = 7, so \\boxed{7}",
+    "no boxed answer, 2 + 2 = 4",
+    "My solution:\nno boxed answer at all",
+    "",
+    "My solution:\n",
+    "AB^2 = 36 + 25 + 30 = 91\n\\boxed{91}\n\nQuestion: more?",
+    "$(2 + 3) * 4 - 1 = 19$ and \\boxed{19}",
+]
+
+
+def test_chained_text_filters_give_the_same_rows_and_counters_as_the_stages_one_by_one():
+    from sftflow import config as C
+    from sftflow.prepare.cli import cli_schema
+    from sftflow.prepare.pipeline import Preparer
+
+    args = ["++input_files=x", "++output_path=y", "++majority_filter.min_majority_votes=2", *ALL_TEXT_FILTERS]
+    cfg = C.validate(C.parse_overrides(args), cli_schema())
+    one_by_one, chained = Preparer(cfg), Preparer(cfg)
+    assert [type(step).__name__ for step in chained.steps] == ["TextChain", "RowFilter", "TextChain"]
+    rows = [
+        {K: text, "problem": "p", "majority_votes": votes, "total_votes": 4}
+        for votes in (3, 1)
+        for text in TRICKY_TEXTS * 2
+    ] + [{K: text, "problem": "p"} for text in TRICKY_TEXTS]
+
+    def run_all(steps):
+        out = []
+        for row in rows:
+            row = dict(row)
+            for step in steps:
+                row = step(row)
+                if row is None:
+                    break
+            out.append(row)
+        return out
+
+    assert run_all(chained.steps) == run_all(one_by_one.filters)
+    for step in chained.steps:
+        if isinstance(step, F.TextChain):
+            step.settle()
+    stats = [stage.stats() for stage in chained.filters]
+    assert stats == [stage.stats() for stage in one_by_one.filters]
+    never_drop = ("trim_prefix", "trim_solutions", "split_arithmetic")
+    assert all(s["rows_in"] for s in stats) and all(s["dropped"] for s in stats if s["stage"] not in never_drop)
+    assert {s["stage"] for s in stats if s["modified"]} == {"trim_prefix", "trim_solutions", "split_arithmetic"}
+    assert stats[6]["kept_without_boxed"] > 0
+
+
+def test_text_chain_settle_counts_each_row_once():
+    stage = F.RowFilter("trim_prefix", F.trim_prefix(K, "a"), K)
+    chain = F.TextChain([stage])
+    for text in ("ab", "ab", "b"):
+        chain({K: text})
+    chain.settle()
+    chain.settle()  # a second settle adds nothing: the tallies were moved into the counters
+    assert (stage.rows_in, stage.dropped, stage.modified) == (3, 0, 2)

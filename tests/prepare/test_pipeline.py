@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from enum import IntEnum
 from pathlib import Path
 
 import pytest
@@ -381,7 +382,15 @@ def test_worker_processes_give_the_same_output_and_stats(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize(
     "record",
-    [{}, {"input": "a", "output": 'é\u2028\n"\\ 😀'}, {"expected_answer": "3", "id": 7, "x": None}],
+    [
+        {},
+        {"input": "a", "output": 'é\u2028\n"\\ 😀'},
+        {"expected_answer": "3", "id": 7, "x": None},
+        {"symbolic_correct": True, "is_correct": False, "votes": -3, "big": 10**30, "zero": 0},
+        {"p": 0.1, "q": -0.0, "r": 1e300, "s": float("nan"), "t": float("inf"), "u": float("-inf"), "v": 3.0},
+        {"nested": [1, "a", None], "d": {"k": True}},  # not flat: json.dumps itself
+        {"flag": IntEnum("Flag", "ON")(1), "label": "x"},  # a subclass of int: json.dumps itself
+    ],
 )
 def test_records_are_written_as_json_dumps_writes_them(record):
     from sftflow.prepare.pipeline import dumps_like_json

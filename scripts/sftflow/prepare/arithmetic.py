@@ -212,6 +212,12 @@ def _operations(tokens: list) -> int:
 @lru_cache(maxsize=1 << 16)
 def split_equation(equation: str) -> str | None:
     """'1 + 2 + 3 = 6' -> '1 + 2 + 3 = 3 + 3 = 6'; None if it is not a correct two-sided equation to expand."""
+    if _SIMPLE.fullmatch(equation):
+        return None  # "a op b = c": one operation, nothing to expand (what _expand finds, without parsing)
+    return _expand(equation)
+
+
+def _expand(equation: str) -> str | None:
     sides = equation.split("=")
     if len(sides) != 2 or not _is_plain_number(sides[1]):
         return None
@@ -400,15 +406,39 @@ def _chain_equations(text: str, start: int, end: int) -> list[Equation]:
     return found
 
 
-def find_equations(text: str) -> list[Equation]:
-    """The plain arithmetic equations in `text`, in order (see above for what counts)."""
-    found: list[Equation] = []
+# The commonest chain, "a op b = c" of unsigned numbers ("There are 10 * 3 = 30 pencils"), has one answer:
+# both sides are complete expressions and the second holds no operation, so it is one equation when the first
+# side does not continue to the left and the last not to the right, else none (what _chain_equations finds).
+_SIMPLE_CHAIN = re.compile(rf" *({_NUM} *[-+*/] *{_NUM}) *= *({_NUM}) *")
+
+
+def _simple_chain_equations(text: str, start: int, end: int) -> list[Equation] | None:
+    """_chain_equations(text, start, end) for a chain "a op b = c", without splitting it; None for other chains."""
+    simple = _SIMPLE_CHAIN.fullmatch(text, start, end)
+    if simple is None:
+        return None
+    first, last = simple.start(1), simple.end(2)
+    if _clear_before(text, first, False) and _clear_after(text, last):
+        return [Equation(first, last, True)]
+    return []
+
+
+def _chains(text: str):
+    """(start, end) of each chain: the maximal run of chain characters around an '=' that holds an operator."""
     pos = text.find("=")
     reversed_text = text[::-1] if pos >= 0 else ""
     while pos >= 0:  # each chain around an '=', found from there: scanning all of the text costs more
         start = len(text) - _CHAIN_RUN_REVERSED.match(reversed_text, len(text) - pos).end()
         end = _CHAIN_RUN.match(text, pos + 1).end()
         if _OPERATOR.search(text, start, end):
-            found += _chain_equations(text, start, end)
+            yield start, end
         pos = text.find("=", end)
+
+
+def find_equations(text: str) -> list[Equation]:
+    """The plain arithmetic equations in `text`, in order (see above for what counts)."""
+    found: list[Equation] = []
+    for start, end in _chains(text):
+        simple = _simple_chain_equations(text, start, end)
+        found += _chain_equations(text, start, end) if simple is None else simple
     return found

@@ -5,6 +5,7 @@ The filters mirror NeMo-Skills' math_sft.yaml semantics; each is switched on in 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -95,40 +96,137 @@ class TextMemo:
         return result
 
 
-def text_filter(key: str, fn: Callable[[str], str | None]) -> Callable[[dict], dict | None]:
-    """A row filter from a pure function of row[key] (the new text, or None to drop), memoised per text."""
-    memo = TextMemo(fn)
+class TextFilter:
+    """A row filter that is a pure function of row[key]: `fn(text)` is the new text, or None to drop the row.
+    `note`, if given, is (name, predicate): rows whose text satisfies the predicate are counted in `notes[name]`.
 
-    def row_fn(row: dict) -> dict | None:
-        text = memo(row[key])
+    Being pure is what lets the pipeline run consecutive text filters as one TextChain."""
+
+    def __init__(
+        self,
+        key: str,
+        fn: Callable[[str], str | None],
+        note: tuple[str, Callable[[str], bool]] | None = None,
+        notes: dict | None = None,
+    ):
+        self.key = key
+        self.fn = fn
+        self.note = note
+        self.notes = notes
+        self.memo = TextMemo(lambda text: (fn(text), note is not None and note[1](text)))
+
+    def __call__(self, row: dict) -> dict | None:
+        text, noted = self.memo(row[self.key])
+        if noted:
+            self.notes[self.note[0]] = self.notes.get(self.note[0], 0) + 1
         if text is None:
             return None
-        row[key] = text
+        row[self.key] = text
         return row
 
-    return row_fn
+
+def text_filter(key: str, fn: Callable[[str], str | None]) -> TextFilter:
+    """A row filter from a pure function of row[key] (the new text, or None to drop), memoised per text."""
+    return TextFilter(key, fn)
 
 
-def drop_multi_boxed(key: str) -> Callable[[dict], dict | None]:
+class TextChain:
+    """Consecutive RowFilters whose functions are TextFilters of one field, run as one memoised function of the
+    text: a row costs one lookup instead of one call per stage. Each distinct outcome (where the text was
+    dropped, which stages changed it, which notes it counted) gets a number; rows are tallied per outcome, and
+    `settle` turns the tallies into every stage's counters exactly as if the stages had run one by one."""
+
+    def __init__(self, stages: list[RowFilter]):
+        self.stages = stages
+        self.key = stages[0].key
+        self.memo = TextMemo(self._run)
+        self._functions = [(stage.fn.fn, stage.fn.note) for stage in stages]
+        self.outcomes: list[tuple] = []  # (index of the stage that dropped the text or None, modified, notes)
+        self._outcome_ids: dict[tuple, int] = {}
+        self.tally: list[int] = []
+
+    def _run(self, text: str) -> tuple[str | None, int]:
+        modified, notes = [], []
+        dropped_at = None
+        for i, (fn, note) in enumerate(self._functions):
+            new = fn(text)
+            if note is not None and note[1](text):
+                notes.append((i, note[0]))
+            if new is None:
+                dropped_at = i
+                break
+            if new != text:
+                modified.append(i)
+            text = new
+        outcome = (dropped_at, tuple(modified), tuple(notes))
+        if outcome not in self._outcome_ids:
+            self._outcome_ids[outcome] = len(self.outcomes)
+            self.outcomes.append(outcome)
+            self.tally.append(0)
+        return (None if dropped_at is not None else text), self._outcome_ids[outcome]
+
+    def __call__(self, row: dict) -> dict | None:
+        text, outcome = self.memo(row[self.key])
+        self.tally[outcome] += 1
+        if text is None:
+            return None
+        row[self.key] = text
+        return row
+
+    def settle(self) -> None:
+        """Add the rows tallied since the last call to the stages' counters."""
+        for outcome, rows in enumerate(self.tally):
+            if not rows:
+                continue
+            dropped_at, modified, notes = self.outcomes[outcome]
+            reached = self.stages if dropped_at is None else self.stages[: dropped_at + 1]
+            for stage in reached:
+                stage.rows_in += rows
+            if dropped_at is not None:
+                self.stages[dropped_at].dropped += rows
+            for i in modified:
+                self.stages[i].modified += rows
+            for i, note in notes:
+                self.stages[i].notes[note] = self.stages[i].notes.get(note, 0) + rows
+            self.tally[outcome] = 0
+
+
+def chain_text_filters(filters: list[RowFilter]) -> list:
+    """The steps that run `filters` in order: each run of consecutive TextFilters of one field becomes a
+    TextChain, every other filter stays as it is."""
+    runs: list = []  # a RowFilter, or a list of consecutive TextFilter stages of one field
+    for stage in filters:
+        if not isinstance(stage.fn, TextFilter):
+            runs.append(stage)
+        elif runs and isinstance(runs[-1], list) and runs[-1][0].key == stage.key:
+            runs[-1].append(stage)
+        else:
+            runs.append([stage])
+    return [TextChain(run) if isinstance(run, list) else run for run in runs]
+
+
+def drop_multi_boxed(key: str) -> TextFilter:
     return text_filter(key, lambda text: None if len(find_boxed(text)) > 1 else text)
 
 
-def drop_if_contains(key: str, markers: Iterable[str]) -> Callable[[dict], dict | None]:
+def drop_if_contains(key: str, markers: Iterable[str]) -> TextFilter:
     markers = tuple(markers)  # `in` per marker: str.find's fast search beats one regex alternation
+    shared = os.path.commonprefix(markers)  # a text without it holds none of them ("Let's " before each)
 
-    def fn(row: dict) -> dict | None:
-        text = row[key]
+    def fn(text: str) -> str | None:
+        if shared and shared not in text:
+            return text
         for marker in markers:
             if marker in text:
                 return None
-        return row
+        return text
 
-    return fn
+    return text_filter(key, fn)
 
 
-def drop_unless_contains_all(key: str, markers: Iterable[str]) -> Callable[[dict], dict | None]:
+def drop_unless_contains_all(key: str, markers: Iterable[str]) -> TextFilter:
     markers = tuple(markers)
-    return lambda row: row if all(m in row[key] for m in markers) else None
+    return text_filter(key, lambda text: text if all(m in text for m in markers) else None)
 
 
 def remove_contaminated(key: str, contaminated: set[str]) -> Callable[[dict], dict | None]:
@@ -149,13 +247,8 @@ def majority_filter(min_votes: int, min_fraction: float, counter: dict) -> Calla
     return fn
 
 
-def trim_prefix(key: str, prefix: str) -> Callable[[dict], dict | None]:
-    def fn(row: dict) -> dict:
-        if prefix and row[key].startswith(prefix):
-            row[key] = row[key][len(prefix) :]
-        return row
-
-    return fn
+def trim_prefix(key: str, prefix: str) -> TextFilter:
+    return text_filter(key, lambda text: text[len(prefix) :] if prefix and text.startswith(prefix) else text)
 
 
 def trim_after_last_boxed(text: str) -> str:
@@ -167,19 +260,8 @@ def trim_after_last_boxed(text: str) -> str:
     return text if newline < 0 else text[:newline]
 
 
-def trim_solutions(key: str, counter: dict) -> Callable[[dict], dict | None]:
-    def trim(text: str) -> tuple[str, bool]:
-        return trim_after_last_boxed(text), not find_boxed(text)
-
-    memo = TextMemo(trim)
-
-    def fn(row: dict) -> dict:
-        row[key], without_boxed = memo(row[key])
-        if without_boxed:
-            counter["kept_without_boxed"] = counter.get("kept_without_boxed", 0) + 1
-        return row
-
-    return fn
+def trim_solutions(key: str, counter: dict) -> TextFilter:
+    return TextFilter(key, trim_after_last_boxed, ("kept_without_boxed", lambda text: not find_boxed(text)), counter)
 
 
 @lru_cache(maxsize=8)  # drop_incorrect_arithmetic and split_arithmetic look at the same text in turn
@@ -188,7 +270,7 @@ def _equations(text: str) -> list[arithmetic.Equation]:
     return arithmetic.find_equations(text)
 
 
-def drop_incorrect_arithmetic(key: str, rel_tol: float) -> Callable[[dict], dict | None]:
+def drop_incorrect_arithmetic(key: str, rel_tol: float) -> TextFilter:
     """Drop a row with a wrong equation; equations not parsed exactly (see arithmetic.py) are never held against it."""
 
     def check(text: str) -> str | None:
@@ -200,7 +282,7 @@ def drop_incorrect_arithmetic(key: str, rel_tol: float) -> Callable[[dict], dict
     return text_filter(key, check)
 
 
-def split_arithmetic(key: str) -> Callable[[dict], dict | None]:
+def split_arithmetic(key: str) -> TextFilter:
     """Replace each correct equation by its step-by-step expansion; all other text stays byte for byte.
 
     Only an equation written alone ("x = 1 + 2 + 3 = 6") is expanded: a chain the author already wrote in steps

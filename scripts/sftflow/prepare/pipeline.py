@@ -20,6 +20,9 @@ from collections import defaultdict
 from json.encoder import encode_basestring_ascii as quote_json
 from pathlib import Path
 
+from orjson import JSONDecodeError
+from orjson import loads as loads_json
+
 from sftflow.errors import SftflowError
 from sftflow.io import atomic_path, check_input_file, iter_jsonl, parse_json_object, write_json
 from sftflow.mathtext import normalize_problem
@@ -44,14 +47,34 @@ MAX_EXAMPLES = 20
 _JUDGEMENT = re.compile(r"judge?ment\s*:\s*\**\s*(yes|no)\b", re.IGNORECASE)
 
 
+def _float_like_json(value: float) -> str:
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "Infinity" if value > 0 else "-Infinity"
+    return float.__repr__(value)
+
+
+# How json.dumps writes each scalar type (exact types: a subclass, e.g. an IntEnum, goes through json.dumps).
+_SCALAR_JSON = {
+    str: quote_json,
+    bool: lambda value: "true" if value else "false",
+    int: int.__repr__,
+    float: _float_like_json,
+    type(None): lambda value: "null",
+}
+
+
 def dumps_like_json(record: dict) -> str:
-    """json.dumps(record), with its default separators and ASCII escapes: a flat object of strings is joined
-    here from the same C string encoder json.dumps uses (json.dumps' set-up costs more than the encoding)."""
+    """json.dumps(record), with its default separators and ASCII escapes: a flat object of strings, numbers,
+    booleans and nulls is joined here from the same C string encoder json.dumps uses (json.dumps' set-up costs
+    more than the encoding); anything else goes through json.dumps itself."""
     parts = []
     for key, value in record.items():
-        if type(key) is not str or type(value) is not str:
+        encode = _SCALAR_JSON.get(type(value))
+        if type(key) is not str or encode is None:
             return json.dumps(record)
-        parts.append(f"{quote_json(key)}: {quote_json(value)}")
+        parts.append(f"{quote_json(key)}: {encode(value)}")
     return "{" + ", ".join(parts) + "}"
 
 
@@ -139,6 +162,8 @@ class Preparer:
             assistant_end=cfg["assistant_end"],
         )
         self._build_filters()
+        # What process_chunk runs: the filters, with consecutive pure text filters joined into one memoised step.
+        self.steps = F.chain_text_filters(self.filters)
         self._emitted: set[bytes] = set()  # digests of the rows this process has formatted and sent
 
     # ----------------------------------------------------------------- set-up
@@ -223,7 +248,7 @@ class Preparer:
             batch = []
             with open(path, "rb") as f:
                 for line_number, raw in enumerate(f, start=1):
-                    if not raw.strip():
+                    if raw.isspace():  # a blank line (file lines are never empty); no stripped copy is made
                         continue
                     info["rows"] += 1
                     if info["rows"] <= self.cfg["skip_first"]:
@@ -240,54 +265,87 @@ class Preparer:
     def process_chunk(self, path: str, batch: list[tuple[int, bytes]]) -> dict:
         """Parse, validate, select, filter and format one batch of lines; return the kept rows as
         (digest, problem, record bytes, has code) and the counters."""
-        cfg = self.cfg
-        wanted = {"correct": cfg["add_correct"], "incorrect": cfg["add_incorrect"], "unlabeled": cfg["add_unlabeled"]}
         result = {"selection": dict.fromkeys(SELECTION_KEYS, 0), "invalid": [], "rows": []}
-        kept = []
-        for line_number, raw in batch:
-            where = f"{path}:{line_number}"
-            row = self._parse(raw, where, result)
-            if row is None or not self._valid_fields(row, where, result):
-                continue
-            label = self._label(row, where, result)
-            if label is None:
-                continue
-            result["selection"][f"{label}_seen"] += 1
-            if not wanted[label]:
-                continue
-            result["selection"][f"{label}_kept"] += 1
-            row["__where"] = where
-            for stage in self.filters:
-                row = stage(row)
-                if row is None:
-                    break
-            else:
-                kept.append(row)
-        for row in self._length_filter(kept):
-            digest = hashlib.blake2b(
-                row[self.input_key].encode() + b"\x00" + row[self.output_key].encode(), digest_size=16
-            ).digest()
-            if digest in self._emitted:
-                # This worker already sent this (problem, solution) in an earlier row, which the main process
-                # keeps first: this one is a sure duplicate, so it is not formatted at all.
-                result["rows"].append((digest, None, None, None))
-                row.pop("__where")
-                continue
-            if self.cfg["deduplicate"]:
-                if len(self._emitted) >= EMITTED_MAX:  # bounded memory: forgetting only costs formatting work
-                    self._emitted.clear()
-                self._emitted.add(digest)
-            has_code = self.cfg["code_begin"] in row[self.output_key]  # for code_text_filter
-            problem = row[self.input_key]
-            # json.dumps' text, as NeMo-Skills writes its rows: the same settings give a byte-identical file
-            record = dumps_like_json(self.to_record(row)).encode("ascii") + b"\n"
-            result["rows"].append((digest, problem, record, has_code))
+        self._emit(self._length_filter(self._select_and_filter(path, batch, result)), result["rows"])
+        for step in self.steps:
+            if isinstance(step, F.TextChain):
+                step.settle()
         result["filters"] = [stage.take_counts() for stage in self.filters]
         result["length"] = []
         for st in self.length_stages:  # counts since the last chunk, then reset (as RowFilter.take_counts)
             result["length"].append({k: st[k] for k in LENGTH_COUNTERS})
             st.update(dict.fromkeys(LENGTH_COUNTERS, 0))
         return result
+
+    def _select_and_filter(self, path: str, batch: list[tuple[int, bytes]], result: dict) -> list[dict]:
+        """The rows of `batch` that are valid, selected and kept by the filters, each with its "__where".
+
+        The common case (a JSON object with string input/output fields and a true/false symbolic_correct) is
+        checked inline; any other row takes the full checks (_parse, _valid_fields, _label) and their messages."""
+        cfg, input_key, output_key, steps = self.cfg, self.input_key, self.output_key, self.steps
+        wanted = {"correct": cfg["add_correct"], "incorrect": cfg["add_incorrect"], "unlabeled": cfg["add_unlabeled"]}
+        counter_keys = {label: (f"{label}_seen", f"{label}_kept") for label in wanted}
+        selection = result["selection"]
+        quick_label = not cfg["use_judgement"]
+        kept = []
+        for line_number, raw in batch:
+            where = f"{path}:{line_number}"
+            try:
+                row = loads_json(raw)
+            except JSONDecodeError:
+                row = None
+            if type(row) is not dict:
+                row = self._parse(raw, where, result)
+                if row is None:
+                    continue
+            if type(row.get(input_key)) is not str or type(row.get(output_key)) is not str:
+                if not self._valid_fields(row, where, result):
+                    continue
+            verdict = row.get("symbolic_correct") if quick_label else None
+            if verdict is True:
+                label = "correct"
+            elif verdict is False:
+                label = "incorrect"
+            else:
+                label = self._label(row, where, result)
+                if label is None:
+                    continue
+            seen, chosen = counter_keys[label]
+            selection[seen] += 1
+            if not wanted[label]:
+                continue
+            selection[chosen] += 1
+            row["__where"] = where
+            for step in steps:
+                row = step(row)
+                if row is None:
+                    break
+            else:
+                kept.append(row)
+        return kept
+
+    def _emit(self, rows: list[dict], out: list) -> None:
+        """Append (digest, problem, record bytes, has code) of each row to `out`: (digest, None, None, None) for a
+        row this worker has sent before."""
+        input_key, output_key, code_begin = self.input_key, self.output_key, self.cfg["code_begin"]
+        deduplicate, emitted = self.cfg["deduplicate"], self._emitted
+        for row in rows:
+            problem, solution = row[input_key], row[output_key]
+            digest = hashlib.blake2b(problem.encode() + b"\x00" + solution.encode(), digest_size=16).digest()
+            if digest in emitted:
+                # This worker already sent this (problem, solution) in an earlier row, which the main process
+                # keeps first: this one is a sure duplicate, so it is not formatted at all.
+                out.append((digest, None, None, None))
+                row.pop("__where")
+                continue
+            if deduplicate:
+                if len(emitted) >= EMITTED_MAX:  # bounded memory: forgetting only costs formatting work
+                    emitted.clear()
+                emitted.add(digest)
+            has_code = code_begin in solution  # for code_text_filter
+            # json.dumps' text, as NeMo-Skills writes its rows: the same settings give a byte-identical file
+            record = dumps_like_json(self.to_record(row)).encode("ascii") + b"\n"
+            out.append((digest, problem, record, has_code))
 
     def _parse(self, raw: bytes, where: str, result: dict) -> dict | None:
         row, reason = parse_json_object(raw)
