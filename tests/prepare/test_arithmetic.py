@@ -160,3 +160,14 @@ def test_split_equation_of_one_operation_is_none_as_the_general_reading():
     for equation in ("10 * 3 = 30", "2+2=4", " 7 / 2 = 3.5 ", "10 -3 = 7"):
         assert A._SIMPLE.fullmatch(equation)  # the fast path's case
         assert A.split_equation(equation) is None and A._expand(equation) is None
+
+
+def test_numbers_beyond_pythons_int_digit_limit_are_left_unchecked_not_an_error():
+    """int(str) refuses more than 4300 digits: such an equation cannot be checked (None), and neither arithmetic
+    filter fails on the row or changes it."""
+    big = "9" * 5000
+    for equation in (f"{big} + 1 = {big}0", f"{big} * 2 + 3 = 5"):
+        assert A.equation_is_correct(equation, 1e-9) is None
+    for text in (f"So {big} + 1 = {big}0 here.", f"x = {big} * 2 + 3 = 5"):
+        assert F.drop_incorrect_arithmetic("g", 1e-9)({"g": text}) == {"g": text}
+        assert F.split_arithmetic("g")({"g": text}) == {"g": text}
