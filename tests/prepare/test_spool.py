@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 
+from sftflow.prepare import digests as D
 from sftflow.prepare import spool as S
 from sftflow.prepare.cli import main
 from sftflow.prepare.filters import code_text_picks
@@ -126,8 +127,8 @@ def test_grouped_rows_keep_first_appearance_and_drop_later_repeats(tmp_path, sma
     problems = [f"p{i % 37 if i % 11 else 5}" for i in range(1000)]
     solutions = [f"s{(i * 7) % 13}" for i in range(1000)]
     for problem, solution in zip(problems, solutions):
-        digest = S.problem_digest(problem.encode())
-        spool.add(f"{problem} {solution}\n".encode(), digest, S.row_digest(digest, solution.encode()), False)
+        digest = D.problem_digest(problem.encode())
+        spool.add(f"{problem} {solution}\n".encode(), digest, D.row_digest(digest, solution.encode()), False)
     spool.close()
     rows, starts, repeats = spool.grouped_rows(deduplicate=True)
     first_rows, seen = {}, set()
@@ -146,4 +147,4 @@ def test_grouped_rows_keep_first_appearance_and_drop_later_repeats(tmp_path, sma
 
 def test_a_problem_and_a_solution_cannot_run_into_each_other():
     """The row digest is keyed by the problem's: ("a b", "c") and ("a", "b c") are different rows."""
-    assert S.row_digest(S.problem_digest(b"a\x00b"), b"c") != S.row_digest(S.problem_digest(b"a"), b"b\x00c")
+    assert D.row_digest(D.problem_digest(b"a\x00b"), b"c") != D.row_digest(D.problem_digest(b"a"), b"b\x00c")

@@ -24,6 +24,7 @@ from sftflow.errors import SftflowError
 from sftflow.io import atomic_path, check_input_file, iter_jsonl, parse_json_object, write_json
 from sftflow.mathtext import normalize_problem
 from sftflow.packing.stream import available_cpus
+from sftflow.prepare import digests as D
 from sftflow.prepare import filters as F
 from sftflow.prepare import spool as S
 from sftflow.prepare.formatting import Formatter, load_tokenizer
@@ -113,8 +114,8 @@ def load_contaminated(path: str, key: str) -> tuple[set[str], int, list[dict]]:
     return contaminated, rows, matches
 
 
-# Digests a worker remembers of the rows it sent (~100 bytes each), to skip formatting sure duplicates; when
-# full it forgets them all, and a repeated row is formatted again and dropped by the main process instead.
+# Digests a worker remembers of the rows it sent (~16 bytes each), to skip formatting sure duplicates; when
+# full it forgets them all, and a repeated row is formatted again and dropped when the output is ordered instead.
 EMITTED_MAX = 1 << 20
 
 
@@ -140,7 +141,7 @@ class Preparer:
             assistant_end=cfg["assistant_end"],
         )
         self._build_filters()
-        self._emitted: set[bytes] = set()  # digests of the rows this process has formatted and sent
+        self._emitted = D.SentDigests(EMITTED_MAX)  # digests of the rows this process has formatted and sent
 
     # ----------------------------------------------------------------- set-up
     def _build_filters(self) -> None:
@@ -264,20 +265,19 @@ class Preparer:
                     break
             else:
                 kept.append(row)
-        deduplicate = self.cfg["deduplicate"]
-        for row in self._length_filter(kept):
-            problem = S.problem_digest(row[self.input_key].encode())
-            digest = S.row_digest(problem, row[self.output_key].encode()) if deduplicate else S.NO_DIGEST
-            if digest in self._emitted:
+        rows = self._length_filter(kept)
+        problems = [D.problem_digest(row[self.input_key].encode()) for row in rows]
+        digests, sent_before = [D.NO_DIGEST] * len(rows), [False] * len(rows)
+        if self.cfg["deduplicate"]:
+            digests = [D.row_digest(p, row[self.output_key].encode()) for p, row in zip(problems, rows)]
+            sent_before = self._emitted.add(digests)
+        for row, problem, digest, repeat in zip(rows, problems, digests, sent_before):
+            if repeat:
                 # This worker already sent this (problem, solution) in an earlier row, which is kept first: this
                 # one is a sure duplicate, so it is not formatted at all.
                 result["rows"].append((digest, None, None, None))
                 row.pop("__where")
                 continue
-            if deduplicate:
-                if len(self._emitted) >= EMITTED_MAX:  # bounded memory: forgetting only costs formatting work
-                    self._emitted.clear()
-                self._emitted.add(digest)
             has_code = self.cfg["code_begin"] in row[self.output_key]  # for code_text_filter
             # json.dumps' text, as NeMo-Skills writes its rows: the same settings give a byte-identical file
             record = dumps_like_json(self.to_record(row)).encode("ascii") + b"\n"

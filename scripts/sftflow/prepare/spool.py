@@ -2,13 +2,12 @@
 
 The records, their offsets and their problem and row digests wait in files beside the output; memory holds 1 byte
 per row while reading (has code), one 8-byte sort key per row while grouping, and a 4-byte row number per output row
-with the rows' 8-byte offsets while copying. Digests are 128-bit blake2b: equal digests stand for equal texts.
+with the rows' 8-byte offsets while copying. Problems and rows are told apart by their 128-bit digests (sftflow.prepare.digests).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import mmap
 from array import array
 from collections.abc import Iterator
@@ -17,24 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from sftflow.errors import SftflowError
+from sftflow.prepare.digests import NO_DIGEST
 
-DIGEST_BYTES = 16
-NO_DIGEST = bytes(DIGEST_BYTES)  # the row digest when rows are not deduplicated
 BLOCK_ROWS = 1 << 18  # rows per block when a per-row file or array is streamed through
 BUCKET_ROWS = 1 << 17  # rows per bucket when grouping: the largest transient, ~150 bytes per bucket row
 COPY_ROWS = 4096  # records gathered per write of the output
 DROPPED = np.uint64(2**64 - 1)  # the sort key of a duplicate: sorts after every kept row
 LOW32 = np.uint64(2**32 - 1)
-
-
-def problem_digest(problem: bytes) -> bytes:
-    return hashlib.blake2b(problem, digest_size=DIGEST_BYTES).digest()
-
-
-def row_digest(problem: bytes, solution: bytes) -> bytes:
-    """The (problem, solution) pair's digest: the solution's, keyed with the problem's digest, so that the two texts
-    cannot run into each other and rows with equal digests always belong to the same problem."""
-    return hashlib.blake2b(solution, digest_size=DIGEST_BYTES, key=problem).digest()
 
 
 class Spool:
