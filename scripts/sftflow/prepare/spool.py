@@ -2,7 +2,8 @@
 
 The records, their offsets and their problem and row digests wait in files beside the output; memory holds 1 byte
 per row while reading (has code), one 8-byte sort key per row while grouping, and a 4-byte row number per output row
-with the rows' 8-byte offsets while copying. Problems and rows are told apart by their 128-bit digests (sftflow.prepare.digests).
+with the rows' 8-byte offsets while copying. Problems and rows are told apart by their 128-bit digests
+(sftflow.prepare.digests).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from sftflow.errors import SftflowError
-from sftflow.prepare.digests import NO_DIGEST
 
 BLOCK_ROWS = 1 << 18  # rows per block when a per-row file or array is streamed through
 BUCKET_ROWS = 1 << 17  # rows per bucket when grouping: the largest transient, ~150 bytes per bucket row
@@ -37,8 +37,8 @@ class Spool:
         self.size = 0
         self.has_code = bytearray()
         self._offsets = array("q")
-        self._records = open(path, "wb")
-        self._keys = open(self.keys_path, "wb")
+        self._records = open(path, "wb", buffering=1 << 20)
+        self._keys = open(self.keys_path, "wb", buffering=1 << 20)
         self._offsets_file = open(self.offsets_path, "wb")
 
     def add(self, record: bytes, problem: bytes, digest: bytes, has_code: bool) -> None:
@@ -48,7 +48,7 @@ class Spool:
             del self._offsets[:]
         self._records.write(record)
         self.size += len(record)
-        self._keys.write(problem + (digest or NO_DIGEST))
+        self._keys.write(problem + digest)
         self.has_code.append(has_code)
         self.rows += 1
 
