@@ -9,7 +9,7 @@ with the rows' 8-byte offsets while copying. Problems and rows are told apart by
 from __future__ import annotations
 
 import functools
-import mmap
+import os
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +19,8 @@ import numpy as np
 from sftflow.errors import SftflowError
 
 BLOCK_ROWS = 1 << 18  # rows per block when a per-row file or array is streamed through
-BUCKET_ROWS = 1 << 17  # rows per bucket when grouping: the largest transient, ~150 bytes per bucket row
+BUCKET_ROWS = 1 << 16  # rows per bucket when grouping: the largest transient, ~150 bytes per bucket row
+MAX_BUCKETS = 256  # open files while partitioning; past 2^24 rows the buckets grow instead
 COPY_ROWS = 4096  # records gathered per write of the output
 DROPPED = np.uint64(2**64 - 1)  # the sort key of a duplicate: sorts after every kept row
 LOW32 = np.uint64(2**32 - 1)
@@ -91,7 +92,7 @@ class Spool:
     def _buckets(self) -> Iterator[np.ndarray]:
         """The rows as (problem digest, row digest, row number) in five uint64 columns, in buckets by problem, each
         bucket in file order: a problem's rows, and so every repeat of a row, fall in one bucket."""
-        count = -(-self.rows // BUCKET_ROWS)
+        count = min(-(-self.rows // BUCKET_ROWS), MAX_BUCKETS)
         if count <= 1:
             yield _numbered(np.fromfile(self.keys_path, dtype=np.uint64).reshape(-1, 4), 0)
             return
@@ -102,7 +103,7 @@ class Spool:
                 files.append(open(path, "wb"))
             with open(self.keys_path, "rb") as f:
                 start = 0
-                while block := f.read(BLOCK_ROWS * 4 * 8):
+                while block := f.read(BUCKET_ROWS * 4 * 8):
                     entries = _numbered(np.frombuffer(block, dtype=np.uint64).reshape(-1, 4), start)
                     start += len(entries)
                     bucket = entries[:, 0] % np.uint64(count)
@@ -122,18 +123,22 @@ class Spool:
                 path.unlink(missing_ok=True)
 
     def copy(self, rows: np.ndarray, output: Path) -> None:
-        """Write the records of `rows`, in that order, to `output`."""
+        """Write the records of `rows`, in that order, to `output`. Records are read with pread, not through a
+        memory map: the kernel maps pages around each one a map touches, which would count towards this process's
+        memory (hundreds of MiB per few thousand shuffled records)."""
         offsets = np.fromfile(self.offsets_path, dtype=np.int64)
         with open(self.path, "rb") as spool, open(output, "wb") as out:
-            if not len(rows):
-                return
-            with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as records:
-                for start in range(0, len(rows), COPY_ROWS):
-                    block = rows[start : start + COPY_ROWS]
-                    begins, ends = offsets[block].tolist(), offsets[block + np.uint32(1)].tolist()
-                    out.write(b"".join([records[b:e] for b, e in zip(begins, ends)]))
-                    # The pages read stay in the page cache; unmapping them keeps them out of this process's RSS.
-                    records.madvise(mmap.MADV_DONTNEED)
+            for start in range(0, len(rows), COPY_ROWS):
+                block = rows[start : start + COPY_ROWS]
+                begins, ends = offsets[block], offsets[block + np.uint32(1)]
+                runs = np.flatnonzero(np.append(True, begins[1:] != ends[:-1]))  # neighbours are read in one go
+                run_ends = np.append(runs[1:], len(block)) - 1
+                data = b"".join(
+                    [os.pread(spool.fileno(), e - b, b) for b, e in zip(begins[runs].tolist(), ends[run_ends].tolist())]
+                )
+                if len(data) != int((ends - begins).sum()):
+                    raise RuntimeError(f"internal error: {self.path} is shorter than its offsets say")
+                out.write(data)
 
 
 def _numbered(digests: np.ndarray, start: int) -> np.ndarray:
