@@ -1,7 +1,12 @@
 """Data-preparation throughput and peak memory on N synthetic generated rows, against a plain orjson read+write floor.
 
 Usage: .venv/bin/python benchmarks/prepare_data_bench.py --rows 1000000 [--workdir /tmp/prep-bench]
-Each measured run is a separate process, so its peak RSS (ru_maxrss) is its own.
+Each measured run is a separate process, so its peak RSS (ru_maxrss) is its own; the process tree's peak
+(sampled, an upper bound: forked workers share pages) is reported beside it.
+
+Memory only, the NeMo-Skills defaults with and without a chat template, against another checkout's scripts:
+  .venv/bin/python benchmarks/prepare_data_bench.py --rows 4000000 --runs defaults,chat_template \
+      --scripts-dir /work/main/scripts
 """
 
 from __future__ import annotations
@@ -87,11 +92,19 @@ def measure(cmd: list[str]) -> dict:
     return json.loads(proc.stdout)
 
 
+RUNS = ("floor", "defaults", "chat_template", "all_filters", "all_filters_shuffled")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--workdir", default="/tmp/sftflow-prep-bench")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    parser.add_argument("--scripts-dir", default=str(ROOT / "scripts"), help="whose prepare_data.py to run")
     args = parser.parse_args()
+    runs = args.runs.split(",")
+    if set(runs) - set(RUNS):
+        sys.exit(f"unknown --runs {sorted(set(runs) - set(RUNS))}; choose from {RUNS}")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     src = work / f"generated-seedmajor-{args.rows}.jsonl"
@@ -102,9 +115,26 @@ def main() -> None:
             f"synthesized {args.rows} rows ({src.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f}s",
             flush=True,
         )
-    py = sys.executable
     results = {"rows": args.rows, "input_mib": round(src.stat().st_size / 2**20, 1)}
-    results["orjson_floor"] = measure([py, "-c", FLOOR, str(src), str(work / "floor.jsonl")])
+    results.update(run_all(src, work, runs, Path(args.scripts_dir)))
+    floor = results.get("orjson_floor", {}).get("seconds")
+    for key, value in results.items():
+        if isinstance(value, dict) and "seconds" in value:
+            value["rows_per_second"] = round(args.rows / value["seconds"])
+            if floor and key != "orjson_floor":
+                value["x_floor"] = round(value["seconds"] / floor, 2)
+    results["cpu"] = os.cpu_count()
+    print(json.dumps(results, indent=2))
+
+
+def run_all(src: Path, work: Path, runs: list[str], scripts_dir: Path) -> dict:
+    """The selected runs, each its own measured process: peak RSS of the largest process and of the process tree."""
+    from scale_bench import measure as measure_tree  # a sibling: benchmarks/ is this script's folder
+
+    py = sys.executable
+    results: dict = {}
+    if "floor" in runs:
+        results["orjson_floor"] = measure([py, "-c", FLOOR, str(src), str(work / "floor.jsonl")])
     filters = [
         f"++filters.{name}=true"
         for name in (
@@ -119,40 +149,29 @@ def main() -> None:
             "majority_filter",
         )
     ]
-    base = [py, str(ROOT / "scripts" / "prepare_data.py"), f"++input_files={src}"]
+    base = [py, str(scripts_dir / "prepare_data.py"), f"++input_files={src}"]
     common = [*base, "++majority_filter.min_majority_votes=2", *filters]
     tokenizer = work / "chatml-tokenizer"
-    if not tokenizer.exists():  # the demo's ChatML tokenizer: every row rendered through a chat template
+    if "chat_template" in runs and not tokenizer.exists():  # the demo's ChatML tokenizer: a chat template per row
         from sftflow.demo.data import corpus
         from sftflow.demo.model import build_tokenizer
 
         build_tokenizer(corpus(0, n=800), 384, tokenizer)
-    # NeMo-Skills' math_sft.yaml defaults (no filter; grouped by problem, then shuffled), without a tokenizer.
-    results["prepare_defaults"] = measure([*base, f"++output_path={work / 'sft-defaults.jsonl'}"])
-    # The same with a tokenizer: input and output rendered through its chat template (NeMo-Skills' usual run).
-    results["prepare_defaults_chat_template"] = measure(
-        [*base, f"++output_path={work / 'sft-template.jsonl'}", f"++tokenizer={tokenizer}"]
-    )
-    results["prepare_all_filters"] = measure(
-        [*common, f"++output_path={work / 'sft-stream.jsonl'}", "++do_shuffle=false"]
-    )
-    results["prepare_all_filters_shuffled"] = measure(
-        [*common, f"++output_path={work / 'sft-shuffled.jsonl'}", "++do_shuffle=true"]
-    )
-    stats = json.loads((work / "sft-stream.stats.json").read_text())
-    results["rows_written"] = stats["rows_written"]
-    floor = results["orjson_floor"]["seconds"]
-    for key in (
-        "prepare_defaults",
-        "prepare_defaults_chat_template",
-        "prepare_all_filters",
-        "prepare_all_filters_shuffled",
-    ):
-        results[key]["rows_per_second"] = round(args.rows / results[key]["seconds"])
-        results[key]["x_floor"] = round(results[key]["seconds"] / floor, 2)
-    results["orjson_floor"]["rows_per_second"] = round(args.rows / floor)
-    results["cpu"] = os.cpu_count()
-    print(json.dumps(results, indent=2))
+    commands = {
+        # NeMo-Skills' math_sft.yaml defaults (no filter; grouped by problem, then shuffled), without a tokenizer.
+        "defaults": [*base, f"++output_path={work / 'sft-defaults.jsonl'}"],
+        # The same with a tokenizer: input and output rendered through its chat template (NeMo-Skills' usual run).
+        "chat_template": [*base, f"++output_path={work / 'sft-template.jsonl'}", f"++tokenizer={tokenizer}"],
+        "all_filters": [*common, f"++output_path={work / 'sft-stream.jsonl'}", "++do_shuffle=false"],
+        "all_filters_shuffled": [*common, f"++output_path={work / 'sft-shuffled.jsonl'}", "++do_shuffle=true"],
+    }
+    for name, cmd in commands.items():
+        if name in runs:
+            results[f"prepare_{name}"] = measure_tree(cmd)
+            print(f"prepare_{name}: {results[f'prepare_{name}']}", file=sys.stderr, flush=True)
+    if "all_filters" in runs:
+        results["rows_written"] = json.loads((work / "sft-stream.stats.json").read_text())["rows_written"]
+    return results
 
 
 if __name__ == "__main__":

@@ -1,25 +1,24 @@
 """The data preparation run: read generation files, select, filter, deduplicate, downsample, format, write.
 
-Rows stream through in chunks, so memory stays flat except for the deduplication set (and, when the
-output must be reordered, one small index entry per surviving row).
+Rows stream through in chunks, and the formatted records wait in a spool on disk until their order is known
+(sftflow.prepare.spool): memory grows by a few bytes per row, not with the rows' text.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
-import hashlib
 import json
 import logging
-import mmap
 import multiprocessing
 import os
 import random
 import re
 import time
-from collections import defaultdict
 from json.encoder import encode_basestring_ascii as quote_json
 from pathlib import Path
 
+import numpy as np
 from orjson import JSONDecodeError
 from orjson import loads as loads_json
 
@@ -27,7 +26,9 @@ from sftflow.errors import SftflowError
 from sftflow.io import atomic_path, check_input_file, iter_jsonl, parse_json_object, write_json
 from sftflow.mathtext import normalize_problem
 from sftflow.packing.stream import available_cpus
+from sftflow.prepare import digests as D
 from sftflow.prepare import filters as F
+from sftflow.prepare import spool as S
 from sftflow.prepare.formatting import Formatter, load_tokenizer
 from sftflow.prepare.prompts import load_prompt_config
 
@@ -135,8 +136,8 @@ def load_contaminated(path: str, key: str) -> tuple[set[str], int, list[dict]]:
     return contaminated, rows, matches
 
 
-# Digests a worker remembers of the rows it sent (~100 bytes each), to skip formatting sure duplicates; when
-# full it forgets them all, and a repeated row is formatted again and dropped by the main process instead.
+# Digests a worker remembers of the rows it sent (~16 bytes each), to skip formatting sure duplicates; when
+# full it forgets them all, and a repeated row is formatted again and dropped when the output is ordered instead.
 EMITTED_MAX = 1 << 20
 
 
@@ -164,7 +165,7 @@ class Preparer:
         self._build_filters()
         # What process_chunk runs: the filters, with consecutive pure text filters joined into one memoised step.
         self.steps = F.chain_text_filters(self.filters)
-        self._emitted: set[bytes] = set()  # digests of the rows this process has formatted and sent
+        self._emitted = D.SentDigests(EMITTED_MAX)  # digests of the rows this process has formatted and sent
 
     # ----------------------------------------------------------------- set-up
     def _build_filters(self) -> None:
@@ -264,7 +265,7 @@ class Preparer:
     # ----------------------------------------------------------------- per-chunk work (worker processes)
     def process_chunk(self, path: str, batch: list[tuple[int, bytes]]) -> dict:
         """Parse, validate, select, filter and format one batch of lines; return the kept rows as
-        (digest, problem, record bytes, has code) and the counters."""
+        (row digest, problem digest, record bytes, has code) and the counters."""
         result = {"selection": dict.fromkeys(SELECTION_KEYS, 0), "invalid": [], "rows": []}
         self._emit(self._length_filter(self._select_and_filter(path, batch, result)), result["rows"])
         for step in self.steps:
@@ -325,27 +326,24 @@ class Preparer:
         return kept
 
     def _emit(self, rows: list[dict], out: list) -> None:
-        """Append (digest, problem, record bytes, has code) of each row to `out`: (digest, None, None, None) for a
-        row this worker has sent before."""
+        """Append (row digest, problem digest, record bytes, has code) of each row to `out`: (digest, None, None,
+        None) for a row this worker has sent before."""
         input_key, output_key, code_begin = self.input_key, self.output_key, self.cfg["code_begin"]
-        deduplicate, emitted = self.cfg["deduplicate"], self._emitted
-        for row in rows:
-            problem, solution = row[input_key], row[output_key]
-            digest = hashlib.blake2b(problem.encode() + b"\x00" + solution.encode(), digest_size=16).digest()
-            if digest in emitted:
-                # This worker already sent this (problem, solution) in an earlier row, which the main process
-                # keeps first: this one is a sure duplicate, so it is not formatted at all.
+        problems = [D.problem_digest(row[input_key].encode()) for row in rows]
+        digests, sent_before = [D.NO_DIGEST] * len(rows), [False] * len(rows)
+        if self.cfg["deduplicate"]:
+            digests = [D.row_digest(p, row[output_key].encode()) for p, row in zip(problems, rows)]
+            sent_before = self._emitted.add(digests)
+        for row, problem, digest, repeat in zip(rows, problems, digests, sent_before):
+            if repeat:
+                # This worker already sent this (problem, solution) in an earlier row, which is kept first: this
+                # one is a sure duplicate, so it is not formatted at all.
                 out.append((digest, None, None, None))
                 row.pop("__where")
                 continue
-            if deduplicate:
-                if len(emitted) >= EMITTED_MAX:  # bounded memory: forgetting only costs formatting work
-                    emitted.clear()
-                emitted.add(digest)
-            has_code = code_begin in solution  # for code_text_filter
+            has_code = code_begin in row[output_key]  # for code_text_filter
             # json.dumps' text, as NeMo-Skills writes its rows: the same settings give a byte-identical file
-            record = dumps_like_json(self.to_record(row)).encode("ascii") + b"\n"
-            out.append((digest, problem, record, has_code))
+            out.append((digest, problem, dumps_like_json(self.to_record(row)).encode("ascii") + b"\n", has_code))
 
     def _parse(self, raw: bytes, where: str, result: dict) -> dict | None:
         row, reason = parse_json_object(raw)
@@ -461,14 +459,14 @@ class Preparer:
                 yield infos[i], result
 
     def filtered_rows(self, files: list[Path]):
-        """(problem, record bytes, has code) of every surviving row, deduplicated, with every counter merged into
-        the stats."""
+        """(problem digest, row digest, record bytes, has code) of every row that reaches deduplication, with every
+        counter merged into the stats. Repeats that a worker recognised are dropped here; the others are found
+        when the output is ordered (Spool.grouped_rows), where a problem's rows come together."""
         dedup = self.stats["deduplicate"] = {"stage": "deduplicate", "rows_in": 0, "dropped": 0}
         sel = self.stats["selection"] = dict.fromkeys(SELECTION_KEYS, 0)
         inv = self.stats["invalid_rows"]
         length_totals = [dict.fromkeys(LENGTH_COUNTERS, 0) for _ in self.length_stages]
         self.stats["_length_totals"] = length_totals
-        seen: set[bytes] = set()
         for info, result in self._results(files):
             for k, v in result["selection"].items():
                 sel[k] += v
@@ -483,13 +481,10 @@ class Preparer:
             for digest, problem, payload, has_code in result["rows"]:
                 if self.cfg["deduplicate"]:
                     dedup["rows_in"] += 1
-                    if digest in seen:
+                    if payload is None:  # the worker sent this row before (process_chunk)
                         dedup["dropped"] += 1
                         continue
-                    if payload is None:  # a worker skips only rows it sent before (process_chunk)
-                        raise RuntimeError("internal error: a row skipped as a duplicate was not seen before")
-                    seen.add(digest)
-                yield problem, payload, has_code
+                yield problem, digest, payload, has_code
 
     def run(self, output_path: str | Path) -> dict:
         start = time.time()
@@ -511,79 +506,54 @@ class Preparer:
         return self.stats
 
     def _write_reordered(self, rows, tmp: Path) -> int:
-        """Spool the formatted records to disk with an index of (offset, length, problem, has code), order the
-        index (_reorder), then copy the records in that order."""
-        spool_path = tmp.with_name(tmp.name + ".spool")
-        index: list[tuple[int, int, int, bool]] = []
-        problem_ids: dict[str, int] = {}
+        """Spool the formatted records to disk with what ordering them needs, order them (_reorder), then copy the
+        records in that order."""
+        spool = S.Spool(tmp.with_name(tmp.name + ".spool"))
         try:
-            with open(spool_path, "wb") as spool:
-                offset = 0
-                for problem, data, has_code in rows:
-                    pid = problem_ids.setdefault(problem, len(problem_ids))
-                    index.append((offset, len(data), pid, has_code))
-                    spool.write(data)
-                    offset += len(data)
-            problem_ids.clear()
-            order = self._reorder(index)
-            with open(spool_path, "rb") as spool, open(tmp, "wb") as out:
-                if offset:  # copy slices of the mapped spool, written in large blocks
-                    with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as records:
-                        block = []
-                        for off, length, _, _ in order:
-                            block.append(records[off : off + length])
-                            if len(block) == 4096:
-                                out.write(b"".join(block))
-                                block = []
-                        out.write(b"".join(block))
+            for problem, digest, data, has_code in rows:
+                spool.add(data, problem, digest, has_code)
+            spool.close()
+            order = self._reorder(spool)
+            spool.copy(order, tmp)
             return len(order)
         finally:
-            spool_path.unlink(missing_ok=True)
+            spool.remove()
 
-    def _reorder(self, index: list) -> list:
-        """NeMo-Skills' order (GroupSamples, then ShuffleAndDownsampleData with its seeded `random`): the rows
-        grouped by problem (problems in order of first appearance, each problem's rows in file order), the
-        code/text choice per problem, downsampling, then one shuffle of the whole list."""
+    def _reorder(self, spool: S.Spool) -> np.ndarray:
+        """NeMo-Skills' order (GroupSamples, then ShuffleAndDownsampleData with its seeded `random`) as spool row
+        numbers: the rows grouped by problem (problems in order of first appearance, each problem's rows in file
+        order) and deduplicated, the code/text choice per problem, downsampling, then one shuffle of the whole list
+        (`random.shuffle` of a memoryview: the same swaps as of NeMo-Skills' list of the same length)."""
         cfg = self.cfg
-        groups: dict[int, list] = defaultdict(list)
-        for entry in index:  # index is in file order; dicts keep the problems' first-appearance order
-            groups[entry[2]].append(entry)
+        rows, starts, repeats = spool.grouped_rows(cfg["deduplicate"])
+        if cfg["deduplicate"]:
+            self.stats["deduplicate"]["dropped"] += repeats
         mode = cfg["filters"]["code_text_filter"]
         if mode:
-            stage = {"stage": "code_text_filter", "mode": mode, "rows_in": len(index), "dropped": 0}
-            for pid, entries in groups.items():
-                groups[pid] = [entries[i] for i in F.code_text_picks([e[3] for e in entries], mode)]
-            stage["dropped"] = len(index) - sum(map(len, groups.values()))
+            stage = {"stage": "code_text_filter", "mode": mode, "rows_in": len(rows), "dropped": 0}
+            has_code = np.frombuffer(spool.has_code, dtype=bool)
+            rows, starts = S.pick_code_text(rows, starts, has_code, functools.partial(F.code_text_picks, mode=mode))
+            stage["dropped"] = stage["rows_in"] - len(rows)
             self.stats["code_text_filter"] = stage
-        grouped = [entry for entries in groups.values() for entry in entries]
         rng = random.Random(cfg["random_seed"])  # as random.seed(random_seed) before NeMo-Skills' shuffle
         method, n = cfg["downsampling_method"], cfg["num_output_samples"]
         if method:
-            stage = {"stage": f"downsampling_{method}", "rows_in": len(grouped), "num_output_samples": n}
+            stage = {"stage": f"downsampling_{method}", "rows_in": len(rows), "num_output_samples": n}
             if method == "random":
                 if cfg["do_shuffle"]:
-                    rng.shuffle(grouped)
-                grouped = grouped[:n]
-            elif len(grouped) > n:  # fair: round robin over the problems, each one's solutions in file order
-                queues = [entries for entries in groups.values() if entries]
-                picked, depth = [], 0
-                while len(picked) < n:
-                    for entries in queues:
-                        if len(picked) == n:
-                            break
-                        if depth < len(entries):
-                            picked.append(entries[depth])
-                    depth += 1
-                grouped = picked
-            if len(grouped) < n:
-                stage["note"] = f"only {len(grouped)} rows available, fewer than num_output_samples"
-            stage["dropped"] = stage["rows_in"] - len(grouped)
+                    rng.shuffle(memoryview(rows))
+                rows = rows[:n]
+            elif len(rows) > n:  # fair: round robin over the problems, each one's solutions in file order
+                rows = S.pick_fair(rows, starts, n)
+            if len(rows) < n:
+                stage["note"] = f"only {len(rows)} rows available, fewer than num_output_samples"
+            stage["dropped"] = stage["rows_in"] - len(rows)
             self.stats["downsampling"] = stage
             if method == "random":
-                return grouped
+                return rows
         if cfg["do_shuffle"]:
-            rng.shuffle(grouped)
-        return grouped
+            rng.shuffle(memoryview(rows))
+        return rows
 
     def _finish_stats(self, files, start, output_path) -> None:
         s = self.stats
