@@ -10,10 +10,9 @@ already done, so that it runs (and checks) only what it is about.
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
-from tests.workflow.test_workflow import WORKFLOW_PARTS, copy_workflow, snakemake
+from tests.workflow.test_workflow import WORKFLOW_PARTS, copy_parts, copy_workflow, snakemake
 
 # The small demo: 2 chained jobs of 6 steps each.
 SMALL_TRAINING = """
@@ -74,14 +73,7 @@ def run_small_demo(dest: Path) -> Path:
 def copy_with_data(run: Path, dest: Path) -> Path:
     """A new workflow copy in `dest` holding `run`'s data stages' outputs and records (modification times kept,
     so Snakemake sees them as up to date) and nothing of its training or evaluation."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for part in (*WORKFLOW_PARTS, *DATA_OUTPUTS):
-        src = run / part
-        if src.is_dir():
-            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, dest / part)
-    return dest
+    return copy_parts(run, dest, (*WORKFLOW_PARTS, *DATA_OUTPUTS))
 
 
 def rules_run(log: str) -> list[str]:

@@ -24,13 +24,19 @@ def snakemake(*args: str, cwd: Path = REPO, timeout: int = 1800) -> subprocess.C
 
 def copy_workflow(dest: Path) -> Path:
     """A fresh copy of the workflow in `dest`, as a user's clone would be (no results, no caches)."""
+    return copy_parts(REPO, dest, WORKFLOW_PARTS)
+
+
+def copy_parts(root: Path, dest: Path, parts) -> Path:
+    """Copy each of `parts` (files or folders, relative to `root`) that exists into `dest`, modification times
+    kept, Python caches left out."""
     dest.mkdir(parents=True, exist_ok=True)
-    for part in WORKFLOW_PARTS:
-        src = REPO / part
+    for part in parts:
+        src = root / part
         if src.is_dir():
             shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
-            shutil.copy(src, dest / part)
+            shutil.copy2(src, dest / part)
     return dest
 
 

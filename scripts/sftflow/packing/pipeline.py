@@ -17,7 +17,7 @@ import numpy as np
 from sftflow import config as C
 from sftflow.errors import SftflowError
 from sftflow.io import atomic_path, write_json
-from sftflow.packing.binpack import assign_bins, check_sequence_count, placement_order
+from sftflow.packing.binpack import assign_bins, placement_order
 from sftflow.packing.shards import write_shards
 from sftflow.packing.stream import COUNTERS, ChunkTokenizer, TokenSpool, available_cpus, ordered_map, read_chunks
 
@@ -189,8 +189,7 @@ def _bin_layout(lengths: np.ndarray, cfg: PackingConfig) -> tuple[np.ndarray, np
     are visited in placement order and sorted stably by their bin's new position. Memory: a few
     per-sequence arrays, int32 but for argsort's answer, each freed before the next is made.
     """
-    check_sequence_count(len(lengths))
-    order = placement_order(lengths)
+    order = placement_order(lengths)  # refuses more sequences than int32 ids can number
     if cfg.enabled:
         bin_of = assign_bins(lengths, cfg.max_total_sequence_length, cfg.algorithm, order=order)
     else:
