@@ -8,8 +8,8 @@ DEMO_TARGET ?= all
 .PHONY: demo test lint install
 
 # The pinned requirements, then the sftflow package itself (scripts/sftflow, editable): importable by every script,
-# rule, test and job run with this venv's python.
-$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+# rule, test and job run with this venv's python. That install also compiles its C text scans in place (setup.py).
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml setup.py scripts/sftflow/_scan.c
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt

@@ -72,6 +72,9 @@ class RowFilter:
         return result
 
 
+_MISSING = object()
+
+
 class TextMemo:
     """Results of a pure function of a solution text, kept for texts seen again: the same solution recurs across
     seeds and problems. Bounded by the characters it holds; when full it starts afresh (results never change)."""
@@ -83,16 +86,14 @@ class TextMemo:
         self.chars = 0
 
     def __call__(self, text: str):
-        try:
-            return self.results[text]
-        except KeyError:
-            pass
-        result = self.fn(text)
-        self.chars += len(text)
-        if self.chars > self.max_chars:
-            self.results.clear()
-            self.chars = len(text)
-        self.results[text] = result
+        result = self.results.get(text, _MISSING)  # not try/except: a miss, the common case, would raise
+        if result is _MISSING:
+            result = self.fn(text)
+            self.chars += len(text)
+            if self.chars > self.max_chars:
+                self.results.clear()
+                self.chars = len(text)
+            self.results[text] = result
         return result
 
 
@@ -140,30 +141,31 @@ class TextChain:
         self.stages = stages
         self.key = stages[0].key
         self.memo = TextMemo(self._run)
-        self._functions = [(stage.fn.fn, stage.fn.note) for stage in stages]
+        self._functions = [(i, stage.fn.fn, stage.fn.note) for i, stage in enumerate(stages)]
         self.outcomes: list[tuple] = []  # (index of the stage that dropped the text or None, modified, notes)
         self._outcome_ids: dict[tuple, int] = {}
         self.tally: list[int] = []
 
     def _run(self, text: str) -> tuple[str | None, int]:
-        modified, notes = [], []
+        modified = notes = ()  # tuples: most texts leave both empty, and () costs no allocation
         dropped_at = None
-        for i, (fn, note) in enumerate(self._functions):
+        for i, fn, note in self._functions:
             new = fn(text)
             if note is not None and note[1](text):
-                notes.append((i, note[0]))
+                notes += ((i, note[0]),)
             if new is None:
                 dropped_at = i
                 break
-            if new != text:
-                modified.append(i)
+            if new is not text and new != text:
+                modified += (i,)
             text = new
-        outcome = (dropped_at, tuple(modified), tuple(notes))
-        if outcome not in self._outcome_ids:
-            self._outcome_ids[outcome] = len(self.outcomes)
+        outcome = (dropped_at, modified, notes)
+        number = self._outcome_ids.get(outcome)
+        if number is None:
+            number = self._outcome_ids[outcome] = len(self.outcomes)
             self.outcomes.append(outcome)
             self.tally.append(0)
-        return (None if dropped_at is not None else text), self._outcome_ids[outcome]
+        return (None if dropped_at is not None else text), number
 
     def __call__(self, row: dict) -> dict | None:
         text, outcome = self.memo(row[self.key])
@@ -265,8 +267,8 @@ def trim_solutions(key: str, counter: dict) -> TextFilter:
 
 
 @lru_cache(maxsize=8)  # drop_incorrect_arithmetic and split_arithmetic look at the same text in turn
-def _equations(text: str) -> list[arithmetic.Equation]:
-    """The plain arithmetic equations in `text` (see arithmetic.py for what counts)."""
+def _equations(text: str) -> list[tuple[int, int, bool]]:
+    """(start, end, alone) of the plain arithmetic equations in `text` (see arithmetic.py for what counts)."""
     return arithmetic.find_equations(text)
 
 
@@ -274,8 +276,8 @@ def drop_incorrect_arithmetic(key: str, rel_tol: float) -> TextFilter:
     """Drop a row with a wrong equation; equations not parsed exactly (see arithmetic.py) are never held against it."""
 
     def check(text: str) -> str | None:
-        for eq in _equations(text):
-            if arithmetic.equation_is_correct(text[eq.start : eq.end], rel_tol) is False:
+        for start, end, _alone in _equations(text):
+            if arithmetic.equation_is_correct(text[start:end], rel_tol) is False:
                 return None
         return text
 
@@ -291,11 +293,11 @@ def split_arithmetic(key: str) -> TextFilter:
 
     def split(text: str) -> str:
         pieces, last = [], 0
-        for eq in _equations(text):
-            expanded = arithmetic.split_equation(text[eq.start : eq.end]) if eq.alone else None
+        for start, end, alone in _equations(text):
+            expanded = arithmetic.split_equation(text[start:end]) if alone else None
             if expanded is not None:
-                pieces += [text[last : eq.start], expanded]
-                last = eq.end
+                pieces += [text[last:start], expanded]
+                last = end
         return "".join(pieces) + text[last:] if pieces else text
 
     return text_filter(key, split)
