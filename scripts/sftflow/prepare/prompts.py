@@ -13,6 +13,19 @@ PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 KNOWN_KEYS = {"system", "user", "examples"}
 
 
+class _Fields:
+    """The row's fields with `examples` from the prompt config, as format_map reads them (without a merged copy)."""
+
+    __slots__ = ("row", "examples")
+
+    def __init__(self, row: dict, examples: str):
+        self.row = row
+        self.examples = examples
+
+    def __getitem__(self, key: str):
+        return self.examples if key == "examples" else self.row[key]
+
+
 @dataclass(frozen=True)
 class PromptConfig:
     name: str
@@ -23,7 +36,7 @@ class PromptConfig:
     def fill(self, row: dict, where: str = "") -> str:
         """The user message for `row`: `{field}` placeholders filled from the row, `{examples}` from the config."""
         try:
-            return self.user.format_map({**row, "examples": self.examples_text})
+            return self.user.format_map(_Fields(row, self.examples_text))
         except KeyError as err:
             raise SftflowError(
                 f"{where}prompt config '{self.name}' uses {{{err.args[0]}}} but the row has no such field "
