@@ -365,7 +365,7 @@ def test_worker_processes_give_the_same_output_and_stats(tmp_path, monkeypatch, 
         tmp_path / "gen", tmp_path / "bench.jsonl", seed=5, num_train=300, num_test=10, num_seeds=2, num_contaminated=0
     )
     monkeypatch.setattr(pipeline, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(pipeline, "CHUNK_ROWS", 37)
+    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 4000)
     args = [
         f"++tokenizer={demo_tokenizer_dir}",
         "++filters.drop_multi_boxed=true",

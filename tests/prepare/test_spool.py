@@ -148,3 +148,38 @@ def test_grouped_rows_keep_first_appearance_and_drop_later_repeats(tmp_path, sma
 def test_a_problem_and_a_solution_cannot_run_into_each_other():
     """The row digest is keyed by the problem's: ("a b", "c") and ("a", "b c") are different rows."""
     assert D.row_digest(D.problem_digest(b"a\x00b"), b"c") != D.row_digest(D.problem_digest(b"a"), b"b\x00c")
+
+
+def test_a_spool_added_in_blocks_is_the_spool_added_row_by_row(tmp_path, small_spool_blocks):
+    """Spool.add_block (what a worker's chunk gives) writes the same files however the rows are cut into blocks."""
+    rows = [
+        (f"record {i} {'x' * (i % 7)}\n".encode(), bytes([i % 256]) * 16, bytes([i % 3]) * 16, i % 4 == 0)
+        for i in range(450)
+    ]
+    one_by_one, in_blocks = S.Spool(tmp_path / "a.spool"), S.Spool(tmp_path / "b.spool")
+    for record, problem, digest, has_code in rows:
+        one_by_one.add(record, problem, digest, has_code)
+    bounds = [0, 1, 130, 130, 260, 450]  # blocks of 1, 129, no, 130 and 190 rows: across offset blocks of 100
+    for start, end in zip(bounds, bounds[1:]):
+        block = rows[start:end]
+        in_blocks.add_block(
+            b"".join(r[0] for r in block),
+            np.array([len(r[0]) for r in block], dtype=np.int64),
+            b"".join(r[1] + r[2] for r in block),
+            bytes(r[3] for r in block),
+        )
+    for spool in (one_by_one, in_blocks):
+        spool.close()
+    assert (one_by_one.rows, one_by_one.size, one_by_one.has_code) == (
+        in_blocks.rows,
+        in_blocks.size,
+        in_blocks.has_code,
+    )
+    for a, b in ((one_by_one.path, in_blocks.path), (one_by_one.keys_path, in_blocks.keys_path)):
+        assert a.read_bytes() == b.read_bytes()
+    assert one_by_one.offsets_path.read_bytes() == in_blocks.offsets_path.read_bytes()
+    expected_offsets = np.cumsum([0] + [len(r[0]) for r in rows])  # row r spans offsets r to r + 1
+    assert np.fromfile(in_blocks.offsets_path, dtype=np.int64).tolist() == expected_offsets.tolist()
+    assert in_blocks.has_code == bytes(r[3] for r in rows)
+    for spool in (one_by_one, in_blocks):
+        spool.remove()

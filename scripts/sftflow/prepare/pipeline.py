@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import io
 import json
 import logging
 import multiprocessing
@@ -15,6 +16,7 @@ import os
 import random
 import re
 import time
+from array import array
 from json.encoder import encode_basestring_ascii as quote_json
 from pathlib import Path
 
@@ -33,7 +35,9 @@ from sftflow.prepare.formatting import Formatter, load_tokenizer
 from sftflow.prepare.prompts import load_prompt_config
 
 LOG = logging.getLogger("sftflow.prepare")
-CHUNK_ROWS = 4096
+# Input bytes per chunk of work, cut at a line boundary: ~4096 rows of a few hundred bytes, enough chunks to balance
+# the workers' load. A worker reads its chunk from the file itself: the main process only finds where lines end.
+CHUNK_BYTES = 2 << 20
 PARALLEL_MIN_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
 LENGTH_COUNTERS = ("rows_in", "dropped_too_short", "dropped_too_long")
 SELECTION_KEYS = tuple(f"{k}_{w}" for k in ("correct", "incorrect", "unlabeled") for w in ("seen", "kept"))
@@ -42,6 +46,21 @@ _WORKER: Preparer | None = None
 
 def _work_in_worker(task):
     return _WORKER.process_chunk(*task)
+
+
+def _next_block(fd: int, offset: int, end: int, buffer: bytearray) -> tuple[int, int]:
+    """The size of the block of the file `fd` (`end` bytes) at `offset`: about CHUNK_BYTES, up to a line end or the
+    end of the file; and the line ends in it. Read into `buffer` (CHUNK_BYTES), only to find and count line ends."""
+    size = 0
+    while True:
+        read = os.preadv(fd, [buffer], offset + size)
+        if not read:
+            return size, 0  # the file got shorter: the worker reading the block says so
+        # The rest of the file, or up to the last line end read; counted by numpy, faster than bytearray.count.
+        cut = read if offset + size + read >= end else buffer.rfind(b"\n", 0, read) + 1
+        if cut:
+            return size + cut, int(np.count_nonzero(np.frombuffer(buffer, dtype=np.uint8, count=cut) == ord("\n")))
+        size += read  # a line longer than CHUNK_BYTES: read on
 
 
 MAX_EXAMPLES = 20
@@ -240,34 +259,51 @@ class Preparer:
                 )
 
     # ----------------------------------------------------------------- reading (main process)
-    def raw_chunks(self, files: list[Path]):
-        """Yield (path, [(line_number, raw_bytes), ...]) batches; skip_first and per-file row counts happen here."""
+    def chunks(self, files: list[Path]):
+        """Yield (info, (path, offset, size, first line number)): each file cut into blocks of about CHUNK_BYTES that
+        end at a line end, from after its skip_first rows (skipped here, and counted in `info`, the file's counts)."""
         for path in files:
             check_input_file(path)
             info = {"path": str(path), "rows": 0, "skipped_first": 0, "invalid": 0}
             self.stats["input_files"].append(info)
-            batch = []
             with open(path, "rb") as f:
-                for line_number, raw in enumerate(f, start=1):
-                    if raw.isspace():  # a blank line (file lines are never empty); no stripped copy is made
-                        continue
-                    info["rows"] += 1
-                    if info["rows"] <= self.cfg["skip_first"]:
-                        info["skipped_first"] += 1
-                        continue
-                    batch.append((line_number, raw))
-                    if len(batch) >= CHUNK_ROWS:
-                        yield info, str(path), batch
-                        batch = []
-            if batch:
-                yield info, str(path), batch
+                offset, line_number = self._skip_first(f, info)
+                end, buffer = os.fstat(f.fileno()).st_size, bytearray(CHUNK_BYTES)
+                while offset < end:
+                    size, lines = _next_block(f.fileno(), offset, end, buffer)
+                    if not size:
+                        break
+                    yield info, (str(path), offset, size, line_number)
+                    line_number += lines
+                    offset += size
+
+    def _skip_first(self, f, info: dict) -> tuple[int, int]:
+        """Skip the file's first skip_first rows (blank lines are not rows); the offset and line number after them."""
+        offset = line_number = 0
+        while info["skipped_first"] < self.cfg["skip_first"]:
+            raw = f.readline()
+            if not raw:
+                break
+            offset += len(raw)
+            line_number += 1
+            if not raw.isspace():
+                info["rows"] += 1
+                info["skipped_first"] += 1
+        return offset, line_number + 1
 
     # ----------------------------------------------------------------- per-chunk work (worker processes)
-    def process_chunk(self, path: str, batch: list[tuple[int, bytes]]) -> dict:
-        """Parse, validate, select, filter and format one batch of lines; return the kept rows as
-        (row digest, problem digest, record bytes, has code) and the counters."""
-        result = {"selection": dict.fromkeys(SELECTION_KEYS, 0), "invalid": [], "rows": []}
-        self._emit(self._length_filter(self._select_and_filter(path, batch, result)), result["rows"])
+    def process_chunk(self, path: str, offset: int, size: int, first_line: int) -> dict:
+        """Read, parse, validate, select, filter and format the lines of one block of a file; return the counters and
+        the kept rows in a few objects: their records joined, each one's length, their (problem digest, row
+        digest) keys joined and their has-code flags (Spool.add_block's arguments); "repeats" counts the rows that
+        this process sent before, which are not formatted."""
+        with open(path, "rb") as f:
+            data = os.pread(f.fileno(), size, offset)
+        if len(data) != size:
+            raise SftflowError(f"{path}: the file changed while it was read (rerun prepare_data)")
+        batch = [(n, raw) for n, raw in enumerate(io.BytesIO(data), start=first_line) if not raw.isspace()]
+        result = {"rows_read": len(batch), "selection": dict.fromkeys(SELECTION_KEYS, 0), "invalid": []}
+        self._emit(self._length_filter(self._select_and_filter(path, batch, result)), result)
         for step in self.steps:
             if isinstance(step, F.TextChain):
                 step.settle()
@@ -325,25 +361,30 @@ class Preparer:
                 kept.append(row)
         return kept
 
-    def _emit(self, rows: list[dict], out: list) -> None:
-        """Append (row digest, problem digest, record bytes, has code) of each row to `out`: (digest, None, None,
-        None) for a row this worker has sent before."""
+    def _emit(self, rows: list[dict], result: dict) -> None:
+        """Format `rows` into result's "records", "lengths", "keys" and "has_code"; count in "repeats" (and do not
+        format) the rows this process has sent before."""
         input_key, output_key, code_begin = self.input_key, self.output_key, self.cfg["code_begin"]
         problems = [D.problem_digest(row[input_key].encode()) for row in rows]
         digests, sent_before = [D.NO_DIGEST] * len(rows), [False] * len(rows)
         if self.cfg["deduplicate"]:
             digests = [D.row_digest(p, row[output_key].encode()) for p, row in zip(problems, rows)]
             sent_before = self._emitted.add(digests)
+        records, keys, has_code = [], [], []
         for row, problem, digest, repeat in zip(rows, problems, digests, sent_before):
             if repeat:
-                # This worker already sent this (problem, solution) in an earlier row, which is kept first: this
+                # This process already sent this (problem, solution) in an earlier row, which is kept first: this
                 # one is a sure duplicate, so it is not formatted at all.
-                out.append((digest, None, None, None))
-                row.pop("__where")
                 continue
-            has_code = code_begin in row[output_key]  # for code_text_filter
+            has_code.append(code_begin in row[output_key])  # for code_text_filter
+            keys.append(problem + digest)
             # json.dumps' text, as NeMo-Skills writes its rows: the same settings give a byte-identical file
-            out.append((digest, problem, dumps_like_json(self.to_record(row)).encode("ascii") + b"\n", has_code))
+            records.append(dumps_like_json(self.to_record(row)).encode("ascii") + b"\n")
+        result["repeats"] = len(rows) - len(records)
+        result["records"] = b"".join(records)
+        result["lengths"] = array("q", map(len, records))
+        result["keys"] = b"".join(keys)
+        result["has_code"] = bytes(has_code)
 
     def _parse(self, raw: bytes, where: str, result: dict) -> dict | None:
         row, reason = parse_json_object(raw)
@@ -438,11 +479,11 @@ class Preparer:
     def _results(self, files: list[Path]):
         """Chunk results in input order, computed in worker processes when there is enough work."""
         workers = self.cfg["num_workers"] or min(available_cpus(), self.cores or 8)
-        chunks = self.raw_chunks(files)
+        chunks = self.chunks(files)
         total_bytes = sum(p.stat().st_size for p in files if p.is_file())
         if workers <= 1 or total_bytes < PARALLEL_MIN_BYTES:
-            for info, path, batch in chunks:
-                yield info, self.process_chunk(path, batch)
+            for info, block in chunks:
+                yield info, self.process_chunk(*block)
             return
         global _WORKER
         _WORKER = self  # inherited by the forked workers: filters, tokenizer and formatter are set up once
@@ -450,24 +491,25 @@ class Preparer:
         infos: list[dict] = []
 
         def tasks():
-            for info, path, batch in chunks:
+            for info, block in chunks:
                 infos.append(info)
-                yield path, batch
+                yield block
 
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             for i, result in enumerate(pool.imap(_work_in_worker, tasks(), chunksize=1)):
                 yield infos[i], result
 
     def filtered_rows(self, files: list[Path]):
-        """(problem digest, row digest, record bytes, has code) of every row that reaches deduplication, with every
-        counter merged into the stats. Repeats that a worker recognised are dropped here; the others are found
-        when the output is ordered (Spool.grouped_rows), where a problem's rows come together."""
+        """Blocks of (record bytes, lengths, keys, has code) of the rows that reach deduplication (Spool.add_block's
+        arguments), with every counter merged into the stats. Repeats that a worker recognised are not sent; the
+        others are found when the output is ordered (Spool.grouped_rows), where a problem's rows come together."""
         dedup = self.stats["deduplicate"] = {"stage": "deduplicate", "rows_in": 0, "dropped": 0}
         sel = self.stats["selection"] = dict.fromkeys(SELECTION_KEYS, 0)
         inv = self.stats["invalid_rows"]
         length_totals = [dict.fromkeys(LENGTH_COUNTERS, 0) for _ in self.length_stages]
         self.stats["_length_totals"] = length_totals
         for info, result in self._results(files):
+            info["rows"] += result["rows_read"]
             for k, v in result["selection"].items():
                 sel[k] += v
             info["invalid"] += len(result["invalid"])
@@ -478,13 +520,10 @@ class Preparer:
             for total, counts in zip(length_totals, result["length"]):
                 for k, v in counts.items():
                     total[k] += v
-            for digest, problem, payload, has_code in result["rows"]:
-                if self.cfg["deduplicate"]:
-                    dedup["rows_in"] += 1
-                    if payload is None:  # the worker sent this row before (process_chunk)
-                        dedup["dropped"] += 1
-                        continue
-                yield problem, digest, payload, has_code
+            if self.cfg["deduplicate"]:
+                dedup["rows_in"] += len(result["lengths"]) + result["repeats"]
+                dedup["dropped"] += result["repeats"]
+            yield result["records"], result["lengths"], result["keys"], result["has_code"]
 
     def run(self, output_path: str | Path) -> dict:
         start = time.time()
@@ -510,8 +549,8 @@ class Preparer:
         records in that order."""
         spool = S.Spool(tmp.with_name(tmp.name + ".spool"))
         try:
-            for problem, digest, data, has_code in rows:
-                spool.add(data, problem, digest, has_code)
+            for block in rows:
+                spool.add_block(*block)
             spool.close()
             order = self._reorder(spool)
             spool.copy(order, tmp)

@@ -24,6 +24,7 @@ MAX_BUCKETS = 256  # open files while partitioning; past 2^24 rows the buckets g
 COPY_ROWS = 4096  # records gathered per write of the output
 DROPPED = np.uint64(2**64 - 1)  # the sort key of a duplicate: sorts after every kept row
 LOW32 = np.uint64(2**32 - 1)
+KEY_BYTES = 32  # a row's (problem digest, row digest) in the keys file
 
 
 class Spool:
@@ -43,15 +44,31 @@ class Spool:
         self._offsets_file = open(self.offsets_path, "wb")
 
     def add(self, record: bytes, problem: bytes, digest: bytes, has_code: bool) -> None:
-        self._offsets.append(self.size)
-        if len(self._offsets) == BLOCK_ROWS:
+        """One row: add_block of a block of one."""
+        self.add_block(record, array("q", [len(record)]), problem + digest, bytes([has_code]))
+
+    def add_block(self, records: bytes, lengths, keys: bytes, has_code: bytes) -> None:
+        """Rows given as their records joined (`lengths`: each record's length), their (problem digest, row digest)
+        pairs joined (KEY_BYTES a row) and their has-code flags (a byte a row): one write per file."""
+        lengths = np.frombuffer(lengths, dtype=np.int64)
+        if not len(lengths):
+            return
+        starts = np.empty(len(lengths), dtype=np.int64)
+        starts[0] = self.size
+        np.cumsum(lengths[:-1], out=starts[1:])
+        starts[1:] += self.size
+        size = self.size + int(lengths.sum())
+        if size - self.size != len(records) or len(keys) != KEY_BYTES * len(lengths) or len(has_code) != len(lengths):
+            raise RuntimeError("internal error: a spool block's records, keys and flags do not match its lengths")
+        self._offsets.frombytes(starts.tobytes())
+        if len(self._offsets) >= BLOCK_ROWS:
             self._offsets.tofile(self._offsets_file)
             del self._offsets[:]
-        self._records.write(record)
-        self.size += len(record)
-        self._keys.write(problem + digest)
-        self.has_code.append(has_code)
-        self.rows += 1
+        self._records.write(records)
+        self._keys.write(keys)
+        self.has_code += has_code
+        self.size = size
+        self.rows += len(lengths)
 
     def close(self) -> None:
         """Finish the files (the offsets end with the spool's size, so that row r spans offsets r to r + 1)."""
