@@ -24,7 +24,7 @@ NATIVE = native.SCAN
 def test_the_compiled_scans_are_built_and_used():
     """`make install` (pip install -e .) compiles them; without them prepare_data's filters cost ~25% more CPU."""
     assert NATIVE is not None, "sftflow._scan is not built or is stale: run `make install`"
-    assert A.find_equations("So 2 + 3 = 5.") == [(3, 12, True)]
+    assert A.find_equations("So 2 + 3 = 5.") == [(3, 12, True, 1)]
     from sftflow import mathtext
 
     assert mathtext.find_boxed.__wrapped__ is NATIVE.find_boxed
@@ -185,3 +185,34 @@ def test_stale_or_switched_off_build_is_not_used(monkeypatch):
     assert native.load_scan() is NATIVE
     monkeypatch.setenv("SFTFLOW_PURE_PYTHON", "1")
     assert native.load_scan() is None
+
+
+@pytest.mark.parametrize("rel_tol", [0.0, 1e-4, 1e-9, 0.01, 0.5, 3.0, 1e-30])
+def test_equation_checker_gives_equation_is_correct(rel_tol):
+    """equation_checker answers "a op b = c" in compiled code (integers, limited digits) and hands every other
+    equation to equation_is_correct; either way its verdict is equation_is_correct's."""
+    rng = random.Random(int(rel_tol * 1e6) + 7)
+    check = A.equation_checker(rel_tol)
+    tol = A._fraction(rel_tol)
+    compiled = None  # 1e-30 is a 48-bit num over 2^147: past the compiled path, so equation_is_correct answers all
+    if tol.denominator < 2**127:
+        compiled = dict(
+            numerator=tol.numerator, denominator_high=tol.denominator >> 64, denominator_low=tol.denominator % 2**64
+        )
+    answered = 0
+    for _ in range(4000):
+        a, b = rng.choice([0, 1, 7, 12, 999, 10**9 - 1, 10**9, 123456789012]), rng.randint(0, 10 ** rng.randint(1, 9))
+        op = rng.choice("+-*/")
+        exact = {"+": a + b, "-": a - b, "*": a * b, "/": a // max(b, 1)}[op]
+        stated = rng.choice([exact, exact + 1, exact - 1, exact * (1 + rng.choice([1e-5, 1e-3, 0.3])), -exact, 0])
+        stated_text = rng.choice([str(int(stated)), f"{stated:.2f}", str(int(stated)) + "0" * rng.randint(0, 12)])
+        space = lambda: rng.choice(["", " ", "  "])  # noqa: E731
+        equation = f"{space()}{a}{space()}{op}{space()}{b}{space()}={space()}{stated_text}{space()}"
+        text = rng.choice(["", "So ", "x\n"]) + equation + rng.choice(["", " apples.", "\n"])
+        start = text.index(equation)
+        expected = A.equation_is_correct(equation, rel_tol)
+        assert check(text, start, start + len(equation)) is expected, (equation, rel_tol)
+        if compiled:
+            answered += NATIVE.simple_equation_is_correct(text, start, start + len(equation), **compiled) is not None
+    if compiled:
+        assert answered > 600  # the compiled path answered a good share of them itself

@@ -1,10 +1,12 @@
 /* sftflow's compiled text scans, each the same reading as a pure-Python reference that the tests compare it with:
  *
- * find_equations(text) -> [(start, end, alone), ...]: sftflow.prepare.arithmetic.find_equations_python (_chains,
+ * find_equations(text) -> [(start, end, alone, operations), ...]: sftflow.prepare.arithmetic.find_equations_python (_chains,
  *   _chain_equations, _after_bullet, _clear_before, _clear_after, tokenize); that code's comments say what counts as
  *   an equation. Where Python's own rules decide, this code asks Python: a word with a non-ASCII letter goes to
  *   `word_is_safe` (str.lower), and a side with a number of more than MAX_NATIVE_DIGITS digits to `side_tokens`
  *   (int()'s digit limit).
+ * simple_equation_is_correct(text, start, end, ...): arithmetic.equation_is_correct(text[start:end], rel_tol) for
+ *   "a op b = c" with + - * and integers of up to 9 (a, b) and 18 (c) digits, else None (Python decides).
  * find_boxed(text) -> [(start, end, content), ...]: sftflow.mathtext.find_boxed_python.
  *
  * tests/test_native_scan.py checks both against their references, on real solutions and on generated texts.
@@ -284,7 +286,8 @@ static int chain_equations(const Text *t, Py_ssize_t start, Py_ssize_t end, PyOb
                 for (Py_ssize_t m = 0; m < n && alone; m++) {
                     if (!(m >= run_first && m <= run_last && in_run[m]) && ss[m] != se[m]) alone = 0;
                 }
-                PyObject *eq = Py_BuildValue("(nnO)", ss[run_first], se[run_last], alone ? Py_True : Py_False);
+                PyObject *eq =
+                    Py_BuildValue("(nnOn)", ss[run_first], se[run_last], alone ? Py_True : Py_False, operations);
                 if (!eq || PyList_Append(found, eq) < 0) {
                     Py_XDECREF(eq);
                     goto error;
@@ -425,6 +428,65 @@ error:
     return NULL;
 }
 
+/* Digits text[*pos:] as a number of at most max_digits digits: the count read (0: none, or too many: -1). */
+static int read_digits(const Text *t, Py_ssize_t *pos, Py_ssize_t end, int max_digits, unsigned __int128 *value) {
+    Py_ssize_t i = *pos;
+    unsigned __int128 v = 0;
+    while (i < end && is_ascii_digit(at(t, i))) {
+        if (i - *pos >= max_digits) return -1;
+        v = v * 10 + (at(t, i) - '0');
+        i++;
+    }
+    int count = (int)(i - *pos);
+    *pos = i;
+    *value = v;
+    return count;
+}
+
+static Py_ssize_t skip_spaces(const Text *t, Py_ssize_t i, Py_ssize_t end) {
+    while (i < end && at(t, i) == ' ') i++;
+    return i;
+}
+
+/* equation_is_correct's "a op b = c" path for integers: the equation text[start:end] read as
+ * ` *(\d+) *([-+*]) *(\d+) *= *(\d+) *` (its _SIMPLE with spaces for \s, ASCII digits for \d and an integer stated
+ * value), a and b of at most 9 digits, c of at most 18; then True iff miss == 0 or miss * den <= num * |value|, with
+ * rel_tol = num / den exactly (den given as its high and low 64 bits). None for any other equation. */
+static PyObject *simple_equation_is_correct(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"text", "start", "end", "numerator", "denominator_high", "denominator_low", NULL};
+    PyObject *arg;
+    Py_ssize_t start, end;
+    unsigned long long numerator, den_high, den_low;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "UnnKKK", keywords, &arg, &start, &end, &numerator, &den_high,
+                                     &den_low))
+        return NULL;
+    Text t = {PyUnicode_KIND(arg), PyUnicode_DATA(arg), PyUnicode_GET_LENGTH(arg), arg};
+    if (start < 0 || end > t.n || start > end || end - start >= 4300 || numerator >= (1ULL << 63) ||
+        den_high >= (1ULL << 63) || (den_high == 0 && den_low == 0))
+        Py_RETURN_NONE; /* outside what this path reads: equation_is_correct decides */
+    unsigned __int128 a, b, stated, den = ((unsigned __int128)den_high << 64) | den_low;
+    Py_ssize_t i = skip_spaces(&t, start, end);
+    if (read_digits(&t, &i, end, 9, &a) <= 0) Py_RETURN_NONE;
+    i = skip_spaces(&t, i, end);
+    if (i >= end) Py_RETURN_NONE;
+    Py_UCS4 op = at(&t, i++);
+    if (op != '+' && op != '-' && op != '*') Py_RETURN_NONE;
+    i = skip_spaces(&t, i, end);
+    if (read_digits(&t, &i, end, 9, &b) <= 0) Py_RETURN_NONE;
+    i = skip_spaces(&t, i, end);
+    if (i >= end || at(&t, i++) != '=') Py_RETURN_NONE;
+    i = skip_spaces(&t, i, end);
+    if (read_digits(&t, &i, end, 18, &stated) <= 0) Py_RETURN_NONE;
+    if (skip_spaces(&t, i, end) != end) Py_RETURN_NONE; /* a decimal stated value, or more text */
+    __int128 value = op == '+' ? (__int128)(a + b) : op == '-' ? (__int128)a - (__int128)b : (__int128)(a * b);
+    unsigned __int128 magnitude = value < 0 ? (unsigned __int128)(-value) : (unsigned __int128)value;
+    __int128 diff = (__int128)stated - value;
+    unsigned __int128 miss = diff < 0 ? (unsigned __int128)(-diff) : (unsigned __int128)diff;
+    /* miss * den <= num * |value|  <=>  miss <= floor(num * |value| / den) for integers; num * |value| < 2^123 */
+    if (miss == 0 || miss <= (numerator * magnitude) / den) Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
 static PyObject *set_callbacks(PyObject *self, PyObject *args) {
     PyObject *word_is_safe, *side_tokens;
     if (!PyArg_ParseTuple(args, "OO", &word_is_safe, &side_tokens)) return NULL;
@@ -435,6 +497,8 @@ static PyObject *set_callbacks(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"find_equations", find_equations, METH_O, "(start, end, alone) of each plain arithmetic equation in a text."},
+    {"simple_equation_is_correct", (PyCFunction)(void (*)(void))simple_equation_is_correct, METH_VARARGS | METH_KEYWORDS,
+     "equation_is_correct for an integer 'a op b = c', or None for another equation."},
     {"find_boxed", find_boxed, METH_O, "(start, end, content) of each \\boxed{} in a text."},
     {"set_callbacks", set_callbacks, METH_VARARGS, "The Python functions this module defers to (_word_is_safe, _side_tokens)."},
     {NULL, NULL, 0, NULL},

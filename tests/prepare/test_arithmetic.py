@@ -58,7 +58,7 @@ def test_exact_fractions_and_formatting():
 
 def test_equations_found_in_prose_with_sentence_punctuation():
     text = "First 83 + 94 = 174. Then 2 * 3 = 6, done. Version 1.2 = 1.2 is not arithmetic."
-    found = [text[start:end] for start, end, _alone in F._equations(text)]
+    found = [text[start:end] for start, end, *_ in F._equations(text)]
     assert found == ["83 + 94 = 174", "2 * 3 = 6"]
 
 

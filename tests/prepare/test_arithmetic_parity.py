@@ -25,7 +25,7 @@ def split(text: str) -> str:
 
 
 def equations(text: str) -> list[str]:
-    return [text[start:end] for start, end, _alone in A.find_equations(text)]
+    return [text[start:end] for start, end, *_ in A.find_equations(text)]
 
 
 # Correct solutions (from ../shared/data/generations) that were dropped: the equation was misread.

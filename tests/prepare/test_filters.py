@@ -160,6 +160,23 @@ def test_text_memo_returns_the_functions_result_and_starts_afresh_when_full():
     assert memo("ab") == "AB" and calls[-1] == "ab"
 
 
+def test_text_memo_pauses_where_texts_do_not_recur_and_tries_again(monkeypatch):
+    monkeypatch.setattr(F.TextMemo, "WINDOW", 128)
+    monkeypatch.setattr(F.TextMemo, "PAUSE", 256)
+    calls = []
+    memo = F.TextMemo(lambda text: calls.append(text) or text.upper())
+    for i in range(128):  # all distinct: the memo stops looking up and storing
+        assert memo(f"t{i}") == f"T{i}"
+    assert memo.paused == 256 and not memo.results
+    assert [memo("same") for _ in range(256)] == ["SAME"] * 256
+    assert len(calls) == 128 + 256  # paused: every call computes
+    assert memo("same") == "SAME" and memo("same") == "SAME"  # after the pause it remembers again
+    assert len(calls) == 128 + 256 + 1
+    for _ in range(126):
+        memo("same")
+    assert memo.paused == 0  # a window with hits keeps it on
+
+
 @pytest.mark.parametrize("mode", ["all", "majority_code", "majority_text", "any_code"])
 def test_code_text_picks_on_flags_match_code_text_choice(mode):
     for flags in ([True, False, False], [False, True, True, False], [False, False], [True]):

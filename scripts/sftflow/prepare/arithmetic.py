@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from fractions import Fraction
 from functools import lru_cache
@@ -378,6 +379,7 @@ class Equation(NamedTuple):
     start: int  # text[start:end] is the equation, from its first side to its last, without surrounding space
     end: int
     alone: bool  # the other sides of its chain are empty: "x = 1 + 2 + 3 = 6", not "AB^2 = 36 + 25 + 30 = 91"
+    operations: int  # + - * / in all its sides (one: nothing to expand)
 
 
 def _chain_equations(text: str, start: int, end: int) -> list[Equation]:
@@ -405,7 +407,7 @@ def _chain_equations(text: str, start: int, end: int) -> list[Equation]:
         if tokens is None or n == last:
             if len(run) >= 2 and operations:
                 alone = all(a == b for i, (a, b) in enumerate(sides) if i not in run)
-                found.append(Equation(sides[run[0]][0], sides[run[-1]][1], alone))
+                found.append(Equation(sides[run[0]][0], sides[run[-1]][1], alone, operations))
             run, operations = [], 0
     return found
 
@@ -423,7 +425,7 @@ def _simple_chain_equations(text: str, start: int, end: int) -> list[Equation] |
         return None
     first, last = simple.start(1), simple.end(2)
     if _clear_before(text, first, False) and _clear_after(text, last):
-        return [Equation(first, last, True)]
+        return [Equation(first, last, True, 1)]
     return []
 
 
@@ -452,9 +454,30 @@ if SCAN is not None:
     SCAN.set_callbacks(_word_is_safe, _side_tokens)  # what it defers to Python (see _scan.c)
 
 
-def find_equations(text: str) -> list[tuple[int, int, bool]]:
-    """The plain arithmetic equations in `text`, in order (see above for what counts), as (start, end, alone):
-    find_equations_python's answer, from the compiled reading when it is built (about 15x faster)."""
+def find_equations(text: str) -> list[tuple[int, int, bool, int]]:
+    """The plain arithmetic equations in `text`, in order (see above for what counts), as (start, end, alone,
+    operations): find_equations_python's answer, from the compiled reading when it is built (about 15x faster)."""
     if SCAN is None:
         return find_equations_python(text)
     return SCAN.find_equations(text)
+
+
+def equation_checker(rel_tol: float):
+    """A function (text, start, end) -> equation_is_correct(text[start:end], rel_tol): the compiled scan answers
+    for "a op b = c" with + - * and integers of up to 9 (a, b) and 18 (c) digits, the commonest equations, and
+    equation_is_correct for every other one."""
+    tol = _fraction(rel_tol)
+    if SCAN is None or not (0 <= tol.numerator < 2**63 and 0 < tol.denominator < 2**127):
+        return lambda text, start, end: equation_is_correct(text[start:end], rel_tol)
+    simple = functools.partial(
+        SCAN.simple_equation_is_correct,
+        numerator=tol.numerator,
+        denominator_high=tol.denominator >> 64,
+        denominator_low=tol.denominator & (2**64 - 1),
+    )
+
+    def check(text: str, start: int, end: int) -> bool | None:
+        verdict = simple(text, start, end)
+        return equation_is_correct(text[start:end], rel_tol) if verdict is None else verdict
+
+    return check

@@ -76,24 +76,42 @@ _MISSING = object()
 
 
 class TextMemo:
-    """Results of a pure function of a solution text, kept for texts seen again: the same solution recurs across
-    seeds and problems. Bounded by the characters it holds; when full it starts afresh (results never change)."""
+    """Results of a pure function of a solution text, kept for texts seen again: the same solution may recur across
+    seeds and problems. Bounded by the characters it holds; when full it starts afresh (results never change).
+
+    Where texts do not recur (real generations are nearly all distinct) the memo only costs: when fewer than 1 in
+    64 of a window of lookups hit, it stops looking up and storing for the next PAUSE calls, then tries again."""
+
+    WINDOW = 1 << 15
+    PAUSE = 1 << 19
 
     def __init__(self, fn: Callable[[str], object], max_chars: int = 16 << 20):
         self.fn = fn
         self.max_chars = max_chars
         self.results: dict[str, object] = {}
         self.chars = 0
+        self.calls = self.misses = self.paused = 0
 
     def __call__(self, text: str):
+        if self.paused:
+            self.paused -= 1
+            return self.fn(text)
         result = self.results.get(text, _MISSING)  # not try/except: a miss, the common case, would raise
         if result is _MISSING:
             result = self.fn(text)
+            self.misses += 1
             self.chars += len(text)
             if self.chars > self.max_chars:
                 self.results.clear()
                 self.chars = len(text)
             self.results[text] = result
+        self.calls += 1
+        if self.calls == self.WINDOW:
+            if self.calls - self.misses < self.WINDOW // 64:
+                self.paused = self.PAUSE
+                self.results.clear()
+                self.chars = 0
+            self.calls = self.misses = 0
         return result
 
 
@@ -267,17 +285,19 @@ def trim_solutions(key: str, counter: dict) -> TextFilter:
 
 
 @lru_cache(maxsize=8)  # drop_incorrect_arithmetic and split_arithmetic look at the same text in turn
-def _equations(text: str) -> list[tuple[int, int, bool]]:
-    """(start, end, alone) of the plain arithmetic equations in `text` (see arithmetic.py for what counts)."""
+def _equations(text: str) -> list[tuple[int, int, bool, int]]:
+    """(start, end, alone, operations) of the plain arithmetic equations in `text` (see arithmetic.py for what counts)."""
     return arithmetic.find_equations(text)
 
 
 def drop_incorrect_arithmetic(key: str, rel_tol: float) -> TextFilter:
     """Drop a row with a wrong equation; equations not parsed exactly (see arithmetic.py) are never held against it."""
 
+    is_correct = arithmetic.equation_checker(rel_tol)
+
     def check(text: str) -> str | None:
-        for start, end, _alone in _equations(text):
-            if arithmetic.equation_is_correct(text[start:end], rel_tol) is False:
+        for start, end, _alone, _operations in _equations(text):
+            if is_correct(text, start, end) is False:
                 return None
         return text
 
@@ -293,8 +313,9 @@ def split_arithmetic(key: str) -> TextFilter:
 
     def split(text: str) -> str:
         pieces, last = [], 0
-        for start, end, alone in _equations(text):
-            expanded = arithmetic.split_equation(text[start:end]) if alone else None
+        for start, end, alone, operations in _equations(text):
+            # one operation leaves nothing to expand (split_equation answers None)
+            expanded = arithmetic.split_equation(text[start:end]) if alone and operations > 1 else None
             if expanded is not None:
                 pieces += [text[last:start], expanded]
                 last = end

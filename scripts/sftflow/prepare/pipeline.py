@@ -92,10 +92,18 @@ def dumps_like_json(record: dict) -> str:
     parts = []
     for key, value in record.items():
         encode = _SCALAR_JSON.get(type(value))
-        if type(key) is not str or encode is None:
-            return json.dumps(record)
-        parts.append(f"{quote_json(key)}: {encode(value)}")
+        prefix = _KEY_PREFIXES.get(key) if encode is not None else None
+        if prefix is None:
+            if type(key) is not str or encode is None:
+                return json.dumps(record)
+            prefix = quote_json(key) + ": "
+            if len(_KEY_PREFIXES) < 4096:  # the few keys of the records; a run with many distinct keys skips it
+                _KEY_PREFIXES[key] = prefix
+        parts.append(prefix + encode(value))
     return "{" + ", ".join(parts) + "}"
+
+
+_KEY_PREFIXES: dict[str, str] = {}  # key -> '"key": ', as json.dumps writes it (exact str keys only)
 
 
 def stats_path_for(output_path: str | Path) -> Path:
