@@ -116,3 +116,20 @@ def test_last_line_without_line_end_is_read(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "CHUNK_BYTES", 16)
     output, stats = prepare(tmp_path, "out", "++num_workers=2", "++do_shuffle=false")
     assert stats["rows_read"] == 2 and output.count(b"\n") == 2 and b'"q"' in output.splitlines()[1]
+
+
+def test_a_file_that_shrinks_while_it_is_cut_into_blocks_is_an_error(tmp_path, monkeypatch, capsys):
+    """The main process sized the file, then it got shorter: an error naming it, not a run missing its rows."""
+    path = tmp_path / "gen.jsonl"
+    path.write_bytes(b"\n".join(line(f"p{i}", f"s{i} \\boxed{{{i}}}") for i in range(50)) + b"\n")
+    cut = pipeline._next_block
+
+    def shrink_first(fd, offset, end, buffer):
+        path.write_bytes(b"")  # emptied after its size was taken
+        return cut(fd, offset, end, buffer)
+
+    monkeypatch.setattr(pipeline, "_next_block", shrink_first)
+    out = tmp_path / "sft.jsonl"
+    assert main([f"++input_files={path}", f"++output_path={out}", "++filters.remove_contaminated=false"]) == 2
+    assert f"{path}: the file changed while it was read" in capsys.readouterr().err
+    assert not out.exists()

@@ -279,8 +279,8 @@ class Preparer:
                 end, buffer = os.fstat(f.fileno()).st_size, bytearray(CHUNK_BYTES)
                 while offset < end:
                     size, lines = _next_block(f.fileno(), offset, end, buffer)
-                    if not size:
-                        break
+                    if not size:  # shorter than its size a moment ago: no row may go missing unsaid
+                        raise SftflowError(f"{path}: the file changed while it was read (rerun prepare_data)")
                     yield info, (str(path), offset, size, line_number)
                     line_number += lines
                     offset += size
