@@ -8,6 +8,7 @@ the readings looks at.
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -216,3 +217,19 @@ def test_equation_checker_gives_equation_is_correct(rel_tol):
             answered += NATIVE.simple_equation_is_correct(text, start, start + len(equation), **compiled) is not None
     if compiled:
         assert answered > 600  # the compiled path answered a good share of them itself
+
+
+def test_prepare_data_says_when_the_pure_python_scans_run(tmp_path, monkeypatch, capfd):
+    """A user whose install could not compile the scans is told why the run costs more CPU, and how to fix it."""
+    from sftflow.prepare.cli import main
+
+    data = tmp_path / "gen.jsonl"
+    row = {"problem": "p", "generation": "So 2 + 3 = 5. \\boxed{5}", "symbolic_correct": True}
+    data.write_text(json.dumps(row) + "\n")
+    args = [f"++input_files={data}", f"++output_path={tmp_path / 'sft.jsonl'}", "++filters.remove_contaminated=false"]
+    assert main(args) == 0
+    assert "pure-Python" not in capfd.readouterr().err
+    monkeypatch.setattr(native, "SCAN", None)
+    assert main(args) == 0
+    log = capfd.readouterr().err
+    assert "WARNING" in log and "not built or are stale" in log and "make install" in log

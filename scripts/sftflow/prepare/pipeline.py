@@ -24,6 +24,7 @@ import numpy as np
 from orjson import JSONDecodeError
 from orjson import loads as loads_json
 
+from sftflow import native
 from sftflow.errors import SftflowError
 from sftflow.io import atomic_path, check_input_file, iter_jsonl, parse_json_object, write_json
 from sftflow.mathtext import normalize_problem
@@ -537,6 +538,8 @@ class Preparer:
         start = time.time()
         files = expand_input_files(self.cfg["input_files"])
         LOG.info("reading %d file(s): %s", len(files), ", ".join(map(str, files)))
+        if native.missing_reason():
+            LOG.warning("%s", native.missing_reason())
         written = 0
         with atomic_path(output_path) as tmp:
             written = self._write_reordered(self.filtered_rows(files), tmp)
