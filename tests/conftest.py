@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
 
@@ -9,6 +10,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def needs_shared_data(*paths: str):
+    """skipif marker: the test reads these files or folders under ../shared/data (SHARED_DATA)."""
+    missing = [p for p in paths if not glob.glob(str(SHARED_DATA / p))]
+    return pytest.mark.skipif(
+        bool(missing),
+        reason=f"needs the shared reference data: {', '.join(str(SHARED_DATA / p) for p in missing)} absent (SFTFLOW_REQUIRE_SHARED_DATA=1 makes this an error)",
+    )
 
 
 @pytest.fixture(scope="session")
