@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.train.helpers import (
+from tests.train.conftest import (
     REPO,
     logged,
     make_model,

@@ -16,8 +16,8 @@ import pytest
 from sftflow import native
 from sftflow.mathtext import find_boxed_python
 from sftflow.prepare import arithmetic as A
-from tests.conftest import SHARED_DATA, read_jsonl
-from tests.prepare.test_arithmetic import LEFT, RIGHT, SIMPLE_CHAINS
+from tests.conftest import SHARED_DATA, needs_shared_data, read_jsonl
+from tests.prepare.conftest import LEFT, RIGHT, SIMPLE_CHAINS
 
 NATIVE = native.SCAN
 
@@ -51,10 +51,9 @@ def real_texts() -> list[str]:
     return texts
 
 
+@needs_shared_data("*/*.jsonl")
 def test_same_answer_on_real_solutions():
     texts = real_texts()
-    if not texts:
-        pytest.skip(f"no reference data in {SHARED_DATA}")
     found = boxes = 0
     for text in texts:
         same_answer(text)

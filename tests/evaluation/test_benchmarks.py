@@ -19,12 +19,12 @@ from sftflow.evaluation.benchmarks import (
     prepare_benchmark,
 )
 from sftflow.mathtext import last_boxed
-from tests.conftest import SHARED_DATA, read_jsonl, write_jsonl
+from tests.conftest import SHARED_DATA, needs_shared_data, read_jsonl, write_jsonl
 
 GSM8K = SHARED_DATA / "gsm8k" / "test.jsonl"
 MATH500 = SHARED_DATA / "math500" / "test.jsonl"
-needs_gsm8k = pytest.mark.skipif(not GSM8K.exists(), reason="../shared/data/gsm8k is absent")
-needs_math500 = pytest.mark.skipif(not MATH500.exists(), reason="../shared/data/math500 is absent")
+needs_gsm8k = needs_shared_data("gsm8k/test.jsonl")
+needs_math500 = needs_shared_data("math500/test.jsonl")
 
 
 # --- real files ---------------------------------------------------------------------------------

@@ -25,14 +25,12 @@ import pytest
 
 from sftflow.evaluation.benchmarks import normalize_row
 from sftflow.evaluation.grading import Grader, extract_answer, grade_generation, normalize_answer
-from tests.conftest import SHARED_DATA, read_jsonl
+from tests.conftest import SHARED_DATA, needs_shared_data, read_jsonl
 
 GSM8K = SHARED_DATA / "gsm8k" / "test.jsonl"
 MATH500 = SHARED_DATA / "math500" / "test.jsonl"
 GEN = SHARED_DATA / "generations"
-pytestmark = pytest.mark.skipif(
-    not (GSM8K.exists() and MATH500.exists()), reason="../shared/data (gsm8k, math500) is absent"
-)
+pytestmark = needs_shared_data("gsm8k/test.jsonl", "math500/test.jsonl")
 
 PARTNERS = 2  # other answers each reference answer is graded against
 
@@ -138,7 +136,7 @@ KNOWN_DIFFERENCES = {
 }
 
 
-@pytest.mark.skipif(not (GEN / "output-rs0.jsonl").exists(), reason="../shared/data/generations is absent")
+@needs_shared_data(*(f"generations/output-rs{seed}.jsonl" for seed in range(3)))
 def test_grading_agrees_with_nemo_skills_on_reference_generations():
     grader = Grader()
     differences = {}

@@ -59,8 +59,21 @@ def test_results_made_with_different_settings_are_refused_naming_what_differs(tm
 
 
 def test_other_benchmarks_may_differ(tmp_path):
-    dirs = [write_result(tmp_path, "final", "gsm8k", 20), write_result(tmp_path, "final", "math500", 50)]
-    summarize(dirs, tmp_path / "eval.json", tmp_path / "eval.md", "gsm8k,math500", {})
+    """Only results of one benchmark are compared: gsm8k on 20 problems and math500 on 50 with another
+    max_new_tokens sit side by side in eval.json, each with its own numbers."""
+    dirs = [
+        write_result(tmp_path, "final", "gsm8k", 20),
+        write_result(tmp_path, "base", "gsm8k", 20),
+        write_result(tmp_path, "final", "math500", 50, max_new_tokens=64),
+        write_result(tmp_path, "base", "math500", 50, max_new_tokens=64),
+    ]
+    out = summarize(dirs, tmp_path / "eval.json", tmp_path / "eval.md", "gsm8k,math500", {})
+    assert json.loads((tmp_path / "eval.json").read_text()) == out["summary"]
+    for model in ("final", "base"):
+        results = out["summary"]["results"][model]
+        assert {b: m["num_entries"] for b, m in results.items()} == {"gsm8k": 20, "math500": 50}
+    table = (tmp_path / "eval.md").read_text()
+    assert all(f"{m} / {b}" in table for m in ("final", "base") for b in ("gsm8k", "math500"))
 
 
 def test_warnings_of_the_runs_reach_eval_json_and_the_table(tmp_path):
@@ -75,7 +88,7 @@ def test_warnings_of_the_runs_reach_eval_json_and_the_table(tmp_path):
 
 
 def test_the_summary_writes_the_reports_eval_page_from_the_same_numbers(tmp_path):
-    from tests.report.html_tables import html_tables
+    from tests.report.conftest import html_tables
 
     dirs = [write_result(tmp_path, "final"), write_result(tmp_path, "base")]
     summarize(dirs, tmp_path / "eval.json", tmp_path / "eval.md", "gsm8k", {}, tmp_path / "report" / "eval.html")

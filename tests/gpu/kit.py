@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+# Its own REPO, not tests.conftest's: this file runs as a script, `python tests/gpu/kit.py fetch` (docs/gpu.md) and
+# run.sh's `image-site` with only tests/gpu on sys.path, where `tests` is not importable (nor, under -S, pytest).
 REPO = Path(__file__).resolve().parents[2]
 HERE = REPO / "tests" / "gpu"
 KIT = HERE / "kit"
@@ -127,8 +129,8 @@ GPU_IMPORTS = [
     "transformers.cli.serving.utils",
     # the GPU tests and the benchmarks run.sh runs (run.sh puts benchmarks/ on PYTHONPATH for `check`; attention_bench
     # only once it exists)
-    "tests.train.helpers",
-    "tests.megatron_backend.test_mapping",
+    "tests.train.conftest",
+    "tests.megatron_backend.conftest",
     "tests.gpu.test_gpu_attention",
     "tests.gpu.test_gpu_megatron_import",
     "tests.gpu.test_gpu_megatron_train",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.megatron_backend.test_mapping import imported_logits_match
+from tests.megatron_backend.conftest import imported_logits_match
 
 pytestmark = [
     pytest.mark.gpu,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.helpers import (
+from tests.train.conftest import (
     logged,
     make_model,
     make_moe_model,

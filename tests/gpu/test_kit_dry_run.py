@@ -13,13 +13,11 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
 from tests.gpu import kit
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_kit_pins_are_exact_unique_and_never_torch(tmp_path):

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.megatron_backend.test_training_cpu import assert_same_curve, fsdp_job, megatron_job
-from tests.train.helpers import REPO, make_model, subprocess_env
+from tests.conftest import REPO
+from tests.megatron_backend.conftest import STEPS, assert_same_curve, fsdp_job, megatron_job, val_rows
+from tests.train.conftest import make_model, subprocess_env
 
 HERE = Path(__file__).resolve().parent
 RTOL, ATOL = 1e-5, 1e-6
@@ -93,8 +94,6 @@ def test_training_with_a_chunked_loss_follows_the_fsdp_curve(tmp_path, tiny_mode
     """The engine with chunks of 16 tokens (micro-batches of 128) at TP=2 x PP=2: vocab-parallel chunks on the
     last stage, whose output layer holds its own copy of the tied embedding, under the 1F1B schedule, DDP and
     the distributed optimizer, against the fsdp backend's full logits."""
-    from tests.megatron_backend.test_training_cpu import STEPS, val_rows
-
     val = val_rows(tmp_path / "val.jsonl")
     common = dict(max_num_steps=STEPS, val_period=2, validation_data=str(val))
     fsdp_job(tmp_path, tiny_model, packed, tmp_path / "fsdp", loss_chunk_tokens=0, **common)

@@ -11,7 +11,8 @@ import pytest
 
 from sftflow.errors import SftflowError
 from sftflow.train.checkpoint import check_layout
-from tests.train.helpers import REPO, subprocess_env, train_command, training_config, write_config
+from tests.conftest import REPO
+from tests.train.conftest import subprocess_env, train_command, training_config, write_config
 
 LAYOUT = {
     "world_size": 8,

@@ -6,9 +6,6 @@ strict=True."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,34 +14,15 @@ from sftflow.errors import SftflowError
 from sftflow.megatron.hf_config import model_layout, padded_vocab_size, transformer_config_kwargs
 from sftflow.megatron.weights import fuse_qkv, hf_to_megatron, megatron_to_hf, shard, unshard
 from sftflow.train.parallel import ParallelDims as Parallel
-from tests.train.helpers import subprocess_env
-
-HERE = Path(__file__).resolve().parent
-SMALL = {"vocab_size": 100, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 4,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}  # fmt: skip
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}  # fmt: skip
-FAMILIES = {
-    "llama": ("LlamaConfig", {"head_dim": 16}),
-    "llama3-tied": ("LlamaConfig", {"tie_word_embeddings": True, "rope_parameters": LLAMA3_ROPE}),
-    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
-    "qwen3": ("Qwen3Config", {"head_dim": 16}),
-    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
-                                     "moe_intermediate_size": 16, "mlp_only_layers": [1], "norm_topk_prob": True}),
-}  # fmt: skip
-
-
-def hf_model(family: str):
-    import transformers
-
-    name, extra = FAMILIES[family]
-    config = getattr(transformers, name)(**SMALL, **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # norms start at 1; make every tensor distinct so a misplaced one cannot go unseen
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    return model
+from tests.megatron_backend.conftest import (
+    FAMILIES,
+    LLAMA3_ROPE,
+    SMALL,
+    hf_model,
+    imported_logits_match,
+    run_ranks,
+    save_hf,
+)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -128,33 +106,6 @@ def test_config_translation_and_what_it_refuses():
         shard({}, model_layout({"model_type": "llama", **SMALL}), Parallel(pp=3))
 
 
-def save_hf(model, path: Path) -> Path:
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(model.config.to_dict()))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")  # the same storage as the embedding
-    save_file(state, path / "model.safetensors")
-    return path
-
-
-def run_ranks(model_dir: Path, out: Path, tp: int, pp: int, ep: int, etp: int, *flags: str) -> list[dict]:
-    """megatron_ranks.py on CPU gloo ranks (world: pp x max(tp, ep x etp), or `world=N` in flags)."""
-    world = pp * max(tp, ep * etp)
-    for flag in flags:
-        if flag.startswith("world="):
-            world = int(flag[6:])
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           str(HERE / "megatron_ranks.py"), str(model_dir), str(out), str(tp), str(pp), str(ep), str(etp),
-           *[f for f in flags if not f.startswith("world=")]]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-
-
 @pytest.mark.parametrize(
     "family,tp,pp,ep,etp",
     [
@@ -193,7 +144,7 @@ def test_megatron_checkpoint_shards_export_to_the_same_hf_model(family, tp, pp, 
     from transformers import AutoModelForCausalLM
 
     from sftflow.train.export import export_checkpoint
-    from tests.train.helpers import make_tokenizer
+    from tests.train.conftest import make_tokenizer
 
     model = hf_model(family)
     model_dir = save_hf(model, tmp_path / "hf")
@@ -214,24 +165,6 @@ def test_megatron_checkpoint_shards_export_to_the_same_hf_model(family, tp, pp, 
     tokens = torch.randint(0, SMALL["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
-
-
-def imported_logits_match(family: str, tmp_path: Path, cpu: bool) -> None:
-    """megatron-core's GPTModel holding the mapped weights of a tiny HF model gives the HF model's logits
-    (fp32 on both sides: only the order of floating-point operations differs)."""
-    model = hf_model(family).eval()
-    model_dir = save_hf(model, tmp_path / "hf")
-    out = tmp_path / "out"
-    out.mkdir()
-    tokens = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    torch.save(tokens, out / "tokens.pt")
-    run_ranks(model_dir, out, 1, 1, 1, 1, "--forward", *(["--cpu"] if cpu else []))
-    megatron_logits = torch.load(out / "logits.pt", weights_only=True)
-    device = "cpu" if cpu else "cuda"
-    with torch.no_grad():
-        hf_logits = model.to(device)(input_ids=tokens.to(device)).logits.float().cpu()
-    assert megatron_logits.shape == hf_logits.shape
-    torch.testing.assert_close(megatron_logits, hf_logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

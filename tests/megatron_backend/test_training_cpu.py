@@ -17,63 +17,13 @@ speed) is in tests/gpu.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.train.helpers import (
-    REPO,
-    assert_weights_close,
-    logged,
-    make_moe_model,
-    run_train,
-    subprocess_env,
-    training_config,
-    write_config,
-)
-
-HERE = Path(__file__).resolve().parent
-STEPS = 4
-
-
-def val_rows(path: Path) -> Path:
-    import random
-
-    rng = random.Random(0)
-    rows = [
-        {
-            "input": " ".join(f"w{rng.randrange(3, 300)}" for _ in range(rng.randrange(3, 10))),
-            "output": " ".join(f"w{rng.randrange(3, 300)}" for _ in range(rng.randrange(3, 10))),
-        }
-        for _ in range(9)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def megatron_job(tmp: Path, model: Path, packed: Path, ckpt: Path, nproc: int, job=0, jobs=1, **training) -> dict:
-    """One chained megatron job on `nproc` CPU ranks (torchrun); returns its done record."""
-    config = write_config(tmp / f"megatron-{ckpt.name}.json", training_config(backend="megatron", **training))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(HERE / "cpu_train.py"), str(config), str(packed), str(model), str(ckpt), str(job), str(jobs)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=REPO)
-    assert result.returncode == 0, result.stderr[-5000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def fsdp_job(tmp: Path, model: Path, packed: Path, ckpt: Path, **training) -> None:
-    run_train(write_config(tmp / f"fsdp-{ckpt.name}.json", training_config(**training)), packed, model, ckpt)
-
-
-def assert_same_curve(megatron_ckpt: Path, fsdp_ckpt: Path) -> None:
-    for key, rel in (("loss", 1e-5), ("grad_norm", 1e-4), ("val_loss", 1e-5)):
-        ours, theirs = logged(megatron_ckpt, key), logged(fsdp_ckpt, key)
-        assert ours.keys() == theirs.keys() and ours, key
-        for step in ours:
-            assert ours[step] == pytest.approx(theirs[step], rel=rel), (key, step, ours[step], theirs[step])
+from tests.megatron_backend.conftest import STEPS, assert_same_curve, fsdp_job, megatron_job, val_rows
+from tests.train.conftest import assert_weights_close, logged, make_moe_model
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Fixtures of the packing tests: a loaded demo tokenizer and the real SmolLM2 tokenizer (skipped if absent)."""
+"""Fixtures of the packing tests: a loaded demo tokenizer and the real SmolLM2 tokenizer (skipped if absent); rows
+in both SFT layouts (input / output and messages) for the pipeline and streaming tests."""
 
 from __future__ import annotations
 
@@ -24,3 +25,21 @@ def smollm2_tok():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+EOT = "<|im_end|>\n"
+
+
+def make_rows(n: int) -> list[dict]:
+    """n SFT rows of varied lengths: every third a messages row, the others input / output rows ending in EOT."""
+    rows = []
+    for i in range(n):
+        steps = " ".join(f"{i} + {k} = {i + k}." for k in range(i % 9 + 1))  # varied lengths
+        prompt = f"<|im_start|>user\nProblem {i}: add things.<|im_end|>\n<|im_start|>assistant\n"
+        if i % 3 == 0:
+            rows.append(
+                {"messages": [{"role": "user", "content": f"Problem {i}"}, {"role": "assistant", "content": steps}]}
+            )
+        else:
+            rows.append({"input": prompt, "output": steps + EOT, "expected_answer": str(i)})
+    return rows

@@ -18,22 +18,7 @@ from sftflow.packing import FORMAT, PackedDataset, collate_bins, pack_jsonl
 from sftflow.packing.cli import main
 from sftflow.packing.tokenize import tokenize_rows
 from tests.conftest import REPO, write_jsonl
-
-EOT = "<|im_end|>\n"
-
-
-def make_rows(n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        steps = " ".join(f"{i} + {k} = {i + k}." for k in range(i % 9 + 1))  # varied lengths
-        prompt = f"<|im_start|>user\nProblem {i}: add things.<|im_end|>\n<|im_start|>assistant\n"
-        if i % 3 == 0:
-            rows.append(
-                {"messages": [{"role": "user", "content": f"Problem {i}"}, {"role": "assistant", "content": steps}]}
-            )
-        else:
-            rows.append({"input": prompt, "output": steps + EOT, "expected_answer": str(i)})
-    return rows
+from tests.packing.conftest import EOT, make_rows
 
 
 def sequences_of(ds: PackedDataset) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:

@@ -21,7 +21,7 @@ from sftflow.packing import shards as packing_shards
 from sftflow.packing.binpack import assign_bins
 from sftflow.packing.tokenize import tokenize_rows
 from tests.conftest import write_jsonl
-from tests.packing.test_packing_pipeline import EOT, make_rows
+from tests.packing.conftest import EOT, make_rows
 
 
 def reference_pack(rows: list[dict], out: Path, tok, cfg: dict, source: str) -> None:

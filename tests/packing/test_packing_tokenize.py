@@ -7,8 +7,7 @@ from transformers import AutoTokenizer
 
 from sftflow.errors import SftflowError
 from sftflow.packing.tokenize import row_segments, tokenize_rows
-
-EOT = "<|im_end|>\n"
+from tests.packing.conftest import EOT
 
 
 def encode(tok, row, **kw):

@@ -4,6 +4,7 @@ import pytest
 
 from sftflow.prepare import arithmetic as A
 from sftflow.prepare import filters as F
+from tests.prepare.conftest import LEFT, RIGHT, SIMPLE_CHAINS
 
 
 @pytest.mark.parametrize(
@@ -82,61 +83,6 @@ def test_integer_fast_path_uses_the_exact_tolerance():
     assert A.equation_is_correct("1000 + 1 = 1002", 1e-4) is False
     assert A.equation_is_correct("7 - 9 = -2", 0.0) is True  # a negative stated value: the general path
     assert A.equation_is_correct("9 - 7 = 2", 0.0) is True
-
-
-# Neighbours that do and do not let an equation's sides continue, around chains of the "a op b = c" form.
-LEFT = [
-    "",
-    "\n",
-    "$",
-    "\\[",
-    "\\(",
-    "There are ",
-    "x",
-    "x ",
-    "AB^2 = ",
-    "3 times ",
-    "so, ",
-    "1,",
-    "...",
-    "\\cdots ",
-    "\\quad ",
-    "- ",
-    "-",
-    "(",
-    "* ",
-    "e.g. ",
-    "\\, ",
-    "é ",
-    "ab\\\\ ",
-    "\t",
-]
-RIGHT = [
-    "",
-    "\n",
-    "$",
-    " pencils.",
-    "x",
-    " x",
-    "^2",
-    "!",
-    " !",
-    ",000",
-    ", so",
-    ".5",
-    ". ",
-    "...",
-    "\\]",
-    "\\%",
-    "\\quad",
-    " cm",
-    "?",
-    ":4",
-    " )",
-    "\\\\",
-    " times 2",
-]
-SIMPLE_CHAINS = ["10 * 3 = 30", " 2+2=4 ", "1.5 / 3 = 0.5", "10 -3 = 7", "7 / 0 = 1", "12 - 5 = 8", "4*2 =  8"]
 
 
 def test_simple_chain_fast_path_finds_what_the_general_reading_finds():

@@ -11,7 +11,7 @@ import pytest
 
 from sftflow.prepare import arithmetic as A
 from sftflow.prepare import filters as F
-from tests.conftest import SHARED_DATA, read_jsonl
+from tests.conftest import SHARED_DATA, needs_shared_data, read_jsonl
 
 GEN = SHARED_DATA / "generations"
 
@@ -149,9 +149,7 @@ def test_split_leaves_what_it_does_not_expand(text):
     assert split(text) == text
 
 
-needs_generations = pytest.mark.skipif(
-    not (GEN / "output-rs0.jsonl").exists(), reason="../shared/data/generations is absent"
-)
+needs_generations = needs_shared_data(*(f"generations/output-rs{i}.jsonl" for i in range(3)))
 
 
 def correct_generations() -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import write_jsonl
-from tests.prepare.test_pipeline import prepare, row
+from tests.prepare.conftest import prepare, row
 
 LLAMA3_LIKE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"

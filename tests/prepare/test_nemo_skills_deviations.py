@@ -4,7 +4,7 @@ docs/nemo-skills-parity.md (issue 13). A change here is a change of that page to
 from __future__ import annotations
 
 from tests.conftest import write_jsonl
-from tests.prepare.test_pipeline import prepare, row
+from tests.prepare.conftest import prepare, row
 
 
 def test_a_null_label_is_unlabeled_not_incorrect_and_is_correct_is_a_label(tmp_path):

@@ -19,12 +19,10 @@ import random
 import pytest
 
 from sftflow.prepare.cli import main
-from tests.conftest import SHARED_DATA, read_jsonl
+from tests.conftest import SHARED_DATA, needs_shared_data, read_jsonl
 
 GENERATIONS = SHARED_DATA / "generations" / "output-rs*.jsonl"
-pytestmark = pytest.mark.skipif(
-    not glob.glob(str(GENERATIONS)), reason=f"{GENERATIONS} is absent (the shared reference data)"
-)
+pytestmark = needs_shared_data("generations/output-rs*.jsonl")
 
 
 def assistant_turn(tok, content: str) -> str:

@@ -5,37 +5,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 from enum import IntEnum
-from pathlib import Path
 
 import pytest
 
 from sftflow import config as C
-from sftflow.prepare.cli import main
-from tests.conftest import read_jsonl, write_jsonl
-
-OFF = [
-    "++filters.remove_contaminated=false",
-    "++filters.remove_len_outlier_problems=false",
-    "++filters.trim_solutions=false",
-    "++do_shuffle=false",
-]
-
-
-def row(problem: str, generation: str, correct: bool | None = True, **extra) -> dict:
-    r = {"problem": problem, "generation": generation, "expected_answer": "1", **extra}
-    if correct is not None:
-        r["symbolic_correct"] = correct
-    return r
-
-
-def prepare(tmp_path: Path, files: dict[str, list], *args: str, defaults=OFF):
-    for name, rows in files.items():
-        write_jsonl(tmp_path / "gen" / name, rows)
-    out = tmp_path / "out" / "sft.jsonl"
-    rc = main([f"++input_files={tmp_path}/gen/*.jsonl", f"++output_path={out}", *defaults, *args])
-    if rc != 0:
-        return rc, None, None
-    return rc, read_jsonl(out), json.loads((tmp_path / "out" / "sft.stats.json").read_text())
+from tests.conftest import write_jsonl
+from tests.prepare.conftest import prepare, row
 
 
 def accounted(stats: dict) -> int:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from sftflow.prepare.cli import main
-from tests.conftest import SHARED_DATA, read_jsonl
+from tests.conftest import SHARED_DATA, needs_shared_data, read_jsonl
 
 GEN = SHARED_DATA / "generations"
-pytestmark = pytest.mark.skipif(not (GEN / "output-rs0.jsonl").exists(), reason="../shared/data/generations is absent")
+pytestmark = needs_shared_data(*(f"generations/output-rs{i}.jsonl" for i in range(3)))
 
 PLAIN = [
     "++filters.remove_contaminated=false",

@@ -7,8 +7,7 @@ import pandas as pd
 from sftflow.report import data_prep
 from sftflow.report.figures import DPI, WIDTH_INCHES
 from sftflow.report.render import write_html_page
-from tests.report.conftest import CONTAMINATION, packing_stats, png_size, sft_stats
-from tests.report.html_tables import html_tables, table_dicts
+from tests.report.conftest import CONTAMINATION, html_tables, packing_stats, png_size, sft_stats, table_dicts
 
 
 def test_funnel_accounts_for_every_row_read_from_read_to_written():

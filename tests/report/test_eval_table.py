@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 from sftflow.report import eval_table
-from tests.report.conftest import eval_summary
-from tests.report.html_tables import html_tables, table_dicts
+from tests.report.conftest import eval_summary, html_tables, table_dicts
 
 
 def test_eval_frame_has_a_row_per_model_and_benchmark_and_a_column_per_metric():

@@ -10,8 +10,7 @@ import yaml
 from sftflow.report.cli import ReportOutputs, main, make_report
 from sftflow.report.pages import FILE_NAMES, RULE_PAGES
 from tests.conftest import REPO
-from tests.report.conftest import png_size
-from tests.report.html_tables import html_tables
+from tests.report.conftest import html_tables, png_size
 
 CONFIG = {"output_dir": "results", "prepare_data": {"input_key": "problem", "filters": {"remove_contaminated": True}}}
 

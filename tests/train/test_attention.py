@@ -9,7 +9,7 @@ from sftflow.packing import collate_bins
 from sftflow.train.attention import VARLEN_ATTENTION, register_attention, varlen_attention
 from sftflow.train.loss import token_loss_sum
 from sftflow.train.model import model_inputs
-from tests.train.helpers import PAD_ID, random_sequences, tiny_llama_config
+from tests.train.conftest import PAD_ID, random_sequences, tiny_llama_config
 
 ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral"]
 

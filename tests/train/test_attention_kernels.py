@@ -13,7 +13,7 @@ from sftflow.packing import collate_bins
 from sftflow.train import attention as A
 from sftflow.train.loss import token_loss_sum
 from sftflow.train.model import model_inputs
-from tests.train.helpers import PAD_ID, random_sequences, tiny_llama_config
+from tests.train.conftest import PAD_ID, random_sequences, tiny_llama_config
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -249,7 +249,7 @@ def test_attention_dropout_needs_a_kernel_that_drops_out():
 
 
 def test_the_trainer_refuses_an_impossible_kernel_before_training(tmp_path, world1, packed, tiny_model):
-    from tests.train.helpers import run_inprocess
+    from tests.train.conftest import run_inprocess
 
     with pytest.raises(SftflowError, match="'training.attention' is 'flash'"):
         run_inprocess(world1, tmp_path / "ckpt", packed, tiny_model, attention="flash", max_num_steps=1)

@@ -22,7 +22,7 @@ from sftflow.averaging import (
     check_average_steps,
 )
 from sftflow.errors import SftflowError
-from tests.train.helpers import make_tokenizer, tiny_llama_config
+from tests.train.conftest import make_tokenizer, tiny_llama_config
 
 
 def _write_weights(model_dir: Path, tensors: dict[str, torch.Tensor]) -> Path:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sftflow.train.checkpoint import ENGINE, Checkpointer, RngState, TrainState, complete_checkpoints, latest_checkpoint
-from tests.train.helpers import Box, ModelAndOptimizer, run_inprocess, train_state_of
+from tests.train.conftest import Box, ModelAndOptimizer, run_inprocess, train_state_of
 
 
 def _full(tensor):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from tests.train.helpers import (
+from tests.train.conftest import (
     PAD_ID,
     SEQ_LEN,
     VOCAB,
@@ -143,7 +143,7 @@ def test_loss_chunk_tokens_is_validated_and_not_a_result_key():
     from sftflow.config import validate_sections
     from sftflow.errors import SftflowError
     from sftflow.train.config import RESULT_KEYS
-    from tests.train.helpers import training_config
+    from tests.train.conftest import training_config
 
     assert validate_sections(training_config())["training"]["loss_chunk_tokens"] is None
     assert validate_sections(training_config(loss_chunk_tokens=512))["training"]["loss_chunk_tokens"] == 512

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.train.helpers import (
+from tests.train.conftest import (
     assert_weights_close,
     final_weights,
     logged,

@@ -14,7 +14,7 @@ from sftflow.errors import SftflowError
 from sftflow.train.checkpoint import latest_checkpoint, read_meta
 from sftflow.train.config import check_checkpoint_matches
 from sftflow.train.lr_schedule import lr_at
-from tests.train.helpers import logged, run_inprocess, training_config
+from tests.train.conftest import logged, run_inprocess, training_config
 
 
 def training(**keys) -> dict:

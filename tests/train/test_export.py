@@ -12,7 +12,7 @@ from sftflow.packing import PackedDataset, collate_bins
 from sftflow.train.checkpoint import ENGINE, Checkpointer, latest_checkpoint
 from sftflow.train.export import export_checkpoint, plan_shards, resolve_checkpoint
 from sftflow.train.model import build_model, model_inputs
-from tests.train.helpers import ModelAndOptimizer, make_model, run_inprocess
+from tests.train.conftest import ModelAndOptimizer, make_model, run_inprocess
 
 
 @pytest.fixture(scope="module")

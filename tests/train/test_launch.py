@@ -20,8 +20,7 @@ from sftflow.train.cli import (
     planned_command,
     worker_environment,
 )
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("files", [(), ("config/examples/llama3.1-8b-8x8.yaml",)])

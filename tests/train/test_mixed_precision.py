@@ -12,7 +12,7 @@ from torch.distributed.tensor import DTensor
 
 from sftflow.train import fsdp
 from sftflow.train.checkpoint import ENGINE, RngState, TrainState
-from tests.train.helpers import (
+from tests.train.conftest import (
     Box,
     final_weights,
     logged,

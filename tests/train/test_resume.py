@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sftflow.train.checkpoint import latest_checkpoint
-from tests.train.helpers import (
+from tests.train.conftest import (
     final_weights,
     logged,
     make_model,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sftflow.errors import SftflowError
-from tests.train.helpers import assert_weights_close, final_weights, logged, make_packed, run_inprocess
+from tests.train.conftest import assert_weights_close, final_weights, logged, make_packed, run_inprocess
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_logged_loss_is_the_token_mean_over_the_global_batch(world1, packed, tin
 
     from sftflow.packing import PackedDataset
     from sftflow.train.data import BinSampler, TrainingPlan
-    from tests.train.helpers import training_config
+    from tests.train.conftest import training_config
 
     cfg = training_config(train_micro_batch_size=8, max_num_steps=4)["training"]
     dataset = PackedDataset(packed)
@@ -117,7 +117,7 @@ class FakeClock:
 def test_job_stops_before_the_deadline_saves_and_reports_incomplete(tmp_path, world1, packed, tiny_model):
     from sftflow.config import validate_sections
     from sftflow.train.trainer import JobSpec, run_job
-    from tests.train.helpers import training_config
+    from tests.train.conftest import training_config
 
     ckpt = tmp_path / "ckpt"
     cfg = validate_sections(training_config(max_num_steps=10, time_limit="00:10:00", time_margin_seconds=0))
@@ -215,7 +215,7 @@ def test_sigusr1_stops_the_job_cleanly_at_the_next_step(tmp_path, world1, packed
 
     from sftflow.config import validate_sections
     from sftflow.train.trainer import JobSpec, run_job
-    from tests.train.helpers import training_config
+    from tests.train.conftest import training_config
 
     calls = []
 
