@@ -4,8 +4,12 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 CORES ?= 2
 DEMO_TARGET ?= all
+# pytest-xdist workers. More than the 2 cores CI has: many tests wait (on Slurm, an inference server, a
+# subprocess's start-up) rather than compute, and a third worker fills that time (docs/benchmarks.md, "Test suite").
+TEST_WORKERS ?= 3
+PYTEST := $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
-.PHONY: demo test lint install
+.PHONY: demo test test-fast coverage lint install
 
 # The pinned requirements, then the sftflow package itself (scripts/sftflow, editable): importable by every script,
 # rule, test and job run with this venv's python. That install also compiles its C text scans in place (setup.py).
@@ -22,8 +26,21 @@ demo: $(STAMP)
 	$(VENV)/bin/snakemake --cores $(CORES) $(DEMO_TARGET)
 	$(VENV)/bin/snakemake --cores 1 --report results/report.html
 
+# The full suite: what CI runs (.ci/run). Prints the 25 slowest tests.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --durations=25
+	$(PYTEST) --durations=25
+
+# The fast tier for contributors (tests/README.md): every test not marked slow, in about 3 minutes.
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow" --durations=10
+
+# Line coverage of the sftflow package by the fast tier and by the full suite, subprocesses included (pyproject.toml,
+# [tool.coverage.*]); prints both totals and their ratio (tests/README.md has the last numbers).
+coverage: $(STAMP)
+	rm -rf .coverage-data && mkdir -p .coverage-data/fast .coverage-data/full
+	SFTFLOW_COVERAGE_DIR=$(CURDIR)/.coverage-data/fast $(PYTEST) -m "not slow" --cov --cov-report=
+	SFTFLOW_COVERAGE_DIR=$(CURDIR)/.coverage-data/full $(PYTEST) --cov --cov-report=
+	$(VENV)/bin/python benchmarks/test_coverage.py .coverage-data/fast/.coverage .coverage-data/full/.coverage
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -90,6 +90,7 @@ def test_automatic_chunking_counts_this_ranks_slice_of_the_vocabulary(rank_resul
         assert r["automatic"][10**6] == loss_chunk_size(None, 10**6, local_vocab) > 0
 
 
+@pytest.mark.slow
 def test_training_with_a_chunked_loss_follows_the_fsdp_curve(tmp_path, tiny_model, packed):
     """The engine with chunks of 16 tokens (micro-batches of 128) at TP=2 x PP=2: vocab-parallel chunks on the
     last stage, whose output layer holds its own copy of the tied embedding, under the 1F1B schedule, DDP and

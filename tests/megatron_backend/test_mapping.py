@@ -112,8 +112,8 @@ def test_config_translation_and_what_it_refuses():
         # Llama with TP / PP and Qwen3-MoE with PP x EP are trained in test_training_cpu.py (which loads every
         # rank's shard the same way); these are the families and layouts it does not train.
         ("qwen2", 2, 1, 1, 1),
-        ("qwen3", 1, 2, 1, 1),
-        ("qwen3_moe", 2, 1, 2, 2),
+        pytest.param("qwen3", 1, 2, 1, 1, marks=pytest.mark.slow),
+        pytest.param("qwen3_moe", 2, 1, 2, 2, marks=pytest.mark.slow),
     ],  # fmt: skip
 )
 def test_megatron_core_accepts_every_ranks_shard(family, tp, pp, ep, etp, tmp_path):
@@ -133,8 +133,8 @@ def test_megatron_core_accepts_every_ranks_shard(family, tp, pp, ep, etp, tmp_pa
     "family,tp,pp,ep,etp,world",
     [
         ("llama", 2, 1, 1, 1, 4),  # data parallel 2: only one replica of each part writes it
-        ("qwen3_moe", 1, 2, 2, 1, 4),  # experts over 2 EP ranks, dense weights replicated over them
-        ("qwen3_moe", 2, 1, 2, 2, 4),
+        pytest.param("qwen3_moe", 1, 2, 2, 1, 4, marks=pytest.mark.slow),  # experts over 2 EP ranks, dense replicated
+        pytest.param("qwen3_moe", 2, 1, 2, 2, 4, marks=pytest.mark.slow),
     ],
 )
 def test_megatron_checkpoint_shards_export_to_the_same_hf_model(family, tp, pp, ep, etp, world, tmp_path):
@@ -167,7 +167,9 @@ def test_megatron_checkpoint_shards_export_to_the_same_hf_model(family, tp, pp, 
         assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize(
+    "family", [f if f in ("llama", "qwen3_moe") else pytest.param(f, marks=pytest.mark.slow) for f in sorted(FAMILIES)]
+)
 def test_imported_megatron_model_gives_the_hf_logits_on_cpu(family, tmp_path):
     """megatron-core's forward on the CPU through tests/megatron_backend/cpu_shim.py (the GPU runs the same
     check in tests/gpu/test_gpu_megatron_import.py)."""

@@ -64,14 +64,16 @@ def one_job_runs(tmp_path_factory, tiny_model, moe_model, packed, reference):
 @pytest.mark.parametrize(
     "nproc, layout",
     [
-        (1, {}),
-        (2, {}),  # data parallel 2: the distributed optimizer shards its state
-        (2, {"tensor_model_parallel_size": 2}),
-        (2, {"pipeline_model_parallel_size": 2}),  # tied embeddings: the last stage holds a copy
-        (4, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}),
-        (1, {"activation_checkpointing": True}),
+        # The fast tier (make test-fast) trains one layout of each kind; the others are slow.
+        pytest.param(1, {}, id="single"),
+        pytest.param(2, {}, id="dp2", marks=pytest.mark.slow),  # data parallel 2: the optimizer shards its state
+        pytest.param(2, {"tensor_model_parallel_size": 2}, id="tp2"),
+        pytest.param(2, {"pipeline_model_parallel_size": 2}, id="pp2", marks=pytest.mark.slow),  # tied embeddings
+        pytest.param(
+            4, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}, id="tp2pp2", marks=pytest.mark.slow
+        ),
+        pytest.param(1, {"activation_checkpointing": True}, id="recompute", marks=pytest.mark.slow),
     ],
-    ids=["single", "dp2", "tp2", "pp2", "tp2pp2", "recompute"],
 )
 def test_every_layout_trains_the_fsdp_curve(request, one_job_runs, reference, nproc, layout):
     ckpt = one_job_runs("dense", request.node.callspec.id, nproc, layout)
@@ -85,11 +87,12 @@ def test_every_layout_trains_the_fsdp_curve(request, one_job_runs, reference, np
 @pytest.mark.parametrize(
     "nproc, layout",
     [
-        (1, {}),
-        (2, {"expert_model_parallel_size": 2}),
-        (4, {"pipeline_model_parallel_size": 2, "expert_model_parallel_size": 2}),
+        pytest.param(1, {}, id="single"),
+        pytest.param(2, {"expert_model_parallel_size": 2}, id="ep2", marks=pytest.mark.slow),
+        pytest.param(
+            4, {"pipeline_model_parallel_size": 2, "expert_model_parallel_size": 2}, id="pp2ep2", marks=pytest.mark.slow
+        ),
     ],  # fmt: skip
-    ids=["single", "ep2", "pp2ep2"],
 )
 def test_moe_layouts_train_the_fsdp_curve(request, one_job_runs, reference, nproc, layout):
     ckpt = one_job_runs("moe", request.node.callspec.id, nproc, layout)
@@ -106,6 +109,7 @@ def test_moe_layouts_train_the_fsdp_curve(request, one_job_runs, reference, npro
     ],  # fmt: skip
     ids=["dense-dp2", "moe-pp2ep2"],  # stage 0 of the MoE model has no experts: no expert optimizer state
 )
+@pytest.mark.slow
 def test_two_chained_jobs_end_bitwise_equal_to_one(
     tmp_path, one_job_runs, tiny_model, moe_model, packed, reference, which, layout_id, nproc, layout
 ):
@@ -143,7 +147,7 @@ def flat_tensors(value) -> list[torch.Tensor]:
     "which, layout_id, nproc, layout",
     [
         ("dense", "tp2", 2, {"tensor_model_parallel_size": 2}),  # vocabulary split over 2 ranks
-        ("moe", "ep2", 2, {"expert_model_parallel_size": 2}),
+        pytest.param("moe", "ep2", 2, {"expert_model_parallel_size": 2}, marks=pytest.mark.slow),
     ],  # fmt: skip
     ids=["dense-tp2", "moe-ep2"],
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.workflow.test_workflow import copy_workflow, snakemake
+from tests.conftest import copy_workflow, snakemake
 
 pytestmark = pytest.mark.slow
 

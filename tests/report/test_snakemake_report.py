@@ -16,11 +16,9 @@ from pathlib import Path
 import pytest
 
 from sftflow.report.render import format_value
-from tests.conftest import read_jsonl
+from tests.conftest import SMALL_RUN_CONFIG, read_jsonl, snakemake
 from tests.report.chromium import CHROMIUM, Chromium
 from tests.report.conftest import png_size
-from tests.workflow.small_demo import CONFIG
-from tests.workflow.test_workflow import snakemake
 
 pytestmark = [
     pytest.mark.slow,
@@ -113,7 +111,7 @@ def finished_run(small_demo_run, tmp_path_factory) -> Path:
     report.html` (no target: the default one). The report is made in a copy of the shared run."""
     workdir = tmp_path_factory.mktemp("report_run") / "run"
     shutil.copytree(small_demo_run, workdir)  # modification times kept: Snakemake sees the run as finished
-    result = snakemake("--cores", "1", *CONFIG, "--report", "report.html", cwd=workdir)
+    result = snakemake("--cores", "1", *SMALL_RUN_CONFIG, "--report", "report.html", cwd=workdir)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return workdir
 

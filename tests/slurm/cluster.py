@@ -13,6 +13,7 @@ variables, SLURM_CONF included, before it runs a job's command, so `srun` inside
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -55,6 +56,19 @@ class SlurmCluster:
         base = 10000 + os.getpid() % 20000
         self.ports = {"ctld": base, "slurmd": base + 1, "dbd": base + 2, "mysql": base + 3}
         self.ports.update({n: base + 4 + i for i, n in enumerate(nodes)})
+
+    @classmethod
+    def attach(cls, root: Path) -> SlurmCluster | None:
+        """The cluster another process started in `root` (None if none was): its daemons are found by their
+        PID files, so `stop()` works from any process."""
+        state = Path(root) / "cluster.json"
+        if not state.exists():
+            return None
+        saved = json.loads(state.read_text())
+        cluster = cls(root, nodes=tuple(saved["nodes"]))
+        cluster.ports = saved["ports"]
+        cluster.pid_files = [Path(p) for p in saved["pid_files"]]
+        return cluster
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
@@ -190,32 +204,40 @@ class SlurmCluster:
         while time.monotonic() < deadline:
             out = subprocess.run(["sinfo", "-h", "-o", "%T %D"], env=env, capture_output=True, text=True).stdout
             if out.split()[:2] == ["idle", str(len(self.nodes))]:
+                state = {"nodes": list(self.nodes), "ports": self.ports, "pid_files": [str(p) for p in self.pid_files]}
+                (r / "cluster.json").write_text(json.dumps(state))
                 return self
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"the test Slurm cluster did not come up: sinfo says {out!r}; logs in {r / 'log'}")
 
     def stop(self) -> None:
-        """Cancel every job, then stop the daemons by their PIDs (slurmds first)."""
+        """Cancel every job, then stop the daemons by their PIDs: SIGTERM to all at once (slurmds first), then
+        wait for each (SIGKILL after 10 s), so the stop takes as long as the slowest daemon, not their sum."""
         subprocess.run(["scancel", "--full", "-u", "root"], env=self.env(), capture_output=True)
+        stopping = []
         for pid_file in reversed(self.pid_files):
             try:
                 pid = int(pid_file.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
-            try:
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
+            except (OSError, ValueError, IndexError):  # no PID file, or the daemon is gone already
                 continue
-            for _ in range(100):
+            stopping.append(pid)
+        deadline = time.monotonic() + 10
+        for pid in stopping:
+            while time.monotonic() < deadline:
                 try:
                     os.kill(pid, 0)
                 except ProcessLookupError:
                     break
                 time.sleep(0.1)
             else:
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self.pid_files.clear()
+        (self.root / "cluster.json").unlink(missing_ok=True)
         for child in self.children:
             try:
                 child.wait(timeout=30)

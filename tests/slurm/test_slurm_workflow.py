@@ -8,7 +8,7 @@ shortest wall time: the jobs stop, save and resume mid-training, and the weights
 run's. A fourth has Slurm cancel a training job mid-training (as preemption does): the trainer saves on
 Slurm's SIGTERM, Snakemake resubmits the job, and it resumes from that checkpoint. The last three use the
 options for clusters without accounting (squeue status, no account), and start from a copy of the shared
-small demo run's data stages (tests/workflow/small_demo.py): they train on Slurm, and check that nothing else
+small demo run's data stages (small_demo_run, tests/conftest.py): they train on Slurm, and check that nothing else
 ran there; the first test runs the data stages on Slurm.
 
 No test depends on the machine's speed: the wall-time and cancel tests train towards far more steps than
@@ -28,10 +28,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import (
+    DATA_RULES,
+    SLURM,
+    SMALL_RUN,
+    SMALL_TRAINING,
+    SNAKEMAKE,
+    copy_with_data,
+    rules_run,
+    snakemake,
+)
 from tests.slurm.cluster import ACCOUNT
-from tests.workflow.small_demo import DATA_RULES, SLURM, SMALL_RUN, SMALL_TRAINING, copy_with_data, rules_run
-from tests.workflow.test_workflow import SNAKEMAKE, snakemake, workdir  # noqa: F401  (fixture)
 
+# One cluster for the whole run (tests/slurm/conftest.py), shared by these tests on every pytest-xdist worker.
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # Options for a cluster without accounting: status from squeue, no account to guess (see README).

@@ -11,8 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.workflow.small_demo import SMALL_TRAINING, copy_with_data, rules_run
-from tests.workflow.test_workflow import snakemake
+from tests.conftest import SMALL_TRAINING, copy_with_data, rules_run, snakemake
 
 SMALL = (
     SMALL_TRAINING

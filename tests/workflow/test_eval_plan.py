@@ -7,8 +7,7 @@ import shlex
 import pytest
 
 from sftflow.evaluation.settings import EvalSettings
-from tests.conftest import SHARED_DATA, read_jsonl
-from tests.workflow.test_workflow import snakemake, workdir  # noqa: F401  (fixture)
+from tests.conftest import SHARED_DATA, read_jsonl, snakemake
 
 
 def plan(workdir, config_text: str, target: str = "results/eval.json"):  # noqa: F811

@@ -14,8 +14,7 @@ import sys
 import yaml
 
 from sftflow import config as C
-from tests.conftest import REPO
-from tests.workflow.test_workflow import snakemake, workdir  # noqa: F401  (fixture)
+from tests.conftest import REPO, snakemake
 
 # A user's own experiment: only what they chose to write.
 USER_CONFIG = """

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, smollm2_source
+from tests.conftest import SHARED_DATA, copy_workflow, needs_shared_data, smollm2_source, snakemake
 from tests.conftest import SMOLLM2_GGUF as GGUF
-from tests.workflow.test_workflow import copy_workflow, snakemake
 
-pytestmark = pytest.mark.slow
-
-SHARED = REPO.parent / "shared" / "data"
+SHARED = SHARED_DATA
+pytestmark = [pytest.mark.slow, needs_shared_data("generations/output-rs0.jsonl", "gsm8k/test.jsonl")]
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +52,7 @@ prepare_data:
   downsampling_method: fair
   num_output_samples: 24
 packing:
-  max_total_sequence_length: 512
+  max_total_sequence_length: 256  # longer solutions are truncated (counted): 4 steps of 512 tokens
 training:
   num_training_jobs: 2
   max_num_steps: 4
@@ -76,8 +74,6 @@ eval:
 
 
 def test_a_users_own_experiment_with_a_real_model(smollm2_hf, tmp_path):
-    if not (SHARED / "generations" / "output-rs0.jsonl").exists() or not (SHARED / "gsm8k").is_dir():
-        pytest.skip(f"reference data not found in {SHARED}")
     workdir = copy_workflow(tmp_path / "wf")
     (workdir / "mine.yaml").write_text(user_config(smollm2_hf))
     result = snakemake("--cores", "2", "results/eval.json", "--configfile", "mine.yaml", cwd=workdir)

@@ -6,8 +6,6 @@ import json
 import subprocess
 import sys
 
-from tests.workflow.test_workflow import workdir  # noqa: F401  (fixture)
-
 
 def run(workdir, *args):  # noqa: F811
     cmd = [sys.executable, "scripts/run_experiment.py", *args]

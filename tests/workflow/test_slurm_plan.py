@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from tests.conftest import write_jsonl
-from tests.workflow.test_workflow import snakemake, workdir  # noqa: F401  (fixture)
+from tests.conftest import snakemake, write_jsonl
 
 EXAMPLE = "config/examples/llama3.1-8b-8x8.yaml"
 OUT = "results/llama3.1-8b-8x8"

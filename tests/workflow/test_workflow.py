@@ -3,46 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, read_jsonl
-
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-WORKFLOW_PARTS = ("Snakefile", "rules", "scripts", "config", "envs", "profiles", "report")
-
-
-def snakemake(*args: str, cwd: Path = REPO, timeout: int = 1800) -> subprocess.CompletedProcess:
-    # The timeout only catches a hang: far above what any run here takes on a slow or loaded machine.
-    return subprocess.run([SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def copy_workflow(dest: Path) -> Path:
-    """A fresh copy of the workflow in `dest`, as a user's clone would be (no results, no caches)."""
-    return copy_parts(REPO, dest, WORKFLOW_PARTS)
-
-
-def copy_parts(root: Path, dest: Path, parts) -> Path:
-    """Copy each of `parts` (files or folders, relative to `root`) that exists into `dest`, modification times
-    kept, Python caches left out."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for part in parts:
-        src = root / part
-        if src.is_dir():
-            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, dest / part)
-    return dest
-
-
-@pytest.fixture
-def workdir(tmp_path) -> Path:
-    return copy_workflow(tmp_path)
+from tests.conftest import read_jsonl, snakemake
 
 
 def test_dry_run_plans_every_stage(workdir):
@@ -115,11 +80,6 @@ def test_user_input_glob_that_matches_nothing_fails_at_planning(workdir):
     result = snakemake("-n", "--cores", "1", "--configfile", "config/config.yaml", "mine.yaml", cwd=workdir)
     assert result.returncode != 0
     assert "input_files pattern 'nowhere/output-rs*.jsonl' matches no file" in result.stdout + result.stderr
-
-
-def test_lint_is_clean():
-    result = snakemake("--lint", "--cores", "1")
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_demo_data_stage_runs_for_real(workdir):
