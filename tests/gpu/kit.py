@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 # Its own REPO, not tests.conftest's: this file runs as a script, `python tests/gpu/kit.py fetch` (docs/gpu.md) and
-# run.sh's `image-site` with only tests/gpu on sys.path, where `tests` is not importable (nor, under -S, pytest).
+# run.sh's `image-site` with only tests/gpu importable, where `tests` is not importable (nor, under -S, pytest).
 REPO = Path(__file__).resolve().parents[2]
 HERE = REPO / "tests" / "gpu"
 KIT = HERE / "kit"
