@@ -40,7 +40,7 @@ coverage: $(STAMP)
 	rm -rf .coverage-data && mkdir -p .coverage-data/fast .coverage-data/full
 	SFTFLOW_COVERAGE_DIR=$(CURDIR)/.coverage-data/fast $(PYTEST) -m "not slow" --cov --cov-report=
 	SFTFLOW_COVERAGE_DIR=$(CURDIR)/.coverage-data/full $(PYTEST) --cov --cov-report=
-	$(VENV)/bin/python benchmarks/test_coverage.py .coverage-data/fast/.coverage .coverage-data/full/.coverage
+	$(VENV)/bin/python benchmarks/tier_coverage.py .coverage-data/fast/.coverage .coverage-data/full/.coverage
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,6 @@
 """Compare the line coverage of scripts/sftflow by the fast tier with the full suite's (`make coverage`).
 
-Usage: python benchmarks/test_coverage.py FAST_DATA_FILE FULL_DATA_FILE
+Usage: python benchmarks/tier_coverage.py FAST_DATA_FILE FULL_DATA_FILE
 Prints each tier's covered lines and percentage, and the fast tier's share of what the full suite covers.
 """
 
