@@ -21,6 +21,12 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
+# Every process of the test run (workers, snakemake jobs, torchrun ranks, Slurm jobs inherit it) lets its idle
+# OpenMP threads sleep instead of spinning: 3 workers on 2 cores keep the CPU full, and spinning threads burned
+# CPU that other tests needed (tests/megatron_backend + tests/train, 3 workers: 7:02 -> 5:58, docs/benchmarks.md).
+# It changes when a thread waits, never what it computes. Set it yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 # CI sets it (.ci/run): there the shared reference data must be present, so its absence fails the run instead
