@@ -17,7 +17,6 @@ import pytest
 from tests.conftest import SHARED_DATA, copy_workflow, needs_shared_data, smollm2_source, snakemake
 from tests.conftest import SMOLLM2_GGUF as GGUF
 
-SHARED = SHARED_DATA
 pytestmark = [pytest.mark.slow, needs_shared_data("generations/output-rs0.jsonl", "gsm8k/test.jsonl")]
 
 
@@ -48,7 +47,7 @@ def user_config(model: Path) -> str:
 model:
   base_model: {model}
 prepare_data:
-  input_files: {SHARED}/generations/output-rs*.jsonl
+  input_files: {SHARED_DATA}/generations/output-rs*.jsonl
   downsampling_method: fair
   num_output_samples: 24
 packing:
@@ -63,7 +62,7 @@ training:
   average_steps: [2, 4]
 eval:
   benchmarks: gsm8k
-  benchmark_files: {{gsm8k: {SHARED}/gsm8k/test.jsonl}}
+  benchmark_files: {{gsm8k: {SHARED_DATA}/gsm8k/test.jsonl}}
   models: [averaged, base]
   max_samples: 3
   max_new_tokens: 32
