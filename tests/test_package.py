@@ -13,6 +13,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, WORKFLOW_PARTS, copy_parts
 
@@ -77,6 +78,19 @@ def _probe_import(python: Path, cwd: Path, env: dict[str, str]) -> subprocess.Co
     return _run([python, "-c", "import sftflow; print(sftflow.__file__)"], cwd, env)
 
 
+def _venv_with_project_dependencies(venv: Path, env: dict[str, str]) -> tuple[Path, Path]:
+    """A fresh venv (its python, its site-packages) that sees the project's dependencies (snakemake, jsonschema, pip,
+    setuptools, ...) without installing them again: their folders listed in a .pth. A path listed in a .pth is only
+    added, its own .pth files are not run, so the project venv's editable sftflow (a .pth there) stays invisible."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, env=env)
+    python = venv / "bin" / "python"
+    purelib = _run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], venv, env)
+    site_packages = Path(purelib.stdout.strip())
+    project_site = [p for p in {*site.getsitepackages(), sysconfig.get_path("purelib")} if Path(p).is_dir()]
+    (site_packages / "project-dependencies.pth").write_text("".join(f"{p}\n" for p in project_site))
+    return python, site_packages
+
+
 @pytest.mark.slow
 def test_a_non_editable_install_runs_show_config_and_a_dry_run_without_the_package_source(tmp_path):
     """`pip install .` (a wheel, not editable) into a fresh venv, then show_config.py and `snakemake -n` of the
@@ -86,17 +100,7 @@ def test_a_non_editable_install_runs_show_config_and_a_dry_run_without_the_packa
     # What `pip install .` builds from: the project file and the package source (no setup.py: pure Python). A copy,
     # so that the build leaves no build/ or egg-info in the checkout.
     source = copy_parts(REPO, tmp_path / "source", ("pyproject.toml", "scripts/sftflow"))
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, env=env)
-    python = venv / "bin" / "python"
-    purelib = Path(
-        _run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], tmp_path, env).stdout.strip()
-    )
-    # The project's dependencies (snakemake, jsonschema, ...) without installing them again: their folders on the
-    # venv's path. A path listed in a .pth is only added, its own .pth files are not run: the project venv's editable
-    # sftflow (a .pth there) stays invisible, which the probe below checks.
-    project_site = [p for p in {*site.getsitepackages(), sysconfig.get_path("purelib")} if Path(p).is_dir()]
-    (purelib / "project-dependencies.pth").write_text("".join(f"{p}\n" for p in project_site))
+    python, purelib = _venv_with_project_dependencies(tmp_path / "venv", env)
     workflow = copy_parts(REPO, tmp_path / "workflow", WORKFLOW_PARTS)
     shutil.rmtree(workflow / "scripts" / "sftflow")
     (workflow / "config" / "schema.yaml").unlink()
@@ -125,3 +129,35 @@ def test_a_non_editable_install_runs_show_config_and_a_dry_run_without_the_packa
     dry = _run([python, "-m", "snakemake", "-n", "--cores", "1"], workflow, env)
     assert dry.returncode == 0, (dry.stdout + dry.stderr)[-3000:]
     assert "rule train_job:" in dry.stdout + dry.stderr and "rule prepare_data:" in dry.stdout + dry.stderr
+
+
+@pytest.mark.slow
+def test_the_conda_post_deploy_script_installs_the_checkouts_package_into_the_active_env(tmp_path):
+    """envs/<env>.post-deploy.sh, as Snakemake runs it after creating a conda env (the env active, the working
+    directory the checkout): afterwards that env's python imports sftflow from the checkout, anywhere."""
+    env = _env_without_pythonpath()
+    rules_envs = {
+        m for smk in (REPO / "rules").glob("*.smk") for m in re.findall(r'"\.\./envs/(\w+)\.yaml"', smk.read_text())
+    }
+    assert rules_envs and all((REPO / "envs" / f"{name}.post-deploy.sh").is_file() for name in rules_envs)
+    for name in rules_envs:
+        conda_env = yaml.safe_load((REPO / "envs" / f"{name}.yaml").read_text())
+        (pip,) = [d["pip"] for d in conda_env["dependencies"] if isinstance(d, dict)]
+        assert {"jsonschema", "PyYAML"} <= {r.split("==")[0] for r in pip}, (
+            f"envs/{name}.yaml: sftflow.config needs them"
+        )
+    checkout = copy_parts(REPO, tmp_path / "checkout", ("pyproject.toml", "scripts/sftflow", "envs"))
+    python, _ = _venv_with_project_dependencies(tmp_path / "venv", env)
+    # The env "activated"; offline, with the project's setuptools (in CI as here; a real env build has the network).
+    active = env | {"PATH": f"{python.parent}:{env['PATH']}", "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"}
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    refused = _run(["bash", checkout / "envs" / "data.post-deploy.sh"], elsewhere, active)
+    assert refused.returncode == 1 and f"{elsewhere} is not the sftflow checkout" in refused.stderr, refused.stderr
+
+    deployed = _run(["bash", checkout / "envs" / "data.post-deploy.sh"], checkout, active)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    probe = _probe_import(python, elsewhere, env)
+    assert probe.returncode == 0, probe.stderr
+    assert Path(probe.stdout.strip()) == checkout / "scripts" / "sftflow" / "__init__.py"
