@@ -60,10 +60,9 @@ def run_from_snakemake(smk) -> None:
             str(smk.input.data),
             str(smk.output.packed),
             smk.params.tokenizer,
-            PackingConfig.from_section(smk.params.cfg),
+            PackingConfig.from_section(smk.params.cfg).with_workers(smk.input.data, cores=smk.threads),
             chat_template=smk.params.chat_template,
             chat_template_kwargs=dict(smk.params.get("chat_template_kwargs", None) or {}),
-            cores=smk.threads,
         )
     except SftflowError as err:
         LOG.error("%s", err)
