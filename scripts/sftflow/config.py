@@ -27,7 +27,16 @@ SCHEMA_PATH = REPO_ROOT / "config" / "schema.yaml"
 @cache
 def load_schema(path: str = str(SCHEMA_PATH)) -> dict:
     with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+        return with_registered_backends(yaml.safe_load(f))
+
+
+def with_registered_backends(schema: dict) -> dict:
+    """`schema` with the enum of `training.backend` set to the registered backends' names: the registry
+    (sftflow.train.engine, which imports no torch) is the one list of backends, so the schema file has none."""
+    from sftflow.train.engine import backend_names
+
+    schema["properties"]["training"]["properties"]["backend"]["enum"] = backend_names()
+    return schema
 
 
 def _with_defaults(validator_class):
