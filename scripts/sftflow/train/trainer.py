@@ -185,6 +185,8 @@ class Trainer:
     fake one.
     """
 
+    engine: Engine | None  # None when the resume point is at or past this job's target
+
     def __init__(self, cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, clock=time.time) -> None:
         t_process_start = clock()
         self.cfg, self.spec = cfg, spec
@@ -222,8 +224,8 @@ class Trainer:
             _check_resume_compatible(saved_meta, fingerprint, spec, self.latest.path, current, tcfg)
         self.schedule_changes = saved_meta.get("schedule_changes", [])
         self.start_step = self.latest.step if self.latest is not None else 0
-        if self.start_step >= self.target and self.latest is not None:
-            self.engine: Engine | None = None  # nothing to train: train() only writes the done record
+        if self.latest is not None and self.latest.step >= self.target:
+            self.engine = None  # nothing to train: train() only writes the done record
             return
 
         # --- engine, data order, schedule, checkpoint state, validation, metrics ------------------
