@@ -62,8 +62,8 @@ def prepare(cfg: PrepareConfig, cores: int | None = None) -> dict:
     results = block_results(blocks, processor.process_block, workers, input_bytes)
     with atomic_path(cfg.output_path) as tmp:
         funnel.rows_written = write_in_order(_counted(results, funnel), cfg, funnel, tmp)
-        formatting = {"mode": processor.formatter.mode, "output_format": cfg.output_format}
-        formatting["prompt_config"] = cfg.prompt_config
+        mode = processor.formatter.mode
+        formatting = {"mode": mode, "output_format": cfg.output_format, "prompt_config": cfg.prompt_config}
         stats = funnel.stats(str(cfg.output_path), formatting, round(time.time() - start, 3))
         if funnel.rows_written == 0:
             message = empty_output_reason(stats, cfg.filters)
