@@ -5,6 +5,7 @@ rule decontaminate:
     input:
         generations=get_generations(),
         benchmarks=[get_benchmark_file(b) for b in benchmark_names()],
+        config=stage_config("decontaminate"),
     output:
         out("data", "contamination.jsonl"),
     log:
@@ -15,11 +16,6 @@ rule decontaminate:
         "../envs/data.yaml"
     resources:
         **cpu_resources(),
-    params:
-        benchmark_names=benchmark_names(),
-        input_key=config["prepare_data"]["input_key"],
-        ngram_size=config["prepare_data"]["decontamination"]["ngram_size"],
-        threshold=config["prepare_data"]["decontamination"]["threshold"],
     script:
         "../scripts/find_contamination.py"
 

@@ -33,6 +33,7 @@ rule pack_data:
     input:
         data=out("data", "sft.jsonl"),
         tokenizer=local_inputs(get_tokenizer()),
+        config=stage_config("pack_data"),
     output:
         packed=directory(out("data", "packed")),
     log:
@@ -44,11 +45,6 @@ rule pack_data:
     threads: cpu_threads()
     resources:
         **cpu_resources(),
-    params:
-        cfg=config["packing"],
-        tokenizer=lambda wildcards, input: (input.tokenizer[0] if input.tokenizer else get_tokenizer()),
-        chat_template=config["model"]["chat_template"],
-        chat_template_kwargs=config["prepare_data"]["chat_template_kwargs"],
     script:
         "../scripts/pack_data.py"
 
