@@ -42,6 +42,8 @@ coverage: $(STAMP)
 	SFTFLOW_COVERAGE_DIR=$(CURDIR)/.coverage-data/full $(PYTEST) --cov --cov-report=
 	$(VENV)/bin/python benchmarks/tier_coverage.py .coverage-data/fast/.coverage .coverage-data/full/.coverage
 
+# ruff's rules are pyproject.toml's [tool.ruff.lint]: style, imports, bugbear, and too-many-arguments (PLR0913,
+# at most 6: group the rest into a config object or a dataclass; tests are exempt, fixtures arrive as arguments).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -17,6 +17,7 @@ import json
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,32 +51,46 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_kernel(kernel: str, q, k, v, cu, bounds, max_len: int, backward: bool):
+@dataclass(frozen=True)
+class PackedRow:
+    """The attention inputs of one packed row: q/k/v [1, heads, tokens, head_dim] and where its sequences start."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cu_seq_lens: torch.Tensor  # int32 sequence starts and the end, on the device
+    bounds: tuple[int, ...]  # the same, as Python ints
+    max_len: int  # the longest sequence
+
+
+def run_kernel(kernel: str, row: PackedRow, backward: bool):
     """The kernel's output and, with `backward`, the gradients of a loss on it (forward only: without autograd)."""
+    q, k, v = row.q, row.k, row.v
     if not backward:  # flex_attention refuses CPU inputs that require grad, even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
     with torch.set_grad_enabled(backward):
         out, _ = A.varlen_attention(
-            None, q, k, v, None, scaling=q.shape[-1] ** -0.5, cu_seq_lens_q=cu, max_length_q=max_len,
-            sftflow_segments=bounds, sftflow_attention=kernel,
+            None, q, k, v, None, scaling=q.shape[-1] ** -0.5, cu_seq_lens_q=row.cu_seq_lens,
+            max_length_q=row.max_len, sftflow_segments=row.bounds, sftflow_attention=kernel,
         )  # fmt: skip
         grads = torch.autograd.grad(out.float().square().sum(), (q, k, v)) if backward else None
     return out, grads
 
 
-def time_kernel(kernel, q, k, v, cu, bounds, max_len, backward: bool, repeats: int, device) -> tuple[float, float]:
+def time_kernel(kernel: str, row: PackedRow, backward: bool, repeats: int) -> tuple[float, float]:
     """(first call seconds, median ms of the following calls)."""
+    device = row.q.device
     _sync(device)
     start = time.perf_counter()
-    run_kernel(kernel, q, k, v, cu, bounds, max_len, backward)
+    run_kernel(kernel, row, backward)
     _sync(device)
     first = time.perf_counter() - start
-    run_kernel(kernel, q, k, v, cu, bounds, max_len, backward)  # one more warm-up
+    run_kernel(kernel, row, backward)  # one more warm-up
     times = []
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        run_kernel(kernel, q, k, v, cu, bounds, max_len, backward)
+        run_kernel(kernel, row, backward)
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return first, statistics.median(times)
@@ -111,7 +126,7 @@ def main() -> None:
     def rand(heads):
         return torch.randn(1, heads, tokens, head_dim, device=device, dtype=dtype, generator=g).requires_grad_()
 
-    q, k, v = rand(args.heads), rand(kv_heads), rand(kv_heads)
+    packed = PackedRow(rand(args.heads), rand(kv_heads), rand(kv_heads), cu, bounds, max(lengths))
     setup = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "torch": torch.__version__,
@@ -128,7 +143,7 @@ def main() -> None:
     }
     print(json.dumps(setup))
 
-    ref_out, ref_grads = run_kernel("sdpa_loop", q, k, v, cu, bounds, max(lengths), backward=True)
+    ref_out, ref_grads = run_kernel("sdpa_loop", packed, backward=True)
     ref_out = ref_out.detach()
     results = {}
     for kernel, status in kernels_here(device, dtype).items():
@@ -138,16 +153,14 @@ def main() -> None:
             continue
         backward = status == ""
         row = {}
-        out, grads = run_kernel(kernel, q, k, v, cu, bounds, max(lengths), backward)
+        out, grads = run_kernel(kernel, packed, backward)
         row["max_abs_diff_out"] = float((out.detach().float() - ref_out.float()).abs().max())
         if grads:
             row["max_abs_diff_grad"] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(grads, ref_grads))
-        first, row["fwd_ms"] = time_kernel(kernel, q, k, v, cu, bounds, max(lengths), False, args.repeats, device)
+        first, row["fwd_ms"] = time_kernel(kernel, packed, False, args.repeats)
         row["first_fwd_s"] = round(first, 2)
         if backward:
-            first, row["fwd_bwd_ms"] = time_kernel(
-                kernel, q, k, v, cu, bounds, max(lengths), True, args.repeats, device
-            )
+            first, row["fwd_bwd_ms"] = time_kernel(kernel, packed, True, args.repeats)
             row["first_fwd_bwd_s"] = round(first, 2)
         else:
             row["fwd_bwd_ms"] = None

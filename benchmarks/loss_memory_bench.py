@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +31,18 @@ MIB = 2**20
 
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where a variant's measurement starts: the peak RSS after setup and the clock, right before the loss."""
+
+    peak_rss: int
+    seconds: float
+
+    @classmethod
+    def now(cls) -> _Start:
+        return cls(_peak_rss(), time.perf_counter())
 
 
 def run_variant(args) -> dict:
@@ -47,23 +60,22 @@ def run_variant(args) -> dict:
     chunk = loss_chunk_size(None if args.chunk is None else args.chunk, args.tokens, args.vocab)
     if args.variant == "full":
         chunk = 0
-    baseline = _peak_rss()
-    start = time.perf_counter()
+    start = _Start.now()
     if chunk:
         loss = chunked_token_loss_sum(hidden, targets, head, chunk)
     else:
         loss = token_loss_sum(head(hidden), targets)
     loss.backward()
-    return _measured(args.variant, chunk, baseline, start, loss, hidden, head.weight)
+    return _measured(args.variant, chunk, start, loss, hidden, head.weight)
 
 
-def _measured(variant, chunk, baseline, start, loss, hidden, weight) -> dict:
+def _measured(variant: str, chunk: int, start: _Start, loss, hidden, weight) -> dict:
     """One variant's result, taken right after its backward pass."""
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start.seconds
     return {
         "variant": variant,
         "chunk_tokens": chunk,
-        "peak_mib": round((_peak_rss() - baseline) / MIB, 1),
+        "peak_mib": round((_peak_rss() - start.peak_rss) / MIB, 1),
         "seconds": round(seconds, 2),
         "loss": float(loss),
         "hidden_grad_norm": float(hidden.grad.norm()),
@@ -110,11 +122,10 @@ def run_megatron_variant(args) -> dict:
     labels = torch.randint(0, args.vocab, (1, args.tokens))
     loss_mask = (torch.rand(1, args.tokens) >= 0.25).float()
     chunk = loss_of.chunk_tokens(args.tokens)
-    baseline = _peak_rss()
-    start = time.perf_counter()
+    start = _Start.now()
     loss = loss_of(hidden, labels, loss_mask)
     loss.backward()
-    result = _measured(args.variant, chunk, baseline, start, loss, hidden, layer.weight)
+    result = _measured(args.variant, chunk, start, loss, hidden, layer.weight)
     dist.destroy_process_group()
     return result
 

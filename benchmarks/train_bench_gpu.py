@@ -86,6 +86,7 @@ def make_packed(out_dir: Path, args, num_rows: int) -> dict:
     """Random sequences packed into at least `num_rows` rows of args.seq_len tokens (sftflow-packed-v1)."""
     from sftflow.packing import write_packed
     from sftflow.packing.binpack import pack_lengths
+    from sftflow.packing.shards import BinLayout
 
     rng = np.random.default_rng(args.seed)
     # ~2 % fill loss with best-fit-decreasing; 10 % spare.
@@ -109,9 +110,7 @@ def make_packed(out_dir: Path, args, num_rows: int) -> dict:
         out_dir,
         tokens,
         loss_mask,
-        offsets,
-        np.array([s for b in bins for s in b], dtype=np.int64),
-        np.array([len(b) for b in bins], dtype=np.int64),
+        BinLayout.from_bins(lengths_np, bins),
         bins_per_shard=4096,
         meta={
             "packing": True,

@@ -35,16 +35,10 @@ def run(smk) -> None:
         build_model(smk.input.tokenizer, smk.output.model, demo["seed"], **sizes)
         LOG.info("built a random Llama model %s -> %s", sizes, smk.output.model)
     elif what == "data":
-        from sftflow.demo.data import write_demo_data
+        from sftflow.demo.data import DemoDataSpec, write_demo_data
 
         counts = write_demo_data(
-            Path(smk.output.generations[0]).parent,
-            smk.output.benchmark,
-            demo["seed"],
-            demo["num_train_problems"],
-            demo["num_test_problems"],
-            demo["num_seeds"],
-            demo["num_contaminated"],
+            Path(smk.output.generations[0]).parent, smk.output.benchmark, DemoDataSpec.from_section(demo)
         )
         LOG.info("wrote demo generations and benchmark: %s", counts)
     else:

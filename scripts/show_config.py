@@ -3,8 +3,8 @@
     python scripts/show_config.py [--configfile my.yaml [more.yaml ...]] [--config KEY=VALUE ...]
 
 The same layers as `snakemake ... --configfile my.yaml --config KEY=VALUE`: the schema's defaults, then
-config/config.yaml (the offline demo) only when no --configfile is given, then each --configfile in order,
-then --config (parsed by Snakemake's own parser). The config is validated
+config/config.yaml of the workflow checkout this script is in (the offline demo) only when no --configfile is
+given, then each --configfile in order, then --config (parsed by Snakemake's own parser). The config is validated
 as the workflow validates it: an error names each key, its value and its source, and exits 2.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from snakemake.cli import parse_config
 
@@ -23,6 +24,8 @@ from sftflow.config import (
     value_sources,
 )
 from sftflow.errors import SftflowError
+
+WORKFLOW_DIR = Path(__file__).resolve().parents[1]  # the workflow checkout (its demo config), not the package
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(f"--config: {err}")
     try:
-        layers = config_layers(args.configfile, cli_config)
+        layers = config_layers(args.configfile, cli_config, workflow_dir=WORKFLOW_DIR)
         config = merged_layers(layers)
         sources = value_sources(layers)
         validate_workflow_config(config, sources)

@@ -1,4 +1,5 @@
-"""Load, default-fill and validate configuration against config/schema.yaml.
+"""Load, default-fill and validate configuration against the schema (sftflow/schema.yaml, package data;
+config/schema.yaml in the checkout links to it).
 
 The schema is the single source of truth for config keys and their defaults: Snakemake's config and
 the command-line `++key=value` overrides of the scripts are both checked (and filled) here, so a typo
@@ -12,6 +13,7 @@ import difflib
 import re
 from collections.abc import Mapping, Sequence
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +22,14 @@ import yaml
 
 from sftflow.errors import SftflowError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = REPO_ROOT / "config" / "schema.yaml"
+# Package data: installed with the package (pyproject.toml), so an installed sftflow needs no checkout.
+SCHEMA_RESOURCE = "schema.yaml"
 
 
 @cache
-def load_schema(path: str = str(SCHEMA_PATH)) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+def load_schema() -> dict:
+    """The config schema: every key, its type and its default."""
+    return yaml.safe_load(resources.files("sftflow").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8"))
 
 
 def _with_defaults(validator_class):
@@ -81,9 +83,6 @@ def validate(instance: dict, schema: dict, prefix: str = "") -> dict:
     return instance
 
 
-# The offline demo's config: Snakemake reads it only when no --configfile is given (see the Snakefile), so a
-# user's config file means exactly what it says, plus the schema's defaults.
-DEMO_CONFIG = REPO_ROOT / "config" / "config.yaml"
 SCHEMA_DEFAULT = "schema default"
 
 
@@ -99,18 +98,28 @@ def merge_config(base: dict, overrides: Mapping) -> dict:
     return merged
 
 
-def config_layers(configfiles: Sequence[str | Path] = (), cli_config: Mapping | None = None) -> list[tuple[str, dict]]:
-    """(source, values) in the order Snakemake merges them: the demo's config/config.yaml only when no
-    --configfile is given, then each --configfile, then --config."""
+def demo_config(workflow_dir: str | Path) -> Path:
+    """The offline demo's config in the workflow checkout `workflow_dir`: Snakemake reads it only when no
+    --configfile is given (see the Snakefile), so a user's config file means exactly what it says, plus the
+    schema's defaults. It belongs to the workflow, not to the package: callers name their checkout."""
+    return Path(workflow_dir) / "config" / "config.yaml"
+
+
+def config_layers(
+    configfiles: Sequence[str | Path] = (), cli_config: Mapping | None = None, *, workflow_dir: str | Path = "."
+) -> list[tuple[str, dict]]:
+    """(source, values) in the order Snakemake merges them: the demo config of `workflow_dir` (demo_config) only
+    when no --configfile is given, then each --configfile, then --config. `workflow_dir` defaults to the working
+    directory, where Snakemake itself reads the Snakefile's `configfile: "config/config.yaml"`."""
     layers = []
-    for path in [Path(f) for f in configfiles] or [DEMO_CONFIG]:
+    for path in [Path(f) for f in configfiles] or [demo_config(workflow_dir)]:
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as err:
             raise SftflowError(f"config file {path}: {err}") from None
         if not isinstance(values, dict):
             raise SftflowError(f"config file {path}: expected a mapping of config keys, got {type(values).__name__}")
-        layers.append((_display_path(path), values))
+        layers.append((_display_path(path, workflow_dir), values))
     if cli_config:
         layers.append(("--config", dict(cli_config)))
     return layers
@@ -124,8 +133,8 @@ def merged_layers(layers: Sequence[tuple[str, Mapping]]) -> dict:
     return config
 
 
-def _display_path(path: Path) -> str:
-    for base in (Path.cwd(), REPO_ROOT):
+def _display_path(path: Path, workflow_dir: str | Path) -> str:
+    for base in (Path.cwd(), Path(workflow_dir)):
         try:
             return str(path.resolve().relative_to(base.resolve()))
         except ValueError:

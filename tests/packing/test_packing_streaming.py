@@ -162,6 +162,10 @@ def test_automatic_workers_follow_the_cores_and_the_rules_threads(tmp_path, monk
         packing_pipeline._num_workers(packing_pipeline.PackingConfig.from_section({"num_workers": 3}), small, cores=2)
         == 3
     )
+    # The pack_data rule decides the count up front (PackingConfig.with_workers), pack_jsonl then takes it as given.
+    assert auto.with_workers(big, cores=2).num_workers == 2
+    assert auto.with_workers(small, cores=2).num_workers == 1
+    assert auto.with_workers(big, cores=2).seed == auto.seed and auto.num_workers is None
 
 
 def test_pack_jsonl_refuses_more_sequences_than_the_int32_limit(tmp_path, demo_tok, monkeypatch):

@@ -288,11 +288,10 @@ def test_remove_contaminated_without_file_is_reported_not_silent(tmp_path, capsy
 
 
 def test_funnel_counts_every_row(tmp_path, demo_tokenizer_dir):
-    from sftflow.demo.data import write_demo_data
+    from sftflow.demo.data import DemoDataSpec, write_demo_data
 
-    write_demo_data(
-        tmp_path / "gen", tmp_path / "bench.jsonl", seed=3, num_train=80, num_test=10, num_seeds=3, num_contaminated=2
-    )
+    spec = DemoDataSpec(seed=3, num_train_problems=80, num_test_problems=10, num_seeds=3, num_contaminated=2)
+    write_demo_data(tmp_path / "gen", tmp_path / "bench.jsonl", spec)
     on = [
         f"++filters.{f}=true"
         for f in (
@@ -333,12 +332,11 @@ def test_parse_overrides():
 
 @pytest.mark.parametrize("shuffle", ["false", "true"])
 def test_worker_processes_give_the_same_output_and_stats(tmp_path, monkeypatch, demo_tokenizer_dir, shuffle):
-    from sftflow.demo.data import write_demo_data
+    from sftflow.demo.data import DemoDataSpec, write_demo_data
     from sftflow.prepare import pipeline
 
-    write_demo_data(
-        tmp_path / "gen", tmp_path / "bench.jsonl", seed=5, num_train=300, num_test=10, num_seeds=2, num_contaminated=0
-    )
+    spec = DemoDataSpec(seed=5, num_train_problems=300, num_test_problems=10, num_seeds=2, num_contaminated=0)
+    write_demo_data(tmp_path / "gen", tmp_path / "bench.jsonl", spec)
     monkeypatch.setattr(pipeline, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(pipeline, "CHUNK_BYTES", 4000)
     args = [

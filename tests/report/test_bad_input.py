@@ -8,6 +8,7 @@ import pytest
 
 from sftflow.errors import SftflowError
 from sftflow.report.cli import ReportOutputs, main, make_report
+from tests.conftest import REPO
 
 METRICS = "checkpoints/metrics/metrics.jsonl"
 GOOD_STEP = json.dumps({"step": 1, "loss": 2.0}) + "\n"
@@ -52,7 +53,8 @@ def test_bad_input_names_the_file_and_writes_nothing(tmp_path, results_dir, repo
 
 def test_command_line_reports_a_bad_input_as_one_line(tmp_path, results_dir, capsys):
     (results_dir / "eval.json").unlink()
-    assert main(["--output-dir", str(results_dir), "--report-dir", str(tmp_path / "report")]) == 2
+    config = str(REPO / "config" / "config.yaml")
+    assert main(["--output-dir", str(results_dir), "--report-dir", str(tmp_path / "report"), "--config", config]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and f"{results_dir / 'eval.json'}: file not found" in err
     assert "Traceback" not in err

@@ -102,6 +102,7 @@ def random_sequences(num: int, seed: int, min_len: int = 6, max_len: int = 30) -
 def make_packed(out_dir: Path, num_sequences: int = 96, seed: int = 0, seq_len: int = SEQ_LEN) -> Path:
     """Pack random sequences first-fit into bins of seq_len tokens and write them with the packing stage's writer."""
     from sftflow.packing import write_packed
+    from sftflow.packing.shards import BinLayout
 
     seqs = random_sequences(num_sequences, seed, max_len=min(30, seq_len))
     bins: list[list[int]] = []
@@ -115,15 +116,12 @@ def make_packed(out_dir: Path, num_sequences: int = 96, seed: int = 0, seq_len: 
         else:
             bins.append([i])
             room.append(seq_len - len(ids))
-    lens = np.array([len(ids) for ids, _ in seqs], dtype=np.int64)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_packed(
         out_dir,
         np.concatenate([ids for ids, _ in seqs]),
         np.concatenate([mask for _, mask in seqs]).astype(np.uint8),
-        np.concatenate([[0], np.cumsum(lens)]),
-        np.array([i for b in bins for i in b], dtype=np.int64),
-        np.array([len(b) for b in bins], dtype=np.int64),
+        BinLayout.from_bins([len(ids) for ids, _ in seqs], bins),
         bins_per_shard=7,  # several shards, so bins cross shard files
         meta={
             "packing": True,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import orjson
@@ -145,21 +147,30 @@ def perturb(problem: str, rng: random.Random) -> str:
     return text
 
 
-def write_demo_data(
-    out_dir: str | Path,
-    benchmark_path: str | Path,
-    seed: int,
-    num_train: int,
-    num_test: int,
-    num_seeds: int,
-    num_contaminated: int,
-) -> dict:
+@dataclass(frozen=True)
+class DemoDataSpec:
+    """What the demo's generations hold: the fields are the `demo:` config keys of the same names."""
+
+    seed: int
+    num_train_problems: int
+    num_test_problems: int
+    num_seeds: int  # generation files output-rs{0..num_seeds-1}.jsonl, one solution per problem in each
+    num_contaminated: int  # test problems planted into the training data
+
+    @classmethod
+    def from_section(cls, demo: Mapping) -> DemoDataSpec:
+        """From the validated `demo:` config section (its other keys, the model's sizes, are left out)."""
+        return cls(**{f.name: demo[f.name] for f in fields(cls)})
+
+
+def write_demo_data(out_dir: str | Path, benchmark_path: str | Path, spec: DemoDataSpec) -> dict:
     """Write output-rs{i}.jsonl generation files and the test benchmark; return counts for the log."""
-    rng = random.Random(seed)
-    test = make_problems(num_test, rng)
-    train = make_problems(num_train, rng, exclude={p[0] for p in test})
+    rng = random.Random(spec.seed)
+    num_seeds = spec.num_seeds
+    test = make_problems(spec.num_test_problems, rng)
+    train = make_problems(spec.num_train_problems, rng, exclude={p[0] for p in test})
     planted = []
-    for i, (problem, expr, value) in enumerate(test[:num_contaminated]):
+    for i, (problem, expr, value) in enumerate(test[: spec.num_contaminated]):
         planted.append((problem if i % 2 == 0 else perturb(problem, rng), expr, value))
     train_all = train + planted
     rng.shuffle(train_all)

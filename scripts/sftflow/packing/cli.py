@@ -63,10 +63,9 @@ def run_from_snakemake(smk) -> None:
             str(smk.input.data),
             str(smk.output.packed),
             cfg["tokenizer"],
-            PackingConfig.from_section(cfg["packing"]),
+            PackingConfig.from_section(cfg["packing"]).with_workers(smk.input.data, cores=smk.threads),
             chat_template=cfg["chat_template"],
             chat_template_kwargs=cfg["chat_template_kwargs"] or {},
-            cores=smk.threads,
         )
     except SftflowError as err:
         LOG.error("%s", err)

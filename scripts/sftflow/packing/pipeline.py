@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from sftflow import config as C
 from sftflow.errors import SftflowError
 from sftflow.io import atomic_path, write_json
 from sftflow.packing.binpack import assign_bins, placement_order
-from sftflow.packing.shards import write_shards
+from sftflow.packing.shards import BinLayout, write_shards
 from sftflow.packing.stream import COUNTERS, ChunkTokenizer, TokenSpool, available_cpus, ordered_map, read_chunks
 
 LOG = logging.getLogger("sftflow.packing")
@@ -52,6 +52,11 @@ class PackingConfig:
             return cfg
         return cls(**C.validate_section("packing", cfg))
 
+    def with_workers(self, input_path: str | os.PathLike, cores: int | None) -> PackingConfig:
+        """This config with num_workers decided for `input_path` when unset: the automatic count, at most `cores`
+        (a rule's threads)."""
+        return replace(self, num_workers=_num_workers(self, Path(input_path), cores))
+
 
 def _load_tokenizer(tokenizer: Any, chat_template: str | None) -> tuple[Any, str]:
     if isinstance(tokenizer, (str, os.PathLike)):
@@ -81,14 +86,13 @@ def pack_jsonl(
     *,
     chat_template: str | None = None,
     chat_template_kwargs: dict | None = None,
-    cores: int | None = None,
 ) -> dict:
     """Tokenize, filter and pack `input_path` into the sftflow-packed-v1 directory `output_dir`; return the stats.
 
     `tokenizer` is a loaded HF tokenizer or a path/hub name (then `chat_template`, a Jinja file, replaces
     its template); `cfg` is a PackingConfig or a `packing:` config section (missing keys take the schema defaults);
-    `chat_template_kwargs` go to the template when rendering messages rows; `cores` (the rule's threads) caps
-    the automatic number of workers. Nothing is left at
+    `chat_template_kwargs` go to the template when rendering messages rows. With `packing.num_workers` unset, one
+    worker per available core (PackingConfig.with_workers caps that at a rule's threads). Nothing is left at
     `output_dir` if anything fails.
 
     Two passes, so that memory does not grow with the number of rows: (1) chunks of rows are rendered
@@ -103,7 +107,7 @@ def pack_jsonl(
     tok, tok_name = _load_tokenizer(tokenizer, chat_template)
     pad_id = _pad_token_id(tok, tok_name)
     max_len = cfg.max_total_sequence_length
-    workers = _num_workers(cfg, input_path, cores)
+    workers = _num_workers(cfg, input_path)
 
     with atomic_path(output_dir) as tmp:
         tmp.mkdir()
@@ -131,7 +135,7 @@ def pack_jsonl(
         seq_offsets = np.zeros(len(lens) + 1, np.int64)
         np.cumsum(lens, dtype=np.int64, out=seq_offsets[1:])
         del lens
-        index = write_shards(tmp, spool, seq_offsets, seq_order, bin_sizes, cfg.bins_per_shard, meta)
+        index = write_shards(tmp, spool, BinLayout(seq_offsets, seq_order, bin_sizes), cfg.bins_per_shard, meta)
         shutil.rmtree(tmp / ".spool")
         t_written = time.perf_counter()
         stats = _stats(cfg, counts, length_stats, index)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -51,36 +52,50 @@ class ArraySequences:
         return gather_sequences(getattr(self, field), starts, lengths)
 
 
+@dataclass(frozen=True)
+class BinLayout:
+    """Where the sequences go: sequence i is at seq_offsets[i]:seq_offsets[i+1] of the tokens held back to back,
+    `seq_order` lists the sequence ids in storage order, and bin b takes the next `bin_sizes[b]` of them."""
+
+    seq_offsets: np.ndarray
+    seq_order: np.ndarray
+    bin_sizes: np.ndarray
+
+    @classmethod
+    def from_bins(cls, lengths: Sequence[int] | np.ndarray, bins: Sequence[Sequence[int]]) -> BinLayout:
+        """From each sequence's length and the sequence ids of each bin, in storage order."""
+        return cls(
+            np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))]),
+            np.array([i for b in bins for i in b], dtype=np.int64),
+            np.array([len(b) for b in bins], dtype=np.int64),
+        )
+
+
 def write_packed(
     directory: str | os.PathLike,
     tokens: np.ndarray,
     loss_mask: np.ndarray,
-    seq_offsets: np.ndarray,
-    seq_order: np.ndarray,
-    bin_sizes: np.ndarray,
+    layout: BinLayout,
     bins_per_shard: int,
     meta: dict[str, Any],
 ) -> dict:
     """Write shards + index.json into an existing empty `directory`; return the index.
 
-    `tokens`/`loss_mask` hold all sequences back to back, sequence i at seq_offsets[i]:seq_offsets[i+1];
-    `seq_order` lists sequence ids in storage order and `bin_sizes[b]` how many of them bin b takes.
+    `tokens`/`loss_mask` hold all sequences back to back, placed into bins by `layout`.
     `meta` supplies packing, max_total_sequence_length, pad_token_id, tokenizer and source.
     """
-    source = ArraySequences(tokens, loss_mask)
-    return write_shards(directory, source, seq_offsets, seq_order, bin_sizes, bins_per_shard, meta)
+    return write_shards(directory, ArraySequences(tokens, loss_mask), layout, bins_per_shard, meta)
 
 
 def write_shards(
     directory: str | os.PathLike,
     source: SequenceSource,
-    seq_offsets: np.ndarray,
-    seq_order: np.ndarray,
-    bin_sizes: np.ndarray,
+    layout: BinLayout,
     bins_per_shard: int,
     meta: dict[str, Any],
 ) -> dict:
     """write_packed with the sequences read from `source` a block at a time (memory: one shard's loss mask)."""
+    seq_offsets, seq_order, bin_sizes = layout.seq_offsets, layout.seq_order, layout.bin_sizes
     directory = Path(directory)
     bin_starts = np.concatenate([[0], np.cumsum(bin_sizes, dtype=np.int64)])
     shards = []

@@ -244,7 +244,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-dir", default="results", help="the run's output_dir (default: results)")
     p.add_argument("--report-dir", help="where to write the assets (default: OUTPUT_DIR/report)")
-    p.add_argument("--config", help="workflow config YAML to show (default: config/config.yaml, defaults filled)")
+    p.add_argument(
+        "--config",
+        default="config/config.yaml",
+        help="workflow config YAML to show, defaults filled (default: config/config.yaml, the demo's, read from "
+        "the working directory like --output-dir: run it in the workflow checkout)",
+    )
     return p
 
 
@@ -253,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from sftflow import config as C
 
-    config_file = Path(args.config) if args.config else Path(__file__).resolve().parents[3] / "config" / "config.yaml"
+    config_file = Path(args.config)
     try:
         if not config_file.is_file():
             raise SftflowError(f"{config_file}: file not found (expected the workflow config YAML)")
