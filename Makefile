@@ -12,8 +12,8 @@ PYTEST := $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 .PHONY: demo test test-fast coverage lint install
 
 # The pinned requirements, then the sftflow package itself (scripts/sftflow, editable): importable by every script,
-# rule, test and job run with this venv's python. That install also compiles its C text scans in place (setup.py).
-$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml setup.py scripts/sftflow/_scan.c
+# rule, test and job run with this venv's python.
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt

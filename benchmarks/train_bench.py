@@ -9,7 +9,7 @@ What it does (everything under a temporary --workdir, removed at the end unless 
    Llama (hidden 128, 4 layers, 4 heads / 2 kv heads, intermediate 512, tied embeddings) with save_pretrained.
 2. Packs the rows with our packer (`pack_jsonl`, best-fit-decreasing) into 1024-token rows.
 3. Ours: the real CLI, `torchrun --standalone --nproc-per-node=1 scripts/train.py ...` (argv from
-   `sftflow.train.cli.torchrun_command`), throughput read back from its metrics.jsonl.
+   `sftflow.train.launch.torchrun_command`), throughput read back from its metrics.jsonl.
 4. TRL: a child process running `trl.SFTTrainer` on exactly the sequences stored in our shards (token ids +
    loss mask, read back from the packed data), with its best CPU settings: packing=True, packing_strategy="bfd",
    padding_free=True, max_length=1024, SDPA attention, fp32, completion-only loss, per-device batch 1 x
@@ -203,7 +203,7 @@ def read_our_metrics(path: Path) -> list[dict]:
 
 def run_ours(work: Path, inputs: dict, args) -> dict:
     """Our trainer through its CLI under torchrun (one process); per-step records from its metrics.jsonl."""
-    from sftflow.train.cli import torchrun_command
+    from sftflow.train.launch import torchrun_command
 
     out = work / "ours"
     out.mkdir(parents=True, exist_ok=True)

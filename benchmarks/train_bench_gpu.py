@@ -130,7 +130,7 @@ def make_packed(out_dir: Path, args, num_rows: int) -> dict:
 
 def run_backend(backend: str, work: Path, args, num_params: int, peak: float | None, device_name: str) -> dict:
     """Train with one backend through scripts/train.py under torchrun; tokens/s and MFU from its metrics."""
-    from sftflow.train.cli import torchrun_command
+    from sftflow.train.launch import torchrun_command
 
     config = {
         "training": {

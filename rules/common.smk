@@ -157,7 +157,8 @@ def train_command(wildcards, input, output):
     """
     import shlex
 
-    from sftflow.train.cli import config_overrides, planned_command
+    from sftflow.train.cli import config_overrides
+    from sftflow.train.launch import LaunchFiles, planned_command
 
     t = config["training"]
     checkpoints = Path(output.done).parent
@@ -195,9 +196,7 @@ def train_command(wildcards, input, output):
         script,
         t,
         worker,
-        output.done,
-        log,
-        config["slurm"]["master_port"],
+        LaunchFiles(output.done, log, config["slurm"]["master_port"]),
     )
     return shlex.join(command)
 

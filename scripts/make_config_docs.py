@@ -6,8 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = """# Configuration reference
 
@@ -50,7 +48,9 @@ def walk(node: dict, prefix: str, rows: list) -> None:
 
 
 def render() -> str:
-    schema = yaml.safe_load((ROOT / "config" / "schema.yaml").read_text(encoding="utf-8"))
+    from sftflow.config import load_schema
+
+    schema = load_schema()  # with training.backend's enum from the registry
     rows: list = []
     walk(schema, "", rows)
     lines = [HEADER, "| key | type | default | meaning |", "|---|---|---|---|"]

@@ -2,12 +2,14 @@
 
 `scripts/train.py launch ... -- <command>` is the train_job rule's launcher: it fills in the Slurm
 allocation's rendezvous address, runs the torchrun (or srun + torchrun) command and checks the done-file.
-See sftflow/train/cli.py for the arguments.
+See sftflow/train/cli.py (the worker) and sftflow/train/launch.py (the launcher and its exit codes) for the
+arguments.
 """
 
 import sys
 
-from sftflow.train.cli import launch_main, train_main
+from sftflow.train.cli import train_main
+from sftflow.train.launch import launch_main
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["launch"]:

@@ -16,7 +16,15 @@ from sftflow.train.engine import BACKENDS
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 PACKAGE = SCRIPTS / "sftflow"
 # Modules that must work for any backend.
-BACKEND_BLIND = ("sftflow.config", "sftflow.train.config", "sftflow.train.trainer", "sftflow.train.export")
+BACKEND_BLIND = (
+    "sftflow.config",
+    "sftflow.train.config",
+    "sftflow.train.trainer",
+    "sftflow.train.export",
+    "sftflow.train.cli",
+    "sftflow.train.launch",
+    "sftflow.train.export_cli",
+)
 
 
 def _modules() -> dict[str, Path]:

@@ -29,7 +29,17 @@ SCHEMA_RESOURCE = "schema.yaml"
 @cache
 def load_schema() -> dict:
     """The config schema: every key, its type and its default."""
-    return yaml.safe_load(resources.files("sftflow").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8"))
+    text = resources.files("sftflow").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8")
+    return with_registered_backends(yaml.safe_load(text))
+
+
+def with_registered_backends(schema: dict) -> dict:
+    """`schema` with the enum of `training.backend` set to the registered backends' names: the registry
+    (sftflow.train.engine, which imports no torch) is the one list of backends, so the schema file has none."""
+    from sftflow.train.engine import backend_names
+
+    schema["properties"]["training"]["properties"]["backend"]["enum"] = backend_names()
+    return schema
 
 
 def _with_defaults(validator_class):

@@ -6,15 +6,12 @@ import re
 import unicodedata
 from functools import lru_cache
 
-from sftflow.native import SCAN
-
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _FLAT_CONTENT = re.compile(r"[^{}\\]*\}")  # content without braces or escapes: no need to count depth
 
 
-def find_boxed_python(text: str) -> list[tuple[int, int, str]]:
-    """All \\boxed{...} spans as (start, end, content), braces balanced; an unclosed one is ignored: the reference
-    of the compiled find_boxed (sftflow.native)."""
+def _find_boxed(text: str) -> list[tuple[int, int, str]]:
+    """All \\boxed{...} spans as (start, end, content), braces balanced; an unclosed one is ignored."""
     spans = []
     for match in _BOXED.finditer(text):
         flat = _FLAT_CONTENT.match(text, match.end())
@@ -38,8 +35,7 @@ def find_boxed_python(text: str) -> list[tuple[int, int, str]]:
 
 
 # Several filters in a row ask about the same solution text, hence the cache.
-find_boxed = lru_cache(maxsize=8)(SCAN.find_boxed if SCAN is not None else find_boxed_python)
-find_boxed.__doc__ = find_boxed_python.__doc__
+find_boxed = lru_cache(maxsize=8)(_find_boxed)
 
 
 def last_boxed(text: str) -> str | None:

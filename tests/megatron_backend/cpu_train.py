@@ -30,7 +30,7 @@ def main() -> None:
     from sftflow.megatron.engine import megatron_parallel_dims
     from sftflow.train.cli import load_train_config
     from sftflow.train.parallel import launch_environment
-    from sftflow.train.trainer import JobSpec, run_job
+    from sftflow.train.trainer import JobSpec, Trainer
 
     setup_logging()
     cfg = load_train_config(cfg_path, [])
@@ -47,9 +47,9 @@ def main() -> None:
     parallel = megatron_parallel_dims(launch_environment(), torch.device("cpu"))
     spec = JobSpec(packed=packed, model=model, checkpoint_dir=ckpt, job_index=int(job), num_jobs=int(jobs),
                    done_file=str(Path(ckpt) / f"job{job}.done"))  # fmt: skip
-    record = run_job(cfg, spec, parallel)
+    record = Trainer(cfg, spec, parallel).train()
     if parallel.is_main:
-        print(json.dumps(record))
+        print(json.dumps(record.to_json()))
     dist.barrier()
     dist.destroy_process_group()
 

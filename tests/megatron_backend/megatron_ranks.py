@@ -48,7 +48,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from sftflow.megatron.hf_config import model_layout, padded_vocab_size
-    from sftflow.megatron.model import build_gpt_model
+    from sftflow.megatron.model import PipelineStage, build_gpt_model
     from sftflow.megatron.weights import hf_to_megatron, shard
     from sftflow.train.parallel import ParallelDims
 
@@ -59,7 +59,7 @@ def main() -> None:
         parallel["pipeline_dtype"] = torch.float32  # the dtype of the activations sent between stages
     if layout.num_experts:
         parallel["expert_tensor_parallel_size"] = etp
-    stage = {"pre_process": ps.is_pipeline_first_stage(), "post_process": ps.is_pipeline_last_stage()}
+    stage = PipelineStage(first=ps.is_pipeline_first_stage(), last=ps.is_pipeline_last_stage())
     if forward:  # attention forks megatron-core's model-parallel RNG stream (dropout), which needs a seed
         from megatron.core import tensor_parallel
 
@@ -68,7 +68,7 @@ def main() -> None:
         from sftflow.megatron.engine import _patch_moe_router_without_te
 
         _patch_moe_router_without_te()
-    model = build_gpt_model(layout, padded, 64, cpu_init=not on_gpu, **stage, **parallel)
+    model = build_gpt_model(layout, padded, 64, stage, cpu_init=not on_gpu, **parallel)
     ranks = {
         "tp": ps.get_tensor_model_parallel_rank(),
         "pp": ps.get_pipeline_model_parallel_rank(),

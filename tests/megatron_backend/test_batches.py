@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sftflow.megatron.batches import IGNORE_INDEX, cp_chunk_indices, megatron_micro_batch
+from sftflow.megatron.batches import IGNORE_INDEX, ContextShard, cp_chunk_indices, megatron_micro_batch
 from sftflow.packing import collate_bins
 
 PAD = 0
@@ -54,7 +54,7 @@ def test_row_padding_for_sequence_parallel_is_a_segment_without_loss():
 @pytest.mark.parametrize("cp", [2, 4])
 def test_context_parallel_ranks_hold_balanced_chunks_covering_every_token_once(cp):
     bins = make_bins([[7, 5, 9], [12, 2]])
-    full = megatron_micro_batch(bins, PAD, cp_size=cp, cp_rank=0)
+    full = megatron_micro_batch(bins, PAD, context=ContextShard(cp, 0))
     cu_padded = full["cu_seqlens_padded"].tolist()
     assert all((b - a) % (2 * cp) == 0 for a, b in zip(cu_padded[:-1], cu_padded[1:]))
     assert full["cu_seqlens"].tolist()[:6] == [0, 7, 12, 21, 33, 35]  # real boundaries, for the attention kernel
@@ -64,8 +64,8 @@ def test_context_parallel_ranks_hold_balanced_chunks_covering_every_token_once(c
     first = cu_padded[1] // (2 * cp)
     assert parts[0][:first].tolist() == list(range(first))
     assert parts[0][first : 2 * first].tolist() == list(range((2 * cp - 1) * first, 2 * cp * first))
-    per_rank = [megatron_micro_batch(bins, PAD, cp_size=cp, cp_rank=r) for r in range(cp)]
-    unsplit = megatron_micro_batch(bins, PAD, cp_size=1)
+    per_rank = [megatron_micro_batch(bins, PAD, context=ContextShard(cp, r)) for r in range(cp)]
+    unsplit = megatron_micro_batch(bins, PAD, context=ContextShard(1))
     assert sum(m["num_loss_tokens"] for m in per_rank) == unsplit["num_loss_tokens"]
     assert all(m["tokens"].shape[1] == cu_padded[-1] // cp for m in per_rank)
 

@@ -1,5 +1,5 @@
 """Helpers of the prepare_data tests: prepare_data run through its ++ command line on rows written here, and the
-neighbours of "a op b = c" chains that the arithmetic fast-path test and tests/test_native_scan.py both read."""
+neighbours of "a op b = c" chains that the arithmetic fast-path test reads."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@ from fractions import Fraction
 
 import pytest
 
-from sftflow.prepare import arithmetic as A
+from sftflow.prepare import equations as Q
+from sftflow.prepare import exact_arithmetic as A
 from sftflow.prepare import filters as F
 from tests.prepare.conftest import LEFT, RIGHT, SIMPLE_CHAINS
 
@@ -91,15 +92,15 @@ def test_simple_chain_fast_path_finds_what_the_general_reading_finds():
         for chain in SIMPLE_CHAINS:
             for right in RIGHT:
                 text = left + chain + right
-                for start, end in A._chains(text):
-                    simple = A._simple_chain_equations(text, start, end)
+                for start, end in Q._chains(text):
+                    simple = Q._simple_chain_equations(text, start, end)
                     if simple is not None:
                         taken += 1
-                        assert simple == A._chain_equations(text, start, end), repr(text)
+                        assert simple == Q._chain_equations(text, start, end), repr(text)
     assert taken > len(LEFT) * len(SIMPLE_CHAINS) * len(RIGHT) // 2  # most chains take the fast path
     text = "x = 1 + 2 = 3"
-    [(start, end)] = A._chains(text)
-    assert A._simple_chain_equations(text, start, end) is None  # other chains take the general reading
+    [(start, end)] = Q._chains(text)
+    assert Q._simple_chain_equations(text, start, end) is None  # other chains take the general reading
 
 
 def test_split_equation_of_one_operation_is_none_as_the_general_reading():

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from sftflow.prepare import arithmetic as A
+from sftflow.prepare import equations as Q
+from sftflow.prepare import exact_arithmetic as A
 from sftflow.prepare import filters as F
 from tests.conftest import SHARED_DATA, needs_shared_data, read_jsonl
 
@@ -25,7 +26,7 @@ def split(text: str) -> str:
 
 
 def equations(text: str) -> list[str]:
-    return [text[start:end] for start, end, *_ in A.find_equations(text)]
+    return [text[start:end] for start, end, *_ in Q.find_equations(text)]
 
 
 # Correct solutions (from ../shared/data/generations) that were dropped: the equation was misread.

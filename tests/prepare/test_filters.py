@@ -221,12 +221,12 @@ TRICKY_TEXTS = [
 
 def test_chained_text_filters_give_the_same_rows_and_counters_as_the_stages_one_by_one():
     from sftflow import config as C
-    from sftflow.prepare.cli import cli_schema
-    from sftflow.prepare.pipeline import Preparer
+    from sftflow.prepare.rows import RowProcessor
+    from sftflow.prepare.settings import PrepareConfig
 
     args = ["++input_files=x", "++output_path=y", "++majority_filter.min_majority_votes=2", *ALL_TEXT_FILTERS]
-    cfg = C.validate(C.parse_overrides(args), cli_schema())
-    one_by_one, chained = Preparer(cfg), Preparer(cfg)
+    cfg = PrepareConfig.from_section(C.parse_overrides(args))
+    one_by_one, chained = RowProcessor(cfg), RowProcessor(cfg)
     assert [type(step).__name__ for step in chained.steps] == ["TextChain", "RowFilter", "TextChain"]
     rows = [
         {K: text, "problem": "p", "majority_votes": votes, "total_votes": 4}

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from sftflow.prepare import pipeline
+from sftflow.prepare import blocks
 from sftflow.prepare.cli import main
 
 
@@ -76,9 +76,9 @@ def prepare(tmp_path, name: str, *args: str) -> tuple[bytes, dict]:
 def test_workers_reading_blocks_write_the_serial_output_and_stats(tmp_path, monkeypatch, skip_first, shuffle):
     args = [f"++skip_first={skip_first}", f"++do_shuffle={shuffle}"]
     serial, serial_stats = prepare(tmp_path, "serial", *args, "++num_workers=1")  # one block per file
-    monkeypatch.setattr(pipeline, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(blocks, "PARALLEL_MIN_BYTES", 0)
     for block in (64, 300, 1000):  # many blocks, some lines longer than a block
-        monkeypatch.setattr(pipeline, "CHUNK_BYTES", block)
+        monkeypatch.setattr(blocks, "CHUNK_BYTES", block)
         for workers in (1, 2):
             output, stats = prepare(tmp_path, f"w{workers}-{block}", *args, f"++num_workers={workers}")
             assert output == serial, (block, workers)
@@ -87,8 +87,8 @@ def test_workers_reading_blocks_write_the_serial_output_and_stats(tmp_path, monk
 
 
 def test_rows_lines_and_per_file_counts(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 100)
+    monkeypatch.setattr(blocks, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(blocks, "CHUNK_BYTES", 100)
     _, stats = prepare(tmp_path, "out", "++skip_first=3", "++num_workers=2")
     files = {info["path"].rsplit("/", 1)[1]: info for info in stats["input_files"]}
     # Blank lines are no rows, but count as lines; skip_first skips each file's first rows.
@@ -112,8 +112,8 @@ def test_rows_lines_and_per_file_counts(tmp_path, monkeypatch):
 def test_last_line_without_line_end_is_read(tmp_path, monkeypatch):
     (tmp_path / "gen").mkdir()
     (tmp_path / "gen" / "x.jsonl").write_bytes(line("p", "a \\boxed{1}") + b"\n\n" + line("q", "b \\boxed{2}"))
-    monkeypatch.setattr(pipeline, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 16)
+    monkeypatch.setattr(blocks, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(blocks, "CHUNK_BYTES", 16)
     output, stats = prepare(tmp_path, "out", "++num_workers=2", "++do_shuffle=false")
     assert stats["rows_read"] == 2 and output.count(b"\n") == 2 and b'"q"' in output.splitlines()[1]
 
@@ -122,13 +122,13 @@ def test_a_file_that_shrinks_while_it_is_cut_into_blocks_is_an_error(tmp_path, m
     """The main process sized the file, then it got shorter: an error naming it, not a run missing its rows."""
     path = tmp_path / "gen.jsonl"
     path.write_bytes(b"\n".join(line(f"p{i}", f"s{i} \\boxed{{{i}}}") for i in range(50)) + b"\n")
-    cut = pipeline._next_block
+    cut = blocks.next_block
 
     def shrink_first(fd, offset, end, buffer):
         path.write_bytes(b"")  # emptied after its size was taken
         return cut(fd, offset, end, buffer)
 
-    monkeypatch.setattr(pipeline, "_next_block", shrink_first)
+    monkeypatch.setattr(blocks, "next_block", shrink_first)
     out = tmp_path / "sft.jsonl"
     assert main([f"++input_files={path}", f"++output_path={out}", "++filters.remove_contaminated=false"]) == 2
     assert f"{path}: the file changed while it was read" in capsys.readouterr().err

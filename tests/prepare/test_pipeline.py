@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from enum import IntEnum
 
 import pytest
 
@@ -76,11 +75,11 @@ def test_dedup_across_files_and_skip_first(tmp_path):
 def test_a_worker_forgetting_the_rows_it_sent_changes_nothing(tmp_path, monkeypatch):
     """A worker skips formatting rows it sent before (sure duplicates); its memory of them is bounded, and
     forgetting (here after every 2 rows) gives the same file and the same counts."""
-    from sftflow.prepare import pipeline
+    from sftflow.prepare import rows as R
 
     rows = [row(f"p{i % 3}", f"s{i % 4}") for i in range(40)]
     _, out, stats = prepare(tmp_path / "a", {"a.jsonl": rows})
-    monkeypatch.setattr(pipeline, "EMITTED_MAX", 2)
+    monkeypatch.setattr(R, "EMITTED_MAX", 2)
     _, forgetful, forgetful_stats = prepare(tmp_path / "b", {"a.jsonl": rows})
     assert forgetful == out and len(out) == 12
     assert forgetful_stats["funnel"] == stats["funnel"]
@@ -333,12 +332,12 @@ def test_parse_overrides():
 @pytest.mark.parametrize("shuffle", ["false", "true"])
 def test_worker_processes_give_the_same_output_and_stats(tmp_path, monkeypatch, demo_tokenizer_dir, shuffle):
     from sftflow.demo.data import DemoDataSpec, write_demo_data
-    from sftflow.prepare import pipeline
+    from sftflow.prepare import blocks
 
     spec = DemoDataSpec(seed=5, num_train_problems=300, num_test_problems=10, num_seeds=2, num_contaminated=0)
     write_demo_data(tmp_path / "gen", tmp_path / "bench.jsonl", spec)
-    monkeypatch.setattr(pipeline, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 4000)
+    monkeypatch.setattr(blocks, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(blocks, "CHUNK_BYTES", 4000)
     args = [
         f"++tokenizer={demo_tokenizer_dir}",
         "++filters.drop_multi_boxed=true",
@@ -353,19 +352,22 @@ def test_worker_processes_give_the_same_output_and_stats(tmp_path, monkeypatch, 
         assert stats_one[key] == stats_two[key], key
 
 
-@pytest.mark.parametrize(
-    "record",
-    [
-        {},
-        {"input": "a", "output": 'é\u2028\n"\\ 😀'},
-        {"expected_answer": "3", "id": 7, "x": None},
-        {"symbolic_correct": True, "is_correct": False, "votes": -3, "big": 10**30, "zero": 0},
-        {"p": 0.1, "q": -0.0, "r": 1e300, "s": float("nan"), "t": float("inf"), "u": float("-inf"), "v": 3.0},
-        {"nested": [1, "a", None], "d": {"k": True}},  # not flat: json.dumps itself
-        {"flag": IntEnum("Flag", "ON")(1), "label": "x"},  # a subclass of int: json.dumps itself
-    ],
-)
-def test_records_are_written_as_json_dumps_writes_them(record):
-    from sftflow.prepare.pipeline import dumps_like_json
-
-    assert dumps_like_json(record) == json.dumps(record)
+def test_records_are_written_as_json_dumps_writes_them(tmp_path):
+    """NeMo-Skills writes json.dumps(record): its separators, ASCII escapes, float and big int forms, key order."""
+    extra = {
+        "id": 7,
+        "x": None,
+        "is_correct": False,
+        "votes": -3,
+        "big": 2**62,
+        "p": 0.1,
+        "q": -0.0,
+        "r": 1e300,
+        "nested": [1, "a", None],
+        "d": {"k": True},
+    }
+    rows = [row("é\u2028 problem", 'é\u2028\n"\\ 😀 \\boxed{1}', **extra)]
+    _, out, _ = prepare(tmp_path, {"a.jsonl": rows}, "++exclude_optional_keys=false", "++do_shuffle=false")
+    text = (tmp_path / "out" / "sft.jsonl").read_text(encoding="ascii")
+    assert text == json.dumps(out[0]) + "\n"
+    assert list(out[0])[:3] == ["expected_answer", "input", "output"] and out[0]["big"] == 2**62

@@ -229,9 +229,9 @@ def optimizer_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def run_inprocess(parallel, ckpt: Path, packed: Path, model: Path, job: int = 0, jobs: int = 1, **training) -> dict:
-    """One chained job in this process (world of one), returning its done record."""
+    """One chained job in this process (world of one), returning its done-file's record."""
     from sftflow.config import validate_sections
-    from sftflow.train.trainer import JobSpec, run_job
+    from sftflow.train.trainer import JobSpec, Trainer
 
     cfg = validate_sections(training_config(**training))
     spec = JobSpec(
@@ -242,7 +242,10 @@ def run_inprocess(parallel, ckpt: Path, packed: Path, model: Path, job: int = 0,
         num_jobs=jobs,
         done_file=str(ckpt / f"job{job}.done"),
     )
-    return run_job(cfg, spec, parallel=parallel)
+    record = Trainer(cfg, spec, parallel=parallel).train()
+    written = json.loads(Path(spec.done_file).read_text())
+    assert written == record.to_json()
+    return written
 
 
 def logged(ckpt: Path, key: str = "loss") -> dict[int, float]:
@@ -274,7 +277,7 @@ class Box:
 
 
 def train_state_of(states: dict) -> dict:
-    """What run_job resumes from, in one dict (step, data position, schedule)."""
+    """What the Trainer resumes from, in one dict (step, data position, schedule)."""
     return {"step": states["train"].step, **states["sampler"].state, "scheduler": states["schedule"].state}
 
 

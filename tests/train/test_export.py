@@ -114,7 +114,7 @@ def test_a_step_that_was_never_saved_is_an_error_naming_it_and_save_period(train
 
 
 def test_convert_cli_refuses_incomplete_training(tmp_path, trained, tiny_model):
-    from sftflow.train.cli import convert_main
+    from sftflow.train.export_cli import convert_main
 
     done = tmp_path / "job1.done"
     done.write_text(json.dumps({"job_index": 1, "num_jobs": 2, "end_step": 3, "total_steps": 10, "complete": False}))

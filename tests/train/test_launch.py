@@ -12,14 +12,8 @@ import pytest
 
 from sftflow.config import config_layers, merged_layers, validate_sections
 from sftflow.errors import SftflowError
-from sftflow.train.cli import (
-    config_overrides,
-    fill_placeholders,
-    launch_main,
-    load_train_config,
-    planned_command,
-    worker_environment,
-)
+from sftflow.train.cli import config_overrides, load_train_config
+from sftflow.train.launch import LaunchFiles, fill_placeholders, launch_main, planned_command, worker_environment
 from tests.conftest import REPO
 
 
@@ -48,7 +42,7 @@ def test_overrides_keep_types_that_yaml_would_misread():
 
 def test_single_node_is_plain_torchrun_and_multi_node_is_srun_with_placeholders():
     training = {"num_nodes": 1, "num_gpus": 2}
-    cmd = planned_command("py", "scripts/train.py", training, ["--packed", "my data"], "d.done", "t.log")
+    cmd = planned_command("py", "scripts/train.py", training, ["--packed", "my data"], LaunchFiles("d.done", "t.log"))
     assert cmd[: cmd.index("--") + 1] == [
         "py", "scripts/train.py", "launch", "--num-nodes", "1", "--master-port", "29500", "--procs-per-node", "2",
         "--done-file", "d.done", "--log", "t.log", "--",
@@ -57,7 +51,9 @@ def test_single_node_is_plain_torchrun_and_multi_node_is_srun_with_placeholders(
         "py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "scripts/train.py",
         "--packed", "my data",
     ]  # fmt: skip
-    multi = planned_command("py", "scripts/train.py", {"num_nodes": 8, "num_gpus": 8}, [], "d.done", "t.log", 29400)
+    multi = planned_command(
+        "py", "scripts/train.py", {"num_nodes": 8, "num_gpus": 8}, [], LaunchFiles("d.done", "t.log", 29400)
+    )
     line = shlex.join(multi)
     assert (
         "-- srun --nodes=8 --ntasks=8 --ntasks-per-node=1 --kill-on-bad-exit=1 py -m torch.distributed.run "
@@ -83,7 +79,7 @@ def fake_scontrol(nodelist: str, names: list[str], addr: str):
 
 
 def test_placeholders_take_the_first_node_a_per_job_port_and_the_job_id():
-    planned = planned_command("py", "t.py", {"num_nodes": 2, "num_gpus": 4}, ["--x"], "d", "l", 29500)
+    planned = planned_command("py", "t.py", {"num_nodes": 2, "num_gpus": 4}, ["--x"], LaunchFiles("d", "l", 29500))
     run = fake_scontrol("gpu[07-08]", ["gpu07", "gpu08"], "10.0.0.7")
     filled = fill_placeholders(planned, 2, 29500, env={"SLURM_JOB_ID": "123456"}, run=run)
     assert "--rdzv-endpoint=10.0.0.7:29956" in filled and "--rdzv-id=sftflow-123456" in filled
@@ -92,7 +88,7 @@ def test_placeholders_take_the_first_node_a_per_job_port_and_the_job_id():
         fill_placeholders(planned, 3, 29500, env={"SLURM_JOB_ID": "123456"}, run=run)
     with pytest.raises(SftflowError, match=r"'training.num_nodes' is 2: a multi-node job runs inside a Slurm"):
         fill_placeholders(planned, 2, 29500, env={})
-    single = planned_command("py", "t.py", {"num_nodes": 1, "num_gpus": 1}, [], "d", "l")
+    single = planned_command("py", "t.py", {"num_nodes": 1, "num_gpus": 1}, [], LaunchFiles("d", "l"))
     assert fill_placeholders(single, 1, 29500, env={}) == single  # nothing to fill, no Slurm needed
 
 
@@ -121,7 +117,7 @@ def test_launcher_exit_codes_and_log(tmp_path):
     assert launch_main([*base, sys.executable, "-c", "raise SystemExit(7)"]) == 1
     assert "training failed (exit code 7)" in log.read_text()
     # a multi-node command outside Slurm: 2, naming the config key; nothing is run
-    multi = planned_command(sys.executable, "t.py", {"num_nodes": 2, "num_gpus": 1}, [], str(done), str(log))
+    multi = planned_command(sys.executable, "t.py", {"num_nodes": 2, "num_gpus": 1}, [], LaunchFiles(done, log))
     done.unlink()
     assert launch_main(multi[multi.index("launch") + 1 :]) == 2
     assert "'training.num_nodes' is 2" in log.read_text() and not done.exists()

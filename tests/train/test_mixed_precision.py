@@ -46,6 +46,7 @@ def bf16_on_cpu(monkeypatch):
 def _engine(tmp_path, world1, packed, tiny_model, **training):
     from sftflow.config import validate_sections
     from sftflow.packing import PackedDataset
+    from sftflow.train.engine import Engine
     from sftflow.train.fsdp import FsdpEngine
     from sftflow.train.trainer import JobSpec
 
@@ -56,6 +57,7 @@ def _engine(tmp_path, world1, packed, tiny_model, **training):
     )  # fmt: skip
     dataset = PackedDataset(packed)
     engine = FsdpEngine(cfg, spec, world1, int(dataset.index["max_total_sequence_length"]), 0)
+    assert isinstance(engine, Engine)  # the runtime-checkable protocol, on a built engine
     return engine, [[dataset.get_bin(i) for i in range(4)], [dataset.get_bin(i) for i in range(4, 8)]]
 
 

@@ -116,7 +116,7 @@ class FakeClock:
 
 def test_job_stops_before_the_deadline_saves_and_reports_incomplete(tmp_path, world1, packed, tiny_model):
     from sftflow.config import validate_sections
-    from sftflow.train.trainer import JobSpec, run_job
+    from sftflow.train.trainer import JobSpec, Trainer
     from tests.train.conftest import training_config
 
     ckpt = tmp_path / "ckpt"
@@ -125,9 +125,9 @@ def test_job_stops_before_the_deadline_saves_and_reports_incomplete(tmp_path, wo
         packed=str(packed), model=str(tiny_model), checkpoint_dir=str(ckpt), done_file=str(ckpt / "job0.done")
     )
     # start = t0+100, deadline = t0+700; the check before step k reads t0+100(k+1): steps 1-5 fit.
-    record = run_job(cfg, spec, parallel=world1, clock=FakeClock())
-    assert (record["end_step"], record["complete"], record["remaining_steps"]) == (5, False, 5)
-    assert record["checkpoint"].endswith("step_00000005")
+    record = Trainer(cfg, spec, parallel=world1, clock=FakeClock()).train()
+    assert (record.end_step, record.complete, record.remaining_steps) == (5, False, 5)
+    assert record.checkpoint.endswith("step_00000005")
     from sftflow.train.export import check_training_complete
 
     with pytest.raises(SftflowError, match=r"5 steps remain.*training.num_training_jobs.*training.time_limit"):
@@ -140,7 +140,7 @@ def test_job_stops_before_the_deadline_saves_and_reports_incomplete(tmp_path, wo
 def test_with_a_deadline_a_job_trains_past_its_share_and_an_unfinished_last_job_fails(
     tmp_path, world1, packed, tiny_model
 ):
-    from sftflow.train.cli import last_job_unfinished
+    from sftflow.train.launch import last_job_unfinished
 
     ckpt = tmp_path / "ckpt"
     # No deadline: job 0 of 3 trains its share, ceil(9 / 3) = 3 steps.
@@ -214,7 +214,7 @@ def test_sigusr1_stops_the_job_cleanly_at_the_next_step(tmp_path, world1, packed
     import signal
 
     from sftflow.config import validate_sections
-    from sftflow.train.trainer import JobSpec, run_job
+    from sftflow.train.trainer import JobSpec, Trainer
     from tests.train.conftest import training_config
 
     calls = []
@@ -229,7 +229,7 @@ def test_sigusr1_stops_the_job_cleanly_at_the_next_step(tmp_path, world1, packed
     ckpt = tmp_path / "ckpt"
     cfg = validate_sections(training_config(max_num_steps=10, time_limit="100:00:00"))
     spec = JobSpec(packed=str(packed), model=str(tiny_model), checkpoint_dir=str(ckpt), done_file=str(ckpt / "j.done"))
-    record = run_job(cfg, spec, parallel=world1, clock=clock)
-    assert (record["end_step"], record["complete"]) == (2, False)
-    assert record["checkpoint"].endswith("step_00000002")
+    record = Trainer(cfg, spec, parallel=world1, clock=clock).train()
+    assert (record.end_step, record.complete) == (2, False)
+    assert record.checkpoint.endswith("step_00000002")
     assert signal.getsignal(signal.SIGUSR1) is previous

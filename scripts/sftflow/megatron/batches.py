@@ -19,6 +19,8 @@ a loss token; everything else (prompt, sequence ends, padding) carries loss_mask
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from sftflow.packing import collate_bins
@@ -43,12 +45,19 @@ def cp_chunk_indices(cu_padded: list[int], cp_size: int, cp_rank: int) -> torch.
     return torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
 
 
+@dataclass(frozen=True)
+class ContextShard:
+    """This rank's place in context parallelism: `rank` of `size` CP ranks (size 1: the whole row)."""
+
+    size: int = 1
+    rank: int = 0
+
+
 def megatron_micro_batch(
     bins: list[dict],
     pad_token_id: int,
     *,
-    cp_size: int = 1,
-    cp_rank: int = 0,
+    context: ContextShard = ContextShard(),
     length_multiple: int = 1,
     pad_to: int = 0,
     block_mask: bool = False,
@@ -58,9 +67,11 @@ def megatron_micro_batch(
     Returns CPU tensors: tokens, labels (IGNORE targets replaced by 0), loss_mask (float), position_ids,
     all [1, T_local]; cu_seqlens / cu_seqlens_padded (int32, over the whole row), max_seqlen,
     num_loss_tokens (of this CP rank's part) and, with `block_mask`, attention_mask [1, 1, T, T].
+    `context`: with context parallelism, only the chunks this CP rank keeps (cp_chunk_indices);
     `length_multiple`: the row is padded to a multiple of it (e.g. TP with sequence parallelism);
     `pad_to`: and to at least this many tokens (pipeline stages exchange activations of one fixed shape).
     """
+    cp_size = context.size
     if block_mask and cp_size > 1:
         raise ValueError("the block-diagonal mask path has no context parallelism")
     seq_multiple = 2 * cp_size if cp_size > 1 else 1
@@ -100,7 +111,7 @@ def megatron_micro_batch(
         "position_ids": torch.cat(positions).long(),
     }
     if cp_size > 1:
-        keep = cp_chunk_indices(cu_padded, cp_size, cp_rank)
+        keep = cp_chunk_indices(cu_padded, cp_size, context.rank)
         batch = {k: v[keep] for k, v in batch.items()}
     out = {k: v.unsqueeze(0) for k, v in batch.items()}
     lengths = [b - a for a, b in zip(cu_padded[:-1], cu_padded[1:])]

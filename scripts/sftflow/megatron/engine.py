@@ -1,6 +1,6 @@
 """The megatron backend's training engine: megatron-core GPTModel, its DDP and distributed optimizer.
 
-`run_job` (sftflow.train.trainer) drives it exactly like the fsdp engine: same data order, packing, step
+The `Trainer` (sftflow.train.trainer) drives it exactly like the fsdp engine: same data order, packing, step
 plan, chained jobs, deadlines, learning-rate schedule, metrics and done-records. What differs:
 
 * parallel state: megatron-core's `parallel_state` with tensor / pipeline / context / expert /
@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from sftflow.errors import SftflowError
-from sftflow.megatron.batches import megatron_micro_batch
+from sftflow.megatron.batches import ContextShard, megatron_micro_batch
 from sftflow.megatron.hf_config import model_layout, padded_vocab_size
 from sftflow.megatron.loss import OutputLayerLoss
 from sftflow.train.data import eval_micro_batches
@@ -154,7 +154,7 @@ class MegatronEngine:
         from megatron.core import tensor_parallel
 
         from sftflow.megatron.checkpoint import MegatronCheckpointer
-        from sftflow.megatron.model import build_gpt_model
+        from sftflow.megatron.model import PipelineStage, build_gpt_model
         from sftflow.megatron.weights import local_model_dir
         from sftflow.train.checkpoint import latest_checkpoint
 
@@ -176,8 +176,7 @@ class MegatronEngine:
             self.layout,
             self.padded_vocab,
             max(micro_tokens, seq_len) * 2,
-            pre_process=self.first_stage,
-            post_process=self.last_stage,
+            stage=PipelineStage(first=self.first_stage, last=self.last_stage),
             transformer_engine=self.use_te,
             **self._gpt_config(t, bf16, dtype),
         )
@@ -293,7 +292,7 @@ class MegatronEngine:
             [model],
         )
         # megatron-core's own scheduler sets each group's weight decay (x its wd_mult: 0 for biases and 1-D
-        # weights) every step; run_job's schedule sets the learning rate only, so set the decay once here.
+        # weights) every step; the Trainer's schedule sets the learning rate only, so set the decay once here.
         for group in optimizer.param_groups:
             group["weight_decay"] = t.weight_decay * group.get("wd_mult", 1.0)
         return model, optimizer
@@ -330,8 +329,7 @@ class MegatronEngine:
             return megatron_micro_batch(
                 bins,
                 self.pad_id,
-                cp_size=self.parallel.cp,
-                cp_rank=self.parallel.cp_rank,
+                context=ContextShard(self.parallel.cp, self.parallel.cp_rank),
                 length_multiple=self.parallel.tp if self.sequence_parallel else 1,
                 pad_to=pad_to,
                 block_mask=not self.use_te,

@@ -3,21 +3,31 @@ Transformer Engine's). Needs megatron-core's parallel state to be initialised (`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sftflow.megatron.hf_config import ModelLayout, gpt_model_kwargs, transformer_config_kwargs
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """Which ends of the model this rank's pipeline stage holds: the embedding (`first`) and the output
+    layer (`last`); without pipeline parallelism the one stage holds both."""
+
+    first: bool = True
+    last: bool = True
 
 
 def build_gpt_model(
     layout: ModelLayout,
     padded_vocab: int,
     max_sequence_length: int,
+    stage: PipelineStage = PipelineStage(),
     cpu_init: bool = False,
-    pre_process: bool = True,
-    post_process: bool = True,
     transformer_engine: bool = False,
     **parallel,
 ):
     """GPTModel with `parallel` (tensor_model_parallel_size, expert_model_parallel_size, ...) in its config;
-    `pre_process` / `post_process`: this pipeline stage holds the embedding / the output layer;
+    `stage`: the part of the model this pipeline stage builds;
     `transformer_engine`: TE layers (needs transformer_engine; norms fused into the following linear layer,
     see weights.to_te_names) instead of megatron-core's local ones."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -29,7 +39,7 @@ def build_gpt_model(
     return GPTModel(
         config,
         spec,
-        pre_process=pre_process,
-        post_process=post_process,
+        pre_process=stage.first,
+        post_process=stage.last,
         **gpt_model_kwargs(layout, padded_vocab, max_sequence_length),
     )

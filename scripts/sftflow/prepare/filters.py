@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from sftflow.mathtext import find_boxed, normalize_problem
-from sftflow.prepare import arithmetic
+from sftflow.prepare.equations import find_equations
+from sftflow.prepare.exact_arithmetic import equation_is_correct, split_equation
 
 CODE_ERROR_MARKERS = ("Traceback (most recent call last)", "<output cut>", "Timed out", "SyntaxError")
 MATPLOTLIB_MARKERS = ("from matplotlib", "import matplotlib")
@@ -286,18 +287,16 @@ def trim_solutions(key: str, counter: dict) -> TextFilter:
 
 @lru_cache(maxsize=8)  # drop_incorrect_arithmetic and split_arithmetic look at the same text in turn
 def _equations(text: str) -> list[tuple[int, int, bool, int]]:
-    """(start, end, alone, operations) of the plain arithmetic equations in `text` (see arithmetic.py for what counts)."""
-    return arithmetic.find_equations(text)
+    """(start, end, alone, operations) of the plain arithmetic equations in `text` (see equations.py for what counts)."""
+    return find_equations(text)
 
 
 def drop_incorrect_arithmetic(key: str, rel_tol: float) -> TextFilter:
-    """Drop a row with a wrong equation; equations not parsed exactly (see arithmetic.py) are never held against it."""
-
-    is_correct = arithmetic.equation_checker(rel_tol)
+    """Drop a row with a wrong equation; equations not parsed exactly (see equations.py) are never held against it."""
 
     def check(text: str) -> str | None:
         for start, end, _alone, _operations in _equations(text):
-            if is_correct(text, start, end) is False:
+            if equation_is_correct(text[start:end], rel_tol) is False:
                 return None
         return text
 
@@ -315,7 +314,7 @@ def split_arithmetic(key: str) -> TextFilter:
         pieces, last = [], 0
         for start, end, alone, operations in _equations(text):
             # one operation leaves nothing to expand (split_equation answers None)
-            expanded = arithmetic.split_equation(text[start:end]) if alone and operations > 1 else None
+            expanded = split_equation(text[start:end]) if alone and operations > 1 else None
             if expanded is not None:
                 pieces += [text[last:start], expanded]
                 last = end

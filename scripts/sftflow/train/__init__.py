@@ -12,8 +12,10 @@ One module per concept (torchtitan style):
 - checkpoint   sharded DCP checkpoints with an atomic commit, exact resume
 - deadline     stop before the Slurm / time_limit deadline with time to save
 - metrics      console, TensorBoard, metrics.jsonl (+ MFU on GPU)
-- trainer      one chained job, top to bottom
+- trainer      the Trainer: one chained job (its loop in Trainer.train), and its DoneRecord
 - export       checkpoint -> HF folder on CPU, through the backend's reader
 - config       cross-key checks of the training section
-- cli          command lines of scripts/train.py (worker and `launch`) and scripts/convert_checkpoint.py
+- cli          the worker's command line (scripts/train.py): arguments, config, logging, Trainer
+- launch       the train_job rule's launcher (`scripts/train.py launch`): torchrun / srun, exit codes
+- export_cli   the export's command line (scripts/convert_checkpoint.py)
 """

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -143,29 +144,41 @@ def resolve_kernel(requested: str, device: torch.device, dtype: torch.dtype, dro
 # --- the kernels ------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Heads:
+    """One attention call: query [B, Hq, L, D], key / value [B, Hkv, L, D], the score scale and the dropout."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    scaling: float | None
+    dropout: float
+
+
 def _tokens_heads(x: torch.Tensor) -> torch.Tensor:
     """[B, H, L, D] -> [B*L, H, D], the layout of the varlen kernels."""
     batch, heads, length, dim = x.shape
     return x.transpose(1, 2).reshape(batch * length, heads, dim)
 
 
-def _flash(query, key, value, cu, max_len, scaling, dropout):
+def _flash(heads: _Heads, cu: torch.Tensor, max_len: int):
     out = flash_attn_varlen_func(
-        _tokens_heads(query),
-        _tokens_heads(key),
-        _tokens_heads(value),
+        _tokens_heads(heads.query),
+        _tokens_heads(heads.key),
+        _tokens_heads(heads.value),
         cu,
         cu,
         max_len,
         max_len,
-        dropout_p=dropout,
-        softmax_scale=scaling,
+        dropout_p=heads.dropout,
+        softmax_scale=heads.scaling,
         causal=True,
     )
     return out  # flash-attn handles grouped-query attention itself
 
 
-def _torch_varlen(query, key, value, cu, max_len, scaling):
+def _torch_varlen(heads: _Heads, cu: torch.Tensor, max_len: int):
+    query, key, value = heads.query, heads.key, heads.value
     groups = query.shape[1] // key.shape[1]
     extra = {}
     if groups > 1 and _varlen_has_gqa():
@@ -180,7 +193,7 @@ def _torch_varlen(query, key, value, cu, max_len, scaling):
         cu,
         max_len,
         max_len,
-        scale=scaling,
+        scale=heads.scaling,
         window_size=(-1, 0),  # (-1, 0) is causal
         **extra,
     )
@@ -201,8 +214,9 @@ def _document_block_mask(bounds: tuple[int, ...], device: torch.device, compiled
     return create_block_mask(causal_same_document, None, None, total, total, device=device)
 
 
-def _flex(query, key, value, bounds, scaling):
+def _flex(attention: _Heads, bounds: tuple[int, ...]):
     """The batch as one row of B*L tokens: the mask keeps each sequence to itself, across rows too."""
+    query, key, value = attention.query, attention.key, attention.value
     batch, heads, length, dim = query.shape
     compiled = query.is_cuda
     _, flex_attention = _flex_functions(compiled)
@@ -216,13 +230,14 @@ def _flex(query, key, value, bounds, scaling):
         one_row(key),
         one_row(value),
         block_mask=block_mask,
-        scale=scaling,
+        scale=attention.scaling,
         enable_gqa=key.shape[1] != heads,
     )  # [1, H, B*L, D]
     return out[0].view(heads, batch, length, dim).permute(1, 2, 0, 3)
 
 
-def _sdpa_loop(query, key, value, bounds, scaling, dropout):
+def _sdpa_loop(attention: _Heads, bounds: tuple[int, ...]):
+    query, key, value = attention.query, attention.key, attention.value
     batch, heads, length, dim = query.shape
     # Heads first, then the flattened tokens: a segment is a contiguous slice [H, start:end, D].
     q = query.transpose(0, 1).reshape(heads, batch * length, dim)
@@ -237,9 +252,9 @@ def _sdpa_loop(query, key, value, bounds, scaling, dropout):
                 q[None, :, start:end],
                 k[None, :, start:end],
                 v[None, :, start:end],
-                dropout_p=dropout,
+                dropout_p=attention.dropout,
                 is_causal=True,
-                scale=scaling,
+                scale=attention.scaling,
                 enable_gqa=key.shape[1] != heads,
             )[0]
         )
@@ -247,7 +262,7 @@ def _sdpa_loop(query, key, value, bounds, scaling, dropout):
     return out.permute(1, 2, 0, 3)
 
 
-def varlen_attention(
+def varlen_attention(  # noqa: PLR0913 - transformers' AttentionInterface calls it with these names
     module: nn.Module | None,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -277,13 +292,14 @@ def varlen_attention(
         return out.transpose(1, 2).contiguous(), None
 
     kernel = sftflow_attention or auto_kernel(query.device, query.dtype, dropout)
+    heads = _Heads(query, key, value, scaling, dropout)
     if kernel in ("flash", "varlen") and cu_seq_lens_q is not None:
         cu = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
         max_len = int(max_length_q) if max_length_q is not None else length
         if kernel == "flash":
-            out = _flash(query, key, value, cu, max_len, scaling, dropout)
+            out = _flash(heads, cu, max_len)
         else:
-            out = _torch_varlen(query, key, value, cu, max_len, scaling)
+            out = _torch_varlen(heads, cu, max_len)
         return out.view(batch, length, num_heads, head_dim), None
 
     bounds = sftflow_segments if sftflow_segments is not None else segment_bounds(cu_seq_lens_q)
@@ -292,9 +308,9 @@ def varlen_attention(
     if kernel == "flex":
         if dropout > 0:
             raise ValueError(f"flex attention has no dropout (got {dropout}); use sdpa_loop")
-        out = _flex(query, key, value, bounds, scaling)
+        out = _flex(heads, bounds)
     else:
-        out = _sdpa_loop(query, key, value, bounds, scaling, dropout)
+        out = _sdpa_loop(heads, bounds)
     return out.contiguous(), None
 
 

@@ -1,6 +1,6 @@
 """The contract between the trainer and a training backend, and the registry that names the backends.
 
-`run_job` (sftflow.train.trainer), the HF export (sftflow.train.export) and the config checks
+The `Trainer` (sftflow.train.trainer), the HF export (sftflow.train.export) and the config checks
 (sftflow.train.config) know backends only by the name in `training.backend`: they ask this registry for
 the backend's engine class or its config check, and the registry imports that backend's module then, so
 none of them imports a backend. Importing this module imports neither torch nor a backend.
@@ -20,7 +20,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from sftflow.errors import SftflowError
 
@@ -34,17 +34,19 @@ WeightShapes = dict[str, tuple[tuple[int, ...], "torch.dtype"]]
 WeightReader = Callable[[list[str]], dict[str, "torch.Tensor"]]
 
 
+@runtime_checkable
 class Engine(Protocol):
-    """One rank's part of a training run under one backend; `run_job` drives it the same way for every backend.
+    """One rank's part of a training run under one backend; the `Trainer` drives it the same way for every backend.
 
-    run_job builds it once the resume point is known (`engine_class(name)(cfg, spec, parallel, seq_len,
+    The Trainer builds it once the resume point is known (`engine_class(name)(cfg, spec, parallel, seq_len,
     pad_id)`), sets the learning rate of `optimizer.param_groups` before each step, calls `train_step`
     with this rank's micro-batches (each a list of packed bins) and `evaluate` with the validation data.
-    Every method is collective: all ranks call it in the same order.
+    Every method is collective: all ranks call it in the same order. tests/train/test_engine_registry.py
+    checks every registered engine class against these members.
     """
 
     name: ClassVar[str]  # the training.backend value; written to every checkpoint's meta.json
-    optimizer: Any  # a torch.optim-like object: run_job sets param_groups[i]["lr"]
+    optimizer: Any  # a torch.optim-like object: the Trainer's schedule sets param_groups[i]["lr"]
     num_params: int  # parameters of the HF model (for MFU)
     checkpointer: Any  # a sftflow.train.checkpoint.Checkpointer: saves / loads the checkpoint's Stateful components in the backend's format
 
@@ -108,17 +110,33 @@ class Backend:
     checks: str  # "module:function" of its check_config (a module that imports no torch)
 
 
-BACKENDS: dict[str, Backend] = {
-    "fsdp": Backend("sftflow.train.fsdp:FsdpEngine", "sftflow.train.fsdp_config:check_config"),
-    "megatron": Backend("sftflow.megatron.engine:MegatronEngine", "sftflow.megatron.config:check_config"),
-}
+# training.backend name -> Backend: the one list of backends (the config schema's `training.backend` enum is
+# filled in from it, see sftflow.config.with_registered_backends).
+BACKENDS: dict[str, Backend] = {}
 # The backend of checkpoints written before meta.json named one.
 DEFAULT_BACKEND = "fsdp"
 
 
 def register(name: str, engine: str, checks: str) -> None:
-    """Make `training.backend: name` use the Engine class `engine` and the config check `checks`."""
+    """Make `training.backend: name` use the Engine class `engine` and the config check `checks`, both given as
+    "module:attribute" import strings (registering imports neither). Register before the config is first
+    validated: sftflow.config reads the registry's names into the schema once."""
+    for target in (engine, checks):
+        module, colon, attribute = target.partition(":")
+        if not (module and colon and attribute):
+            raise ValueError(f"backend {name!r}: {target!r} is not a 'module:attribute' import string")
+    if name in BACKENDS and BACKENDS[name] != Backend(engine, checks):
+        raise ValueError(f"backend {name!r} is already registered as {BACKENDS[name]}")
     BACKENDS[name] = Backend(engine, checks)
+
+
+def backend_names() -> list[str]:
+    """The registered backends' names, in registration order (the built-in ones first)."""
+    return list(BACKENDS)
+
+
+register("fsdp", engine="sftflow.train.fsdp:FsdpEngine", checks="sftflow.train.fsdp_config:check_config")
+register("megatron", engine="sftflow.megatron.engine:MegatronEngine", checks="sftflow.megatron.config:check_config")
 
 
 def _load(target: str) -> Any:

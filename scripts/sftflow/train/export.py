@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -107,12 +108,20 @@ def resolve_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None) -> P
     )
 
 
+@dataclass(frozen=True)
+class ExportTokenizer:
+    """The tokenizer saved with an exported model: `name` (a local folder or hub name; default: the base
+    model's) and `chat_template`, a Jinja file replacing its template."""
+
+    name: str | None = None
+    chat_template: str | None = None
+
+
 def export_checkpoint(
     checkpoint: str | os.PathLike,
     output_dir: str | os.PathLike,
     base_model: str,
-    tokenizer: str | None = None,
-    chat_template: str | None = None,
+    tokenizer: ExportTokenizer | None = None,
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
@@ -136,11 +145,14 @@ def export_checkpoint(
     sizes = {n: torch.Size(shapes[n][0]).numel() * out_dtype.itemsize for n in names}
     shards = plan_shards(sizes, max_shard_bytes)
 
-    tok = AutoTokenizer.from_pretrained(tokenizer or base_model)
-    if chat_template:
-        tok.chat_template = Path(chat_template).read_text(encoding="utf-8")
+    tokenizer = tokenizer or ExportTokenizer()
+    tok = AutoTokenizer.from_pretrained(tokenizer.name or base_model)
+    if tokenizer.chat_template:
+        tok.chat_template = Path(tokenizer.chat_template).read_text(encoding="utf-8")
     if not getattr(tok, "chat_template", None):
-        LOG.warning("tokenizer %s has no chat template; the exported model will have none", tokenizer or base_model)
+        LOG.warning(
+            "tokenizer %s has no chat template; the exported model will have none", tokenizer.name or base_model
+        )
 
     with atomic_path(output_dir) as tmp:
         tmp.mkdir(parents=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 LOG = logging.getLogger("sftflow.train")
@@ -44,6 +45,23 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
+@dataclass(frozen=True)
+class JobSteps:
+    """The steps of one chained job: it resumes at `start`, trains to `target`, of the run's `total`."""
+
+    start: int
+    target: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What MFU is measured against: the GPUs of the run (none on CPU) and their name."""
+
+    num_gpus: int = 0
+    device_name: str = ""
+
+
 class MetricsLogger:
     """Writes metrics on rank 0 only; every method is a no-op elsewhere."""
 
@@ -52,20 +70,17 @@ class MetricsLogger:
         out_dir: str | Path,
         *,
         enabled: bool,
-        total_steps: int,
-        target_step: int,
-        start_step: int,
+        steps: JobSteps,
         log_period: int = 1,
         num_params: int = 0,
-        num_gpus: int = 0,
-        device_name: str = "",
+        hardware: Hardware,
     ) -> None:
         self.enabled = enabled
-        self.total_steps, self.target_step, self.start_step = total_steps, target_step, start_step
+        self.total_steps, self.target_step, self.start_step = steps.total, steps.target, steps.start
         self.log_period = log_period
         self.num_params = num_params
-        self.peak = peak_flops(device_name) if num_gpus else None
-        self.num_gpus = num_gpus
+        self.peak = peak_flops(hardware.device_name) if hardware.num_gpus else None
+        self.num_gpus = hardware.num_gpus
         self.start = time.time()
         self.writer = None
         self.jsonl = None
@@ -80,13 +95,13 @@ class MetricsLogger:
             kept = [
                 line
                 for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step
+                if line.strip() and json.loads(line).get("step", 0) <= steps.start
             ]
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_step + 1)
+        self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=steps.start + 1)
 
     def mfu(self, tokens_per_second: float) -> float | None:
         if not self.peak or not self.num_params:

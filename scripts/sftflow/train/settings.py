@@ -1,4 +1,4 @@
-"""TrainingConfig: the `training:` config section, typed, built once where a job starts (run_job, the launcher).
+"""TrainingConfig: the `training:` config section, typed, built once where a job starts (the Trainer, the launcher).
 
 The fields are the schema's keys (config/schema.yaml is the only list of keys and their defaults:
 `from_section` fills and checks them there, and a key the schema has but this class lacks is a TypeError at

@@ -1,11 +1,11 @@
-"""One chained training job, top to bottom: set up, resume, train until the job's target step or deadline, save.
+"""The Trainer: one chained training job, top to bottom: set up, resume, train until the job's target step or deadline, save.
 
 Job i of N trains until step ceil(total_steps x (i+1) / N), where
 
     total_steps = min(max_num_steps, max_num_epochs x floor(bins / train_global_batch_size)).
 
 It resumes from the latest complete checkpoint, whichever job wrote it; if that checkpoint is already
-at or past the target it only writes its done-file. Each optimizer step, every dp rank takes its
+at or past the target it only writes its done-file (a DoneRecord). Each optimizer step, every dp rank takes its
 micro-batches (the global batch split by BinSampler), the warmup + cosine schedule sets the learning rate,
 and the backend's engine (training.backend, looked up in sftflow.train.engine) runs the step: its loss is
 the sum of token losses over the loss tokens of the whole global batch, whatever the split into ranks and
@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ from sftflow.train.data import BinSampler, TrainingPlan, job_target_step
 from sftflow.train.deadline import Deadline, StopSignal
 from sftflow.train.engine import Engine, JobSpec, engine_class
 from sftflow.train.lr_schedule import WarmupCosineSchedule, lr_at
-from sftflow.train.metrics import MetricsLogger
+from sftflow.train.metrics import Hardware, JobSteps, MetricsLogger
 from sftflow.train.parallel import ParallelDims
 from sftflow.train.settings import TrainingConfig
 
@@ -91,29 +91,29 @@ def rank_placement(parallel: ParallelDims) -> list[str]:
     return placement
 
 
-def _done_record(
-    spec: JobSpec,
-    start_step: int,
-    end_step: int,
-    plan: TrainingPlan,
-    target: int,
-    ckpt,
-    ranks: list[str],
-    schedule_changes: list[dict],
-) -> dict:
-    return {
-        "job_index": spec.job_index,
-        "num_jobs": spec.num_jobs,
-        "start_step": start_step,
-        "end_step": end_step,
-        "target_step": target,
-        "total_steps": plan.total_steps,
-        "complete": end_step >= plan.total_steps,
-        "remaining_steps": max(0, plan.total_steps - end_step),
-        "checkpoint": str(ckpt) if ckpt else None,
-        "ranks": ranks,
-        "schedule_changes": schedule_changes,  # the run's total-step changes so far (the report shows them)
-    }
+@dataclass
+class DoneRecord:
+    """What a job's done-file says (JSON, written by rank 0 when the job ends): the launcher, the export
+    and the report read it, so its keys are an interface."""
+
+    job_index: int
+    num_jobs: int
+    start_step: int
+    end_step: int
+    target_step: int
+    total_steps: int
+    complete: bool = field(init=False)
+    remaining_steps: int = field(init=False)
+    checkpoint: str | None
+    ranks: list[str]
+    schedule_changes: list[dict]  # the run's total-step changes so far (the report shows them)
+
+    def __post_init__(self) -> None:
+        self.complete = self.end_step >= self.total_steps
+        self.remaining_steps = max(0, self.total_steps - self.end_step)
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 def _check_resume_compatible(
@@ -174,106 +174,152 @@ def _make_deadline(tcfg: TrainingConfig, parallel: ParallelDims, t_process_start
     return Deadline(None, tcfg.time_margin_seconds, clock=clock)
 
 
-def _log_job_plan(spec: JobSpec, plan: TrainingPlan, seq_len: int, target: int, has_deadline: bool, parallel) -> None:
-    LOG.info(
-        "job %d/%d: %d bins of %d tokens, %d steps per epoch, total %d steps, this job trains to step %d%s; "
-        "world %d = dp %d x tp %d, micro-batch %d, gradient accumulation %d",
-        spec.job_index,
-        spec.num_jobs,
-        plan.num_bins,
-        seq_len,
-        plan.steps_per_epoch,
-        plan.total_steps,
-        target,
-        "" if not has_deadline else " or until its deadline",
-        parallel.world_size,
-        parallel.dp_size,
-        parallel.tp,
-        plan.micro_batch,
-        plan.grad_accum,
-    )
+class Trainer:
+    """One chained job of a training run, for any registered backend.
 
+    The constructor builds the job's parts as attributes: the parallel layout, the data and its step plan,
+    the deadline, the resume point, the backend's engine, the sampler, the learning-rate schedule, the
+    checkpoint's Stateful components (loaded from the resume point), the validation data and the metrics
+    logger. `train()` runs the loop and returns the DoneRecord (also written to spec.done_file). Collective:
+    every rank builds one and calls train(). `clock` (wall-clock seconds) drives the deadline; tests pass a
+    fake one.
+    """
 
-def _finish(spec: JobSpec, parallel: ParallelDims, record: dict) -> dict:
-    """Write the done record (rank 0) and wait for every rank."""
-    if spec.done_file and parallel.is_main:
-        write_json(spec.done_file, record)
-    parallel.barrier()
-    return record
+    engine: Engine | None  # None when the resume point is at or past this job's target
 
+    def __init__(self, cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, clock=time.time) -> None:
+        t_process_start = clock()
+        self.cfg, self.spec = cfg, spec
+        self.training = tcfg = TrainingConfig.from_section(cfg["training"])
+        engine_cls = engine_class(tcfg.backend)
+        self.parallel = parallel = parallel or engine_cls.init_parallel(tcfg)
+        check_training_keys(cfg, world_size=parallel.world_size)
+        self.ranks = rank_placement(parallel)
+        LOG.info("ranks (node/local rank): %s", ", ".join(self.ranks))
+        torch.manual_seed(tcfg.seed)
+        random.seed(tcfg.seed)
 
-def _metrics_logger(
-    spec: JobSpec, tcfg: TrainingConfig, plan: TrainingPlan, target: int, start_step: int, engine, parallel
-):
-    cuda = parallel.device.type == "cuda"
-    return MetricsLogger(
-        spec.metrics_dir or Path(spec.checkpoint_dir) / "metrics",
-        enabled=parallel.is_main,
-        total_steps=plan.total_steps,
-        target_step=target,
-        start_step=start_step,
-        log_period=tcfg.log_period,
-        num_params=engine.num_params,
-        num_gpus=parallel.world_size if cuda else 0,
-        device_name=torch.cuda.get_device_name(parallel.device) if cuda else "",
-    )
+        # --- data, the step plan, this job's target -----------------------------------------------
+        from sftflow.packing import PackedDataset
 
+        self.dataset = PackedDataset(spec.packed)
+        seq_len, pad_id = int(self.dataset.index["max_total_sequence_length"]), int(self.dataset.index["pad_token_id"])
+        self.plan = TrainingPlan.make(tcfg, len(self.dataset), parallel.dp_size)
+        self.deadline = _make_deadline(tcfg, parallel, t_process_start, clock)
+        has_deadline = parallel.any_rank(self.deadline.end_time is not None)
+        # Without a deadline job i of N trains its equal share. With one (a Slurm job, or training.time_limit)
+        # it trains on towards the end until the deadline stops it, as NeMo-RL's chained jobs do: a job that
+        # finishes early leaves the later ones nothing to do, and one that stops early is caught up by the next.
+        share = job_target_step(self.plan.total_steps, spec.job_index, spec.num_jobs)
+        self.target = self.plan.total_steps if has_deadline else share
+        self._log_plan(seq_len, has_deadline)
 
-def _schedule(engine: Engine, tcfg: TrainingConfig, plan: TrainingPlan) -> WarmupCosineSchedule:
-    return WarmupCosineSchedule(
-        engine.optimizer,
-        peak=tcfg.learning_rate,
-        minimum=tcfg.min_learning_rate,
-        warmup=tcfg.warmup_steps,
-        total=plan.total_steps,
-    )
+        # --- resume point -------------------------------------------------------------------------
+        fingerprint = data_fingerprint(spec.packed)
+        Checkpointer(spec.checkpoint_dir, parallel).clean_partial()
+        self.latest = latest_checkpoint(spec.checkpoint_dir)
+        saved_meta = read_meta(self.latest.path) if self.latest is not None else {}
+        if self.latest is not None:
+            current = {"backend": engine_cls.name, **engine_cls.resume_layout(parallel)}
+            _check_resume_compatible(saved_meta, fingerprint, spec, self.latest.path, current, tcfg)
+        self.schedule_changes = saved_meta.get("schedule_changes", [])
+        self.start_step = self.latest.step if self.latest is not None else 0
+        if self.latest is not None and self.latest.step >= self.target:
+            self.engine = None  # nothing to train: train() only writes the done record
+            return
 
+        # --- engine, data order, schedule, checkpoint state, validation, metrics ------------------
+        self.engine = engine_cls(cfg, spec, parallel, seq_len, pad_id)
+        self.sampler = BinSampler(self.plan, parallel.dp_rank, tcfg.seed)
+        self.schedule = WarmupCosineSchedule(
+            self.engine.optimizer,
+            peak=tcfg.learning_rate,
+            minimum=tcfg.min_learning_rate,
+            warmup=tcfg.warmup_steps,
+            total=self.plan.total_steps,
+        )
+        self.states = {  # what a checkpoint holds: name -> Stateful component
+            ENGINE: self.engine,
+            "sampler": self.sampler,
+            "schedule": self.schedule,
+            "rng": RngState(parallel),
+            "train": TrainState(),
+        }
+        self.start_step = self._resume()
+        self.schedule_changes = _schedule_changes(saved_meta, self.start_step, self.plan.total_steps, tcfg)
+        self.validation = _prepare_validation(cfg, spec, parallel)
+        self.meta = {  # what every checkpoint of this job records in its meta.json (resume checks read it back)
+            "data_fingerprint": fingerprint,
+            "model": spec.model,
+            "total_steps": self.plan.total_steps,
+            "world_size": parallel.world_size,
+            "num_params": self.engine.num_params,
+            **self.engine.meta(),
+            "training": tcfg.as_dict(),
+            "schedule_changes": self.schedule_changes,
+        }
+        cuda = parallel.device.type == "cuda"
+        self.metrics = MetricsLogger(
+            spec.metrics_dir or Path(spec.checkpoint_dir) / "metrics",
+            enabled=parallel.is_main,
+            steps=JobSteps(start=self.start_step, target=self.target, total=self.plan.total_steps),
+            log_period=tcfg.log_period,
+            num_params=self.engine.num_params,
+            hardware=Hardware(
+                num_gpus=parallel.world_size if cuda else 0,
+                device_name=torch.cuda.get_device_name(parallel.device) if cuda else "",
+            ),
+        )
 
-def _resume(checkpointer: Checkpointer, states: dict, deadline: Deadline, latest) -> int:
-    """Load the latest checkpoint (if any) into every Stateful component; returns its step."""
-    if latest is None:
-        return 0
-    t0 = time.perf_counter()
-    checkpointer.load(latest.path, states)
-    load_seconds = time.perf_counter() - t0
-    deadline.estimate_save_from_load(load_seconds)
-    step, epoch = states["train"].step, states["sampler"].epoch
-    LOG.info("resumed from %s (step %d, epoch %d) in %.1f s", latest.path, step, epoch, load_seconds)
-    return step
-
-
-def _run_meta(
-    spec: JobSpec, plan: TrainingPlan, parallel, engine: Engine, fingerprint: str, tcfg: TrainingConfig, changes
-) -> dict:
-    """What every checkpoint of this job records in its meta.json (resume checks read it back)."""
-    return {
-        "data_fingerprint": fingerprint,
-        "model": spec.model,
-        "total_steps": plan.total_steps,
-        "world_size": parallel.world_size,
-        "num_params": engine.num_params,
-        **engine.meta(),
-        "training": tcfg.as_dict(),
-        "schedule_changes": changes,
-    }
-
-
-@dataclass
-class _Training:
-    """The parts of a job's training loop once the engine is built (run_job assembles them)."""
-
-    tcfg: TrainingConfig
-    plan: TrainingPlan
-    parallel: ParallelDims
-    engine: Engine
-    dataset: object
-    sampler: BinSampler
-    schedule: WarmupCosineSchedule
-    deadline: Deadline
-    metrics: MetricsLogger
-    validation: object
-    meta: dict
-    states: dict  # what a checkpoint holds: name -> Stateful component
+    def train(self) -> DoneRecord:
+        """Train from the resume point to this job's target step, or until the deadline or a stop signal,
+        saving every save_period steps and at the end; returns the done record."""
+        if self.engine is None:
+            LOG.info(
+                "checkpoint %s is at or past this job's target step %d: nothing to train", self.latest.path, self.target
+            )
+            return self._finish(self.start_step, self.latest.path)
+        tcfg, total, target = self.training, self.plan.total_steps, self.target
+        step = self.start_step
+        last_saved = self.latest.path if self.latest is not None else None
+        last_saved_step = step if last_saved is not None else -1
+        stopped_early = False
+        stop_signal = StopSignal()
+        while step < target:
+            if self._should_stop(step, stop_signal):
+                stopped_early = True
+                break
+            t_step = time.perf_counter()
+            micro_bins = [[self.dataset.get_bin(i) for i in ids] for ids in self.sampler.next_step()]
+            real_tokens = self.parallel.dp_sum(sum(len(b["input_ids"]) for bins in micro_bins for b in bins))
+            lr = self.schedule.apply(step)
+            loss, loss_tokens, grad_norm = self.engine.train_step(micro_bins)
+            step += 1
+            seconds = time.perf_counter() - t_step
+            self.deadline.record_step(seconds)
+            self.metrics.log_step(
+                step,
+                {
+                    "loss": loss,
+                    "grad_norm": grad_norm,
+                    "lr": lr,
+                    "tokens_per_second": real_tokens / seconds,
+                    "loss_tokens": int(loss_tokens),
+                    "epoch": self.sampler.epoch,
+                    "step_seconds": seconds,
+                },
+            )
+            if tcfg.val_period and step % tcfg.val_period == 0 and step < total:
+                self.validate(step)
+            if step % tcfg.save_period == 0 and step < target:
+                last_saved, last_saved_step = self.save(step), step
+        if step != last_saved_step and step > 0:
+            last_saved = self.save(step)
+        stop_signal.restore()
+        if step >= total and not stopped_early:
+            self.validate(step)
+        self.metrics.close()
+        return self._finish(step, last_saved)
 
     def save(self, step: int) -> Path:
         self.states["train"].step = step
@@ -287,7 +333,19 @@ class _Training:
             loss, n = self.engine.evaluate(self.validation, self.plan.micro_batch)
             self.metrics.log_validation(step, loss, n)
 
-    def should_stop(self, step: int, stop_signal: StopSignal) -> bool:
+    def _resume(self) -> int:
+        """Load the latest checkpoint (if any) into every Stateful component; returns its step."""
+        if self.latest is None:
+            return 0
+        t0 = time.perf_counter()
+        self.engine.checkpointer.load(self.latest.path, self.states)
+        load_seconds = time.perf_counter() - t0
+        self.deadline.estimate_save_from_load(load_seconds)
+        step, epoch = self.states["train"].step, self.states["sampler"].epoch
+        LOG.info("resumed from %s (step %d, epoch %d) in %.1f s", self.latest.path, step, epoch, load_seconds)
+        return step
+
+    def _should_stop(self, step: int, stop_signal: StopSignal) -> bool:
         """True on every rank when rank 0 runs out of time or any rank received a stop signal."""
         deadline = self.deadline
         out_of_time = self.parallel.is_main and deadline.should_stop()
@@ -306,129 +364,49 @@ class _Training:
             LOG.warning("stopping at step %d: a rank received %s", step, stop_signal.received or "a stop signal")
         return True
 
-    def step(self, step: int) -> int:
-        """Train optimizer step step + 1 and log it; returns step + 1."""
-        t_step = time.perf_counter()
-        micro_bins = [[self.dataset.get_bin(i) for i in ids] for ids in self.sampler.next_step()]
-        real_tokens = self.parallel.dp_sum(sum(len(b["input_ids"]) for bins in micro_bins for b in bins))
-        lr = self.schedule.apply(step)
-        loss, global_count, grad_norm = self.engine.train_step(micro_bins)
-        step += 1
-        seconds = time.perf_counter() - t_step
-        self.deadline.record_step(seconds)
-        self.metrics.log_step(
-            step,
-            {
-                "loss": loss,
-                "grad_norm": grad_norm,
-                "lr": lr,
-                "tokens_per_second": real_tokens / seconds,
-                "loss_tokens": int(global_count),
-                "epoch": self.sampler.epoch,
-                "step_seconds": seconds,
-            },
+    def _finish(self, end_step: int, checkpoint: Path | None) -> DoneRecord:
+        """Write the done record (rank 0) and wait for every rank."""
+        spec, total = self.spec, self.plan.total_steps
+        record = DoneRecord(
+            job_index=spec.job_index,
+            num_jobs=spec.num_jobs,
+            start_step=self.start_step,
+            end_step=end_step,
+            target_step=self.target,
+            total_steps=total,
+            checkpoint=str(checkpoint) if checkpoint else None,
+            ranks=self.ranks,
+            schedule_changes=self.schedule_changes,
         )
-        return step
-
-    def train(self, step: int, target: int, last_saved: Path | None) -> tuple[int, Path | None]:
-        """Train from `step` to `target` (or the deadline), saving every save_period steps and at the end;
-        returns the step reached and the last checkpoint."""
-        tcfg, total = self.tcfg, self.plan.total_steps
-        last_saved_step = step if last_saved is not None else -1
-        stopped_early = False
-        stop_signal = StopSignal()
-        while step < target:
-            if self.should_stop(step, stop_signal):
-                stopped_early = True
-                break
-            step = self.step(step)
-            if tcfg.val_period and step % tcfg.val_period == 0 and step < total:
-                self.validate(step)
-            if step % tcfg.save_period == 0 and step < target:
-                last_saved, last_saved_step = self.save(step), step
-        if step != last_saved_step and step > 0:
-            last_saved = self.save(step)
-        stop_signal.restore()
-        if step >= total and not stopped_early:
-            self.validate(step)
-        self.metrics.close()
-        return step, last_saved
-
-
-def run_job(cfg: dict, spec: JobSpec, parallel: ParallelDims | None = None, clock=time.time) -> dict:
-    """Run one chained job; returns (and writes to spec.done_file) the done record. Collective.
-
-    `clock` (wall-clock seconds) drives the deadline; tests pass a fake one.
-    """
-    t_process_start = clock()
-    tcfg = TrainingConfig.from_section(cfg["training"])
-    engine_cls = engine_class(tcfg.backend)
-    parallel = parallel or engine_cls.init_parallel(tcfg)
-    check_training_keys(cfg, world_size=parallel.world_size)
-    ranks = rank_placement(parallel)
-    LOG.info("ranks (node/local rank): %s", ", ".join(ranks))
-    torch.manual_seed(tcfg.seed)
-    random.seed(tcfg.seed)
-
-    # --- data, the step plan, this job's target ---------------------------------------------------
-    from sftflow.packing import PackedDataset
-
-    dataset = PackedDataset(spec.packed)
-    seq_len, pad_id = int(dataset.index["max_total_sequence_length"]), int(dataset.index["pad_token_id"])
-    plan = TrainingPlan.make(tcfg, len(dataset), parallel.dp_size)
-    deadline = _make_deadline(tcfg, parallel, t_process_start, clock)
-    has_deadline = parallel.any_rank(deadline.end_time is not None)
-    # Without a deadline job i of N trains its equal share. With one (a Slurm job, or training.time_limit)
-    # it trains on towards the end until the deadline stops it, as NeMo-RL's chained jobs do: a job that
-    # finishes early leaves the later ones nothing to do, and one that stops early is caught up by the next.
-    share = job_target_step(plan.total_steps, spec.job_index, spec.num_jobs)
-    target = plan.total_steps if has_deadline else share
-    fingerprint = data_fingerprint(spec.packed)
-    _log_job_plan(spec, plan, seq_len, target, has_deadline, parallel)
-
-    # --- resume point -----------------------------------------------------------------------------
-    Checkpointer(spec.checkpoint_dir, parallel).clean_partial()
-    latest = latest_checkpoint(spec.checkpoint_dir)
-    saved_meta = read_meta(latest.path) if latest is not None else {}
-    if latest is not None:
-        current = {"backend": engine_cls.name, **engine_cls.resume_layout(parallel)}
-        _check_resume_compatible(saved_meta, fingerprint, spec, latest.path, current, tcfg)
-    if latest is not None and latest.step >= target:
-        LOG.info("checkpoint %s is at or past this job's target step %d: nothing to train", latest.path, target)
-        changes = saved_meta.get("schedule_changes", [])
-        return _finish(
-            spec, parallel, _done_record(spec, latest.step, latest.step, plan, target, latest.path, ranks, changes)
+        if spec.done_file and self.parallel.is_main:
+            write_json(spec.done_file, record.to_json())
+        self.parallel.barrier()
+        LOG.info(
+            "job %d done: steps %d -> %d of %d%s",
+            spec.job_index,
+            self.start_step,
+            end_step,
+            total,
+            " (training complete)" if record.complete else f" ({record.remaining_steps} steps remain)",
         )
+        return record
 
-    # --- engine, schedule, data order, then the loop ----------------------------------------------
-    engine = engine_cls(cfg, spec, parallel, seq_len, pad_id)
-    sampler, schedule = BinSampler(plan, parallel.dp_rank, tcfg.seed), _schedule(engine, tcfg, plan)
-    states = {
-        ENGINE: engine,
-        "sampler": sampler,
-        "schedule": schedule,
-        "rng": RngState(parallel),
-        "train": TrainState(),
-    }
-    start_step = _resume(engine.checkpointer, states, deadline, latest)
-    schedule_changes = _schedule_changes(saved_meta, start_step, plan.total_steps, tcfg)
-    validation = _prepare_validation(cfg, spec, parallel)
-    meta = _run_meta(spec, plan, parallel, engine, fingerprint, tcfg, schedule_changes)
-    metrics = _metrics_logger(spec, tcfg, plan, target, start_step, engine, parallel)
-    training = _Training(
-        tcfg, plan, parallel, engine, dataset, sampler, schedule, deadline, metrics, validation, meta, states
-    )
-    step, last_saved = training.train(start_step, target, latest.path if latest is not None else None)
-
-    record = _finish(
-        spec, parallel, _done_record(spec, start_step, step, plan, target, last_saved, ranks, schedule_changes)
-    )
-    LOG.info(
-        "job %d done: steps %d -> %d of %d%s",
-        spec.job_index,
-        start_step,
-        step,
-        plan.total_steps,
-        " (training complete)" if record["complete"] else f" ({record['remaining_steps']} steps remain)",
-    )
-    return record
+    def _log_plan(self, seq_len: int, has_deadline: bool) -> None:
+        spec, plan, parallel = self.spec, self.plan, self.parallel
+        LOG.info(
+            "job %d/%d: %d bins of %d tokens, %d steps per epoch, total %d steps, this job trains to step %d%s; "
+            "world %d = dp %d x tp %d, micro-batch %d, gradient accumulation %d",
+            spec.job_index,
+            spec.num_jobs,
+            plan.num_bins,
+            seq_len,
+            plan.steps_per_epoch,
+            plan.total_steps,
+            self.target,
+            "" if not has_deadline else " or until its deadline",
+            parallel.world_size,
+            parallel.dp_size,
+            parallel.tp,
+            plan.micro_batch,
+            plan.grad_accum,
+        )
