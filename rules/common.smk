@@ -153,11 +153,10 @@ def generate_command(wildcards, input, output):
 
 def train_command(wildcards, input, output):
     """The train_job rule's command line: scripts/train.py launch, then '--' and the torchrun (or srun +
-    torchrun) command, with the training and packing keys that differ from the defaults as ++ arguments.
+    torchrun) command, whose worker reads the training stage files (input.config, tracked; train.run.json, not).
     """
     import shlex
 
-    from sftflow.train.cli import config_overrides
     from sftflow.train.launch import LaunchFiles, planned_command
 
     t = config["training"]
@@ -188,7 +187,7 @@ def train_command(wildcards, input, output):
     ]
     if config["model"]["chat_template"]:
         worker += ["--chat-template", config["model"]["chat_template"]]
-    worker += config_overrides(config)
+    worker += ["--config", input.config, "--config", stage_config("train", run=True)]
     script = Path(workflow.basedir) / "scripts" / "train.py"
     log = out("logs", f"train_job{wildcards.job}.log")
     command = planned_command(

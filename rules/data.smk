@@ -25,6 +25,7 @@ rule prepare_data:
         generations=get_generations(),
         tokenizer=local_inputs(get_tokenizer()),
         contamination=get_contamination(),
+        config=stage_config("prepare_data"),
     output:
         data=out("data", "sft.jsonl"),
         stats=out("data", "sft.stats.json"),
@@ -37,9 +38,5 @@ rule prepare_data:
     threads: cpu_threads()
     resources:
         **cpu_resources(),
-    params:
-        cfg=config["prepare_data"],
-        tokenizer=lambda wildcards, input: (input.tokenizer[0] if input.tokenizer else get_tokenizer()),
-        chat_template=config["model"]["chat_template"],
     script:
         "../scripts/prepare_data.py"
