@@ -83,8 +83,7 @@ def _setup_rank_logging(rank: int, world_size: int) -> None:
 def train_main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = train_parser().parse_args(argv)
-    from sftflow.train.engine import init_parallel
-    from sftflow.train.parallel import shutdown
+    from sftflow.train.parallel import launch_environment, shutdown
     from sftflow.train.trainer import JobSpec, Trainer
 
     try:
@@ -93,13 +92,8 @@ def train_main(argv: list[str] | None = None) -> int:
                 f"--job-index {args.job_index} is not in 0..{args.num_jobs - 1} (--num-jobs {args.num_jobs})"
             )
         cfg = load_train_config(args.config)
-        parallel = init_parallel(cfg["training"])
-        _setup_rank_logging(parallel.rank, parallel.world_size)
-        if parallel.is_main:  # the job's resolved config, for the record
-            from sftflow.io import write_json
-
-            Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            write_json(Path(args.checkpoint_dir) / f"job{args.job_index}.config.json", cfg)
+        where = launch_environment()  # torchrun's placement: which rank logs progress
+        _setup_rank_logging(where.rank, where.world_size)
         spec = JobSpec(
             packed=args.packed,
             model=args.model,
@@ -111,7 +105,13 @@ def train_main(argv: list[str] | None = None) -> int:
             tokenizer=args.tokenizer,
             chat_template=args.chat_template,
         )
-        Trainer(cfg, spec, parallel).train()
+        trainer = Trainer(cfg, spec)  # builds the job's TrainingConfig and joins the process group
+        if trainer.parallel.is_main:  # the job's resolved config, for the record
+            from sftflow.io import write_json
+
+            Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            write_json(Path(args.checkpoint_dir) / f"job{args.job_index}.config.json", cfg)
+        trainer.train()
     except SftflowError as err:
         LOG.error("%s", err)
         return 2
