@@ -42,6 +42,11 @@ include: "rules/eval.smk"
 include: "rules/report.smk"
 
 
+# Each stage's config file, after every check above (a refused config writes none); the main process only.
+if workflow.is_main_process:
+    write_stage_configs(CONFIG_SOURCES)
+
+
 rule all:
     default_target: True
     input:

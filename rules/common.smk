@@ -109,20 +109,12 @@ def python_exe():
     return sys.executable
 
 
-def eval_result_settings():
-    """The eval settings that change the answers (a plain value: the generate rule's rerun trigger)."""
-    from sftflow.evaluation.settings import EvalSettings
-
-    return EvalSettings.from_config(config).result_settings()
-
-
 def generate_command(wildcards, input, output):
-    """The generate rule's command line: scripts/generate.py with the eval settings that differ from the
-    defaults as ++ arguments, then '--' and the server command, all quoted."""
+    """The generate rule's command line: scripts/generate.py with the eval stage files (the tracked input and
+    eval.run.json), then '--' and the server command, all quoted."""
     import shlex
 
     from sftflow.evaluation.server import server_command
-    from sftflow.evaluation.settings import EvalSettings
 
     e = config["eval"]
     model = input.model[0] if input.model else eval_model_path(wildcards.model)
@@ -154,18 +146,17 @@ def generate_command(wildcards, input, output):
         "--log",
         logs["generate"],
     ]
-    args += EvalSettings.override_args(config)
+    args += ["--config", input.config, "--config", stage_config("eval", run=True)]
     server = server_command(e["server_type"], model, e["server_gpus"], e["server_args"], python=python_exe())
     return shlex.join(args + ["--", *server])
 
 
 def train_command(wildcards, input, output):
     """The train_job rule's command line: scripts/train.py launch, then '--' and the torchrun (or srun +
-    torchrun) command, with the training and packing keys that differ from the defaults as ++ arguments.
+    torchrun) command, whose worker reads the training stage files (input.config, tracked; train.run.json, not).
     """
     import shlex
 
-    from sftflow.train.cli import config_overrides
     from sftflow.train.launch import LaunchFiles, planned_command
 
     t = config["training"]
@@ -196,7 +187,7 @@ def train_command(wildcards, input, output):
     ]
     if config["model"]["chat_template"]:
         worker += ["--chat-template", config["model"]["chat_template"]]
-    worker += config_overrides(config)
+    worker += ["--config", input.config, "--config", stage_config("train", run=True)]
     script = Path(workflow.basedir) / "scripts" / "train.py"
     log = out("logs", f"train_job{wildcards.job}.log")
     command = planned_command(
@@ -219,6 +210,100 @@ def get_contamination():
     if not prep["filters"]["remove_contaminated"]:
         return []
     return prep["contamination_file"] or out("data", "contamination.jsonl")
+
+
+# --- Stage config files (sftflow.stage_config): each job's resolved config, a tracked input of its rule --------
+# Written while planning by the main process (Snakefile: write_stage_configs), only where the content changed,
+# so a changed key reruns exactly the jobs whose file it is in ("Updated input files: .../config/<stage>.json" in
+# a dry run's reason). A stage's keys that must rerun nothing go to <stage>.run.json, which no rule takes as an
+# input (the job reads both). Jobs on Slurm parse the Snakefile again but never write these files.
+
+
+def stage_config(stage, run=False):
+    """The config file of `stage` (run=True: the one of its keys that rerun nothing, not an input)."""
+    return out("config", f"{stage}.run.json" if run else f"{stage}.json")
+
+
+def decontaminate_config():
+    p = config["prepare_data"]
+    return {
+        "benchmarks": benchmark_names(),
+        "input_key": p["input_key"],
+        "ngram_size": p["decontamination"]["ngram_size"],
+        "threshold": p["decontamination"]["threshold"],
+    }
+
+
+def prepare_data_config():
+    """The prepare_data section with what the workflow resolved: the input files, the tokenizer, the chat
+    template and the contamination file (the keys of `python scripts/prepare_data.py ++key=value`)."""
+    cfg = dict(config["prepare_data"])
+    cfg["input_files"] = get_generations()
+    cfg["tokenizer"] = get_tokenizer()
+    cfg["chat_template"] = config["model"]["chat_template"]
+    if cfg["filters"]["remove_contaminated"]:
+        cfg["contamination_file"] = get_contamination()
+    return cfg
+
+
+def pack_data_config():
+    from dataclasses import asdict
+
+    from sftflow.packing.pipeline import PackingConfig
+
+    return {
+        "packing": asdict(PackingConfig.from_section(config["packing"])),
+        "tokenizer": get_tokenizer(),
+        "chat_template": config["model"]["chat_template"],
+        "chat_template_kwargs": config["prepare_data"]["chat_template_kwargs"],
+    }
+
+
+def train_configs():
+    """(tracked, run): the training keys that decide what each step computes (RESULT_KEYS: a change with
+    checkpoints standing is refused while planning, so tracking them reruns nothing that would otherwise
+    run), and the rest of training and packing (a change reruns no job; rules/train.smk's header)."""
+    from sftflow.config import validate_sections
+    from sftflow.train.config import RESULT_KEYS
+
+    sections = validate_sections({"training": config["training"], "packing": config["packing"]})
+    training = sections["training"]
+    tracked = {"training": {key: training[key] for key in RESULT_KEYS}}
+    run = {
+        "training": {key: value for key, value in training.items() if key not in RESULT_KEYS},
+        "packing": sections["packing"],
+    }
+    return tracked, run
+
+
+def eval_configs():
+    """(tracked, run): the eval settings that change the answers, and those that only decide how they are
+    fetched (concurrency, retries, timeouts, the API key's variable)."""
+    from sftflow.evaluation.settings import EvalSettings
+
+    settings = EvalSettings.from_config(config)
+    return settings.result_settings(), settings.transport_settings()
+
+
+def write_stage_configs(sources):
+    """Write every stage's config files (unchanged ones are left alone) and the report's resolved.json (the
+    whole config and where each value comes from: `sources`)."""
+    from sftflow.stage_config import write_if_changed
+
+    train, train_run = train_configs()
+    evaluation, eval_run = eval_configs()
+    files = {
+        stage_config("decontaminate"): decontaminate_config(),
+        stage_config("prepare_data"): prepare_data_config(),
+        stage_config("pack_data"): pack_data_config(),
+        stage_config("train"): train,
+        stage_config("train", run=True): train_run,
+        stage_config("eval"): evaluation,
+        stage_config("eval", run=True): eval_run,
+        stage_config("resolved"): {"config": config, "sources": dict(sources)},
+    }
+    for path, data in files.items():
+        write_if_changed(path, data)
 
 
 # --- Slurm resources (config key slurm.*): the profile holds none of them -----------------------

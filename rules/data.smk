@@ -5,6 +5,7 @@ rule decontaminate:
     input:
         generations=get_generations(),
         benchmarks=[get_benchmark_file(b) for b in benchmark_names()],
+        config=stage_config("decontaminate"),
     output:
         out("data", "contamination.jsonl"),
     log:
@@ -15,11 +16,6 @@ rule decontaminate:
         "../envs/data.yaml"
     resources:
         **cpu_resources(),
-    params:
-        benchmark_names=benchmark_names(),
-        input_key=config["prepare_data"]["input_key"],
-        ngram_size=config["prepare_data"]["decontamination"]["ngram_size"],
-        threshold=config["prepare_data"]["decontamination"]["threshold"],
     script:
         "../scripts/find_contamination.py"
 
@@ -29,6 +25,7 @@ rule prepare_data:
         generations=get_generations(),
         tokenizer=local_inputs(get_tokenizer()),
         contamination=get_contamination(),
+        config=stage_config("prepare_data"),
     output:
         data=out("data", "sft.jsonl"),
         stats=out("data", "sft.stats.json"),
@@ -41,9 +38,5 @@ rule prepare_data:
     threads: cpu_threads()
     resources:
         **cpu_resources(),
-    params:
-        cfg=config["prepare_data"],
-        tokenizer=lambda wildcards, input: (input.tokenizer[0] if input.tokenizer else get_tokenizer()),
-        chat_template=config["model"]["chat_template"],
     script:
         "../scripts/prepare_data.py"

@@ -32,6 +32,9 @@ rule generate:
         model=lambda wildcards: local_inputs(eval_model_path(wildcards.model)),
         tokenizer=lambda wildcards: local_inputs(eval_tokenizer(wildcards.model)),
         benchmark=out("benchmarks", "{benchmark}", "test.jsonl"),
+        # The settings that change the answers: a change reruns every model's evaluation, so eval.json never
+        # compares runs made with different settings (the others are in eval.run.json, not an input).
+        config=stage_config("eval"),
     output:
         directory(out("eval", "{model}", "{benchmark}")),
     log:
@@ -47,9 +50,7 @@ rule generate:
         **eval_resources(),
     params:
         command=generate_command,
-        # Rerun triggers (plain values, unlike the command): what changes the answers. A change reruns every
-        # model's evaluation, so eval.json never compares runs made with different settings.
-        result_settings=eval_result_settings(),
+        # Rerun triggers (plain values, unlike the command): the server's own arguments, and the seeds.
         server_args=config["eval"]["server_args"],
         seeds=lambda wildcards: benchmark_seeds()[wildcards.benchmark],
     shell:

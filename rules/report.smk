@@ -9,6 +9,7 @@ rule report_data:
         sft_stats=out("data", "sft.stats.json"),
         packed=out("data", "packed"),
         contamination=get_contamination(),
+        prepare_config=stage_config("prepare_data"),
     output:
         data_funnel=report(
             out("report", "data_funnel.png"),
@@ -42,8 +43,6 @@ rule report_data:
         "../envs/report.yaml"
     resources:
         **cpu_resources(),
-    params:
-        config=config,
     script:
         "../scripts/make_report.py"
 
@@ -83,6 +82,8 @@ rule report_training:
 
 
 rule report_config:
+    input:
+        resolved=stage_config("resolved"),
     output:
         config_html=report(
             out("report", "config.html"),
@@ -104,8 +105,5 @@ rule report_config:
         "../envs/report.yaml"
     resources:
         **cpu_resources(),
-    params:
-        config=config,
-        config_sources=CONFIG_SOURCES,
     script:
         "../scripts/make_report.py"

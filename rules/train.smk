@@ -2,9 +2,11 @@
 #
 # Rerun triggers. The checkpoint directory out("checkpoints") is shared state, not an output: every job
 # resumes from its latest complete checkpoint, so a rerun never redoes finished steps. The training
-# config reaches the job inside its command line (train_command, a params function of input/output,
-# which Snakemake does not treat as a rerun trigger), so editing e.g. learning_rate does not rerun
-# finished jobs. Only the last job carries, as
+# config reaches the job in two files written while planning (rules/common.smk): out("config", "train.json"),
+# a tracked input, holds only the keys that decide what each step computes (RESULT_KEYS: a change is refused
+# before any job while checkpoints of the old values exist, so tracking them reruns nothing that would run);
+# train.run.json, the rest (e.g. micro-batch size, save / log periods), is not an input, so editing those does
+# not rerun finished jobs. Only the last job carries, as
 # params, the keys that decide where training ends (max_num_steps, max_num_epochs,
 # train_global_batch_size, num_training_jobs, time_limit): raising one of them reruns just that job,
 # which continues from the last checkpoint. Raising num_training_jobs adds jobs; the former last job
@@ -33,6 +35,7 @@ rule pack_data:
     input:
         data=out("data", "sft.jsonl"),
         tokenizer=local_inputs(get_tokenizer()),
+        config=stage_config("pack_data"),
     output:
         packed=directory(out("data", "packed")),
     log:
@@ -44,11 +47,6 @@ rule pack_data:
     threads: cpu_threads()
     resources:
         **cpu_resources(),
-    params:
-        cfg=config["packing"],
-        tokenizer=lambda wildcards, input: (input.tokenizer[0] if input.tokenizer else get_tokenizer()),
-        chat_template=config["model"]["chat_template"],
-        chat_template_kwargs=config["prepare_data"]["chat_template_kwargs"],
     script:
         "../scripts/pack_data.py"
 
@@ -59,6 +57,8 @@ rule train_job:
         model=local_inputs(get_base_model()),
         tokenizer=local_inputs(get_tokenizer()),
         validation=local_inputs(*filter(None, [config["training"]["validation_data"]])),
+        # The training keys that decide what each step computes (train.run.json, the rest, is not an input).
+        config=stage_config("train"),
         previous=lambda wildcards: (
             [] if int(wildcards.job) == 0 else out("checkpoints", f"job{int(wildcards.job) - 1}.done")
         ),

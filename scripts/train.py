@@ -1,4 +1,4 @@
-"""One chained training job: `torchrun --standalone --nproc-per-node=N scripts/train.py --packed ... [++key=value]`.
+"""One chained training job: `torchrun --standalone --nproc-per-node=N scripts/train.py --packed ... [--config FILE]`.
 
 `scripts/train.py launch ... -- <command>` is the train_job rule's launcher: it fills in the Slurm
 allocation's rendezvous address, runs the torchrun (or srun + torchrun) command and checks the done-file.

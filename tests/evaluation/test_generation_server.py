@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.config import yaml_value
 from sftflow.evaluation.server import server_command
+from sftflow.stage_config import write_if_changed
 from tests.conftest import REPO, read_jsonl, write_jsonl
 
-# eval.* keys that differ from the schema's defaults (the rest keep them, as in the workflow)
+# evaluation settings that differ from the schema's defaults (the rest keep them, as in the workflow)
 SETTINGS = dict(max_new_tokens=12, concurrency=2, max_retries=2, request_timeout=60)
 SETTINGS.update(server_start_timeout=180, grading_timeout=5)
 NUM_PROBLEMS = 24
@@ -62,7 +62,9 @@ def command(
     cmd += ["--benchmark", "demo", "--benchmark-file", str(bench), "--seeds", str(seeds)]
     cmd += ["--output-dir", str(root / run / "out"), "--resume-dir", str(root / "resume")]
     cmd += ["--server-log", str(root / run / "server.log"), "--log", str(root / run / "generate.log")]
-    cmd += [f"++eval.{key}={yaml_value(value)}" for key, value in {**SETTINGS, **settings}.items()] + ["--"]
+    settings_file = root / run / "settings.json"  # as the workflow's eval stage files: setting name -> value
+    write_if_changed(settings_file, {**SETTINGS, **settings})
+    cmd += ["--config", str(settings_file), "--"]
     if answer is not None:
         cmd += [sys.executable, str(Path(__file__).with_name("gated_server.py")), "--answer", str(answer), "--"]
     return cmd + server_command("transformers", str(model), 0, python=sys.executable)

@@ -57,7 +57,7 @@ def test_a_mostly_unanswered_run_warns_naming_the_prompt_and_the_answer_format()
     from sftflow.evaluation.run import no_answer_warning
     from sftflow.evaluation.settings import EvalSettings
 
-    settings = EvalSettings.from_override_args(["++eval.prompt_config=generic/default"])
+    settings = EvalSettings.from_values({"prompt_config": "generic/default"}, "test")
     assert no_answer_warning({"no_answer": 49.9}, settings) is None
     warning = no_answer_warning({"no_answer": 100.0}, settings)
     assert warning.startswith("100.0% of the generations have no answer: the grader looks for the last \\boxed{...}")

@@ -14,7 +14,7 @@ from sftflow.evaluation.summary import summarize
 
 def default_settings(**overrides) -> dict:
     """The settings metrics.json records for the schema's defaults, with `overrides`."""
-    return {**asdict(EvalSettings.from_override_args([])), **overrides}
+    return {**asdict(EvalSettings.from_values({}, "defaults")), **overrides}
 
 
 def write_result(root, model: str, benchmark: str = "gsm8k", num_entries: int = 20, seeds: int = 0, **settings):

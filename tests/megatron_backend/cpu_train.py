@@ -33,7 +33,7 @@ def main() -> None:
     from sftflow.train.trainer import JobSpec, Trainer
 
     setup_logging()
-    cfg = load_train_config(cfg_path, [])
+    cfg = load_train_config([cfg_path])
     t = cfg["training"]
     dist.init_process_group("gloo")
     sizes = {"tp": t["tensor_model_parallel_size"], "pp": t["pipeline_model_parallel_size"],

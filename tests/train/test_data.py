@@ -9,6 +9,7 @@ import pytest
 from sftflow.errors import SftflowError
 from sftflow.train.data import BinSampler, TrainingPlan, eval_batches, job_target_step
 from sftflow.train.lr_schedule import lr_at
+from sftflow.train.settings import TrainingConfig
 
 
 def _plan(num_bins=20, gbs=8, mbs=2, dp=1, steps=100, epochs=3) -> TrainingPlan:
@@ -18,7 +19,7 @@ def _plan(num_bins=20, gbs=8, mbs=2, dp=1, steps=100, epochs=3) -> TrainingPlan:
         "max_num_steps": steps,
         "max_num_epochs": epochs,
     }
-    return TrainingPlan.make(cfg, num_bins, dp)
+    return TrainingPlan.make(TrainingConfig.from_section(cfg), num_bins, dp)
 
 
 def test_total_steps_is_the_smaller_of_max_steps_and_epochs():

@@ -1,5 +1,5 @@
-"""The train_job rule's launch: config as ++ arguments, the planned torchrun / srun + torchrun command, the
-placeholders filled in from the Slurm allocation, and the launcher's exit codes."""
+"""The train_job rule's launch: the config read back from the training stage files, the planned torchrun / srun +
+torchrun command, the placeholders filled in from the Slurm allocation, and the launcher's exit codes."""
 
 from __future__ import annotations
 
@@ -12,32 +12,40 @@ import pytest
 
 from sftflow.config import config_layers, merged_layers, validate_sections
 from sftflow.errors import SftflowError
-from sftflow.train.cli import config_overrides, load_train_config
+from sftflow.stage_config import write_if_changed
+from sftflow.train.cli import load_train_config
+from sftflow.train.config import RESULT_KEYS
 from sftflow.train.launch import LaunchFiles, fill_placeholders, launch_main, planned_command, worker_environment
 from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("files", [(), ("config/examples/llama3.1-8b-8x8.yaml",)])
-def test_overrides_rebuild_the_config_exactly(files):
+def test_the_stage_files_rebuild_the_config_exactly(files, tmp_path):
     config = merged_layers(config_layers([REPO / name for name in files]))  # no file: the demo's config/config.yaml
     config = validate_sections({"training": config["training"], "packing": config.get("packing", {})})
-    args = config_overrides(config)
-    assert args and all(a.startswith(("++training.", "++packing.")) for a in args)
-    assert load_train_config(None, args) == config
+    tracked = {"training": {k: v for k, v in config["training"].items() if k in RESULT_KEYS}}
+    run = {
+        "training": {k: v for k, v in config["training"].items() if k not in RESULT_KEYS},
+        "packing": config["packing"],
+    }
+    write_if_changed(tmp_path / "train.json", tracked)
+    write_if_changed(tmp_path / "train.run.json", run)
+    assert load_train_config([tmp_path / "train.json", tmp_path / "train.run.json"]) == config
 
 
-def test_overrides_keep_types_that_yaml_would_misread():
-    config = validate_sections(
-        {
-            "training": {"time_limit": "4:00:00", "learning_rate": 1e-5, "average_steps": [2, 4]},
-            "packing": {"max_total_sequence_length": 64},
-        }
-    )
-    args = config_overrides(config)
-    assert "++training.time_limit='4:00:00'" in args  # unquoted, YAML 1.1 reads 4:00:00 as the number 14400
-    assert "++training.learning_rate=1.0e-05" in args  # "1e-05" would come back as a string
-    assert "++training.average_steps=[2, 4]" in args
-    assert load_train_config(None, args) == config
+def test_later_config_files_win_and_errors_name_the_files(tmp_path):
+    (tmp_path / "a.json").write_text('{"training": {"time_limit": "4:00:00", "learning_rate": 1e-5}}')
+    (tmp_path / "b.yaml").write_text("training:\n  learning_rate: 2.0e-5\npacking:\n  max_total_sequence_length: 64\n")
+    config = load_train_config([tmp_path / "a.json", tmp_path / "b.yaml"])
+    assert config["training"]["time_limit"] == "4:00:00"  # a string in JSON stays one (no YAML 1.1 sexagesimal)
+    assert config["training"]["learning_rate"] == 2e-5 and config["packing"]["max_total_sequence_length"] == 64
+    assert config == validate_sections(config)  # the defaults are filled
+    (tmp_path / "c.json").write_text('{"training": {"seed": "seven"}}')
+    with pytest.raises(SftflowError, match=r"--config .*c.json: config key 'training.seed'"):
+        load_train_config([tmp_path / "c.json"])
+    (tmp_path / "d.json").write_text('{"eval": {}}')
+    with pytest.raises(SftflowError, match=r"--config .*d.json: unknown sections \['eval'\]"):
+        load_train_config([tmp_path / "d.json"])
 
 
 def test_single_node_is_plain_torchrun_and_multi_node_is_srun_with_placeholders():

@@ -12,6 +12,7 @@ from torch.distributed.tensor import DTensor
 
 from sftflow.train import fsdp
 from sftflow.train.checkpoint import ENGINE, RngState, TrainState
+from sftflow.train.settings import TrainingConfig
 from tests.train.conftest import (
     Box,
     final_weights,
@@ -56,7 +57,9 @@ def _engine(tmp_path, world1, packed, tiny_model, **training):
         job_index=0, num_jobs=1, done_file=str(tmp_path / "job0.done"),
     )  # fmt: skip
     dataset = PackedDataset(packed)
-    engine = FsdpEngine(cfg, spec, world1, int(dataset.index["max_total_sequence_length"]), 0)
+    engine = FsdpEngine(
+        TrainingConfig.from_section(cfg["training"]), spec, world1, int(dataset.index["max_total_sequence_length"]), 0
+    )
     assert isinstance(engine, Engine)  # the runtime-checkable protocol, on a built engine
     return engine, [[dataset.get_bin(i) for i in range(4)], [dataset.get_bin(i) for i in range(4, 8)]]
 

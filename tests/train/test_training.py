@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sftflow.errors import SftflowError
+from sftflow.train.settings import TrainingConfig
 from tests.train.conftest import assert_weights_close, final_weights, logged, make_packed, run_inprocess
 
 
@@ -42,7 +43,7 @@ def test_logged_loss_is_the_token_mean_over_the_global_batch(world1, packed, tin
 
     cfg = training_config(train_micro_batch_size=8, max_num_steps=4)["training"]
     dataset = PackedDataset(packed)
-    plan = TrainingPlan.make(cfg, len(dataset), dp_size=1)
+    plan = TrainingPlan.make(TrainingConfig.from_section(cfg), len(dataset), dp_size=1)
     (ids,) = BinSampler(plan, dp_rank=0, seed=cfg["seed"]).next_step()
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     total, count = 0.0, 0

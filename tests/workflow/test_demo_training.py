@@ -95,10 +95,13 @@ def test_demo_trains_chained_jobs_and_exports_then_continues(small_demo_run, tmp
     assert not (results / "eval" / ".inprogress" / "final" / "demo").exists()
 
     # A setting that changes the answers reruns every model's evaluation (issue 12: max_samples 8 -> 6 was
-    # "Nothing to be done"); one that does not (concurrency) reruns nothing.
+    # "Nothing to be done"); one that does not (concurrency) reruns nothing, nor does a training key outside
+    # the tracked train.json (the micro-batch size: same maths, in train.run.json).
     more = (workdir / "more.yaml").read_text()
     for name, text, reruns in (("fewer", more.replace("max_samples: 8", "max_samples: 6"), True),
-                               ("faster", more.replace("concurrency: 2", "concurrency: 3"), False)):  # fmt: skip
+                               ("faster", more.replace("concurrency: 2", "concurrency: 3"), False),
+                               ("smaller", more.replace("train_micro_batch_size: 2", "train_micro_batch_size: 1"),
+                                False)):  # fmt: skip
         assert text != more
         (workdir / f"{name}.yaml").write_text(text)
         plan = snakemake(
@@ -108,6 +111,8 @@ def test_demo_trains_chained_jobs_and_exports_then_continues(small_demo_run, tmp
         assert plan.returncode == 0, planned[-3000:]
         for model in ("final", "base"):
             assert (f"output: results/eval/{model}/demo" in planned) is reruns, planned[-3000:]
+        if reruns:
+            assert "reason: Updated input files: results/config/eval.json" in planned, planned[-3000:]
         assert "train_job" not in planned and "convert_final" not in planned
 
     # Deleting a stage's target (issue 12: "Nothing to be done"): the workflow names the command that rebuilds

@@ -64,8 +64,9 @@ def test_untrusted_config_values_are_quoted(workdir):  # noqa: F811
     line = next(line for line in text.splitlines() if "scripts/generate.py" in line)
     words = shlex.split(line)  # what /bin/sh will see: every config value stays one literal argument
     assert words[-5:] == ["--x", "$(touch pwned);", "rm", "-rf", "/"]
-    settings = EvalSettings.from_override_args([w for w in words[: words.index("--")] if w.startswith("++")])
-    assert settings.server_model == "a b;c"
+    files = [words[i + 1] for i, word in enumerate(words[: words.index("--")]) if word == "--config"]
+    assert files == ["results/config/eval.json", "results/config/eval.run.json"]
+    assert EvalSettings.from_files(*(workdir / f for f in files)).server_model == "a b;c"
 
 
 def test_models_and_seeds_fan_out(workdir):  # noqa: F811

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from sftflow import stage_config
 from tests.conftest import snakemake, write_jsonl
 
 EXAMPLE = "config/examples/llama3.1-8b-8x8.yaml"
@@ -46,9 +47,13 @@ def test_example_plans_8_nodes_x_8_gpus_chained_jobs_and_vllm_eval(workdir):  # 
             "'--rdzv-endpoint={head}:{port}' '--rdzv-id=sftflow-{job_id}' "
         ) in line
         assert f"--job-index {i} --num-jobs 4 " in line
-        for override in ("++training.num_nodes=8", "++training.num_gpus=8", "++training.tensor_model_parallel_size=8",
-                         "++training.time_limit=04:00:00", "++packing.max_total_sequence_length=8192"):  # fmt: skip
-            assert override in line, override
+        assert line.endswith(f" --config {OUT}/config/train.json --config {OUT}/config/train.run.json")
+    # the worker's config: the experiment's keys in the training stage files the workflow wrote while planning
+    train = stage_config.read(workdir / OUT / "config" / "train.json")["training"]
+    run = stage_config.read(workdir / OUT / "config" / "train.run.json")
+    assert (run["training"]["num_nodes"], run["training"]["num_gpus"]) == (8, 8)
+    assert run["training"]["tensor_model_parallel_size"] == 8 and run["training"]["time_limit"] == "04:00:00"
+    assert run["packing"]["max_total_sequence_length"] == 8192 and train["backend"] == "fsdp"
     for job in resources(text, "generate"):
         assert job["nodes"] == "1" and job["gres"] == "gpu:8" and "mpi" not in job
     for rule in ("prepare_data", "pack_data", "convert_step", "average_checkpoints", "eval_summary"):
@@ -67,31 +72,31 @@ def dry_run(cwd, example: str, out: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "example, nodes, overrides",
+    "example, nodes, layout",
     [
         (
             "llama3.1-8b-8x8-megatron",
             8,
-            [
-                "++training.backend=megatron",
-                "++training.tensor_model_parallel_size=4",
-                "++training.pipeline_model_parallel_size=2",
-                "++training.sequence_parallel=true",
-            ],
+            {
+                "backend": "megatron",
+                "tensor_model_parallel_size": 4,
+                "pipeline_model_parallel_size": 2,
+                "sequence_parallel": True,
+            },
         ),
         (
             "qwen3-30b-a3b-megatron",
             4,
-            [
-                "++training.backend=megatron",
-                "++training.tensor_model_parallel_size=2",
-                "++training.expert_model_parallel_size=8",
-                "++training.sequence_parallel=true",
-            ],
+            {
+                "backend": "megatron",
+                "tensor_model_parallel_size": 2,
+                "expert_model_parallel_size": 8,
+                "sequence_parallel": True,
+            },
         ),
     ],  # fmt: skip
 )
-def test_megatron_examples_plan_their_parallel_layout_into_every_training_job(workdir, example, nodes, overrides):  # noqa: F811
+def test_megatron_examples_plan_their_parallel_layout_into_every_training_job(workdir, example, nodes, layout):  # noqa: F811
     out = f"results/{example}"
     text = dry_run(workdir, f"config/examples/{example}.yaml", out)
     train = resources(text, "train_job")
@@ -104,7 +109,11 @@ def test_megatron_examples_plan_their_parallel_layout_into_every_training_job(wo
         assert f" -- srun --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 " in line
         assert f" -m torch.distributed.run --nnodes={nodes} --nproc-per-node=8 " in line
         assert f"--job-index {i} --num-jobs 4 " in line
-        for override in overrides:
-            assert override in line, override
+        assert line.endswith(f" --config {out}/config/train.json --config {out}/config/train.run.json")
+    training = {
+        **stage_config.read(workdir / out / "config" / "train.json")["training"],
+        **stage_config.read(workdir / out / "config" / "train.run.json")["training"],
+    }
+    assert {key: training[key] for key in layout} == layout
     # the final model, step conversions and the average are exported from megatron checkpoints like fsdp ones
     assert len(resources(text, "convert_step")) == 3 and len(resources(text, "average_checkpoints")) == 1

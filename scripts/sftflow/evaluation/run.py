@@ -1,9 +1,10 @@
 """Evaluate one model on one benchmark: serve it, generate (with resume), grade, write outputs and metrics.
 
 `python scripts/generate.py --model-label final --model DIR --benchmark demo --benchmark-file F
---seeds 0 --output-dir DIR --resume-dir DIR --server-log F [++eval.KEY=VALUE ...] -- SERVER COMMAND...`
+--seeds 0 --output-dir DIR --resume-dir DIR --server-log F [--config FILE ...] -- SERVER COMMAND...`
 (the `generate` rule writes this command line; `snakemake -n -p` shows it, server command included). The
-`++` arguments are the evaluation settings that differ from the schema defaults (sftflow.evaluation.settings).
+`--config` files hold the evaluation settings (sftflow.evaluation.settings): the rule passes the eval stage
+file and eval.run.json that the workflow wrote while planning.
 
 The output directory (written atomically) holds NeMo-Skills-format generation files - the benchmark
 rows plus `generation`, `predicted_answer`, `symbolic_correct`, `num_generated_tokens`,
@@ -19,6 +20,7 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -216,8 +218,10 @@ def parser() -> argparse.ArgumentParser:
         prog="python scripts/generate.py",
         description="Evaluate one model on one benchmark through an inference server (started here unless "
         "server_type is openai). Everything after '--' is the server command; '{port}' in it is replaced.",
-        epilog="Evaluation settings that differ from the defaults of config/schema.yaml come as ++KEY=VALUE "
-        "arguments before '--', e.g. ++eval.max_new_tokens=512; keys: " + ", ".join(EvalSettings.config_keys()),
+        epilog="Evaluation settings come in --config files (JSON, or YAML by the suffix), a mapping of setting "
+        "names to values, e.g. {max_new_tokens: 512}; a setting left out takes its config key's default from "
+        "config/schema.yaml. Settings: "
+        + ", ".join(f"{f.name} ({f.metadata['keys'][0]})" for f in fields(EvalSettings)),
     )
     p.add_argument("--model-label", required=True, help="name in eval.json (final, base, averaged, step_N)")
     p.add_argument("--model", required=True, help="model directory or hub name the server loads")
@@ -229,13 +233,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-dir", required=True, help="answers of an interrupted run (kept until success)")
     p.add_argument("--server-log", required=True)
     p.add_argument("--log", help="also log to this file")
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="evaluation settings file (repeatable; a later file's settings win)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, server_command = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    args = parser().parse_args([a for a in own if not a.startswith("++")])
+    args = parser().parse_args(own)
     args.server_command = server_command
     if args.log:
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpx2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        settings = EvalSettings.from_override_args([a for a in own if a.startswith("++")])
+        settings = EvalSettings.from_files(*args.config)
         if args.seeds < 0:
             raise SftflowError(f"--seeds must be >= 0, got {args.seeds}")
         evaluate(args, settings)

@@ -1,17 +1,19 @@
 """EvalSettings: what one evaluation job reads from the workflow config, typed, built from the validated config.
 
-The generate rule passes the config keys it reads that differ from the schema defaults as `++key=value`
-arguments (`override_args`); generate.py fills the defaults in again from config/schema.yaml and builds
-the same EvalSettings (`from_override_args`). Each field names its config key(s), so the schema stays
-the only list of keys and their defaults.
+While planning, the workflow writes the settings that change the answers to the eval stage file (a tracked input
+of the generate rule) and the others to eval.run.json (rules/common.smk); generate.py builds the same
+EvalSettings from the two (`from_files`). Each field names its config key(s), so the schema stays the only list
+of keys and their defaults.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from sftflow import config as C
+from sftflow import stage_config
 from sftflow.errors import SftflowError
 
 # NeMo-Skills' prompt for gsm8k / math / math500: what eval uses when neither eval.prompt_config nor
@@ -67,31 +69,33 @@ class EvalSettings:
         return [key for f in fields(cls) for key in f.metadata["keys"]]
 
     @classmethod
-    def override_args(cls, config: dict) -> list[str]:
-        """`++key=value` for each key of config_keys() whose value in `config` differs from the schema default."""
-        defaults = C.validate({}, C.load_schema())
-        args = []
-        for key in cls.config_keys():
-            value = C.lookup(config, key)[1]
-            if value != C.lookup(defaults, key)[1]:
-                args.append(f"++{key}={C.yaml_value(value)}")
-        return args
+    def from_values(cls, values: dict[str, Any], where: str) -> EvalSettings:
+        """From {field name: value} (what the eval stage files hold; a field left out takes its config key's schema
+        default), each value checked against the schema of its config key. Errors name `where` and the key."""
+        by_name = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(by_name))
+        if unknown:
+            raise SftflowError(
+                f"{where}: {', '.join(unknown)}: not an evaluation setting (known: {', '.join(by_name)})"
+            )
+        config: dict[str, dict] = {key.split(".")[0]: {} for key in cls.config_keys()}
+        for name, value in values.items():
+            section, key = by_name[name].metadata["keys"][0].split(".")
+            config[section][key] = value
+        try:
+            config = {section: C.validate_section(section, given) for section, given in config.items()}
+        except SftflowError as err:
+            raise SftflowError(f"{where}: {err}") from None
+        return cls.from_config(config)
 
     @classmethod
-    def from_override_args(cls, args: list[str]) -> EvalSettings:
-        """The settings that `override_args` describes: its keys over the schema defaults, validated."""
-        given = C.parse_overrides(args)
-        known = set(cls.config_keys())
-        for key in (f"{section}.{k}" for section, values in given.items() for k in values):
-            if key not in known:
-                raise SftflowError(
-                    f"argument ++{key}: not a key of the evaluation settings ({', '.join(sorted(known))})"
-                )
-        config = {
-            section: C.validate(dict(given.get(section) or {}), C.section_schema(section), prefix=section)
-            for section in dict.fromkeys(key.split(".")[0] for key in known)
-        }
-        return cls.from_config(config)
+    def from_files(cls, *paths: str | os.PathLike) -> EvalSettings:
+        """The settings the generate rule hands its job: the eval stage file (the settings that change the answers),
+        then eval.run.json (the rest); or a standalone run's --config files (JSON or YAML). Later files win."""
+        values: dict[str, Any] = {}
+        for path in paths:
+            values.update(stage_config.read_mapping(path))
+        return cls.from_values(values, " + ".join(map(str, paths)) or "the evaluation settings")
 
     @classmethod
     def result_names(cls) -> list[str]:
@@ -101,6 +105,10 @@ class EvalSettings:
 
     def result_settings(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.result_names()}
+
+    def transport_settings(self) -> dict[str, Any]:
+        """The settings that only decide how answers are fetched (not a rerun trigger)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["transport"]}
 
     def recorded(self) -> dict[str, Any]:
         """What metrics.json records (no api_key_env: where a secret lives is not a result)."""

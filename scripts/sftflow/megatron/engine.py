@@ -28,7 +28,6 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -59,9 +58,8 @@ def _patch_moe_router_without_te() -> None:
         moe_utils.te_general_gemm = None
 
 
-def init_megatron_parallel(tcfg: Mapping | TrainingConfig, timeout_minutes: float = 30.0) -> ParallelDims:
+def init_megatron_parallel(tcfg: TrainingConfig, timeout_minutes: float = 30.0) -> ParallelDims:
     """Process group plus megatron-core's parallel state for the training config's sizes."""
-    tcfg = TrainingConfig.from_section(tcfg)
     if not torch.cuda.is_available():
         raise SftflowError(
             "config key 'training.backend' is 'megatron', but this process sees no CUDA GPU: megatron-core's "
@@ -133,7 +131,7 @@ class MegatronEngine:
     name: ClassVar[str] = "megatron"
 
     @classmethod
-    def init_parallel(cls, training: Mapping | TrainingConfig) -> ParallelDims:
+    def init_parallel(cls, training: TrainingConfig) -> ParallelDims:
         return init_megatron_parallel(training)
 
     @classmethod
@@ -149,7 +147,7 @@ class MegatronEngine:
         shapes = {n: (tuple(t.shape), t.dtype) for n, t in full.items()}
         return shapes, lambda names: {n: full[n] for n in names}
 
-    def __init__(self, cfg: dict, spec, parallel: ParallelDims, seq_len: int, pad_id: int) -> None:
+    def __init__(self, t: TrainingConfig, spec, parallel: ParallelDims, seq_len: int, pad_id: int) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel
 
@@ -158,7 +156,6 @@ class MegatronEngine:
         from sftflow.megatron.weights import local_model_dir
         from sftflow.train.checkpoint import latest_checkpoint
 
-        t = TrainingConfig.from_section(cfg["training"])
         self.parallel, self.pad_id = parallel, pad_id
         parallel.on_main(lambda: local_model_dir(spec.model))  # a hub model is downloaded once, by rank 0
         model_dir = local_model_dir(spec.model)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from sftflow import stage_config
 from sftflow.errors import SftflowError
 from sftflow.logs import setup_logging
 from sftflow.packing.binpack import ALGORITHMS
@@ -53,16 +54,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_from_snakemake(smk) -> None:
-    """Called by the pack_data rule's script: packing config and tokenizer in params, paths in input/output."""
+    """Called by the pack_data rule's script: its config in the stage file input.config (packing section,
+    tokenizer, chat template and its arguments; rules/common.smk), paths in input/output."""
     setup_logging(smk.log[0] if smk.log else None)
     try:
+        cfg = stage_config.read(smk.input.config)
         pack_jsonl(
             str(smk.input.data),
             str(smk.output.packed),
-            smk.params.tokenizer,
-            PackingConfig.from_section(smk.params.cfg).with_workers(smk.input.data, cores=smk.threads),
-            chat_template=smk.params.chat_template,
-            chat_template_kwargs=dict(smk.params.get("chat_template_kwargs", None) or {}),
+            cfg["tokenizer"],
+            PackingConfig.from_section(cfg["packing"]).with_workers(smk.input.data, cores=smk.threads),
+            chat_template=cfg["chat_template"],
+            chat_template_kwargs=cfg["chat_template_kwargs"] or {},
         )
     except SftflowError as err:
         LOG.error("%s", err)

@@ -6,6 +6,7 @@ import logging
 import sys
 
 from sftflow import config as C
+from sftflow import stage_config
 from sftflow.errors import SftflowError
 from sftflow.logs import setup_logging
 from sftflow.prepare.funnel import summary_lines
@@ -43,19 +44,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_from_snakemake(smk) -> None:
-    """Called by the prepare_data rule's script: the config section in params, paths in input/output."""
+    """Called by the prepare_data rule's script: its config is the stage file input.config (the prepare_data section
+    with the input files, tokenizer, chat template and contamination file the workflow resolved; rules/common.smk),
+    its output path the rule's output."""
     setup_logging(smk.log[0] if smk.log else None)
-    section = dict(smk.params.cfg)
-    section.update(
-        input_files=[str(p) for p in smk.input.generations],
-        output_path=str(smk.output.data),
-        tokenizer=smk.params.tokenizer,
-        chat_template=smk.params.chat_template,
-    )
-    if section.get("filters", {}).get("remove_contaminated"):
-        section["contamination_file"] = str(smk.input.contamination)
     try:
-        prepare_and_log(PrepareConfig.from_section(section), cores=smk.threads)
+        section = stage_config.read(smk.input.config)
+        prepare_and_log(PrepareConfig.from_section({**section, "output_path": str(smk.output.data)}), cores=smk.threads)
     except SftflowError as err:
         LOG.error("%s", err)
         raise SystemExit(f"error: {err}") from None

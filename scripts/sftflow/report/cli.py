@@ -193,7 +193,10 @@ def make_report(inputs: ReportInputs, outputs: ReportOutputs, config: dict, sour
 
 def run_from_snakemake(smk) -> None:
     """The script of rules report_data, report_training and report_config (rules/report.smk); the eval page is
-    written by the eval_summary rule (sftflow.evaluation.summary), which needs these pages as its inputs."""
+    written by the eval_summary rule (sftflow.evaluation.summary), which needs these pages as its inputs. The
+    config they show comes from the workflow's stage files (sftflow.stage_config), tracked inputs of the rules."""
+    from sftflow import stage_config
+
     setup_logging(smk.log[0] if smk.log else None)
     outputs = ReportOutputs(**{name: Path(smk.output.get(name, "")) for name in ReportOutputs.FILE_NAMES})
     try:
@@ -209,7 +212,8 @@ def run_from_snakemake(smk) -> None:
                 checkpoint_dir=Path(),
                 eval_results=Path(),
             )
-            write_data_pages(inputs, read_data_inputs(inputs, plain_config(smk.params.config)), outputs)
+            prepare = stage_config.read(smk.input.prepare_config)  # the prepare_data stage file
+            write_data_pages(inputs, read_data_inputs(inputs, {"prepare_data": prepare}), outputs)
         elif smk.rule == "report_training":
             last_job = Path(smk.input.last_job)
             inputs = ReportInputs(
@@ -222,7 +226,8 @@ def run_from_snakemake(smk) -> None:
             )
             write_training_pages(inputs, read_training_inputs(inputs), outputs)
         elif smk.rule == "report_config":
-            write_config_pages(outputs, plain_config(smk.params.config), dict(smk.params.config_sources))
+            resolved = stage_config.read(smk.input.resolved)  # the whole config and each value's source
+            write_config_pages(outputs, resolved["config"], resolved["sources"])
         else:
             raise SftflowError(f"rule {smk.rule!r} writes no report pages")
     except SftflowError as err:

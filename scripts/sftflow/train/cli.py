@@ -3,43 +3,38 @@
     torchrun --standalone --nproc-per-node=2 scripts/train.py \\
         --packed results/data/packed --model results/demo/base_model \\
         --checkpoint-dir results/checkpoints --job-index 0 --num-jobs 2 \\
-        --done-file results/checkpoints/job0.done [--config c.json] [++training.max_num_steps=50 ...]
+        --done-file results/checkpoints/job0.done [--config c.yaml ...]
 
-The config is the schema defaults, then `--config` (a JSON file {"training": {...}, "packing": {...}}),
-then the `++section.key=value` arguments. A plain `python scripts/train.py ...` is a world of one process.
-The train_job rule runs `scripts/train.py launch ... -- <torchrun or srun + torchrun command>` (see
-sftflow.train.launch), with the config as `++` arguments: the keys that differ from the defaults
-(config_overrides, the rule's side; load_train_config, the job's side: the one place a job reads its config).
+The config is the schema defaults, then each `--config` file in turn (JSON, or YAML by its suffix:
+{"training": {...}, "packing": {...}}; a later file's keys win). A plain `python scripts/train.py ...` is a world
+of one process. The train_job rule runs `scripts/train.py launch ... -- <torchrun or srun + torchrun command>`
+(see sftflow.train.launch) with the two training stage files the workflow wrote while planning (rules/common.smk):
+train.json, the keys that decide what each step computes (a tracked input of the rule), and train.run.json, the
+rest (not an input: changing them reruns no job). load_train_config is the one place a job reads its config.
 The export's command line is sftflow.train.export_cli.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
-from sftflow import config as C
 from sftflow.errors import SftflowError
 from sftflow.logs import setup_logging
 
 LOG = logging.getLogger("sftflow.train")
 
 
-def _deep_update(base: dict, overrides: dict) -> dict:
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Run one chained training job (launch with torchrun).")
     p.add_argument(
-        "--config", default=None, help='JSON file {"training": {...}, "packing": {...}} (default: the schema defaults)'
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help='JSON or YAML file {"training": {...}, "packing": {...}}, repeatable (later files win key by key; keys '
+        "left out take the schema defaults)",
     )
     p.add_argument("--packed", required=True, help="packed data directory (pack_data output)")
     p.add_argument("--model", required=True, help="base model: local HF directory or hub name")
@@ -53,21 +48,25 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_train_config(path: str | None, overrides: list[str]) -> dict:
-    """The job's config: the schema defaults, then the --config JSON file, then the ++ overrides, validated."""
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
-    except (OSError, ValueError) as err:
-        raise SftflowError(f"--config {path}: cannot read JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise SftflowError(f"--config {path}: expected a JSON object with 'training' and 'packing' sections")
-    unknown = set(raw) - {"training", "packing"}
-    if unknown:
-        raise SftflowError(f"--config {path}: unknown sections {sorted(unknown)} (expected training, packing)")
-    _deep_update(raw, C.parse_overrides(overrides))
+def load_train_config(paths: list[str]) -> dict:
+    """The job's config: the schema defaults, then each file of `paths` in turn, validated (errors name the files)."""
+    from sftflow import stage_config
     from sftflow.config import validate_sections
 
-    return validate_sections(raw)
+    raw: dict[str, dict] = {"training": {}, "packing": {}}
+    for path in paths:
+        data = stage_config.read_mapping(path)
+        unknown = set(data) - set(raw)
+        if unknown:
+            raise SftflowError(f"--config {path}: unknown sections {sorted(unknown)} (expected training, packing)")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise SftflowError(f"--config {path}: section '{section}' is not a mapping")
+            raw[section].update(values)
+    try:
+        return validate_sections(raw)
+    except SftflowError as err:
+        raise SftflowError(f"--config {' + '.join(map(str, paths))}: {err}") from None
 
 
 def _setup_rank_logging(rank: int, world_size: int) -> None:
@@ -83,27 +82,18 @@ def _setup_rank_logging(rank: int, world_size: int) -> None:
 
 def train_main(argv: list[str] | None = None) -> int:
     setup_logging()
-    args, extra = train_parser().parse_known_args(argv)
-    from sftflow.train.engine import init_parallel
-    from sftflow.train.parallel import shutdown
+    args = train_parser().parse_args(argv)
+    from sftflow.train.parallel import launch_environment, shutdown
     from sftflow.train.trainer import JobSpec, Trainer
 
     try:
-        bad = [a for a in extra if not a.startswith("++")]
-        if bad:
-            raise SftflowError(f"unknown arguments {bad}; overrides look like ++training.max_num_steps=10")
         if not 0 <= args.job_index < args.num_jobs:
             raise SftflowError(
                 f"--job-index {args.job_index} is not in 0..{args.num_jobs - 1} (--num-jobs {args.num_jobs})"
             )
-        cfg = load_train_config(args.config, extra)
-        parallel = init_parallel(cfg["training"])
-        _setup_rank_logging(parallel.rank, parallel.world_size)
-        if parallel.is_main:  # the job's resolved config, for the record
-            from sftflow.io import write_json
-
-            Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            write_json(Path(args.checkpoint_dir) / f"job{args.job_index}.config.json", cfg)
+        cfg = load_train_config(args.config)
+        where = launch_environment()  # torchrun's placement: which rank logs progress
+        _setup_rank_logging(where.rank, where.world_size)
         spec = JobSpec(
             packed=args.packed,
             model=args.model,
@@ -115,28 +105,16 @@ def train_main(argv: list[str] | None = None) -> int:
             tokenizer=args.tokenizer,
             chat_template=args.chat_template,
         )
-        Trainer(cfg, spec, parallel).train()
+        trainer = Trainer(cfg, spec)  # builds the job's TrainingConfig and joins the process group
+        if trainer.parallel.is_main:  # the job's resolved config, for the record
+            from sftflow.io import write_json
+
+            Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            write_json(Path(args.checkpoint_dir) / f"job{args.job_index}.config.json", cfg)
+        trainer.train()
     except SftflowError as err:
         LOG.error("%s", err)
         return 2
     finally:
         shutdown()
     return 0
-
-
-def config_overrides(config: dict, sections: tuple[str, ...] = ("training", "packing")) -> list[str]:
-    """`++section.key=value` for every key of `sections` that differs from the schema default.
-
-    The worker fills in the defaults again (validate_sections), so these arguments alone rebuild the
-    config: the command line shows exactly what an experiment changed, as NeMo-Skills' commands do.
-    """
-    from sftflow.config import validate_sections
-
-    defaults = validate_sections({})
-
-    def walk(prefix: str, value, default) -> list[str]:
-        if isinstance(value, dict) and isinstance(default, dict):
-            return [arg for key in value for arg in walk(f"{prefix}.{key}", value[key], default.get(key))]
-        return [] if value == default else [f"++{prefix}={C.yaml_value(value)}"]
-
-    return [arg for section in sections for arg in walk(section, config.get(section, {}), defaults[section])]

@@ -12,7 +12,7 @@ micro-batches; tensor-parallel ranks of one dp group take the same slice.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +41,7 @@ class TrainingPlan:
     grad_accum: int
 
     @classmethod
-    def make(cls, cfg: Mapping | TrainingConfig, num_bins: int, dp_size: int) -> TrainingPlan:
-        cfg = TrainingConfig.from_section(cfg)
+    def make(cls, cfg: TrainingConfig, num_bins: int, dp_size: int) -> TrainingPlan:
         gbs, mbs = cfg.train_global_batch_size, cfg.train_micro_batch_size
         if gbs % (mbs * dp_size):
             raise SftflowError(

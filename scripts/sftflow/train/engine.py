@@ -17,7 +17,7 @@ A backend is two things, named here by "module:attribute":
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -38,8 +38,8 @@ WeightReader = Callable[[list[str]], dict[str, "torch.Tensor"]]
 class Engine(Protocol):
     """One rank's part of a training run under one backend; the `Trainer` drives it the same way for every backend.
 
-    The Trainer builds it once the resume point is known (`engine_class(name)(cfg, spec, parallel, seq_len,
-    pad_id)`), sets the learning rate of `optimizer.param_groups` before each step, calls `train_step`
+    The Trainer builds it once the resume point is known (`engine_class(name)(training, spec, parallel,
+    seq_len, pad_id)`, training being the job's TrainingConfig), sets the learning rate of `optimizer.param_groups` before each step, calls `train_step`
     with this rank's micro-batches (each a list of packed bins) and `evaluate` with the validation data.
     Every method is collective: all ranks call it in the same order. tests/train/test_engine_registry.py
     checks every registered engine class against these members.
@@ -50,12 +50,13 @@ class Engine(Protocol):
     num_params: int  # parameters of the HF model (for MFU)
     checkpointer: Any  # a sftflow.train.checkpoint.Checkpointer: saves / loads the checkpoint's Stateful components in the backend's format
 
-    def __init__(self, cfg: dict, spec: JobSpec, parallel: ParallelDims, seq_len: int, pad_id: int) -> None: ...
+    # training: the job's sftflow.train.settings.TrainingConfig (not imported here: settings imports the schema,
+    # whose backend enum comes from this registry)
+    def __init__(self, training: Any, spec: JobSpec, parallel: ParallelDims, seq_len: int, pad_id: int) -> None: ...
 
     @classmethod
     def init_parallel(cls, training: Any) -> ParallelDims:
-        """Join the process group and set up the backend's parallel state for the training section's sizes
-        (a `training:` mapping, or the sftflow.train.settings.TrainingConfig built from one)."""
+        """Join the process group and set up the backend's parallel state for the training config's sizes."""
         ...
 
     @classmethod
@@ -163,8 +164,3 @@ def config_check(name: str) -> Callable[[dict, int, dict | None], None]:
 def checkpoint_backend(meta: dict) -> str:
     """The backend that wrote a checkpoint, from its meta.json."""
     return meta.get("backend", DEFAULT_BACKEND)
-
-
-def init_parallel(training: Mapping) -> ParallelDims:
-    """The process group and parallel layout of the configured backend."""
-    return engine_class(training["backend"]).init_parallel(training)

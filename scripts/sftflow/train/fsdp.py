@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import defaultdict
-from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -98,8 +97,7 @@ class FsdpEngine:
 
     name: ClassVar[str] = "fsdp"
 
-    def __init__(self, cfg: dict, spec: JobSpec, parallel: ParallelDims, seq_len: int, pad_id: int) -> None:
-        tcfg = TrainingConfig.from_section(cfg["training"])
+    def __init__(self, tcfg: TrainingConfig, spec: JobSpec, parallel: ParallelDims, seq_len: int, pad_id: int) -> None:
         self.parallel, self.seq_len, self.pad_id, self.max_grad_norm = parallel, seq_len, pad_id, tcfg.max_grad_norm
         param_dtype = mixed_precision_dtype(tcfg.precision, parallel.device)
         self.model = build_model(
@@ -141,8 +139,8 @@ class FsdpEngine:
         self.checkpointer = Checkpointer(spec.checkpoint_dir, parallel)
 
     @classmethod
-    def init_parallel(cls, training: Mapping | TrainingConfig) -> ParallelDims:
-        return init_parallel(TrainingConfig.from_section(training).tensor_model_parallel_size)
+    def init_parallel(cls, training: TrainingConfig) -> ParallelDims:
+        return init_parallel(training.tensor_model_parallel_size)
 
     @classmethod
     def resume_layout(cls, parallel: ParallelDims) -> dict[str, int]:

@@ -53,10 +53,9 @@ class TrainingConfig:
     average_steps: list | None
 
     @classmethod
-    def from_section(cls, training: Mapping | TrainingConfig) -> TrainingConfig:
-        """From a `training:` section (missing keys take the schema defaults; errors name training.<key>)."""
-        if isinstance(training, TrainingConfig):
-            return training
+    def from_section(cls, training: Mapping) -> TrainingConfig:
+        """From a `training:` section (missing keys take the schema defaults; errors name training.<key>). A job
+        builds it once, in the Trainer, and hands the object on (engines, TrainingPlan, init_parallel)."""
         return cls(**C.validate_section("training", training))
 
     def as_dict(self) -> dict[str, Any]:

@@ -229,7 +229,7 @@ class Trainer:
             return
 
         # --- engine, data order, schedule, checkpoint state, validation, metrics ------------------
-        self.engine = engine_cls(cfg, spec, parallel, seq_len, pad_id)
+        self.engine = engine_cls(tcfg, spec, parallel, seq_len, pad_id)
         self.sampler = BinSampler(self.plan, parallel.dp_rank, tcfg.seed)
         self.schedule = WarmupCosineSchedule(
             self.engine.optimizer,
