@@ -302,6 +302,8 @@ def write_stage_configs(sources):
         stage_config("eval", run=True): eval_run,
         stage_config("resolved"): {"config": config, "sources": dict(sources)},
     }
+    if config["demo"]["enabled"]:  # the demo rules' section; an experiment of the user's has none
+        files[stage_config("demo")] = config["demo"]
     for path, data in files.items():
         write_if_changed(path, data)
 

@@ -1,7 +1,11 @@
-# The offline demo's inputs, made inside the workflow (used when model/data paths are null in the config).
+# The offline demo's inputs, made inside the workflow (used when model/data paths are null in the config). Each
+# job reads the demo section from its stage file (results/config/demo.json), so a config that lists the same demo
+# keys in another order reruns nothing.
 
 
 rule demo_tokenizer:
+    input:
+        config=stage_config("demo"),
     output:
         tokenizer=directory(out("demo", "tokenizer")),
     log:
@@ -13,7 +17,6 @@ rule demo_tokenizer:
     resources:
         **cpu_resources(),
     params:
-        demo=config["demo"],
         what="tokenizer",
     script:
         "../scripts/make_demo_inputs.py"
@@ -21,6 +24,7 @@ rule demo_tokenizer:
 
 rule demo_base_model:
     input:
+        config=stage_config("demo"),
         tokenizer=out("demo", "tokenizer"),
     output:
         model=directory(out("demo", "base_model")),
@@ -33,13 +37,14 @@ rule demo_base_model:
     resources:
         **cpu_resources(),
     params:
-        demo=config["demo"],
         what="model",
     script:
         "../scripts/make_demo_inputs.py"
 
 
 rule demo_generations:
+    input:
+        config=stage_config("demo"),
     output:
         generations=[out("demo", "generations", f"output-rs{i}.jsonl") for i in range(config["demo"]["num_seeds"])],
         benchmark=out("benchmarks", "demo", "test.jsonl"),
@@ -52,7 +57,6 @@ rule demo_generations:
     resources:
         **cpu_resources(),
     params:
-        demo=config["demo"],
         what="data",
     script:
         "../scripts/make_demo_inputs.py"

@@ -3,6 +3,7 @@
 import logging
 from pathlib import Path
 
+from sftflow import stage_config
 from sftflow.logs import setup_logging
 
 LOG = logging.getLogger("sftflow.demo")
@@ -10,7 +11,7 @@ LOG = logging.getLogger("sftflow.demo")
 
 def run(smk) -> None:
     setup_logging(smk.log[0])
-    demo = smk.params.demo
+    demo = stage_config.read(smk.input.config)  # the demo section (rules/demo.smk)
     what = smk.params.what
     if what == "tokenizer":
         from sftflow.demo.data import corpus

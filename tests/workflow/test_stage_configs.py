@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from tests.conftest import snakemake
 
 CONFIG_DIR = ("results", "config")
@@ -44,6 +46,7 @@ def test_the_stage_files_change_only_with_their_keys(workdir):
     written = stage_files(workdir)
     assert sorted(written) == [
         "decontaminate.json",
+        "demo.json",
         "eval.json",
         "eval.run.json",
         "pack_data.json",
@@ -107,3 +110,30 @@ def test_a_changed_key_reruns_exactly_the_jobs_whose_file_holds_it(workdir):
     text = dry_run(workdir, "eval:\n  max_new_tokens: 17\n", targets[1])
     assert reasons(text) == {"report_config": "Updated input files: results/config/resolved.json"}, text[-3000:]
     assert "max_new_tokens" not in text and "Params have changed" not in text
+
+
+@pytest.mark.slow  # runs the three demo rules (about 20 s)
+def test_the_demo_section_in_another_key_order_reruns_no_demo_rule(workdir):
+    """The demo rules read results/config/demo.json (canonical JSON): a config file that lists the same demo
+    keys in another order (e.g. a YAML dump with sorted keys) is the same experiment. As `params:`, the section
+    was compared as an ordered dict, and the reordered file reran the demo and everything made from it."""
+    import yaml
+
+    targets = ["results/demo/base_model", "results/demo/generations/output-rs0.jsonl"]
+    result = snakemake("--cores", "1", *targets, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    reordered = dict(reversed(list(config["demo"].items())))
+    assert list(reordered) != list(config["demo"])
+
+    def dry_run_alone(demo: dict) -> str:  # the user's file alone, as `--configfile my.yaml` runs
+        (workdir / "my.yaml").write_text(yaml.safe_dump({**config, "demo": demo}, sort_keys=False))
+        result = snakemake("-n", "--cores", "1", *targets, "--configfile", "my.yaml", cwd=workdir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    text = dry_run_alone(reordered)
+    assert "Nothing to be done" in text, reasons(text)
+    # a changed demo key is a change: the demo rules rerun, naming the file
+    text = dry_run_alone({**reordered, "num_train_problems": 50})
+    assert reasons(text)["demo_generations"] == "Updated input files: results/config/demo.json"
