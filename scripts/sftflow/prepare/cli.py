@@ -11,9 +11,7 @@ from sftflow.errors import SftflowError
 from sftflow.logs import setup_logging
 from sftflow.prepare.funnel import summary_lines
 from sftflow.prepare.pipeline import prepare
-from sftflow.prepare.settings import PrepareConfig, cli_schema
-
-__all__ = ["cli_schema", "main", "prepare_and_log", "run_from_snakemake"]
+from sftflow.prepare.settings import PrepareConfig
 
 LOG = logging.getLogger("sftflow.prepare")
 
