@@ -1,5 +1,5 @@
 """The trainer tests' builders and fixtures: a tiny Llama (and Qwen3-MoE) on disk, packed data in the
-sftflow-packed-v1 format, training configs, runners (trainer subprocess or in-process), checkpoint readers, and a
+sftflow-packed-v2 format, training configs, runners (trainer subprocess or in-process), checkpoint readers, and a
 one-process world for in-process runs. The megatron backend's tests, the GPU tests and
 benchmarks/megatron_cpu_parity.py import them from here."""
 
@@ -100,22 +100,13 @@ def random_sequences(num: int, seed: int, min_len: int = 6, max_len: int = 30) -
 
 
 def make_packed(out_dir: Path, num_sequences: int = 96, seed: int = 0, seq_len: int = SEQ_LEN) -> Path:
-    """Pack random sequences first-fit into bins of seq_len tokens and write them with the packing stage's writer."""
+    """Random sequences written, one per bin in their order, with the packing stage's writer (the trainer packs
+    each step's sequences into bins of seq_len tokens)."""
     from sftflow.packing import write_packed
     from sftflow.packing.shards import BinLayout
 
     seqs = random_sequences(num_sequences, seed, max_len=min(30, seq_len))
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i, (ids, _) in enumerate(seqs):
-        for b, free in enumerate(room):
-            if len(ids) <= free:
-                bins[b].append(i)
-                room[b] -= len(ids)
-                break
-        else:
-            bins.append([i])
-            room.append(seq_len - len(ids))
+    bins = [[i] for i in range(len(seqs))]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_packed(
         out_dir,

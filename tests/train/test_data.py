@@ -1,38 +1,68 @@
-"""Bin order, step plan, job targets and the learning-rate schedule."""
+"""The step plan in sequences, the per-step packing and its split over ranks, job targets and the learning-rate
+schedule."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
+import numpy as np
 import pytest
+import torch
 
 from sftflow.errors import SftflowError
-from sftflow.train.data import BinSampler, TrainingPlan, eval_batches, job_target_step
+from sftflow.train.data import Packer, StepSampler, TrainingPlan, eval_batches, job_target_step
 from sftflow.train.lr_schedule import lr_at
 from sftflow.train.settings import TrainingConfig
 
+CAPACITY = 64
 
-def _plan(num_bins=20, gbs=8, mbs=2, dp=1, steps=100, epochs=3) -> TrainingPlan:
+
+def _plan(num_sequences=20, gbs=8, mbs=2, dp=1, steps=100, epochs=3) -> TrainingPlan:
     cfg = {
         "train_global_batch_size": gbs,
         "train_micro_batch_size": mbs,
         "max_num_steps": steps,
         "max_num_epochs": epochs,
     }
-    return TrainingPlan.make(TrainingConfig.from_section(cfg), num_bins, dp)
+    return TrainingPlan.make(TrainingConfig.from_section(cfg), num_sequences, dp)
 
 
-def test_total_steps_is_the_smaller_of_max_steps_and_epochs():
+def _lengths(n=20, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, CAPACITY + 1, size=n).astype(np.int64)
+
+
+def _sampler(plan, lengths=None, seed=1, enabled=True, algorithm="best_fit_decreasing") -> StepSampler:
+    lengths = _lengths(plan.num_sequences) if lengths is None else lengths
+    return StepSampler(plan, lengths, seed, Packer(enabled, algorithm, CAPACITY))
+
+
+def replay(num_sequences: int, seed: int, gbs: int, steps: int) -> list[str]:
+    """The steps' sample-id digests, recomputed here from the documented rule (not from sftflow's code): epoch e
+    is torch.randperm(n) under a generator seeded (seed * 1_000_003 + e) mod 2**63, a step takes the next gbs
+    ids, an epoch's incomplete last batch is dropped; the digest is sha256 of the ids joined by commas."""
+    digests, epoch, pos = [], 0, 0
+    while len(digests) < steps:
+        if pos + gbs > num_sequences:
+            epoch, pos = epoch + 1, 0
+        g = torch.Generator()
+        g.manual_seed((seed * 1_000_003 + epoch) % (2**63))
+        ids = torch.randperm(num_sequences, generator=g).tolist()[pos : pos + gbs]
+        digests.append(hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16])
+        pos += gbs
+    return digests
+
+
+def test_total_steps_is_the_smaller_of_max_steps_and_epochs_of_whole_batches():
     assert (_plan(steps=100).steps_per_epoch, _plan(steps=100).total_steps) == (2, 6)
     assert _plan(steps=5).total_steps == 5
-    assert _plan(dp=2, mbs=2).grad_accum == 2
+    # Any global batch works with any micro-batch and dp size: a step's bins are dealt out, not divided.
+    assert _plan(gbs=7, mbs=3, dp=2).steps_per_epoch == 2
 
 
-def test_plan_rejects_indivisible_batches_and_too_little_data():
-    with pytest.raises(SftflowError, match=r"\(8\) must be divisible .* \(3 x 1 = 3\)"):
-        _plan(mbs=3)
-    with pytest.raises(SftflowError, match=r"has 5 rows .* = 8"):
-        _plan(num_bins=5)
+def test_less_data_than_one_global_batch_is_an_error_naming_the_key():
+    with pytest.raises(SftflowError, match=r"has 5 sequences, fewer .*train_global_batch_size' = 8 sequences"):
+        _plan(num_sequences=5)
 
 
 def test_job_targets_split_the_steps_and_end_at_total():
@@ -41,39 +71,84 @@ def test_job_targets_split_the_steps_and_end_at_total():
     assert [job_target_step(2, i, 4) for i in range(4)] == [1, 1, 2, 2]
 
 
-def test_every_epoch_is_a_fresh_permutation_and_drops_the_last_partial_batch():
-    plan = _plan(num_bins=20)
-    sampler = BinSampler(plan, dp_rank=0, seed=1)
+def test_each_step_takes_exactly_the_global_batch_of_a_fresh_permutation_per_epoch():
+    plan = _plan(num_sequences=20)
+    sampler = _sampler(plan)
     epochs = []
     for _ in range(3):
-        ids = [i for _ in range(plan.steps_per_epoch) for mb in sampler.next_step() for i in mb]
-        assert len(ids) == len(set(ids)) == 16
+        steps = [sampler.next_step() for _ in range(plan.steps_per_epoch)]
+        ids = [i for s in steps for i in s.sample_ids]
+        assert all(len(s.sample_ids) == 8 for s in steps)
+        assert len(ids) == len(set(ids)) == 16  # 20 sequences: the last 4 of each epoch are dropped
+        assert {s.epoch for s in steps} == {len(epochs)}
         epochs.append(ids)
     assert epochs[0] != epochs[1] != epochs[2]
-    assert BinSampler(plan, 0, seed=2).next_step() != BinSampler(plan, 0, seed=1).next_step()
+    assert _sampler(plan, seed=2).next_step().sample_ids != _sampler(plan, seed=1).next_step().sample_ids
 
 
-def test_dp_ranks_split_each_global_batch_without_overlap():
-    plan = _plan(num_bins=20, dp=2, mbs=2)
-    one = BinSampler(_plan(num_bins=20), 0, seed=3)
-    ranks = [BinSampler(plan, r, seed=3) for r in range(2)]
-    for _ in range(5):
-        together = [i for mb in one.next_step() for i in mb]
-        split = [i for r in ranks for mb in r.next_step() for i in mb]
-        assert split == together
+def test_the_digests_equal_an_independent_replay_of_the_permutation():
+    plan = _plan(num_sequences=21, gbs=5, epochs=10)
+    sampler = _sampler(plan, seed=9)
+    assert [sampler.next_step().digest for _ in range(12)] == replay(21, 9, 5, 12)
+
+
+def test_every_sequence_of_a_step_is_in_exactly_one_bin_within_the_capacity():
+    lengths = _lengths(40, seed=3)
+    for algorithm in ("best_fit_decreasing", "first_fit_decreasing"):
+        step = _sampler(_plan(num_sequences=40, gbs=16), lengths, algorithm=algorithm).next_step()
+        assert sorted(i for b in step.bins for i in b) == sorted(step.sample_ids)
+        sizes = [int(lengths[b].sum()) for b in step.bins]
+        assert max(sizes) <= CAPACITY and sizes == sorted(sizes, reverse=True)
+        assert len(step.bins) < 16  # some sequences share a bin
+        assert step.tokens == int(lengths[step.sample_ids].sum())
+
+
+def test_with_packing_disabled_every_sequence_is_its_own_bin():
+    step = _sampler(_plan(num_sequences=40, gbs=16), enabled=False).next_step()
+    assert len(step.bins) == 16 and all(len(b) == 1 for b in step.bins)
+
+
+def test_the_bins_do_not_depend_on_the_data_parallel_size_and_ranks_stay_in_step():
+    lengths = _lengths(40, seed=4)
+    one = _sampler(_plan(num_sequences=40, gbs=16, mbs=2, dp=1), lengths).next_step()
+    three = _sampler(_plan(num_sequences=40, gbs=16, mbs=2, dp=3), lengths).next_step()
+    assert three.bins == one.bins and three.sample_ids == one.sample_ids
+    per_rank = [three.rank_micro_batches(r) for r in range(3)]
+    assert len({len(m) for m in per_rank}) == 1  # the same number of passes on every rank
+    assert len(per_rank[0]) == three.micro_batches_per_rank == math.ceil(math.ceil(len(one.bins) / 3) / 2)
+    dealt = [b for micro in per_rank for mb in micro for b in mb]
+    assert sorted(map(tuple, dealt)) == sorted(map(tuple, one.bins))  # each bin on exactly one rank
+    assert three.micro_batches == sum(1 for micro in per_rank for mb in micro if mb)
+    assert all(len(mb) <= 2 for micro in per_rank for mb in micro)
+
+
+def test_a_rank_without_bins_runs_empty_micro_batches():
+    lengths = np.full(8, CAPACITY // 4, dtype=np.int64)  # 4 sequences fill a bin: one step of 8 is 2 bins
+    step = _sampler(_plan(num_sequences=8, gbs=8, mbs=1, dp=3, epochs=1), lengths).next_step()
+    assert len(step.bins) == 2
+    assert [step.rank_micro_batches(r) for r in range(3)][2] == [[]]
+    assert (step.micro_batches, step.micro_batches_per_rank) == (2, 1)
 
 
 def test_resumed_sampler_continues_exactly():
-    plan = _plan(num_bins=20)
-    straight = BinSampler(plan, 0, seed=4)
+    plan = _plan(num_sequences=20)
+    straight = _sampler(plan, seed=4)
     first = [straight.next_step() for _ in range(3)]
     state = straight.state_dict()
     rest = [straight.next_step() for _ in range(4)]
-    resumed = BinSampler(plan, 0, seed=4)
+    resumed = _sampler(plan, seed=4)
     resumed.load_state_dict(state)
-    assert [resumed.next_step() for _ in range(4)] == rest
-    assert first  # (epoch 1 started inside the first 3 steps)
-    assert state == {"epoch": 1, "bins_consumed": 8}
+    assert [(s.sample_ids, s.bins) for s in (resumed.next_step() for _ in range(4))] == [
+        (s.sample_ids, s.bins) for s in rest
+    ]
+    assert first[-1].epoch == 1  # epoch 1 started inside the first 3 steps
+    assert state == {"epoch": 1, "sequences_consumed": 8}
+
+
+def test_a_sequence_longer_than_the_bins_is_an_error_naming_the_key():
+    lengths = np.full(8, CAPACITY + 1, dtype=np.int64)
+    with pytest.raises(SftflowError, match="packing.max_total_sequence_length"):
+        _sampler(_plan(num_sequences=8, gbs=8), lengths).next_step()
 
 
 def test_eval_batches_cover_every_bin_once_over_ranks():

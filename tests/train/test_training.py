@@ -14,7 +14,7 @@ from tests.train.conftest import assert_weights_close, final_weights, logged, ma
 
 @pytest.fixture(scope="module")
 def reference_1x8(tmp_path_factory, world1, packed, tiny_model):
-    """4 steps of a global batch of 8 bins in one micro-batch of 8."""
+    """4 steps of a global batch of 8 sequences in one micro-batch of 8 bins."""
     ckpt = tmp_path_factory.mktemp("ref") / "ckpt"
     run_inprocess(world1, ckpt, packed, tiny_model, train_micro_batch_size=8, max_num_steps=4)
     return ckpt
@@ -34,17 +34,16 @@ def test_loss_and_update_do_not_depend_on_the_split_into_micro_batches(
 
 
 def test_logged_loss_is_the_token_mean_over_the_global_batch(world1, packed, tiny_model, reference_1x8):
-    """Step 1's loss, recomputed with the plain HF model on the same 8 bins, one sequence at a time."""
+    """Step 1's loss, recomputed with the plain HF model on the same 8 sequences, one at a time."""
     from transformers import AutoModelForCausalLM
 
     from sftflow.packing import PackedDataset
-    from sftflow.train.data import BinSampler, TrainingPlan
+    from sftflow.train.data import epoch_permutation
     from tests.train.conftest import training_config
 
     cfg = training_config(train_micro_batch_size=8, max_num_steps=4)["training"]
     dataset = PackedDataset(packed)
-    plan = TrainingPlan.make(TrainingConfig.from_section(cfg), len(dataset), dp_size=1)
-    (ids,) = BinSampler(plan, dp_rank=0, seed=cfg["seed"]).next_step()
+    ids = epoch_permutation(len(dataset), cfg["seed"], epoch=0)[:8]  # step 1: the first 8 sequences of epoch 0
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     total, count = 0.0, 0
     for i in ids:
@@ -90,9 +89,9 @@ def test_a_job_whose_target_is_already_checkpointed_only_writes_its_done_file(tm
     assert sorted(p.name for p in ckpt.glob("step_*")) == saved
 
 
-def test_fewer_bins_than_one_global_batch_is_an_error_naming_the_numbers(tmp_path, world1, tiny_model):
+def test_fewer_sequences_than_one_global_batch_is_an_error_naming_the_numbers(tmp_path, world1, tiny_model):
     small = make_packed(tmp_path / "small", num_sequences=6)
-    with pytest.raises(SftflowError, match=r"packed data has \d+ rows .*train_global_batch_size' = 8"):
+    with pytest.raises(SftflowError, match=r"packed data has 6 sequences, .*train_global_batch_size' = 8 sequences"):
         run_inprocess(world1, tmp_path / "ckpt", small, tiny_model)
 
 

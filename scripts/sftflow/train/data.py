@@ -1,61 +1,98 @@
-"""Deterministic, resumable order of packed bins, split over data-parallel ranks and micro-batches.
+"""Which sequences each optimizer step trains on, and how they are packed and split over the ranks.
 
-Epoch e visits the bins in the permutation drawn from a generator seeded with (seed, e); an optimizer
-step takes the next `global_batch` bins of that permutation (an epoch's last incomplete batch is
-dropped). The position is (epoch, bins consumed in the epoch): saved in every checkpoint, it makes a
-resumed run read exactly the batches an uninterrupted run would, whatever the number of ranks.
+The global batch counts sequences, as NeMo-RL's `train_global_batch_size` does. Epoch e visits the
+sequences in the permutation drawn from a generator seeded with (seed, e); an optimizer step takes the next
+`train_global_batch_size` sequences of that permutation, and an epoch's last incomplete batch is dropped
+(NeMo-RL's DataLoader(batch_size=train_global_batch_size, shuffle=True, drop_last=True)). The position is
+(epoch, sequences consumed in the epoch): saved in every checkpoint, it makes a resumed run read exactly the
+steps an uninterrupted run would, whatever the number of ranks.
 
-Within a global batch, data-parallel rank r takes the r-th contiguous slice and cuts it into
-micro-batches; tensor-parallel ranks of one dp group take the same slice.
+A step's sequences are packed (packing.algorithm) into bins of at most max_total_sequence_length tokens
+(one sequence per bin with packing disabled). The packing depends on the step's sequences only, never on
+the number of ranks: the bins, longest first, are dealt to the data-parallel ranks in turn, and each rank
+runs micro-batches of train_micro_batch_size bins. A rank dealt fewer bins runs empty micro-batches (one
+padding token, no loss) so that every rank takes part in the same number of forward/backward passes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sftflow.errors import SftflowError
 from sftflow.train.settings import TrainingConfig
 
 
-def epoch_permutation(num_bins: int, seed: int, epoch: int) -> list[int]:
+def epoch_permutation(num_sequences: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator()
     # Distinct, reproducible streams per (seed, epoch); a plain seed+epoch would repeat across seeds.
     g.manual_seed((seed * 1_000_003 + epoch) % (2**63))
-    return torch.randperm(num_bins, generator=g).tolist()
+    return torch.randperm(num_sequences, generator=g).tolist()
+
+
+def samples_digest(sample_ids: Sequence[int]) -> str:
+    """16 hex characters identifying a step's sequence ids, in the order the step took them."""
+    return hashlib.sha256(",".join(str(int(i)) for i in sample_ids).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Packer:
+    """How a set of sequences becomes bins: packing on or off, the algorithm, and the bin capacity in tokens."""
+
+    enabled: bool
+    algorithm: str
+    capacity: int
+
+    def bins(self, ids: Sequence[int], lengths: np.ndarray) -> list[list[int]]:
+        """The sequence ids `ids` (whose lengths are lengths[ids]) in bins, fullest first; each id once."""
+        from sftflow.packing.binpack import pack_lengths
+
+        ids = list(ids)
+        if not ids:
+            return []
+        step_lengths = lengths[np.asarray(ids, dtype=np.int64)]
+        if step_lengths.max() > self.capacity:
+            raise SftflowError(
+                f"a sequence of {int(step_lengths.max())} tokens is longer than packing.max_total_sequence_length "
+                f"({self.capacity}); the packed data was made with another length: re-run pack_data"
+            )
+        if not self.enabled:
+            groups = [[k] for k in range(len(ids))]
+        else:
+            groups = pack_lengths(step_lengths, self.capacity, self.algorithm)
+        tokens = [int(step_lengths[g].sum()) for g in groups]
+        # Fullest bins first (ties in the packer's order), so that dealing them out balances the ranks' tokens.
+        order = sorted(range(len(groups)), key=lambda b: -tokens[b])
+        return [[ids[k] for k in groups[b]] for b in order]
 
 
 @dataclass
 class TrainingPlan:
-    """How many steps the run takes and how a global batch splits; errors name the config keys."""
+    """How many steps the run takes and how a step is laid out; errors name the config keys."""
 
-    num_bins: int
+    num_sequences: int
     global_batch: int
     micro_batch: int
     dp_size: int
     steps_per_epoch: int
     total_steps: int
-    grad_accum: int
 
     @classmethod
-    def make(cls, cfg: TrainingConfig, num_bins: int, dp_size: int) -> TrainingPlan:
-        gbs, mbs = cfg.train_global_batch_size, cfg.train_micro_batch_size
-        if gbs % (mbs * dp_size):
+    def make(cls, cfg: TrainingConfig, num_sequences: int, dp_size: int) -> TrainingPlan:
+        gbs = cfg.train_global_batch_size
+        if num_sequences < gbs:
             raise SftflowError(
-                f"config key 'training.train_global_batch_size' ({gbs}) must be divisible by "
-                f"train_micro_batch_size x data-parallel size ({mbs} x {dp_size} = {mbs * dp_size})"
+                f"the packed data has {num_sequences} sequences, fewer than one global batch "
+                f"(config key 'training.train_global_batch_size' = {gbs} sequences); lower it or add data"
             )
-        if num_bins < gbs:
-            raise SftflowError(
-                f"the packed data has {num_bins} rows (bins), fewer than one global batch "
-                f"(config key 'training.train_global_batch_size' = {gbs}); lower it or add data"
-            )
-        steps_per_epoch = num_bins // gbs
+        steps_per_epoch = num_sequences // gbs
         total = min(cfg.max_num_steps, cfg.max_num_epochs * steps_per_epoch)
-        return cls(num_bins, gbs, mbs, dp_size, steps_per_epoch, total, gbs // (mbs * dp_size))
+        return cls(num_sequences, gbs, cfg.train_micro_batch_size, dp_size, steps_per_epoch, total)
 
 
 def job_target_step(total_steps: int, job_index: int, num_jobs: int) -> int:
@@ -63,46 +100,114 @@ def job_target_step(total_steps: int, job_index: int, num_jobs: int) -> int:
     return -(-total_steps * (job_index + 1) // num_jobs)
 
 
-class BinSampler:
-    """Yields, step by step, this rank's micro-batches of bin indices."""
+@dataclass
+class StepBatch:
+    """One optimizer step: its sequences (in permutation order), their bins and each rank's share of them."""
 
-    def __init__(self, plan: TrainingPlan, dp_rank: int, seed: int) -> None:
-        self.plan = plan
-        self.dp_rank = dp_rank
-        self.seed = seed
+    epoch: int
+    sample_ids: list[int]
+    bins: list[list[int]]  # every bin of the step, fullest first
+    tokens: int
+    dp_size: int
+    micro_batch: int
+    rank_bins: list[list[list[int]]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rank_bins = [self.bins[r :: self.dp_size] for r in range(self.dp_size)]
+
+    @property
+    def micro_batches_per_rank(self) -> int:
+        """Forward/backward passes every rank runs this step (the most any rank needs)."""
+        return max(math.ceil(len(b) / self.micro_batch) for b in self.rank_bins)
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches that hold data, over all ranks."""
+        return sum(math.ceil(len(b) / self.micro_batch) for b in self.rank_bins)
+
+    def rank_micro_batches(self, dp_rank: int) -> list[list[list[int]]]:
+        """Rank `dp_rank`'s micro-batches, each a list of bins (lists of sequence ids); empty ones pad it to
+        micro_batches_per_rank."""
+        mine = self.rank_bins[dp_rank]
+        micro = [mine[i : i + self.micro_batch] for i in range(0, len(mine), self.micro_batch)]
+        return micro + [[] for _ in range(self.micro_batches_per_rank - len(micro))]
+
+    @property
+    def digest(self) -> str:
+        return samples_digest(self.sample_ids)
+
+
+class StepSampler:
+    """The steps of the run, in order, from a resumable position (epoch, sequences consumed in it)."""
+
+    def __init__(self, plan: TrainingPlan, lengths: np.ndarray, seed: int, packer: Packer) -> None:
+        if len(lengths) != plan.num_sequences:
+            raise ValueError(f"{len(lengths)} lengths for a plan over {plan.num_sequences} sequences")
+        self.plan, self.lengths, self.seed, self.packer = plan, np.asarray(lengths, dtype=np.int64), seed, packer
         self.epoch = 0
         self.consumed = 0
         self._perm_epoch = -1
         self._perm: list[int] = []
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "bins_consumed": self.consumed}
+        return {"epoch": self.epoch, "sequences_consumed": self.consumed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.consumed = int(state["epoch"]), int(state["bins_consumed"])
+        self.epoch, self.consumed = int(state["epoch"]), int(state["sequences_consumed"])
 
     def _permutation(self) -> list[int]:
         if self._perm_epoch != self.epoch:
-            self._perm, self._perm_epoch = epoch_permutation(self.plan.num_bins, self.seed, self.epoch), self.epoch
+            self._perm = epoch_permutation(self.plan.num_sequences, self.seed, self.epoch)
+            self._perm_epoch = self.epoch
         return self._perm
 
-    def next_step(self) -> list[list[int]]:
-        """Micro-batches (lists of bin ids) of this rank for the next optimizer step; advances the position."""
+    def next_step(self) -> StepBatch:
+        """The next optimizer step (the same on every rank); advances the position."""
         p = self.plan
-        if self.consumed + p.global_batch > p.num_bins:
+        if self.consumed + p.global_batch > p.num_sequences:
             self.epoch, self.consumed = self.epoch + 1, 0
-        batch = self._permutation()[self.consumed : self.consumed + p.global_batch]
+        ids = self._permutation()[self.consumed : self.consumed + p.global_batch]
         self.consumed += p.global_batch
-        local = p.global_batch // p.dp_size
-        mine = batch[self.dp_rank * local : (self.dp_rank + 1) * local]
-        return [mine[i : i + p.micro_batch] for i in range(0, local, p.micro_batch)]
+        bins = self.packer.bins(ids, self.lengths)
+        tokens = int(self.lengths[np.asarray(ids, dtype=np.int64)].sum())
+        return StepBatch(self.epoch, ids, bins, tokens, p.dp_size, p.micro_batch)
 
 
-def eval_batches(num_bins: int, micro_batch: int, dp_rank: int, dp_size: int) -> Iterator[list[int]]:
+def join_sequences(dataset, ids: Sequence[int]) -> dict:
+    """One bin made of the sequences `ids` of `dataset` laid end to end (a bin as collate_bins reads it); an
+    empty `ids` gives the one-token bin with no loss that pads a rank short of data."""
+    if not ids:
+        return {
+            "input_ids": torch.tensor([int(dataset.index["pad_token_id"])]),
+            "loss_mask": torch.tensor([False]),
+            "seq_lens": [1],
+        }
+    parts = [dataset.get_bin(i) for i in ids]
+    return {
+        "input_ids": torch.cat([p["input_ids"] for p in parts]),
+        "loss_mask": torch.cat([p["loss_mask"] for p in parts]),
+        "seq_lens": [n for p in parts for n in p["seq_lens"]],
+    }
+
+
+class PackedBins:
+    """A dataset's sequences packed once into bins (the validation data): len() bins, get_bin(i) the i-th."""
+
+    def __init__(self, dataset, packer: Packer) -> None:
+        self.dataset, self.index = dataset, dataset.index
+        self.bins = packer.bins(range(len(dataset)), dataset.lengths())
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def get_bin(self, i: int) -> dict:
+        return join_sequences(self.dataset, self.bins[i])
+
+
+def eval_batches(num_bins: int, micro_batch: int, dp_rank: int, dp_size: int) -> list[list[int]]:
     """Every bin once, in order, strided over dp ranks (the last batches may be short or empty)."""
     mine = list(range(dp_rank, num_bins, dp_size))
-    for i in range(0, len(mine), micro_batch):
-        yield mine[i : i + micro_batch]
+    return [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
 
 
 def eval_micro_batches(dataset, parallel, micro_batch: int) -> list[list[dict]]:
@@ -110,9 +215,8 @@ def eval_micro_batches(dataset, parallel, micro_batch: int) -> list[list[dict]]:
 
     Every rank gets the same number of micro-batches (the forwards are collective): ranks short of data
     get a one-token dummy bin that carries no loss."""
-    pad = int(dataset.index["pad_token_id"])
     per_rank = math.ceil(len(dataset) / parallel.dp_size)
     num_batches = math.ceil(per_rank / micro_batch)
-    dummy = {"input_ids": [pad], "loss_mask": [False], "seq_lens": [1]}
-    batches = list(eval_batches(len(dataset), micro_batch, parallel.dp_rank, parallel.dp_size))
+    batches = eval_batches(len(dataset), micro_batch, parallel.dp_rank, parallel.dp_size)
+    dummy = join_sequences(dataset, [])
     return [[dataset.get_bin(i) for i in batches[k]] if k < len(batches) else [dummy] for k in range(num_batches)]

@@ -127,6 +127,12 @@ class MetricsLogger:
                     parts.append(f"{key} " + fmt.format(metrics[key]))
             if tps is not None:
                 parts.append(f"tok/s {tps:,.0f}")
+            if "sequences" in metrics:
+                masked = metrics.get("overlong_masked", 0)
+                parts.append(
+                    f"seq {metrics['sequences']:,} in {metrics['bins']:,} bins (fill {metrics['fill_ratio']:.2f})"
+                    + (f", {masked} over-long masked" if masked else "")
+                )
             if "loss_tokens" in metrics:
                 parts.append(f"loss_tok {int(metrics['loss_tokens']):,}")
             if "mfu" in metrics:

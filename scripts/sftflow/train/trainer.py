@@ -2,11 +2,12 @@
 
 Job i of N trains until step ceil(total_steps x (i+1) / N), where
 
-    total_steps = min(max_num_steps, max_num_epochs x floor(bins / train_global_batch_size)).
+    total_steps = min(max_num_steps, max_num_epochs x floor(sequences / train_global_batch_size)).
 
 It resumes from the latest complete checkpoint, whichever job wrote it; if that checkpoint is already
-at or past the target it only writes its done-file (a DoneRecord). Each optimizer step, every dp rank takes its
-micro-batches (the global batch split by BinSampler), the warmup + cosine schedule sets the learning rate,
+at or past the target it only writes its done-file (a DoneRecord). Each optimizer step takes the next
+train_global_batch_size sequences, packed into bins and dealt to the dp ranks (StepSampler, train/data.py);
+every rank runs its micro-batches of bins, the warmup + cosine schedule sets the learning rate,
 and the backend's engine (training.backend, looked up in sftflow.train.engine) runs the step: its loss is
 the sum of token losses over the loss tokens of the whole global batch, whatever the split into ranks and
 micro-batches.
@@ -38,7 +39,7 @@ from sftflow.train.checkpoint import (
     read_meta,
 )
 from sftflow.train.config import check_training_keys, check_training_matches
-from sftflow.train.data import BinSampler, TrainingPlan, job_target_step
+from sftflow.train.data import PackedBins, Packer, StepBatch, StepSampler, TrainingPlan, job_target_step, join_sequences
 from sftflow.train.deadline import Deadline, StopSignal
 from sftflow.train.engine import Engine, JobSpec, engine_class
 from sftflow.train.lr_schedule import WarmupCosineSchedule, lr_at
@@ -54,8 +55,9 @@ def data_fingerprint(packed_dir: str | os.PathLike) -> str:
     return hashlib.sha256((Path(packed_dir) / "index.json").read_bytes()).hexdigest()[:16]
 
 
-def _prepare_validation(cfg: dict, spec: JobSpec, parallel: ParallelDims):
-    """Pack training.validation_data like the training data, once, into the checkpoint directory."""
+def _prepare_validation(cfg: dict, spec: JobSpec, parallel: ParallelDims, packer: Packer):
+    """Tokenize training.validation_data like the training data, once, into the checkpoint directory; its
+    sequences are packed into bins once, as the training steps pack theirs."""
     from sftflow.packing import PackedDataset, pack_jsonl
 
     source = cfg["training"]["validation_data"]
@@ -75,7 +77,7 @@ def _prepare_validation(cfg: dict, spec: JobSpec, parallel: ParallelDims):
             pack_jsonl(source, target, tokenizer, cfg["packing"], chat_template=spec.chat_template)
 
     parallel.on_main(pack_once)
-    return PackedDataset(target)
+    return PackedBins(PackedDataset(target), packer)
 
 
 def rank_placement(parallel: ParallelDims) -> list[str]:
@@ -174,6 +176,15 @@ def _make_deadline(tcfg: TrainingConfig, parallel: ParallelDims, t_process_start
     return Deadline(None, tcfg.time_margin_seconds, clock=clock)
 
 
+def _sequences_without_loss(bin_: dict) -> int:
+    """Sequences of a bin none of whose tokens after the first is a loss token."""
+    mask, count, start = bin_["loss_mask"], 0, 0
+    for n in bin_["seq_lens"]:
+        count += not bool(mask[start + 1 : start + n].any())
+        start += n
+    return count
+
+
 class Trainer:
     """One chained job of a training run, for any registered backend.
 
@@ -205,6 +216,12 @@ class Trainer:
         self.dataset = PackedDataset(spec.packed)
         seq_len, pad_id = int(self.dataset.index["max_total_sequence_length"]), int(self.dataset.index["pad_token_id"])
         self.plan = TrainingPlan.make(tcfg, len(self.dataset), parallel.dp_size)
+        packing = cfg.get("packing") or {}
+        self.packer = Packer(
+            enabled=bool(packing.get("enabled", True)),
+            algorithm=str(packing.get("algorithm", "best_fit_decreasing")),
+            capacity=seq_len,
+        )
         self.deadline = _make_deadline(tcfg, parallel, t_process_start, clock)
         has_deadline = parallel.any_rank(self.deadline.end_time is not None)
         # Without a deadline job i of N trains its equal share. With one (a Slurm job, or training.time_limit)
@@ -230,7 +247,7 @@ class Trainer:
 
         # --- engine, data order, schedule, checkpoint state, validation, metrics ------------------
         self.engine = engine_cls(tcfg, spec, parallel, seq_len, pad_id)
-        self.sampler = BinSampler(self.plan, parallel.dp_rank, tcfg.seed)
+        self.sampler = StepSampler(self.plan, self.dataset.lengths(), tcfg.seed, self.packer)
         self.schedule = WarmupCosineSchedule(
             self.engine.optimizer,
             peak=tcfg.learning_rate,
@@ -247,7 +264,7 @@ class Trainer:
         }
         self.start_step = self._resume()
         self.schedule_changes = _schedule_changes(saved_meta, self.start_step, self.plan.total_steps, tcfg)
-        self.validation = _prepare_validation(cfg, spec, parallel)
+        self.validation = _prepare_validation(cfg, spec, parallel, self.packer)
         self.meta = {  # what every checkpoint of this job records in its meta.json (resume checks read it back)
             "data_fingerprint": fingerprint,
             "model": spec.model,
@@ -290,10 +307,11 @@ class Trainer:
                 stopped_early = True
                 break
             t_step = time.perf_counter()
-            micro_bins = [[self.dataset.get_bin(i) for i in ids] for ids in self.sampler.next_step()]
-            real_tokens = self.parallel.dp_sum(sum(len(b["input_ids"]) for bins in micro_bins for b in bins))
+            batch = self.sampler.next_step()
+            micro_bins, masked = self._micro_bins(batch)
             lr = self.schedule.apply(step)
             loss, loss_tokens, grad_norm = self.engine.train_step(micro_bins)
+            overlong_masked = int(self.parallel.dp_sum(masked))
             step += 1
             seconds = time.perf_counter() - t_step
             self.deadline.record_step(seconds)
@@ -303,10 +321,11 @@ class Trainer:
                     "loss": loss,
                     "grad_norm": grad_norm,
                     "lr": lr,
-                    "tokens_per_second": real_tokens / seconds,
+                    "tokens_per_second": batch.tokens / seconds,
                     "loss_tokens": int(loss_tokens),
-                    "epoch": self.sampler.epoch,
+                    "epoch": batch.epoch,
                     "step_seconds": seconds,
+                    **self._step_counts(batch, overlong_masked),
                 },
             )
             if tcfg.val_period and step % tcfg.val_period == 0 and step < total:
@@ -320,6 +339,31 @@ class Trainer:
             self.validate(step)
         self.metrics.close()
         return self._finish(step, last_saved)
+
+    def _micro_bins(self, batch: StepBatch) -> tuple[list[list[dict]], int]:
+        """This rank's micro-batches of the step as bins (dicts collate_bins reads; an empty micro-batch is
+        one padding bin with no loss), and how many of its sequences carry no loss token: the over-long ones
+        pack_data masked (it keeps no other sequence without loss tokens)."""
+        micro_bins, masked = [], 0
+        for micro in batch.rank_micro_batches(self.parallel.dp_rank):
+            bins = [join_sequences(self.dataset, ids) for ids in micro] or [join_sequences(self.dataset, [])]
+            micro_bins.append(bins)
+            for ids, b in zip(micro, bins, strict=False):
+                masked += _sequences_without_loss(b) if ids else 0
+        return micro_bins, masked
+
+    def _step_counts(self, batch: StepBatch, overlong_masked: int) -> dict:
+        """What metrics.jsonl records of a step's data: sequences, tokens, bins, micro-batches, fill, digest."""
+        return {
+            "sequences": len(batch.sample_ids),
+            "tokens": batch.tokens,
+            "bins": len(batch.bins),
+            "micro_batches": batch.micro_batches,
+            "micro_batches_per_rank": batch.micro_batches_per_rank,
+            "fill_ratio": round(batch.tokens / (len(batch.bins) * self.packer.capacity), 6),
+            "overlong_masked": overlong_masked,
+            "samples_digest": batch.digest,
+        }
 
     def save(self, step: int) -> Path:
         self.states["train"].step = step
@@ -394,12 +438,14 @@ class Trainer:
     def _log_plan(self, seq_len: int, has_deadline: bool) -> None:
         spec, plan, parallel = self.spec, self.plan, self.parallel
         LOG.info(
-            "job %d/%d: %d bins of %d tokens, %d steps per epoch, total %d steps, this job trains to step %d%s; "
-            "world %d = dp %d x tp %d, micro-batch %d, gradient accumulation %d",
+            "job %d/%d: %d sequences, %d per step (packed per step into bins of %d tokens%s), %d steps per epoch, "
+            "total %d steps, this job trains to step %d%s; world %d = dp %d x tp %d, micro-batch %d bins",
             spec.job_index,
             spec.num_jobs,
-            plan.num_bins,
+            plan.num_sequences,
+            plan.global_batch,
             seq_len,
+            "" if self.packer.enabled else ", one sequence per bin: packing.enabled is false",
             plan.steps_per_epoch,
             plan.total_steps,
             self.target,
@@ -408,5 +454,4 @@ class Trainer:
             parallel.dp_size,
             parallel.tp,
             plan.micro_batch,
-            plan.grad_accum,
         )
