@@ -244,6 +244,31 @@ def logged(ckpt: Path, key: str = "loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in rows if key in r}
 
 
+def replay_digests(num_sequences: int, seed: int, gbs: int, steps: int) -> list[tuple[list[int], str]]:
+    """Each step's sample ids and digest, recomputed from the documented rule rather than sftflow's code: epoch e
+    is torch.randperm(n) under a generator seeded (seed * 1_000_003 + e) mod 2**63, a step takes the next gbs ids,
+    an epoch's incomplete last batch is dropped; the digest is the first 16 hex digits of the sha256 of the ids,
+    in that order, joined by commas. Returns [(ids, digest), ...]."""
+    import hashlib
+
+    out, epoch, pos = [], 0, 0
+    while len(out) < steps:
+        if pos + gbs > num_sequences:
+            epoch, pos = epoch + 1, 0
+        g = torch.Generator()
+        g.manual_seed((seed * 1_000_003 + epoch) % (2**63))
+        ids = torch.randperm(num_sequences, generator=g).tolist()[pos : pos + gbs]
+        out.append((ids, hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]))
+        pos += gbs
+    return out
+
+
+def metrics_rows(ckpt: Path) -> dict[int, dict]:
+    """metrics.jsonl's training rows by step."""
+    rows = [json.loads(line) for line in (ckpt / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
 WEIGHTS_ATOL = 2e-5  # fp32 accumulation-order noise after a few AdamW steps at lr 3e-3
 
 

@@ -3,17 +3,16 @@ schedule."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
 import pytest
-import torch
 
 from sftflow.errors import SftflowError
 from sftflow.train.data import Packer, StepSampler, TrainingPlan, eval_batches, job_target_step
 from sftflow.train.lr_schedule import lr_at
 from sftflow.train.settings import TrainingConfig
+from tests.train.conftest import replay_digests
 
 CAPACITY = 64
 
@@ -35,22 +34,6 @@ def _lengths(n=20, seed=0) -> np.ndarray:
 def _sampler(plan, lengths=None, seed=1, enabled=True, algorithm="best_fit_decreasing") -> StepSampler:
     lengths = _lengths(plan.num_sequences) if lengths is None else lengths
     return StepSampler(plan, lengths, seed, Packer(enabled, algorithm, CAPACITY))
-
-
-def replay(num_sequences: int, seed: int, gbs: int, steps: int) -> list[str]:
-    """The steps' sample-id digests, recomputed here from the documented rule (not from sftflow's code): epoch e
-    is torch.randperm(n) under a generator seeded (seed * 1_000_003 + e) mod 2**63, a step takes the next gbs
-    ids, an epoch's incomplete last batch is dropped; the digest is sha256 of the ids joined by commas."""
-    digests, epoch, pos = [], 0, 0
-    while len(digests) < steps:
-        if pos + gbs > num_sequences:
-            epoch, pos = epoch + 1, 0
-        g = torch.Generator()
-        g.manual_seed((seed * 1_000_003 + epoch) % (2**63))
-        ids = torch.randperm(num_sequences, generator=g).tolist()[pos : pos + gbs]
-        digests.append(hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16])
-        pos += gbs
-    return digests
 
 
 def test_total_steps_is_the_smaller_of_max_steps_and_epochs_of_whole_batches():
@@ -89,7 +72,8 @@ def test_each_step_takes_exactly_the_global_batch_of_a_fresh_permutation_per_epo
 def test_the_digests_equal_an_independent_replay_of_the_permutation():
     plan = _plan(num_sequences=21, gbs=5, epochs=10)
     sampler = _sampler(plan, seed=9)
-    assert [sampler.next_step().digest for _ in range(12)] == replay(21, 9, 5, 12)
+    steps = [sampler.next_step() for _ in range(12)]
+    assert [(s.sample_ids, s.digest) for s in steps] == replay_digests(21, 9, 5, 12)
 
 
 def test_every_sequence_of_a_step_is_in_exactly_one_bin_within_the_capacity():
