@@ -19,6 +19,10 @@ validates the config before any job starts: an unknown key or a wrong value fail
 `python scripts/prepare_data.py` takes the keys of the `prepare_data` section as `++key=value`
 (plus `++output_path`, `++tokenizer`, `++chat_template`). Its defaults are NeMo-Skills' `math_sft.yaml`
 (every filter off, the bare problem as the prompt); docs/nemo-skills-parity.md compares every key.
+The `training` and `packing` defaults are those of NeMo-Skills' `ns nemo_rl sft` (its `sft.yaml`): a learning
+rate of 1e-6, constant, no gradient clipping, 32 sequences per optimizer step (`train_global_batch_size` counts
+sequences, as NeMo-RL's; the trainer packs each step's sequences), rows of 4096 tokens, over-long sequences kept
+out of the loss. docs/nemo-skills-parity.md gives each key's NeMo-Skills value and the reason for any difference.
 
 This file is generated: `python scripts/make_config_docs.py > config/README.md`.
 """

@@ -55,3 +55,40 @@ def test_conda_envs_pin_what_requirements_txt_pins():
             name, version = requirement.split("==")
             name = re.sub(r"\[.*\]", "", name).lower()
             assert pins.get(name) == version, f"{env_file}: {requirement} vs requirements.txt {pins.get(name)}"
+
+
+# The config keys with a NeMo-Skills sft.yaml equivalent (issue 27): each must be in the parity table.
+NEMO_SKILLS_TRAINING_KEYS = {
+    "training.max_num_epochs", "training.max_num_steps", "training.seed", "training.train_global_batch_size",
+    "training.train_micro_batch_size", "training.learning_rate", "training.min_learning_rate",
+    "training.warmup_steps", "training.weight_decay", "training.adam_beta1", "training.adam_beta2",
+    "training.adam_eps", "training.max_grad_norm", "training.precision", "training.save_period",
+    "training.activation_checkpointing", "training.tensor_model_parallel_size", "training.backend",
+    "packing.enabled", "packing.max_total_sequence_length", "packing.algorithm", "packing.overlong",
+}  # fmt: skip
+
+
+def test_the_parity_tables_training_defaults_are_the_schemas():
+    """docs/nemo-skills-parity.md's training table gives sftflow's default of every key; it cannot drift."""
+    import json
+    import re
+
+    doc = (REPO / "docs" / "nemo-skills-parity.md").read_text()
+    section = doc.split("## Training: every `sft.yaml` key", 1)[1].split("\n## ", 1)[0]
+    documented = {}
+    for line in section.splitlines():
+        cells = line.split(" | ")
+        if len(cells) == 4:  # key | NeMo-Skills | sftflow key: default | why
+            for key, text in re.findall(r"`((?:training|packing)\.\w+)`: `([^`]+)`", cells[2]):
+                try:
+                    documented[key] = json.loads(text)
+                except json.JSONDecodeError:
+                    documented[key] = text  # an enum value such as bf16
+    assert NEMO_SKILLS_TRAINING_KEYS <= set(documented), NEMO_SKILLS_TRAINING_KEYS - set(documented)
+    schema = C.load_schema()
+    for key, value in documented.items():
+        section_name, name = key.split(".")
+        default = schema["properties"][section_name]["properties"][name]["default"]
+        assert value == default and type(value) is type(default), (
+            f"{key}: the page says {value!r}, the schema {default!r}"
+        )

@@ -124,7 +124,7 @@ def test_a_non_editable_install_runs_show_config_and_a_dry_run_without_the_packa
     assert shown.stdout.startswith("# effective config: schema defaults < config/config.yaml\n"), shown.stdout[:300]
     values = {line.split(":")[0].strip(): line for line in shown.stdout.splitlines()}
     assert values["output_dir"].endswith("# config/config.yaml")
-    assert values["max_grad_norm"].endswith("# schema default")  # from the schema the package ships
+    assert values["weight_decay"].endswith("# schema default")  # from the schema the package ships
 
     dry = _run([python, "-m", "snakemake", "-n", "--cores", "1"], workflow, env)
     assert dry.returncode == 0, (dry.stdout + dry.stderr)[-3000:]

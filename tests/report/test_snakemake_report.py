@@ -217,4 +217,4 @@ def test_packing_training_eval_and_config_pages_hold_the_runs_numbers(shown, fin
     # Each value's source (issue 12): the test's file, the demo's config, or the schema.
     assert "max_num_steps: 12 # small.yaml" in single_spaced(config), config[-3000:]
     assert "learning_rate: 0.002 # config/config.yaml" in single_spaced(config)
-    assert "max_grad_norm: 1.0 # schema default" in single_spaced(config)
+    assert "weight_decay: 0.01 # schema default" in single_spaced(config)

@@ -89,7 +89,7 @@ def test_without_a_configfile_the_demo_applies_and_says_so():
     values = effective(result.stdout)
     assert values["demo.enabled"] == ("true", "config/config.yaml")
     assert values["prepare_data.max_solution_length"] == ("200", "config/config.yaml")
-    assert values["training.max_grad_norm"][1] == C.SCHEMA_DEFAULT
+    assert values["training.weight_decay"][1] == C.SCHEMA_DEFAULT
 
 
 def test_config_errors_name_where_each_value_came_from(workdir, tmp_path):  # noqa: F811
