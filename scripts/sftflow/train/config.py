@@ -43,7 +43,7 @@ def check_training_keys(config: dict, world_size: int | None = None, model_confi
 
 
 def _check_common(t: dict) -> None:
-    if t["min_learning_rate"] > t["learning_rate"]:
+    if t["min_learning_rate"] is not None and t["min_learning_rate"] > t["learning_rate"]:
         raise SftflowError(
             f"config key 'training.min_learning_rate' ({t['min_learning_rate']}) is above "
             f"training.learning_rate ({t['learning_rate']})"
@@ -79,6 +79,9 @@ RESULT_KEYS = (
 def check_training_matches(saved: dict | None, training: dict, checkpoint: Path) -> None:
     """Refuse `checkpoint`, trained with the training section `saved` (its meta.json), if a RESULT_KEYS value
     differs from `training`, naming each changed key, both values and the ways out."""
+    from sftflow.train.settings import resolve_min_learning_rate
+
+    training = resolve_min_learning_rate(training)
     changed = [key for key in RESULT_KEYS if saved and key in saved and saved[key] != training.get(key)]
     if changed:
         what = "; ".join(f"training.{key}: {saved[key]!r} there, {training.get(key)!r} now" for key in changed)

@@ -14,6 +14,15 @@ from typing import Any
 from sftflow import config as C
 
 
+def resolve_min_learning_rate(training: Mapping) -> dict:
+    """The section with min_learning_rate's null replaced by learning_rate (the constant schedule it stands for):
+    what a checkpoint records and resume checks compare, so that null and the value it means are one setting."""
+    training = dict(training)
+    if training.get("min_learning_rate") is None and "learning_rate" in training:
+        training["min_learning_rate"] = training["learning_rate"]
+    return training
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     backend: str
@@ -25,7 +34,7 @@ class TrainingConfig:
     train_global_batch_size: int
     train_micro_batch_size: int
     learning_rate: float
-    min_learning_rate: float
+    min_learning_rate: float  # null in the config: learning_rate (a constant schedule)
     warmup_steps: int
     weight_decay: float
     adam_beta1: float
@@ -56,7 +65,7 @@ class TrainingConfig:
     def from_section(cls, training: Mapping) -> TrainingConfig:
         """From a `training:` section (missing keys take the schema defaults; errors name training.<key>). A job
         builds it once, in the Trainer, and hands the object on (engines, TrainingPlan, init_parallel)."""
-        return cls(**C.validate_section("training", training))
+        return cls(**resolve_min_learning_rate(C.validate_section("training", training)))
 
     def as_dict(self) -> dict[str, Any]:
         """The section as plain data (what checkpoints record in meta.json and resume checks compare)."""
