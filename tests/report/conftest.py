@@ -75,19 +75,30 @@ def sft_stats() -> dict:
 
 
 def packing_stats() -> dict:
+    """pack_data's stats.json: 35 rows read, 2 over-long masked, 1 dropped for having no loss token, 34 kept."""
     return {
         "source": "results/data/sft.jsonl",
+        "tokenizer": "results/demo/tokenizer",
         "packing": True,
         "algorithm": "best_fit_decreasing",
         "max_total_sequence_length": 512,
         "rows_read": 35,
-        "sequences_kept": 35,
-        "overlong": {"count": 2, "action": "truncate", "tokens_truncated": 40, "tokens_dropped": 0},
-        "bins": 12,
+        "sequences_kept": 34,
+        "overlong": {
+            "count": 2,
+            "action": "mask",
+            "masked": 2,
+            "tokens_truncated": 0,
+            "tokens_dropped": 0,
+            "tokens_masked": 1100,
+        },
+        "dropped": {"overlong": 0, "no_loss_tokens": 1, "no_loss_tokens_after_truncation": 0},
+        "shards": 1,
         "total_tokens": 5000,
         "loss_tokens": 2000,
-        "fill_ratio": 0.813802,
-        "lower_bound_bins": 10,
+        "mean_sequence_length": 147.06,
+        "max_sequence_length": 512,
+        "num_workers": 1,
         "seconds": {"tokenize": 0.1, "total": 0.2},
     }
 
