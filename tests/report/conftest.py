@@ -3,7 +3,9 @@ tables of an HTML page as lists of rows of cell text (stdlib only: pandas.read_h
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import struct
 from html.parser import HTMLParser
 from pathlib import Path
@@ -133,8 +135,29 @@ CONTAMINATION = [
 ]
 
 
-def metrics_rows(steps_per_job: int = 15, jobs: int = 2, validate_every: int = 5) -> list[dict]:
-    """Two chained jobs: elapsed_seconds restarts with each; tokens/s is 1000 in job 0 and 2000 in job 1."""
+SEQUENCES_PER_STEP = 8  # training.train_global_batch_size
+MAX_TOKENS_PER_BIN = 512  # packing.max_total_sequence_length
+
+
+def step_packing(step: int) -> dict:
+    """The per-step packing keys the trainer logs, varying by step: 8 sequences in 3 to 5 bins over 2 ranks."""
+    tokens = 1100 + 97 * (step % 7)
+    bins = math.ceil(tokens / MAX_TOKENS_PER_BIN) + step % 2
+    return {
+        "sequences": SEQUENCES_PER_STEP,
+        "tokens": tokens,
+        "bins": bins,
+        "micro_batches": bins,
+        "micro_batches_per_rank": math.ceil(bins / 2),
+        "fill_ratio": round(tokens / (bins * MAX_TOKENS_PER_BIN), 6),
+        "overlong_masked": int(step % 4 == 0),
+        "samples_digest": hashlib.sha256(str(step).encode()).hexdigest()[:16],
+    }
+
+
+def metrics_rows(steps_per_job: int = 15, jobs: int = 2, validate_every: int = 5, packing: bool = True) -> list[dict]:
+    """Two chained jobs: elapsed_seconds restarts with each; tokens/s is 1000 in job 0 and 2000 in job 1. Each
+    step logs its packing (step_packing), unless `packing` is false: the rows of a trainer before issue 27."""
     rows = []
     for job in range(jobs):
         for i in range(steps_per_job):
@@ -150,6 +173,7 @@ def metrics_rows(steps_per_job: int = 15, jobs: int = 2, validate_every: int = 5
                     "epoch": 0,
                     "step_seconds": 0.5,
                     "elapsed_seconds": 0.5 * (i + 1),
+                    **(step_packing(step) if packing else {}),
                 }
             )
             if step % validate_every == 0:

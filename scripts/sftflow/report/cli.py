@@ -117,7 +117,8 @@ def read_training_inputs(inputs: ReportInputs) -> dict:
 
 
 def write_training_pages(inputs: ReportInputs, run: dict, outputs: ReportOutputs) -> None:
-    """The training pages (rule report_training): curves, throughput, summary by run and schedule changes."""
+    """The training pages (rule report_training): curves, throughput, summary by run, packing per step and schedule
+    changes."""
     metrics, jobs = run["metrics"], run["jobs"]
     training.plot_training_curves(metrics, jobs, outputs.training_curves)
     training.plot_throughput(metrics, jobs, outputs.throughput)
@@ -132,6 +133,7 @@ def write_training_pages(inputs: ReportInputs, run: dict, outputs: ReportOutputs
                 "column names the job whose done-file covers the run's steps; '—' marks a run whose job was run "
                 "again later (e.g. the last job after raising max_num_steps) or that was interrupted.",
             ),
+            training.packing_in_training_section(metrics.train),
             training.schedule_changes_section(jobs),
             Section("Final values", training.final_values_frame(metrics), f"From {inputs.metrics}."),
         ],
