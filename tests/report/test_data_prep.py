@@ -174,6 +174,8 @@ def test_packing_page_of_truncated_over_long_sequences_says_so():
     assert "Masked" not in note
     values = statistics(data_prep.overlong_frame(stats))
     assert values["tokens truncated (cut off over-long sequences)"] == 40
+    stats["overlong"].update(count=0, tokens_truncated=0)
+    assert data_prep.overlong_note(stats) == "No sequence had more than 512 tokens (packing.overlong: truncate)."
 
 
 def test_packing_stats_of_an_older_pack_data_still_show_every_key():

@@ -198,6 +198,7 @@ def test_packing_training_eval_and_config_pages_hold_the_runs_numbers(shown, fin
 
     metrics_file = finished_run / "results" / "checkpoints" / "metrics" / "metrics.jsonl"
     steps = list({r["step"]: r for r in read_jsonl(metrics_file) if "loss" in r}.values())  # a step's last row counts
+    assert all("sequences" in r for r in steps), "the trainer logs each step's packing in metrics.jsonl"
     trained = dict(frame(shown, "training_summary.html")["tables"][1][1:])
     assert trained["steps"] == format_value(len(steps))
     assert trained["sequences trained"] == format_value(sum(r["sequences"] for r in steps))

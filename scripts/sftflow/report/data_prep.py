@@ -231,8 +231,10 @@ def overlong_note(stats: dict) -> str:
     if not isinstance(overlong, dict) or "count" not in overlong:
         return "pack_data's stats say nothing about over-long sequences."
     limit = stats.get("max_total_sequence_length", "max_total_sequence_length")
-    note = f"{format_value(overlong['count'])} sequence(s) had more than {format_value(limit)} tokens"
     action = overlong.get("action")
+    if overlong["count"] == 0:
+        return f"No sequence had more than {format_value(limit)} tokens (packing.overlong: {action})."
+    note = f"{format_value(overlong['count'])} sequence(s) had more than {format_value(limit)} tokens"
     if action in OVERLONG_ACTIONS:
         note += f"; packing.overlong is {action}: {OVERLONG_ACTIONS[action]}"
     elif action is not None:
