@@ -33,7 +33,7 @@ rule report_data:
             out("report", "packing.html"),
             caption="../report/packing.rst",
             category="1. Data",
-            labels={"content": "packing fill"},
+            labels={"content": "tokenized sequences, over-long ones"},
         ),
     log:
         out("logs", "report_data.log"),
@@ -67,7 +67,7 @@ rule report_training:
             out("report", "training_summary.html"),
             caption="../report/training_summary.rst",
             category="2. Training",
-            labels={"content": "summary by run"},
+            labels={"content": "summary by run, packing per step"},
         ),
     log:
         out("logs", "report_training.log"),

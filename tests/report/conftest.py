@@ -3,7 +3,9 @@ tables of an HTML page as lists of rows of cell text (stdlib only: pandas.read_h
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import struct
 from html.parser import HTMLParser
 from pathlib import Path
@@ -75,19 +77,30 @@ def sft_stats() -> dict:
 
 
 def packing_stats() -> dict:
+    """pack_data's stats.json: 35 rows read, 2 over-long masked, 1 dropped for having no loss token, 34 kept."""
     return {
         "source": "results/data/sft.jsonl",
+        "tokenizer": "results/demo/tokenizer",
         "packing": True,
         "algorithm": "best_fit_decreasing",
         "max_total_sequence_length": 512,
         "rows_read": 35,
-        "sequences_kept": 35,
-        "overlong": {"count": 2, "action": "truncate", "tokens_truncated": 40, "tokens_dropped": 0},
-        "bins": 12,
+        "sequences_kept": 34,
+        "overlong": {
+            "count": 2,
+            "action": "mask",
+            "masked": 2,
+            "tokens_truncated": 0,
+            "tokens_dropped": 0,
+            "tokens_masked": 1100,
+        },
+        "dropped": {"overlong": 0, "no_loss_tokens": 1, "no_loss_tokens_after_truncation": 0},
+        "shards": 1,
         "total_tokens": 5000,
         "loss_tokens": 2000,
-        "fill_ratio": 0.813802,
-        "lower_bound_bins": 10,
+        "mean_sequence_length": 147.06,
+        "max_sequence_length": 512,
+        "num_workers": 1,
         "seconds": {"tokenize": 0.1, "total": 0.2},
     }
 
@@ -122,8 +135,29 @@ CONTAMINATION = [
 ]
 
 
-def metrics_rows(steps_per_job: int = 15, jobs: int = 2, validate_every: int = 5) -> list[dict]:
-    """Two chained jobs: elapsed_seconds restarts with each; tokens/s is 1000 in job 0 and 2000 in job 1."""
+SEQUENCES_PER_STEP = 8  # training.train_global_batch_size
+MAX_TOKENS_PER_BIN = 512  # packing.max_total_sequence_length
+
+
+def step_packing(step: int) -> dict:
+    """The per-step packing keys the trainer logs, varying by step: 8 sequences in 3 to 5 bins over 2 ranks."""
+    tokens = 1100 + 97 * (step % 7)
+    bins = math.ceil(tokens / MAX_TOKENS_PER_BIN) + step % 2
+    return {
+        "sequences": SEQUENCES_PER_STEP,
+        "tokens": tokens,
+        "bins": bins,
+        "micro_batches": bins,
+        "micro_batches_per_rank": math.ceil(bins / 2),
+        "fill_ratio": round(tokens / (bins * MAX_TOKENS_PER_BIN), 6),
+        "overlong_masked": int(step % 4 == 0),
+        "samples_digest": hashlib.sha256(str(step).encode()).hexdigest()[:16],
+    }
+
+
+def metrics_rows(steps_per_job: int = 15, jobs: int = 2, validate_every: int = 5, packing: bool = True) -> list[dict]:
+    """Two chained jobs: elapsed_seconds restarts with each; tokens/s is 1000 in job 0 and 2000 in job 1. Each
+    step logs its packing (step_packing), unless `packing` is false: the rows of a trainer before issue 27."""
     rows = []
     for job in range(jobs):
         for i in range(steps_per_job):
@@ -139,6 +173,7 @@ def metrics_rows(steps_per_job: int = 15, jobs: int = 2, validate_every: int = 5
                     "epoch": 0,
                     "step_seconds": 0.5,
                     "elapsed_seconds": 0.5 * (i + 1),
+                    **(step_packing(step) if packing else {}),
                 }
             )
             if step % validate_every == 0:

@@ -23,7 +23,11 @@ GOOD_STEP = json.dumps({"step": 1, "loss": 2.0}) + "\n"
         ("data/sft.stats.json", b'{"rows_read": 1, "rows_written": 1}', "sft.stats.json: missing key(s) 'funnel'"),
         ("data/sft.stats.json", b'{"rows_read": 1, "rows_written": 1, "funnel": [1]}', "'funnel' should be a list"),
         ("data/packed/stats.json", None, "packed/stats.json: file not found"),
-        ("data/packed/stats.json", b'{"bins": 1}', "packed/stats.json: missing key(s) 'total_tokens', 'fill_ratio'"),
+        (
+            "data/packed/stats.json",
+            b'{"bins": 1}',
+            "packed/stats.json: missing key(s) 'sequences_kept', 'total_tokens'",
+        ),
         ("data/contamination.jsonl", b'{"problem": "p"}\n{oops\n', "contamination.jsonl:2: invalid JSON"),
         (METRICS, None, "metrics.jsonl: file not found"),
         (METRICS, b"", "metrics.jsonl: file is empty"),

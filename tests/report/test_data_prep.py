@@ -122,12 +122,65 @@ def test_funnel_details_leave_the_match_list_to_its_own_page():
     assert "matches listed: 3" in details and "Compute" not in details
 
 
-def test_packing_table_leads_with_the_fill_and_keeps_every_other_stat():
+def statistics(frame: pd.DataFrame) -> dict:
+    return dict(zip(frame["statistic"], frame["value"]))
+
+
+def test_packing_table_leads_with_the_sequences_and_keeps_every_other_stat():
     frame = data_prep.packing_frame(packing_stats())
-    values = dict(zip(frame["statistic"], frame["value"]))
-    assert frame["statistic"].iloc[0] == "fill ratio (tokens / bin capacity)"
-    assert values["fill ratio (tokens / bin capacity)"] == 0.813802
-    assert values["bins (packed rows)"] == 12 and values["lower bound on bins"] == 10
+    values = statistics(frame)
+    assert frame["statistic"].iloc[0] == "sequences kept" and values["sequences kept"] == 34
     assert values["loss tokens / total tokens"] == 0.4
-    assert values["over-long sequences"] == 2
-    assert values["overlong.tokens_truncated"] == 40 and values["seconds.total"] == 0.2  # unlisted keys follow
+    assert values["tokens per bin in training (max_total_sequence_length)"] == 512
+    assert values["packing algorithm in training"] == "best_fit_decreasing"
+    assert values["seconds.total"] == 0.2 and values["tokenizer"] == "results/demo/tokenizer"  # unlisted keys follow
+    assert not [name for name in values if name.startswith(("overlong", "over-long", "dropped", "sequences dropped"))]
+
+
+def test_over_long_table_holds_every_over_long_and_dropped_count():
+    stats = packing_stats()
+    values = statistics(data_prep.overlong_frame(stats))
+    assert values["over-long sequences (more tokens than max_total_sequence_length)"] == 2
+    assert values["over-long action"] == "mask"
+    assert values["over-long sequences masked (kept, no loss token)"] == 2
+    assert values["tokens masked (in masked over-long sequences)"] == 1100
+    assert values["tokens truncated (cut off over-long sequences)"] == 0
+    assert values["sequences dropped: no loss token"] == 1
+    nested = sum(len(stats[group]) for group in data_prep.OVERLONG_GROUPS)
+    assert len(values) == nested  # each key of overlong and dropped, once
+    whole = len(data_prep.packing_frame(stats)) + len(values)
+    assert whole == len(data_prep._flatten(stats)) + 1  # + loss tokens / total tokens: nothing lost, nothing twice
+
+
+def test_packing_page_shows_how_many_over_long_sequences_were_masked(tmp_path):
+    stats = packing_stats()
+    stats["overlong"].update(count=3, masked=3)
+    write_html_page(tmp_path / "p.html", "Packing data", data_prep.packing_sections(stats, "packed/stats.json"))
+    sequences, overlong = html_tables(tmp_path / "p.html")
+    shown = dict(overlong[1:])
+    assert shown["over-long sequences masked (kept, no loss token)"] == "3"
+    assert shown["over-long action"] == "mask"
+    page = (tmp_path / "p.html").read_text()
+    assert "3 sequence(s) had more than 512 tokens; packing.overlong is mask: kept in training" in page
+    assert "Masked: 3." in page
+    assert dict(sequences[1:])["sequences kept"] == "34"
+
+
+def test_packing_page_of_truncated_over_long_sequences_says_so():
+    stats = packing_stats()
+    stats["overlong"] = {"count": 2, "action": "truncate", "tokens_truncated": 40, "tokens_dropped": 0}
+    note = data_prep.overlong_note(stats)
+    assert note.startswith("2 sequence(s) had more than 512 tokens; packing.overlong is truncate: cut to")
+    assert "Masked" not in note
+    values = statistics(data_prep.overlong_frame(stats))
+    assert values["tokens truncated (cut off over-long sequences)"] == 40
+    stats["overlong"].update(count=0, tokens_truncated=0)
+    assert data_prep.overlong_note(stats) == "No sequence had more than 512 tokens (packing.overlong: truncate)."
+
+
+def test_packing_stats_of_an_older_pack_data_still_show_every_key():
+    stats = packing_stats()
+    del stats["overlong"]["masked"], stats["overlong"]["tokens_masked"]
+    stats.update(bins=12, fill_ratio=0.813802, lower_bound_bins=10)  # pack_data packed before issue 27
+    values = statistics(data_prep.packing_frame(stats))
+    assert values["bins"] == 12 and values["fill_ratio"] == 0.813802

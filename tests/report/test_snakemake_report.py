@@ -32,10 +32,10 @@ ENTRIES = [
     ("1. Data", "filter funnel (plot)", "data_funnel.png", "img"),
     ("1. Data", "filter funnel (table)", "data_prep.html", "iframe"),
     ("1. Data", "decontamination matches", "contamination.html", "iframe"),
-    ("1. Data", "packing fill", "packing.html", "iframe"),
+    ("1. Data", "tokenized sequences, over-long ones", "packing.html", "iframe"),
     ("2. Training", "loss, learning rate, grad norm", "training_curves.png", "img"),
     ("2. Training", "throughput (tokens/s)", "throughput.png", "img"),
-    ("2. Training", "summary by run", "training_summary.html", "iframe"),
+    ("2. Training", "summary by run, packing per step", "training_summary.html", "iframe"),
     ("3. Evaluation", "benchmark results", "eval.html", "iframe"),
     ("4. Config", "resolved config", "config.html", "iframe"),
     ("4. Config", "resolved config (YAML file for --configfile)", "config.yaml", "download"),
@@ -189,9 +189,20 @@ def test_decontamination_table_lists_every_match_of_the_contamination_file(shown
 
 def test_packing_training_eval_and_config_pages_hold_the_runs_numbers(shown, finished_run):
     packing = json.loads((finished_run / "results" / "data" / "packed" / "stats.json").read_text())
-    fill = dict(frame(shown, "packing.html")["tables"][0][1:])
-    assert fill["fill ratio (tokens / bin capacity)"] == format_value(packing["fill_ratio"])
-    assert fill["bins (packed rows)"] == format_value(packing["bins"])
+    sequences, overlong = (dict(table[1:]) for table in frame(shown, "packing.html")["tables"])
+    assert sequences["sequences kept"] == format_value(packing["sequences_kept"])
+    assert sequences["total tokens"] == format_value(packing["total_tokens"])
+    count = "over-long sequences (more tokens than max_total_sequence_length)"
+    assert overlong[count] == format_value(packing["overlong"]["count"])
+    assert overlong["over-long action"] == packing["overlong"]["action"]
+
+    metrics_file = finished_run / "results" / "checkpoints" / "metrics" / "metrics.jsonl"
+    steps = list({r["step"]: r for r in read_jsonl(metrics_file) if "loss" in r}.values())  # a step's last row counts
+    assert all("sequences" in r for r in steps), "the trainer logs each step's packing in metrics.jsonl"
+    trained = dict(frame(shown, "training_summary.html")["tables"][1][1:])
+    assert trained["steps"] == format_value(len(steps))
+    assert trained["sequences trained"] == format_value(sum(r["sequences"] for r in steps))
+    assert trained["tokens trained"] == format_value(sum(r["tokens"] for r in steps))
 
     runs = rows_as_dicts(frame(shown, "training_summary.html")["tables"][0])
     assert [(r["run"], r["job"], r["step range"]) for r in runs] == [

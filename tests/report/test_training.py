@@ -1,4 +1,4 @@
-"""Training curves, throughput plot and per-run summary from metrics.jsonl rows of chained jobs."""
+"""Training curves, throughput plot, per-run summary and packing per step from metrics.jsonl rows of chained jobs."""
 
 from __future__ import annotations
 
@@ -6,10 +6,19 @@ import pandas as pd
 import pytest
 
 from sftflow.report import training
+from sftflow.report.cli import ReportOutputs, read_training_inputs, write_training_pages
 from sftflow.report.figures import DPI, WIDTH_INCHES
 from sftflow.report.inputs import read_metrics
+from sftflow.report.render import format_value
 from tests.conftest import write_jsonl
-from tests.report.conftest import job_records, metrics_rows, png_size
+from tests.report.conftest import (
+    MAX_TOKENS_PER_BIN,
+    html_tables,
+    job_records,
+    metrics_rows,
+    png_size,
+    write_results,
+)
 
 
 @pytest.fixture
@@ -46,6 +55,7 @@ def test_throughput_table_has_one_row_per_run_and_a_total(metrics):
     assert frame.loc["1", "median tokens/s of a step"] == 2000
     assert frame.loc["all", "training time (h:mm:ss)"] == "0:00:15"
     assert frame.loc["all", "loss tokens"] == 3000
+    assert frame.loc["0", "sequences"] == 15 * 8 and frame.loc["all", "sequences"] == 30 * 8
     assert "median MFU" not in frame  # not logged on CPU: no empty column
 
 
@@ -71,6 +81,8 @@ def test_training_curves_without_lr_and_grad_norm_show_the_loss_alone(tmp_path):
     assert png_size(tmp_path / "curves.png") == (WIDTH_INCHES * DPI, round(training.curves_height(1) * DPI))
     frame = training.throughput_frame(metrics.train, [])
     assert list(frame.columns) == ["run", "job", "steps", "step range"]
+    section = training.packing_in_training_section(metrics.train)
+    assert section.table is None and "logs no per-step packing" in section.note
 
 
 def test_throughput_png(tmp_path, metrics):
@@ -101,3 +113,81 @@ def test_schedule_changes_come_from_the_last_job_that_records_them():
 def test_no_schedule_change_says_so():
     section = training.schedule_changes_section([{"job": 0, "start_step": 0, "end_step": 4, "schedule_changes": []}])
     assert section.table is None and section.note.startswith("None:")
+
+
+def packing_expected(rows: list[dict]) -> dict:
+    """The packing-in-training numbers, from the step rows as logged (validation rows have no 'loss')."""
+    steps = [r for r in rows if "loss" in r and "sequences" in r]
+    sequences = sum(r["sequences"] for r in steps)
+    tokens = sum(r["tokens"] for r in steps)
+    bins = sum(r["bins"] for r in steps)
+    return {
+        "steps": len(steps),
+        "sequences trained": sequences,
+        "sequences per step, mean": sequences / len(steps),
+        "tokens trained": tokens,
+        "loss tokens trained": sum(r["loss_tokens"] for r in steps),
+        "bins (packed rows, all ranks) per step, mean": bins / len(steps),
+        "sequences per bin, mean": sequences / bins,
+        "micro-batches (all ranks) per step, mean": sum(r["micro_batches"] for r in steps) / len(steps),
+        "micro-batches per rank per step (empty ones included), mean": sum(r["micro_batches_per_rank"] for r in steps)
+        / len(steps),
+        "fill ratio over the run (tokens ÷ bins × max_total_sequence_length)": tokens / (bins * MAX_TOKENS_PER_BIN),
+        "fill ratio of a step, lowest": min(r["fill_ratio"] for r in steps),
+        "over-long sequences trained masked (no loss token)": sum(r["overlong_masked"] for r in steps),
+    }
+
+
+def test_packing_in_training_adds_up_the_steps_rows(tmp_path):
+    rows = metrics_rows()
+    frame = training.packing_in_training_frame(read_metrics(write_jsonl(tmp_path / "m.jsonl", rows)).train)
+    shown = dict(zip(frame["quantity"], frame["value"]))
+    expected = packing_expected(rows)
+    assert shown == pytest.approx(expected, rel=1e-12)
+    assert expected["over-long sequences trained masked (no loss token)"] == 7  # steps 4, 8, ..., 28
+    assert 0.5 < expected["fill ratio over the run (tokens ÷ bins × max_total_sequence_length)"] < 1
+
+
+def test_packing_in_training_weights_the_fill_by_each_steps_capacity(tmp_path):
+    rows = [
+        {"step": 1, "loss": 1.0, "sequences": 8, "tokens": 1000, "bins": 2, "fill_ratio": 0.976562},  # 1000 / 1024
+        {"step": 2, "loss": 1.0, "sequences": 8, "tokens": 100, "bins": 1, "fill_ratio": 0.195312},  # 100 / 512
+    ]
+    frame = training.packing_in_training_frame(read_metrics(write_jsonl(tmp_path / "m.jsonl", rows)).train)
+    shown = dict(zip(frame["quantity"], frame["value"]))
+    assert shown["fill ratio over the run (tokens ÷ bins × max_total_sequence_length)"] == pytest.approx(1100 / 1536)
+    assert "over-long sequences trained masked (no loss token)" not in shown  # not logged: not shown as 0
+    assert "micro-batches (all ranks) per step, mean" not in shown
+
+
+def test_training_summary_page_shows_the_packing_in_training(tmp_path):
+    inputs = write_results(tmp_path / "results")
+    outputs = ReportOutputs.in_dir(tmp_path / "report")
+    write_training_pages(inputs, read_training_inputs(inputs), outputs)
+    page = outputs.training_summary.read_text()
+    (table,) = [t for t in html_tables(page) if t[0] == ["quantity", "value"] and t[1][0] == "steps"]
+    shown = dict(table[1:])
+    expected = packing_expected(metrics_rows())
+    assert shown["sequences trained"] == format_value(expected["sequences trained"]) == "240"
+    assert shown["sequences per step, mean"] == "8"
+    for quantity in (
+        "fill ratio over the run (tokens ÷ bins × max_total_sequence_length)",
+        "bins (packed rows, all ranks) per step, mean",
+        "over-long sequences trained masked (no loss token)",
+    ):
+        assert shown[quantity] == format_value(expected[quantity]), quantity
+    assert "<h2>Packing in training</h2>" in page and "Only" not in page
+
+
+def test_steps_of_an_older_trainer_are_left_out_of_the_packing_in_training(tmp_path):
+    rows = metrics_rows(steps_per_job=4, jobs=1, packing=False) + [
+        r for r in metrics_rows(steps_per_job=4, jobs=2) if r["step"] > 4
+    ]
+    train = read_metrics(write_jsonl(tmp_path / "m.jsonl", rows)).train
+    frame = training.packing_in_training_frame(train)
+    shown = dict(zip(frame["quantity"], frame["value"]))
+    assert shown == pytest.approx(packing_expected(rows), rel=1e-12)
+    assert shown["steps"] == 4 and shown["sequences trained"] == 32
+    section = training.packing_in_training_section(train)
+    assert "Only 4 of the 8 steps logged their packing" in section.note
+    assert training.throughput_frame(train, []).set_index("run").loc["all", "sequences"] == 32

@@ -98,7 +98,7 @@ def read_data_inputs(inputs: ReportInputs, config: dict) -> dict:
 
 
 def write_data_pages(inputs: ReportInputs, data: dict, outputs: ReportOutputs) -> None:
-    """The data pages (rule report_data): funnel plot and table, decontamination matches, packing fill."""
+    """The data pages (rule report_data): funnel plot and table, decontamination matches, tokenized sequences."""
     funnel = data_prep.funnel_frame(data["sft_stats"])
     data_prep.plot_funnel(funnel, outputs.data_funnel)
     data_prep.write_data_prep_page(outputs.data_prep, data["sft_stats"], funnel)
@@ -108,17 +108,8 @@ def write_data_pages(inputs: ReportInputs, data: dict, outputs: ReportOutputs) -
         "Decontamination",
         data_prep.contamination_sections(data["sft_stats"], contamination, data["checked"], data["matches"]),
     )
-    write_html_page(
-        outputs.packing,
-        "Packing",
-        [
-            Section(
-                "Packed rows",
-                data_prep.packing_frame(data["packing"]),
-                f"From {Path(inputs.packed_dir) / 'stats.json'}.",
-            )
-        ],
-    )
+    stats_path = str(Path(inputs.packed_dir) / "stats.json")
+    write_html_page(outputs.packing, "Packing data", data_prep.packing_sections(data["packing"], stats_path))
 
 
 def read_training_inputs(inputs: ReportInputs) -> dict:
@@ -126,7 +117,8 @@ def read_training_inputs(inputs: ReportInputs) -> dict:
 
 
 def write_training_pages(inputs: ReportInputs, run: dict, outputs: ReportOutputs) -> None:
-    """The training pages (rule report_training): curves, throughput, summary by run and schedule changes."""
+    """The training pages (rule report_training): curves, throughput, summary by run, packing per step and schedule
+    changes."""
     metrics, jobs = run["metrics"], run["jobs"]
     training.plot_training_curves(metrics, jobs, outputs.training_curves)
     training.plot_throughput(metrics, jobs, outputs.throughput)
@@ -141,6 +133,7 @@ def write_training_pages(inputs: ReportInputs, run: dict, outputs: ReportOutputs
                 "column names the job whose done-file covers the run's steps; '—' marks a run whose job was run "
                 "again later (e.g. the last job after raising max_num_steps) or that was interrupted.",
             ),
+            training.packing_in_training_section(metrics.train),
             training.schedule_changes_section(jobs),
             Section("Final values", training.final_values_frame(metrics), f"From {inputs.metrics}."),
         ],

@@ -1,4 +1,4 @@
-"""The data-preparation funnel, the decontamination matches behind it, and how full packing made the rows."""
+"""The data-preparation funnel, the decontamination matches behind it, and the sequences pack_data tokenized."""
 
 from __future__ import annotations
 
@@ -159,26 +159,40 @@ def contamination_sections(
     return [Section("Matches removed by decontamination", frame.head(MAX_CONTAMINATION_ROWS), note)]
 
 
-# (label, key path) of the packing stats in reading order; keys not listed follow under their own names.
+# (label, key path) of pack_data's stats in reading order; keys not listed follow under their own names. pack_data
+# only tokenizes: the trainer packs each step's sequences (training.packing_in_training_frame shows how full).
 PACKING_KEYS = (
-    ("fill ratio (tokens / bin capacity)", ("fill_ratio",)),
-    ("bins (packed rows)", ("bins",)),
-    ("lower bound on bins", ("lower_bound_bins",)),
-    ("bins / lower bound", ("bins_over_lower_bound",)),
-    ("tokens per bin (max_total_sequence_length)", ("max_total_sequence_length",)),
+    ("sequences kept", ("sequences_kept",)),
+    ("rows read", ("rows_read",)),
     ("total tokens", ("total_tokens",)),
     ("loss tokens", ("loss_tokens",)),
     ("loss tokens / total tokens", ("loss_token_fraction",)),
-    ("sequences kept", ("sequences_kept",)),
-    ("rows read", ("rows_read",)),
-    ("mean sequences per bin", ("mean_sequences_per_bin",)),
     ("mean sequence length", ("mean_sequence_length",)),
     ("max sequence length", ("max_sequence_length",)),
-    ("over-long sequences", ("overlong", "count")),
-    ("over-long action", ("overlong", "action")),
-    ("packing algorithm", ("algorithm",)),
-    ("packing", ("packing",)),
+    ("tokens per bin in training (max_total_sequence_length)", ("max_total_sequence_length",)),
+    ("packing in training", ("packing",)),
+    ("packing algorithm in training", ("algorithm",)),
+    ("shards", ("shards",)),
 )
+# The over-long sequences and the dropped ones: a table of their own, every key of these two objects in it.
+OVERLONG_KEYS = (
+    ("over-long sequences (more tokens than max_total_sequence_length)", ("overlong", "count")),
+    ("over-long action", ("overlong", "action")),
+    ("over-long sequences masked (kept, no loss token)", ("overlong", "masked")),
+    ("tokens masked (in masked over-long sequences)", ("overlong", "tokens_masked")),
+    ("tokens truncated (cut off over-long sequences)", ("overlong", "tokens_truncated")),
+    ("tokens dropped (in dropped over-long sequences)", ("overlong", "tokens_dropped")),
+    ("sequences dropped: over-long", ("dropped", "overlong")),
+    ("sequences dropped: no loss token", ("dropped", "no_loss_tokens")),
+    ("sequences dropped: no loss token left after truncation", ("dropped", "no_loss_tokens_after_truncation")),
+)
+OVERLONG_GROUPS = ("overlong", "dropped")
+OVERLONG_ACTIONS = {
+    "mask": "kept in training, cut to a few tokens per message and with a loss mask of zeros: each still counts "
+    "as one sequence of its optimizer step, and the model learns nothing from it (as NeMo-Skills' start_sft.py does)",
+    "truncate": "cut to max_total_sequence_length tokens; the model trains on what is left",
+    "drop": "left out of training",
+}
 
 
 def _flatten(obj: dict, prefix: tuple = ()) -> dict[tuple, object]:
@@ -191,13 +205,57 @@ def _flatten(obj: dict, prefix: tuple = ()) -> dict[tuple, object]:
     return flat
 
 
-def packing_frame(stats: dict) -> pd.DataFrame:
-    flat = _flatten(stats)
-    if isinstance(stats.get("loss_tokens"), int) and stats.get("total_tokens"):
-        flat[("loss_token_fraction",)] = stats["loss_tokens"] / stats["total_tokens"]
-    rows = [(label, flat.pop(keys)) for label, keys in PACKING_KEYS if keys in flat]
+def _statistics(flat: dict[tuple, object], listed: tuple) -> pd.DataFrame:
+    """The listed keys first, under their labels, then the other keys of `flat` under their dotted names."""
+    rows = [(label, flat.pop(keys)) for label, keys in listed if keys in flat]
     rows += [(".".join(keys), value) for keys, value in flat.items()]
     return pd.DataFrame(rows, columns=["statistic", "value"])
+
+
+def packing_frame(stats: dict) -> pd.DataFrame:
+    """pack_data's stats but the over-long and dropped sequences (overlong_frame): what training reads."""
+    flat = {keys: v for keys, v in _flatten(stats).items() if keys[0] not in OVERLONG_GROUPS or len(keys) == 1}
+    if isinstance(stats.get("loss_tokens"), int) and stats.get("total_tokens"):
+        flat[("loss_token_fraction",)] = stats["loss_tokens"] / stats["total_tokens"]
+    return _statistics(flat, PACKING_KEYS)
+
+
+def overlong_frame(stats: dict) -> pd.DataFrame:
+    """What pack_data did with sequences longer than max_total_sequence_length, and every sequence it dropped."""
+    flat = {keys: v for keys, v in _flatten(stats).items() if keys[0] in OVERLONG_GROUPS and len(keys) > 1}
+    return _statistics(flat, OVERLONG_KEYS)
+
+
+def overlong_note(stats: dict) -> str:
+    overlong = stats.get("overlong")
+    if not isinstance(overlong, dict) or "count" not in overlong:
+        return "pack_data's stats say nothing about over-long sequences."
+    limit = stats.get("max_total_sequence_length", "max_total_sequence_length")
+    action = overlong.get("action")
+    if overlong["count"] == 0:
+        return f"No sequence had more than {format_value(limit)} tokens (packing.overlong: {action})."
+    note = f"{format_value(overlong['count'])} sequence(s) had more than {format_value(limit)} tokens"
+    if action in OVERLONG_ACTIONS:
+        note += f"; packing.overlong is {action}: {OVERLONG_ACTIONS[action]}"
+    elif action is not None:
+        note += f"; packing.overlong is {action}"
+    if action == "mask" and "masked" in overlong:
+        note += f". Masked: {format_value(overlong['masked'])}"
+    return note + "."
+
+
+def packing_sections(stats: dict, stats_path: str) -> list[Section]:
+    """The packing page: pack_data's tokenized sequences, then its over-long and dropped ones."""
+    return [
+        Section(
+            "Tokenized sequences",
+            packing_frame(stats),
+            f"From {stats_path}. pack_data tokenizes the training rows and stores one sequence each; the trainer "
+            "packs each optimizer step's sequences into bins of at most max_total_sequence_length tokens, so how "
+            "full the bins were is on the training summary page (Packing in training).",
+        ),
+        Section("Over-long and dropped sequences", overlong_frame(stats), overlong_note(stats)),
+    ]
 
 
 def write_data_prep_page(path: str | os.PathLike, stats: dict, funnel: pd.DataFrame) -> None:

@@ -41,8 +41,9 @@ def read_sft_stats(path: str | os.PathLike) -> dict:
 
 
 def read_packing_stats(packed_dir: str | os.PathLike) -> dict:
+    """pack_data's stats.json: the sequences it tokenized (the trainer packs them; metrics.jsonl says how)."""
     return read_json(
-        Path(packed_dir) / "stats.json", "pack_data stats (packed/stats.json)", ("bins", "total_tokens", "fill_ratio")
+        Path(packed_dir) / "stats.json", "pack_data stats (packed/stats.json)", ("sequences_kept", "total_tokens")
     )
 
 

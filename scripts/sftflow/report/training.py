@@ -1,4 +1,5 @@
-"""Training curves (loss, learning rate, grad norm), tokens/s, and a per-run throughput summary from metrics.jsonl.
+"""Training curves (loss, learning rate, grad norm), tokens/s, a per-run throughput summary and the packing the
+trainer did per optimizer step, from metrics.jsonl.
 
 The chained jobs append to one metrics.jsonl; each training process restarts `elapsed_seconds` at zero, so a
 fall in it marks where a new run (a job, or a job resumed after a crash) took over. Runs are drawn as dashed
@@ -143,9 +144,14 @@ def _run_summary(group: pd.DataFrame) -> dict:
         "tokens": round(tokens) if tokens is not None else None,
         "tokens/s (tokens ÷ time)": tokens / seconds if tokens is not None and seconds else None,
         "median tokens/s of a step": float(group["tokens_per_second"].median()) if has["tokens_per_second"] else None,
+        "sequences": int(group["sequences"].sum()) if _logged(group, "sequences") else None,
         "loss tokens": int(group["loss_tokens"].sum()) if "loss_tokens" in group else None,
         "median MFU": float(group["mfu"].median()) if "mfu" in group and group["mfu"].notna().any() else None,
     }
+
+
+def _logged(frame: pd.DataFrame, key: str) -> bool:
+    return key in frame and frame[key].notna().any()
 
 
 def throughput_frame(train: pd.DataFrame, jobs: list[dict]) -> pd.DataFrame:
@@ -213,3 +219,76 @@ def schedule_changes_section(jobs: list[dict]) -> Section:
             "would differ."
         )
     return Section("Learning-rate schedule changes", frame if not frame.empty else None, note)
+
+
+# The per-step packing keys of metrics.jsonl (a trainer from before issue 27 logged none of them).
+PACKING_METRICS = ("sequences", "tokens", "bins", "micro_batches", "micro_batches_per_rank", "fill_ratio")
+
+
+def _bin_capacity(steps: pd.DataFrame) -> pd.Series:
+    """Each step's bins x max_total_sequence_length, which the rows do not log: tokens / (bins x fill_ratio) gives
+    max_total_sequence_length back, an integer, so rounding it undoes the rounding of the logged fill ratio."""
+    tokens_per_bin = steps["tokens"] / (steps["bins"] * steps["fill_ratio"])
+    return steps["bins"] * tokens_per_bin.round()
+
+
+def packing_steps(train: pd.DataFrame) -> pd.DataFrame:
+    """The step rows that logged the trainer's packing (all of a run's, none of an older trainer's)."""
+    logged = [key for key in PACKING_METRICS if key in train]
+    return train.dropna(subset=logged) if "sequences" in logged else train.iloc[:0]
+
+
+def packing_in_training_frame(train: pd.DataFrame) -> pd.DataFrame:
+    """Sums and per-step means of what the trainer packed, over the steps that logged it; empty if none did."""
+    steps = packing_steps(train)
+    if steps.empty:
+        return pd.DataFrame(columns=["quantity", "value"])
+    logged = [key for key in PACKING_METRICS if key in steps]
+    rows = [("steps", len(steps))]
+    sequences = steps["sequences"]
+    rows.append(("sequences trained", int(sequences.sum())))
+    rows.append(("sequences per step, mean", float(sequences.mean())))
+    if sequences.min() != sequences.max():
+        rows.append(("sequences per step, fewest – most", f"{int(sequences.min()):,} – {int(sequences.max()):,}"))
+    if "tokens" in logged:
+        rows.append(("tokens trained", int(steps["tokens"].sum())))
+    if "loss_tokens" in steps and steps["loss_tokens"].notna().all():
+        rows.append(("loss tokens trained", int(steps["loss_tokens"].sum())))
+    if "bins" in logged:
+        rows.append(("bins (packed rows, all ranks) per step, mean", float(steps["bins"].mean())))
+        rows.append(("sequences per bin, mean", float(sequences.sum() / steps["bins"].sum())))
+    if "micro_batches" in logged:
+        rows.append(("micro-batches (all ranks) per step, mean", float(steps["micro_batches"].mean())))
+    if "micro_batches_per_rank" in logged:
+        rows.append(
+            (
+                "micro-batches per rank per step (empty ones included), mean",
+                float(steps["micro_batches_per_rank"].mean()),
+            )
+        )
+    if {"tokens", "bins", "fill_ratio"} <= set(logged):
+        fill = float(steps["tokens"].sum() / _bin_capacity(steps).sum())
+        rows.append(("fill ratio over the run (tokens ÷ bins × max_total_sequence_length)", fill))
+        rows.append(("fill ratio of a step, lowest", float(steps["fill_ratio"].min())))
+    if "overlong_masked" in steps and steps["overlong_masked"].notna().all():
+        rows.append(("over-long sequences trained masked (no loss token)", int(steps["overlong_masked"].sum())))
+    return pd.DataFrame(rows, columns=["quantity", "value"])
+
+
+def packing_in_training_section(train: pd.DataFrame) -> Section:
+    frame = packing_in_training_frame(train)
+    if frame.empty:
+        return Section(
+            "Packing in training",
+            note="metrics.jsonl logs no per-step packing (no 'sequences' in its step rows): a trainer from before "
+            "per-step packing wrote it; the packing page shows how pack_data packed this run's rows.",
+        )
+    note = (
+        "Each optimizer step trains on training.train_global_batch_size sequences, which the trainer packs into "
+        "bins of at most max_total_sequence_length tokens and spreads over the data-parallel ranks; each rank runs "
+        "micro-batches of train_micro_batch_size bins. Sums and means over the steps, from metrics.jsonl."
+    )
+    steps = len(packing_steps(train))
+    if steps < len(train):
+        note += f" Only {steps:,} of the {len(train):,} steps logged their packing (the others: an older trainer)."
+    return Section("Packing in training", frame, note)
