@@ -285,6 +285,14 @@ def test_everything_dropped_is_an_error(tmp_path, demo_tok):
     assert no_leftovers(tmp_path) == []
 
 
+def test_only_masked_sequences_is_an_error(tmp_path, demo_tok):
+    rows, _ = long_rows(demo_tok)
+    src = write_jsonl(tmp_path / "sft.jsonl", rows[1:])
+    with pytest.raises(SftflowError, match="no loss token left to train on: all 2 sequences kept were over-long"):
+        pack_jsonl(src, tmp_path / "packed", demo_tok, {"max_total_sequence_length": 40})
+    assert no_leftovers(tmp_path) == []
+
+
 def test_bad_config_names_key(tmp_path, demo_tok):
     src = write_jsonl(tmp_path / "sft.jsonl", make_rows(2))
     with pytest.raises(SftflowError, match="packing.algorithm"):

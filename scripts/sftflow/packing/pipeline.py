@@ -135,6 +135,11 @@ def pack_jsonl(
         del lens
         index = write_shards(tmp, spool, seq_offsets, cfg.sequences_per_shard, meta)
         shutil.rmtree(tmp / ".spool")
+        if not index["num_loss_tokens"]:
+            raise SftflowError(
+                f"{input_path}: no loss token left to train on: all {counts['masked']} sequences kept were over-long "
+                f"and masked (packing.overlong: mask); check packing.max_total_sequence_length"
+            )
         t_written = time.perf_counter()
         stats = _stats(cfg, counts, length_stats, index)
         stats["num_workers"] = workers
