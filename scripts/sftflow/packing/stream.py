@@ -289,9 +289,8 @@ class TokenSpool:
 
     def _gather(self, part: str, field: str, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         # Every page a read touches counts in this process's RSS while the file is mapped, and the kernel
-        # maps up to 16 cached neighbours with it (fault-around): ~64 KiB per sequence, as the sequences of
-        # a shard are scattered over the spool. Mapping for READ_SEQUENCES sequences at a time bounds that
-        # to a few MiB, whatever the size of the spool.
+        # maps up to 16 cached neighbours with it (fault-around). Mapping for READ_SEQUENCES sequences at a
+        # time bounds that to those sequences' pages, whatever the size of the spool or of a shard.
         out = np.empty(int(lengths.sum(dtype=np.int64)), dtype=self.FIELDS[field])
         pos = 0
         with open(self.path(part, field), "rb") as f:
