@@ -1,4 +1,5 @@
-"""pack_jsonl end to end: shard round-trip, over-long handling, zero-loss drops, errors, CLI and determinism."""
+"""pack_jsonl end to end: one sequence per bin in input order, shard round-trip, over-long handling (mask, truncate,
+drop), zero-loss drops, the v1 refusal, errors, CLI and determinism."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import json
 import pickle
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,57 +21,67 @@ from sftflow.packing.tokenize import tokenize_rows
 from tests.conftest import REPO, write_jsonl
 from tests.packing.conftest import EOT, make_rows
 
+STATS_KEYS = {
+    "source",
+    "tokenizer",
+    "packing",
+    "algorithm",
+    "max_total_sequence_length",
+    "rows_read",
+    "sequences_kept",
+    "overlong",
+    "dropped",
+    "shards",
+    "total_tokens",
+    "loss_tokens",
+    "mean_sequence_length",
+    "max_sequence_length",
+    "num_workers",
+    "seconds",
+}
+
 
 def sequences_of(ds: PackedDataset) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Every sequence of `ds` as (ids, loss mask), in the dataset's order; checks each bin holds one."""
     seqs = []
     for i in range(len(ds)):
         b = ds.get_bin(i)
-        assert sum(b["seq_lens"]) == len(b["input_ids"]) <= ds.index["max_total_sequence_length"]
+        assert b["seq_lens"] == [len(b["input_ids"])] and len(b["input_ids"]) <= ds.index["max_total_sequence_length"]
         assert b["input_ids"].dtype == torch.long and b["loss_mask"].dtype == torch.bool
-        start = 0
-        for n in b["seq_lens"]:
-            seqs.append(
-                (
-                    tuple(b["input_ids"][start : start + n].tolist()),
-                    tuple(b["loss_mask"][start : start + n].int().tolist()),
-                )
-            )
-            start += n
+        seqs.append((tuple(b["input_ids"].tolist()), tuple(b["loss_mask"].int().tolist())))
     return seqs
 
 
+def tokenized(tok, rows: list[dict]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    return [(tuple(ids.tolist()), tuple(m.tolist())) for _, ids, m in tokenize_rows(tok, [("x", r) for r in rows])]
+
+
 @pytest.mark.parametrize("enabled", [True, False])
-def test_round_trip(tmp_path, demo_tok, enabled):
+def test_round_trip_one_sequence_per_bin_in_input_order(tmp_path, demo_tok, enabled):
     rows = make_rows(120)
     src = write_jsonl(tmp_path / "sft.jsonl", rows)
-    expected = [
-        (tuple(ids.tolist()), tuple(m.tolist())) for _, ids, m in tokenize_rows(demo_tok, [("x", r) for r in rows])
-    ]
-    cfg = {"enabled": enabled, "max_total_sequence_length": 256, "bins_per_shard": 7}
+    expected = tokenized(demo_tok, rows)
+    cfg = {"enabled": enabled, "max_total_sequence_length": 256, "sequences_per_shard": 7}
     stats = pack_jsonl(src, tmp_path / "packed", demo_tok, cfg)
 
     ds = PackedDataset(tmp_path / "packed")
     idx = ds.index
-    assert idx["format"] == FORMAT and idx["packing"] is enabled and idx["source"] == str(src)
+    assert idx["format"] == FORMAT == "sftflow-packed-v2" and idx["source"] == str(src)
     assert idx["pad_token_id"] == demo_tok.pad_token_id
-    assert Counter(sequences_of(ds)) == Counter(expected)  # every sequence exactly once, intact
-    assert idx["num_sequences"] == stats["sequences_kept"] == 120
-    assert idx["num_bins"] == len(ds) == stats["bins"] == sum(s["num_bins"] for s in idx["shards"])
+    assert sequences_of(ds) == expected  # every sequence exactly once, intact, in the file's row order
+    assert idx["num_sequences"] == idx["num_bins"] == len(ds) == ds.num_sequences == stats["sequences_kept"] == 120
+    assert [s["num_sequences"] for s in idx["shards"]] == [s["num_bins"] for s in idx["shards"]] == [7] * 17 + [1]
     assert idx["num_tokens"] == stats["total_tokens"] == sum(len(s[0]) for s in expected)
-    assert len(idx["shards"]) == -(-len(ds) // 7)
-    if not enabled:
-        assert len(ds) == 120 and all(len(ds[i]["seq_lens"]) == 1 for i in range(len(ds)))
-    else:
-        assert len(ds) < 60 and stats["fill_ratio"] > 0.8
-        assert stats["lower_bound_bins"] <= len(ds)
+    assert set(stats) == STATS_KEYS and stats["shards"] == 18
+    assert stats["packing"] is enabled and stats["algorithm"] == ("best_fit_decreasing" if enabled else None)
 
     # Raw shard tensors follow the documented contract.
-    shard = load_file(str(tmp_path / "packed" / idx["shards"][0]["file"]))
+    shard = load_file(str(tmp_path / "packed" / idx["shards"][1]["file"]))
     assert shard["tokens"].dtype == torch.int32 and shard["loss_mask"].dtype == torch.uint8
     assert shard["cu_seqlens"].dtype == shard["bin_offsets"].dtype == torch.int64
     assert shard["cu_seqlens"][0] == 0 and shard["cu_seqlens"][-1] == len(shard["tokens"])
-    assert shard["bin_offsets"][0] == 0 and shard["bin_offsets"][-1] == len(shard["cu_seqlens"]) - 1
-    assert len(shard["bin_offsets"]) == 8
+    assert shard["bin_offsets"].tolist() == list(range(8))
+    assert shard["tokens"].tolist() == [t for ids, _ in expected[7:14] for t in ids]
 
     # index.num_loss_tokens is exactly what the trainer's collate will count.
     L = idx["max_total_sequence_length"]
@@ -83,15 +94,51 @@ def test_round_trip(tmp_path, demo_tok, enabled):
         ds.get_bin(len(ds))
 
 
-def test_deterministic_and_seeded_bin_order(tmp_path, demo_tok):
+def test_lengths_are_every_sequence_length_in_order(tmp_path, demo_tok):
+    rows = make_rows(50)
+    src = write_jsonl(tmp_path / "sft.jsonl", rows)
+    pack_jsonl(src, tmp_path / "packed", demo_tok, {"max_total_sequence_length": 256, "sequences_per_shard": 4})
+    ds = PackedDataset(tmp_path / "packed")
+    lengths = ds.lengths()
+    assert lengths.dtype == np.int64 and lengths.tolist() == [len(ids) for ids, _ in tokenized(demo_tok, rows)]
+    assert lengths.tolist() == [len(ds[i]["input_ids"]) for i in range(len(ds))]
+    assert len(set(lengths.tolist())) > 5  # varied lengths: a sorted or packed order would not match
+    assert ds.lengths() is lengths and not lengths.flags.writeable  # computed once, not changeable by callers
+    assert pickle.loads(pickle.dumps(ds)).lengths().tolist() == lengths.tolist()
+
+
+def test_kept_sequences_keep_the_input_order_around_dropped_rows(tmp_path, demo_tok):
+    rows = make_rows(30)
+    rows[4] = {"input": "", "output": "<|im_end|>"}  # no predictable loss token: dropped
+    rows[9] = {"input": "q", "output": " ".join(["1 + 1 = 2."] * 100) + EOT}  # over-long: dropped
+    src = write_jsonl(tmp_path / "sft.jsonl", rows)
+    stats = pack_jsonl(src, tmp_path / "p", demo_tok, {"max_total_sequence_length": 256, "overlong": "drop"})
+    assert stats["sequences_kept"] == 28 and stats["dropped"]["overlong"] == stats["dropped"]["no_loss_tokens"] == 1
+    assert sequences_of(PackedDataset(tmp_path / "p")) == tokenized(demo_tok, rows[:4] + rows[5:9] + rows[10:])
+
+
+def test_same_input_same_bytes(tmp_path, demo_tok):
     src = write_jsonl(tmp_path / "sft.jsonl", make_rows(80))
-    cfg = {"max_total_sequence_length": 256, "bins_per_shard": 1000}
-    for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
-        pack_jsonl(src, tmp_path / name, demo_tok, cfg | {"seed": seed})
-    a, b, c = (load_file(str(tmp_path / n / "shard_00000.safetensors")) for n in "abc")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["tokens"], c["tokens"])  # another bin order...
-    assert Counter(sequences_of(PackedDataset(tmp_path / "a"))) == Counter(sequences_of(PackedDataset(tmp_path / "c")))
+    for name in "ab":
+        pack_jsonl(src, tmp_path / name, demo_tok, {"max_total_sequence_length": 256, "sequences_per_shard": 1000})
+    a, b = (load_file(str(tmp_path / n / "shard_00000.safetensors")) for n in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_v1_directory_is_refused_with_the_reason(tmp_path, demo_tok):
+    src = write_jsonl(tmp_path / "sft.jsonl", make_rows(10))
+    pack_jsonl(src, tmp_path / "packed", demo_tok, {"max_total_sequence_length": 256})
+    index_file = tmp_path / "packed" / "index.json"
+    index = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps(index | {"format": "sftflow-packed-v1"}))
+    with pytest.raises(SftflowError) as err:
+        PackedDataset(tmp_path / "packed")
+    message = str(err.value)
+    assert message.startswith(f"{index_file}: format 'sftflow-packed-v1' is not 'sftflow-packed-v2'")
+    assert "re-run pack_data" in message and "packs each step" in message
+    index_file.write_text(json.dumps(index | {"format": "something-else"}))
+    with pytest.raises(SftflowError, match="format 'something-else' is not 'sftflow-packed-v2'; re-run pack_data"):
+        PackedDataset(tmp_path / "packed")
 
 
 def long_rows(demo_tok):
@@ -120,13 +167,16 @@ def test_truncate_counts_and_drops_zero_loss(tmp_path, demo_tok):
     assert stats["overlong"] == {
         "count": 2,
         "action": "truncate",
+        "masked": 0,
         "tokens_truncated": lens[1] + lens[2] - 2 * L,
         "tokens_dropped": 0,
+        "tokens_masked": 0,
     }
     assert stats["dropped"] == {"overlong": 0, "no_loss_tokens": 1, "no_loss_tokens_after_truncation": 1}
     assert stats["max_sequence_length"] == L and stats["total_tokens"] == lens[0] + L
-    kept = sorted(len(s[0]) for s in sequences_of(PackedDataset(tmp_path / "p")))
-    assert kept == sorted([lens[0], L])
+    full = tokenized(demo_tok, rows)
+    # The short row as it is, then the long answer's first L tokens, still trained on.
+    assert sequences_of(PackedDataset(tmp_path / "p")) == [full[0], (full[1][0][:L], full[1][1][:L])]
     on_disk = json.loads((tmp_path / "p" / "stats.json").read_text())
     assert on_disk["dropped"] == stats["dropped"]
 
@@ -139,10 +189,70 @@ def test_drop_counts(tmp_path, demo_tok):
     assert stats["overlong"] == {
         "count": 2,
         "action": "drop",
+        "masked": 0,
         "tokens_truncated": 0,
         "tokens_dropped": lens[1] + lens[2],
+        "tokens_masked": 0,
     }
     assert stats["dropped"] == {"overlong": 2, "no_loss_tokens": 0, "no_loss_tokens_after_truncation": 0}
+
+
+def test_mask_is_the_default_and_keeps_a_masked_row_without_loss_tokens(tmp_path, demo_tok):
+    # Truncating the long-prompt row leaves it no loss token (dropped above); masked, it is kept on purpose.
+    rows, lens = long_rows(demo_tok)
+    src = write_jsonl(tmp_path / "sft.jsonl", rows)
+    stats = pack_jsonl(src, tmp_path / "p", demo_tok, {"max_total_sequence_length": 40})
+    k = min(4, 40 // 2) * 2  # an input/output row is 2 messages
+    assert stats["sequences_kept"] == 3 and stats["total_tokens"] == lens[0] + 2 * k
+    assert stats["overlong"] == {
+        "count": 2,
+        "action": "mask",
+        "masked": 2,
+        "tokens_truncated": 0,
+        "tokens_dropped": 0,
+        "tokens_masked": lens[1] + lens[2] - 2 * k,
+    }
+    assert stats["dropped"] == {"overlong": 0, "no_loss_tokens": 0, "no_loss_tokens_after_truncation": 0}
+    full = tokenized(demo_tok, rows)
+    assert sequences_of(PackedDataset(tmp_path / "p")) == [full[0]] + [(ids[:k], (0,) * k) for ids, _ in full[1:]]
+    assert stats["loss_tokens"] == sum(full[0][1][1:])  # only the short row is trained on
+
+
+def test_one_overlong_row_in_eight_is_masked_and_counted(tmp_path, demo_tok, caplog):
+    rows = make_rows(8)
+    assert "messages" in rows[6]
+    rows[6]["messages"] = [
+        {"role": "user", "content": "Problem 6"},
+        {"role": "assistant", "content": " ".join(f"{k} + {k} = {2 * k}." for k in range(60))},
+        {"role": "user", "content": "Thanks"},
+    ]
+    src = write_jsonl(tmp_path / "sft.jsonl", rows)
+    L = 120
+    full = tokenized(demo_tok, rows)
+    assert [len(ids) > L for ids, _ in full] == [False] * 6 + [True, False]
+    with caplog.at_level("INFO", logger="sftflow.packing"):
+        stats = pack_jsonl(src, tmp_path / "p", demo_tok, {"max_total_sequence_length": L})
+    k = min(4, L // 3) * 3  # the conversation has 3 messages
+    ds = PackedDataset(tmp_path / "p")
+    seqs = sequences_of(ds)
+    assert len(ds) == stats["sequences_kept"] == 8
+    assert seqs[:6] + seqs[7:] == full[:6] + full[7:]
+    assert seqs[6] == (full[6][0][:k], (0,) * k) and ds.lengths()[6] == k == 12
+    assert stats["overlong"]["masked"] == stats["overlong"]["count"] == 1
+    assert stats["overlong"]["tokens_masked"] == len(full[6][0]) - k
+    assert stats["loss_tokens"] == sum(sum(m[1:]) for _, m in full[:6] + full[7:])
+    assert json.loads((tmp_path / "p" / "stats.json").read_text())["overlong"] == stats["overlong"]
+    assert f"over-long (> 120 tokens): 1 (mask: 1 kept as sequences with no loss tokens, {len(full[6][0]) - k} " in (
+        caplog.text
+    )
+
+
+def test_masked_length_follows_start_sft():
+    from sftflow.packing.stream import masked_length
+
+    # min(4, max_len // m) tokens per message, m messages; never empty.
+    assert masked_length(np.array([2, 3, 4, 5, 20]), 8).tolist() == [8, 6, 8, 5, 1]
+    assert masked_length(np.array([2, 7]), 4096).tolist() == [8, 28]
 
 
 def no_leftovers(directory: Path) -> list[str]:
@@ -175,6 +285,14 @@ def test_everything_dropped_is_an_error(tmp_path, demo_tok):
     assert no_leftovers(tmp_path) == []
 
 
+def test_only_masked_sequences_is_an_error(tmp_path, demo_tok):
+    rows, _ = long_rows(demo_tok)
+    src = write_jsonl(tmp_path / "sft.jsonl", rows[1:])
+    with pytest.raises(SftflowError, match="no loss token left to train on: all 2 sequences kept were over-long"):
+        pack_jsonl(src, tmp_path / "packed", demo_tok, {"max_total_sequence_length": 40})
+    assert no_leftovers(tmp_path) == []
+
+
 def test_bad_config_names_key(tmp_path, demo_tok):
     src = write_jsonl(tmp_path / "sft.jsonl", make_rows(2))
     with pytest.raises(SftflowError, match="packing.algorithm"):
@@ -187,7 +305,7 @@ def test_existing_output_is_replaced_atomically(tmp_path, demo_tok):
     src = write_jsonl(tmp_path / "sft.jsonl", make_rows(30))
     (tmp_path / "packed").mkdir()
     (tmp_path / "packed" / "stale.txt").write_text("old")
-    pack_jsonl(src, tmp_path / "packed", demo_tok, {"bins_per_shard": 2})
+    pack_jsonl(src, tmp_path / "packed", demo_tok, {"sequences_per_shard": 2})
     assert not (tmp_path / "packed" / "stale.txt").exists()
     assert (tmp_path / "packed" / "stats.json").is_file()
 
@@ -208,13 +326,15 @@ def test_cli_in_process(tmp_path, demo_tokenizer_dir, capsys):
             "256",
             "--overlong",
             "drop",
-            "--seed",
-            "3",
+            "--sequences-per-shard",
+            "6",
         ]
     )
     assert rc == 0
     idx = json.loads((out / "index.json").read_text())
-    assert idx["packing"] is False and idx["num_bins"] == 20 and idx["max_total_sequence_length"] == 256
+    assert idx["num_sequences"] == 20 and len(idx["shards"]) == 4 and idx["max_total_sequence_length"] == 256
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["packing"] is False and stats["overlong"]["action"] == "drop"
     assert idx["tokenizer"] == str(demo_tokenizer_dir)
     assert (
         main(["--input", str(tmp_path / "missing.jsonl"), "--tokenizer", str(demo_tokenizer_dir), "--output", str(out)])
@@ -261,7 +381,7 @@ def test_cli_script_with_chat_template(tmp_path, demo_tokenizer_dir):
     b = ds[0]
     assert tok.decode(b["input_ids"].tolist()) == "<|im_start|>user:q<|im_end|><|im_start|>assistant:a b c<|im_end|>"
     assert tok.decode(b["input_ids"][b["loss_mask"]].tolist()) == "a b c<|im_end|>"
-    assert "packed with first_fit_decreasing" in proc.stderr
+    assert "packed per optimizer step by the trainer (first_fit_decreasing, rows of at most 4096 tokens)" in proc.stderr
 
 
 def test_not_a_packed_dir(tmp_path):
@@ -276,3 +396,22 @@ def test_loss_only_on_first_token_is_dropped(tmp_path, demo_tok):
     stats = pack_jsonl(src, tmp_path / "p", demo_tok, {})
     assert stats["sequences_kept"] == 1
     assert stats["dropped"] == {"overlong": 0, "no_loss_tokens": 1, "no_loss_tokens_after_truncation": 0}
+
+
+def test_schema_and_cli_list_the_overlong_actions_and_packing_keys():
+    from sftflow.config import load_schema
+    from sftflow.packing.binpack import ALGORITHMS
+    from sftflow.packing.cli import parser
+    from sftflow.packing.pipeline import PackingConfig
+    from sftflow.packing.stream import OVERLONG
+
+    section = load_schema()["properties"]["packing"]["properties"]
+    assert tuple(section["overlong"]["enum"]) == OVERLONG and section["overlong"]["default"] == "mask"
+    assert tuple(section["algorithm"]["enum"]) == ALGORITHMS
+    assert section["max_total_sequence_length"]["default"] == 4096  # NeMo-Skills' policy.max_total_sequence_length
+    assert set(section) == set(PackingConfig.__dataclass_fields__)
+    assert "seed" not in section and "bins_per_shard" not in section
+    with pytest.raises(SftflowError, match="packing"):
+        PackingConfig.from_section({"bins_per_shard": 10})
+    options = {a.dest: a for a in parser()._actions}
+    assert tuple(options["overlong"].choices) == OVERLONG and "seed" not in options

@@ -1,8 +1,8 @@
-"""pack_jsonl's streaming, multi-process path writes exactly what a plain in-memory packer writes.
+"""pack_jsonl's streaming, multi-process path writes exactly what a plain in-memory tokenizer writes.
 
-`reference_pack` below is the packing stage as it was before streaming (every token in memory, one
-process), kept here as the specification: the shards and index.json of pack_jsonl must be byte-identical
-to its output whatever the number of workers and however the rows are cut into chunks.
+`reference_pack` below is the stage as a plain loop (every token in memory, one process), kept here as the
+specification: the shards and index.json of pack_jsonl must be byte-identical to its output whatever the
+number of workers and however the rows are cut into chunks.
 """
 
 from __future__ import annotations
@@ -18,60 +18,56 @@ from safetensors.numpy import save_file
 from sftflow.packing import pack_jsonl
 from sftflow.packing import pipeline as packing_pipeline
 from sftflow.packing import shards as packing_shards
-from sftflow.packing.binpack import assign_bins
 from sftflow.packing.tokenize import tokenize_rows
 from tests.conftest import write_jsonl
 from tests.packing.conftest import EOT, make_rows
 
 
 def reference_pack(rows: list[dict], out: Path, tok, cfg: dict, source: str) -> None:
-    """Tokenize every row in memory, pack, shuffle bins with the seed, cut into shards of bins_per_shard bins."""
+    """Tokenize every row in memory, apply packing.overlong, drop rows without predictable loss tokens, and
+    write the kept sequences in row order, sequences_per_shard per shard, one per bin."""
     L = cfg["max_total_sequence_length"]
     seqs = []
-    for _, ids, mask in tokenize_rows(tok, [("x", r) for r in rows]):
+    for row, (_, ids, mask) in zip(rows, tokenize_rows(tok, [("x", r) for r in rows]), strict=True):
+        masked = False
         if len(ids) > L:
             if cfg["overlong"] == "drop":
                 continue
-            ids, mask = ids[:L], mask[:L]
-        if mask[1:].any():
+            if cfg["overlong"] == "mask":  # start_sft.py: min(4, L // m) tokens per message, loss multiplier 0
+                m = len(row["messages"]) if "messages" in row else 2
+                keep = max(1, min(4, L // m) * m)
+                ids, mask, masked = ids[:keep], np.zeros(keep, np.uint8), True
+            else:
+                ids, mask = ids[:L], mask[:L]
+        if masked or mask[1:].any():
             seqs.append((ids, mask))
-    lengths = np.array([len(ids) for ids, _ in seqs], dtype=np.int64)
-    bin_of = assign_bins(lengths, L, cfg["algorithm"]) if cfg["enabled"] else np.arange(len(seqs))
-    num_bins = int(bin_of.max()) + 1
-    shuffled_bin = np.random.default_rng(cfg["seed"]).permutation(num_bins)[bin_of]
-    placement_rank = np.empty(len(seqs), dtype=np.int64)
-    placement_rank[np.argsort(-lengths, kind="stable")] = np.arange(len(seqs))
-    order = np.lexsort((placement_rank, shuffled_bin))  # bin by bin, longest first within a bin
-    bin_sizes = np.bincount(shuffled_bin, minlength=num_bins)
-    bin_starts = np.concatenate([[0], np.cumsum(bin_sizes)])
     out.mkdir()
     shards = []
-    for k, first in enumerate(range(0, num_bins, cfg["bins_per_shard"])):
-        last = min(first + cfg["bins_per_shard"], num_bins)
-        members = [seqs[i] for i in order[bin_starts[first] : bin_starts[last]]]
+    per_shard = cfg["sequences_per_shard"]
+    for k, first in enumerate(range(0, len(seqs), per_shard)):
+        members = seqs[first : first + per_shard]
         tokens = np.concatenate([ids for ids, _ in members]).astype(np.int32)
         mask = np.concatenate([m for _, m in members]).astype(np.uint8)
         cu = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in members])]).astype(np.int64)
         predictable = int(sum(int(m[1:].sum()) for _, m in members))
         name = f"shard_{k:05d}.safetensors"
         tensors = {"tokens": tokens, "loss_mask": mask, "cu_seqlens": cu}
-        tensors["bin_offsets"] = (bin_starts[first : last + 1] - bin_starts[first]).astype(np.int64)
-        save_file(tensors, str(out / name), metadata={"format": "sftflow-packed-v1"})
+        tensors["bin_offsets"] = np.arange(len(members) + 1, dtype=np.int64)
+        save_file(tensors, str(out / name), metadata={"format": "sftflow-packed-v2"})
         shards.append(
             {
                 "file": name,
-                "num_bins": last - first,
+                "num_bins": len(members),
                 "num_sequences": len(members),
                 "num_tokens": len(tokens),
                 "num_loss_tokens": predictable,
             }
         )
     index = {
-        "format": "sftflow-packed-v1",
-        "packing": cfg["enabled"],
+        "format": "sftflow-packed-v2",
         "max_total_sequence_length": L,
         "pad_token_id": tok.pad_token_id,
-        "num_bins": num_bins,
+        "num_bins": len(seqs),
         "num_sequences": len(seqs),
         "num_tokens": sum(s["num_tokens"] for s in shards),
         "num_loss_tokens": sum(s["num_loss_tokens"] for s in shards),
@@ -92,6 +88,7 @@ def fixture_rows() -> list[dict]:
     for i in range(5, 150, 29):
         rows[i] = {"input": "<|im_start|>user\n" + "Hi " * 120, "output": "2" + EOT}  # answer cut off
     rows[7] = {"input": "", "output": "<|im_end|>"}  # its only loss token is the first one
+    rows[9] = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": long_answer}] * 2}
     return rows
 
 
@@ -100,9 +97,10 @@ def files_of(directory: Path) -> dict[str, bytes]:
 
 
 CONFIGS = [
-    {"max_total_sequence_length": 96, "bins_per_shard": 5, "overlong": "truncate", "algorithm": "best_fit_decreasing"},
-    {"max_total_sequence_length": 96, "bins_per_shard": 3, "overlong": "drop", "algorithm": "first_fit_decreasing"},
-    {"max_total_sequence_length": 128, "bins_per_shard": 50, "enabled": False},
+    {"max_total_sequence_length": 96, "sequences_per_shard": 13},  # overlong: mask
+    {"max_total_sequence_length": 96, "sequences_per_shard": 17, "overlong": "truncate", "enabled": False},
+    {"max_total_sequence_length": 96, "sequences_per_shard": 9, "overlong": "drop"},
+    {"max_total_sequence_length": 128, "sequences_per_shard": 50, "algorithm": "first_fit_decreasing"},
 ]
 
 
@@ -126,8 +124,9 @@ def test_streaming_equals_in_memory_reference(tmp_path, demo_tok, monkeypatch, c
         s.pop("seconds")
         s.pop("num_workers")
     assert stats[1] == stats[2] == stats[3]
-    dropped = stats[1]["dropped"]
-    assert dropped["no_loss_tokens"] >= 1 and stats[1]["overlong"]["count"] >= 9
+    dropped, overlong = stats[1]["dropped"], stats[1]["overlong"]
+    assert dropped["no_loss_tokens"] >= 1 and overlong["count"] >= 10
+    assert overlong["masked"] == (overlong["count"] if overlong["action"] == "mask" else 0)
     assert stats[1]["rows_read"] == 150
     assert stats[1]["sequences_kept"] + dropped["overlong"] + dropped["no_loss_tokens"] == 150
 
@@ -165,18 +164,7 @@ def test_automatic_workers_follow_the_cores_and_the_rules_threads(tmp_path, monk
     # The pack_data rule decides the count up front (PackingConfig.with_workers), pack_jsonl then takes it as given.
     assert auto.with_workers(big, cores=2).num_workers == 2
     assert auto.with_workers(small, cores=2).num_workers == 1
-    assert auto.with_workers(big, cores=2).seed == auto.seed and auto.num_workers is None
-
-
-def test_pack_jsonl_refuses_more_sequences_than_the_int32_limit(tmp_path, demo_tok, monkeypatch):
-    from sftflow.errors import SftflowError
-    from sftflow.packing import binpack
-
-    monkeypatch.setattr(binpack, "MAX_SEQUENCES", 10)
-    src = write_jsonl(tmp_path / "sft.jsonl", make_rows(40))
-    with pytest.raises(SftflowError, match=r"sequences to pack: more than the 10 .* int32 sequence ids"):
-        pack_jsonl(src, tmp_path / "packed", demo_tok, {"num_workers": 1})
-    assert not (tmp_path / "packed").exists()
+    assert auto.with_workers(big, cores=2).overlong == auto.overlong and auto.num_workers is None
 
 
 def test_spool_parts_read_back_in_input_order(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from sftflow.errors import SftflowError
 from sftflow.logs import setup_logging
 from sftflow.packing.binpack import ALGORITHMS
 from sftflow.packing.pipeline import PackingConfig, pack_jsonl
+from sftflow.packing.stream import OVERLONG
 
 LOG = logging.getLogger("sftflow.packing")
 
@@ -18,18 +19,20 @@ LOG = logging.getLogger("sftflow.packing")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python scripts/pack_data.py",
-        description="Tokenize prepared SFT rows (assistant-only loss mask) and pack them into sftflow-packed-v1 shards. "
-        "Options left out take the defaults of the packing section of config/schema.yaml.",
+        description="Tokenize prepared SFT rows (assistant-only loss mask) into sftflow-packed-v2 shards: one sequence "
+        "per bin, in the input's order (the trainer packs each optimizer step). Options left out take the defaults "
+        "of the packing section of config/schema.yaml.",
     )
     p.add_argument("--input", required=True, help="prepared SFT JSONL (input/output or messages rows)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub name")
     p.add_argument("--output", required=True, help="output directory (replaced atomically)")
-    p.add_argument("--max-total-sequence-length", type=int, help="tokens per bin and per sequence")
-    p.add_argument("--no-packing", action="store_true", help="one sequence per bin (padded batches)")
-    p.add_argument("--algorithm", choices=ALGORITHMS)
-    p.add_argument("--overlong", choices=("truncate", "drop"))
-    p.add_argument("--bins-per-shard", type=int)
-    p.add_argument("--seed", type=int, help="seed of the bin order")
+    p.add_argument(
+        "--max-total-sequence-length", type=int, help="longest sequence kept as it is (the trainer's packed row)"
+    )
+    p.add_argument("--no-packing", action="store_true", help="recorded in the stats: training packs no sequences")
+    p.add_argument("--algorithm", choices=ALGORITHMS, help="recorded in the stats: the trainer's packing algorithm")
+    p.add_argument("--overlong", choices=OVERLONG, help="what to do with a longer sequence")
+    p.add_argument("--sequences-per-shard", type=int)
     p.add_argument("--num-workers", type=int, help="tokenizing processes (default: one per available core)")
     p.add_argument("--chat-template", help="Jinja chat template file replacing the tokenizer's")
     return p
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parser().parse_args(argv)
     cfg: dict = {"enabled": not args.no_packing}
-    for key in ("max_total_sequence_length", "algorithm", "overlong", "bins_per_shard", "seed", "num_workers"):
+    for key in ("max_total_sequence_length", "algorithm", "overlong", "sequences_per_shard", "num_workers"):
         value = getattr(args, key)
         if value is not None:
             cfg[key] = value

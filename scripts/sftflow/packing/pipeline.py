@@ -1,9 +1,8 @@
-"""pack_jsonl: prepared SFT JSONL -> tokenized, filtered, bin-packed, sharded directory plus stats."""
+"""pack_jsonl: prepared SFT JSONL -> tokenized, filtered, sharded directory (one sequence per bin, in order) plus stats."""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import time
@@ -17,8 +16,7 @@ import numpy as np
 from sftflow import config as C
 from sftflow.errors import SftflowError
 from sftflow.io import atomic_path, write_json
-from sftflow.packing.binpack import assign_bins, placement_order
-from sftflow.packing.shards import BinLayout, write_shards
+from sftflow.packing.shards import write_shards
 from sftflow.packing.stream import COUNTERS, ChunkTokenizer, TokenSpool, available_cpus, ordered_map, read_chunks
 
 LOG = logging.getLogger("sftflow.packing")
@@ -41,8 +39,7 @@ class PackingConfig:
     max_total_sequence_length: int
     algorithm: str
     overlong: str
-    bins_per_shard: int
-    seed: int
+    sequences_per_shard: int
     num_workers: int | None
 
     @classmethod
@@ -87,7 +84,7 @@ def pack_jsonl(
     chat_template: str | None = None,
     chat_template_kwargs: dict | None = None,
 ) -> dict:
-    """Tokenize, filter and pack `input_path` into the sftflow-packed-v1 directory `output_dir`; return the stats.
+    """Tokenize and filter `input_path` into the sftflow-packed-v2 directory `output_dir`; return the stats.
 
     `tokenizer` is a loaded HF tokenizer or a path/hub name (then `chat_template`, a Jinja file, replaces
     its template); `cfg` is a PackingConfig or a `packing:` config section (missing keys take the schema defaults);
@@ -95,11 +92,15 @@ def pack_jsonl(
     worker per available core (PackingConfig.with_workers caps that at a rule's threads). Nothing is left at
     `output_dir` if anything fails.
 
+    Every kept sequence is stored as a bin of its own, in the input's row order: the trainer packs each
+    optimizer step's sequences (packing.enabled, packing.algorithm). Here packing.max_total_sequence_length
+    only decides which sequences are over-long (packing.overlong: mask, truncate or drop).
+
     Two passes, so that memory does not grow with the number of rows: (1) chunks of rows are rendered
     and tokenized by `packing.num_workers` processes, each appending its kept sequences to its own part
     of a spool inside the output's temporary directory; this process keeps only the lengths (int32), in
-    input order; the bins are assigned on those lengths; (2) each shard is gathered from the spool and
-    written. The output is the same whatever the number of workers.
+    input order; (2) each shard is gathered from the spool and written. The output is the same whatever
+    the number of workers.
     """
     t_start = time.perf_counter()
     cfg = PackingConfig.from_section(cfg)
@@ -117,14 +118,11 @@ def pack_jsonl(
         t_tokenized = time.perf_counter()
         if not len(lens):
             raise SftflowError(
-                f"{input_path}: no sequence left to pack ({counts['rows']} rows read, {counts['dropped_overlong']} "
-                f"dropped as over-long, {counts['dropped_no_loss']} without loss tokens); check "
-                "packing.max_total_sequence_length"
+                f"{input_path}: no sequence left to train on ({counts['rows']} rows read, "
+                f"{counts['dropped_overlong']} dropped as over-long, {counts['dropped_no_loss']} without loss "
+                "tokens); check packing.max_total_sequence_length and packing.overlong"
             )
-        seq_order, bin_sizes = _bin_layout(lens, cfg)
-        t_packed = time.perf_counter()
         meta = {
-            "packing": cfg.enabled,
             "max_total_sequence_length": max_len,
             "pad_token_id": pad_id,
             "tokenizer": tok_name,
@@ -135,15 +133,19 @@ def pack_jsonl(
         seq_offsets = np.zeros(len(lens) + 1, np.int64)
         np.cumsum(lens, dtype=np.int64, out=seq_offsets[1:])
         del lens
-        index = write_shards(tmp, spool, BinLayout(seq_offsets, seq_order, bin_sizes), cfg.bins_per_shard, meta)
+        index = write_shards(tmp, spool, seq_offsets, cfg.sequences_per_shard, meta)
         shutil.rmtree(tmp / ".spool")
+        if not index["num_loss_tokens"]:
+            raise SftflowError(
+                f"{input_path}: no loss token left to train on: all {counts['masked']} sequences kept were over-long "
+                f"and masked (packing.overlong: mask); check packing.max_total_sequence_length"
+            )
         t_written = time.perf_counter()
         stats = _stats(cfg, counts, length_stats, index)
         stats["num_workers"] = workers
         stats["seconds"] = {
             "tokenize": round(t_tokenized - t_start, 3),
-            "pack": round(t_packed - t_tokenized, 3),
-            "write": round(t_written - t_packed, 3),
+            "write": round(t_written - t_tokenized, 3),
             "total": round(time.perf_counter() - t_start, 3),
         }
         write_json(tmp / "stats.json", stats)
@@ -186,31 +188,6 @@ def _tokenize_to_spool(
     return counts, np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
 
 
-def _bin_layout(lengths: np.ndarray, cfg: PackingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Storage order of the sequences (int32) and size of each bin, with bins in a seeded random order.
-
-    Within a bin the packer's placement order is kept (longest first, ties by input order): the sequences
-    are visited in placement order and sorted stably by their bin's new position. Memory: a few
-    per-sequence arrays, int32 but for argsort's answer, each freed before the next is made.
-    """
-    order = placement_order(lengths)  # refuses more sequences than int32 ids can number
-    if cfg.enabled:
-        bin_of = assign_bins(lengths, cfg.max_total_sequence_length, cfg.algorithm, order=order)
-    else:
-        bin_of = np.arange(len(lengths), dtype=np.int32)
-    shuffled_bin = bin_of[order]  # each sequence's bin, in placement order
-    del bin_of
-    num_bins = int(shuffled_bin.max()) + 1
-    new_position = np.random.default_rng(seed=cfg.seed).permutation(num_bins).astype(np.int32)
-    shuffled_bin = new_position[shuffled_bin]
-    del new_position
-    bin_sizes = np.bincount(shuffled_bin, minlength=num_bins)
-    by_bin = np.argsort(shuffled_bin, kind="stable")
-    del shuffled_bin
-    seq_order = order[by_bin]
-    return seq_order, bin_sizes
-
-
 def _length_stats(lengths: np.ndarray) -> dict:
     """The sums the stats need from the per-sequence lengths (so that these can be freed before writing)."""
     return {
@@ -222,37 +199,31 @@ def _length_stats(lengths: np.ndarray) -> dict:
 
 
 def _stats(cfg: PackingConfig, counts: dict, lengths: dict, index: dict) -> dict:
-    max_len = cfg.max_total_sequence_length
-    num_bins = index["num_bins"]
-    total = lengths["total_tokens"]
-    lower_bound = math.ceil(total / max_len)
     return {
         "source": index["source"],
         "tokenizer": index["tokenizer"],
+        # How the trainer packs each step's sequences (pack_data stores them one per bin, in order).
         "packing": cfg.enabled,
         "algorithm": cfg.algorithm if cfg.enabled else None,
-        "max_total_sequence_length": max_len,
+        "max_total_sequence_length": cfg.max_total_sequence_length,
         "rows_read": counts["rows"],
         "sequences_kept": lengths["sequences"],
         "overlong": {
             "count": counts["overlong"],
             "action": cfg.overlong,
+            "masked": counts["masked"],
             "tokens_truncated": counts["truncated_tokens"],
             "tokens_dropped": counts["dropped_overlong_tokens"],
+            "tokens_masked": counts["masked_tokens"],
         },
         "dropped": {
             "overlong": counts["dropped_overlong"],
             "no_loss_tokens": counts["dropped_no_loss"],
             "no_loss_tokens_after_truncation": counts["dropped_no_loss_truncated"],
         },
-        "bins": num_bins,
         "shards": len(index["shards"]),
-        "total_tokens": total,
+        "total_tokens": lengths["total_tokens"],
         "loss_tokens": index["num_loss_tokens"],
-        "fill_ratio": round(total / (num_bins * max_len), 6),
-        "lower_bound_bins": lower_bound,
-        "bins_over_lower_bound": round(num_bins / lower_bound, 6),
-        "mean_sequences_per_bin": round(lengths["sequences"] / num_bins, 4),
         "mean_sequence_length": round(lengths["mean"], 2),
         "max_sequence_length": lengths["max"],
     }
@@ -261,16 +232,25 @@ def _stats(cfg: PackingConfig, counts: dict, lengths: dict, index: dict) -> dict
 def summary_lines(stats: dict) -> list[str]:
     """A readable summary of pack_jsonl's stats, for the log."""
     ov, dr = stats["overlong"], stats["dropped"]
-    how = f"packed with {stats['algorithm']}" if stats["packing"] else "one sequence per bin (packing disabled)"
+    how = (
+        f"packed per optimizer step by the trainer ({stats['algorithm']}, rows of at most "
+        f"{stats['max_total_sequence_length']} tokens)"
+        if stats["packing"]
+        else "one sequence per row in training (packing disabled)"
+    )
     return [
         f"read {stats['rows_read']} rows from {stats['source']}; kept {stats['sequences_kept']} sequences",
-        f"over-long (> {stats['max_total_sequence_length']} tokens): {ov['count']} ({ov['action']}; "
-        f"{ov['tokens_truncated']} tokens truncated, {ov['tokens_dropped']} tokens in dropped sequences)",
+        f"over-long (> {stats['max_total_sequence_length']} tokens): {ov['count']} ({ov['action']}: "
+        + {
+            "mask": f"{ov['masked']} kept as sequences with no loss tokens, {ov['tokens_masked']} tokens cut",
+            "truncate": f"{ov['tokens_truncated']} tokens truncated",
+            "drop": f"{ov['tokens_dropped']} tokens in dropped sequences",
+        }[ov["action"]]
+        + ")",
         f"dropped: {dr['overlong']} over-long, {dr['no_loss_tokens']} with no loss tokens "
         f"({dr['no_loss_tokens_after_truncation']} of them after truncation)",
-        f"{how}: {stats['bins']} bins in {stats['shards']} shards, {stats['total_tokens']} tokens "
-        f"({stats['loss_tokens']} loss tokens), fill ratio {stats['fill_ratio']:.4f}, "
-        f"{stats['bins_over_lower_bound']:.4f} x the lower bound of {stats['lower_bound_bins']} bins",
+        f"tokenized: {stats['sequences_kept']} sequences in {stats['shards']} shards, in the input's order, "
+        f"{stats['total_tokens']} tokens ({stats['loss_tokens']} loss tokens); {how}",
         f"sequence length mean {stats['mean_sequence_length']}, max {stats['max_sequence_length']}; "
-        f"{stats['mean_sequences_per_bin']} sequences per bin; took {stats['seconds']['total']} s",
+        f"took {stats['seconds']['total']} s",
     ]

@@ -1,4 +1,4 @@
-"""Write and read sftflow-packed-v1 shard directories (format described in sftflow.packing)."""
+"""Write and read sftflow-packed-v2 shard directories (format described in sftflow.packing)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from sftflow.safetensors_io import StreamingSafetensorsWriter
 if TYPE_CHECKING:  # torch loads only where bins are read (the trainer): pack_data writes shards without it
     import torch
 
-FORMAT = "sftflow-packed-v1"
+FORMAT = "sftflow-packed-v2"
+_V1 = "sftflow-packed-v1"  # the earlier format, bins packed by pack_data: refused with the reason
 SHARD_NAME = "shard_{:05d}.safetensors"
 # Sequences read from the source and written per step: bounds the index arrays and token copies.
 WRITE_BLOCK_SEQUENCES = 4096
@@ -52,78 +53,61 @@ class ArraySequences:
         return gather_sequences(getattr(self, field), starts, lengths)
 
 
-@dataclass(frozen=True)
-class BinLayout:
-    """Where the sequences go: sequence i is at seq_offsets[i]:seq_offsets[i+1] of the tokens held back to back,
-    `seq_order` lists the sequence ids in storage order, and bin b takes the next `bin_sizes[b]` of them."""
-
-    seq_offsets: np.ndarray
-    seq_order: np.ndarray
-    bin_sizes: np.ndarray
-
-    @classmethod
-    def from_bins(cls, lengths: Sequence[int] | np.ndarray, bins: Sequence[Sequence[int]]) -> BinLayout:
-        """From each sequence's length and the sequence ids of each bin, in storage order."""
-        return cls(
-            np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))]),
-            np.array([i for b in bins for i in b], dtype=np.int64),
-            np.array([len(b) for b in bins], dtype=np.int64),
-        )
-
-
 def write_packed(
     directory: str | os.PathLike,
     tokens: np.ndarray,
     loss_mask: np.ndarray,
-    layout: BinLayout,
-    bins_per_shard: int,
+    lengths: Sequence[int] | np.ndarray,
+    sequences_per_shard: int,
     meta: dict[str, Any],
 ) -> dict:
     """Write shards + index.json into an existing empty `directory`; return the index.
 
-    `tokens`/`loss_mask` hold all sequences back to back, placed into bins by `layout`.
-    `meta` supplies packing, max_total_sequence_length, pad_token_id, tokenizer and source.
+    `tokens`/`loss_mask` hold all sequences back to back, sequence i of `lengths[i]` tokens; they are stored
+    one per bin, in this order. `meta` supplies max_total_sequence_length, pad_token_id, tokenizer and source.
     """
-    return write_shards(directory, ArraySequences(tokens, loss_mask), layout, bins_per_shard, meta)
+    seq_offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+    return write_shards(directory, ArraySequences(tokens, loss_mask), seq_offsets, sequences_per_shard, meta)
 
 
 def write_shards(
     directory: str | os.PathLike,
     source: SequenceSource,
-    layout: BinLayout,
-    bins_per_shard: int,
+    seq_offsets: np.ndarray,
+    sequences_per_shard: int,
     meta: dict[str, Any],
 ) -> dict:
-    """write_packed with the sequences read from `source` a block at a time (memory: one shard's loss mask)."""
-    seq_offsets, seq_order, bin_sizes = layout.seq_offsets, layout.seq_order, layout.bin_sizes
+    """write_packed with the sequences read from `source` a block at a time (memory: one shard's loss mask).
+
+    Sequence i is at seq_offsets[i]:seq_offsets[i+1] of `source`'s tokens; shard k holds sequences
+    k * sequences_per_shard onwards, each its own bin.
+    """
     directory = Path(directory)
-    bin_starts = np.concatenate([[0], np.cumsum(bin_sizes, dtype=np.int64)])
+    num_sequences = len(seq_offsets) - 1
     shards = []
-    for first_bin in range(0, len(bin_sizes), bins_per_shard):
-        last_bin = min(first_bin + bins_per_shard, len(bin_sizes))
-        seqs = seq_order[bin_starts[first_bin] : bin_starts[last_bin]]
-        starts = seq_offsets[seqs]
-        seq_lens = seq_offsets[seqs + 1] - starts
-        cu = np.concatenate([[0], np.cumsum(seq_lens, dtype=np.int64)])
+    for first in range(0, num_sequences, sequences_per_shard):
+        last = min(first + sequences_per_shard, num_sequences)
+        starts = seq_offsets[first:last]
+        seq_lens = seq_offsets[first + 1 : last + 1] - starts
+        cu = seq_offsets[first : last + 1] - seq_offsets[first]
         name = SHARD_NAME.format(len(shards))
-        bin_offsets = bin_starts[first_bin : last_bin + 1] - bin_starts[first_bin]
+        bin_offsets = np.arange(last - first + 1, dtype=np.int64)  # one sequence per bin
         loss_tokens = _write_shard(directory / name, source, starts, seq_lens, cu, bin_offsets)
         shards.append(
             {
                 "file": name,
-                "num_bins": int(last_bin - first_bin),
-                "num_sequences": len(seqs),
+                "num_bins": last - first,
+                "num_sequences": last - first,
                 "num_tokens": int(cu[-1]),
                 "num_loss_tokens": loss_tokens,
             }
         )
     index = {
         "format": FORMAT,
-        "packing": bool(meta["packing"]),
         "max_total_sequence_length": int(meta["max_total_sequence_length"]),
         "pad_token_id": int(meta["pad_token_id"]),
-        "num_bins": int(len(bin_sizes)),
-        "num_sequences": int(len(seq_order)),
+        "num_bins": num_sequences,
+        "num_sequences": num_sequences,
         "num_tokens": int(sum(s["num_tokens"] for s in shards)),
         "num_loss_tokens": int(sum(s["num_loss_tokens"] for s in shards)),
         "shards": shards,
@@ -167,7 +151,8 @@ def _write_shard(
 
 
 class PackedDataset:
-    """Random access to the bins of a packed directory; shards are memory-mapped lazily on first use."""
+    """Random access to the sequences of a pack_data directory (bin i holds sequence i, in the prepared file's
+    order); shards are memory-mapped lazily on first use."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -175,16 +160,43 @@ class PackedDataset:
         if not index_file.is_file():
             raise SftflowError(f"{self.path}: not a packed data directory (no index.json); run the pack_data rule")
         self.index: dict = json.loads(index_file.read_text(encoding="utf-8"))
-        if self.index.get("format") != FORMAT:
-            raise SftflowError(f"{index_file}: format {self.index.get('format')!r} is not {FORMAT!r}; re-run pack_data")
+        found = self.index.get("format")
+        if found != FORMAT:
+            why = " (bins packed offline: the trainer now packs each step's sequences itself)" if found == _V1 else ""
+            raise SftflowError(
+                f"{index_file}: format {found!r} is not {FORMAT!r}{why}; re-run pack_data (delete {self.path} and "
+                "run the pack_data rule, or scripts/pack_data.py)"
+            )
         self._bin_starts = [0]
         for shard in self.index["shards"]:
             self._bin_starts.append(self._bin_starts[-1] + shard["num_bins"])
         self._cache: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self._pid = os.getpid()
+        self._lengths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self._bin_starts[-1]
+
+    @property
+    def num_sequences(self) -> int:
+        """The number of sequences (= bins = len(self): one sequence per bin)."""
+        return len(self)
+
+    def lengths(self) -> np.ndarray:
+        """Every sequence's length in tokens, in order (int64, from the shards' cu_seqlens; computed once)."""
+        if self._lengths is None:
+            parts = []
+            for k, shard in enumerate(self.index["shards"]):
+                cu_seqlens = self._shard(k)[2].numpy()
+                if len(cu_seqlens) != shard["num_bins"] + 1:
+                    raise SftflowError(
+                        f"{self.path / shard['file']}: {len(cu_seqlens) - 1} sequences, but index.json says "
+                        f"{shard['num_bins']} bins of one sequence; re-run pack_data"
+                    )
+                parts.append(np.diff(cu_seqlens).astype(np.int64))
+            self._lengths = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            self._lengths.flags.writeable = False
+        return self._lengths
 
     def _shard(self, k: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
         # DataLoader workers fork: each process opens its own handles rather than sharing the parent's.
@@ -199,11 +211,11 @@ class PackedDataset:
         return cached
 
     def get_bin(self, i: int) -> dict:
-        """Bin i as {input_ids: LongTensor[n], loss_mask: BoolTensor[n], seq_lens: list[int]}."""
+        """Sequence i as a bin of one: {input_ids: LongTensor[n], loss_mask: BoolTensor[n], seq_lens: [n]}."""
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
-            raise IndexError(f"bin {i} out of range (dataset has {len(self)} bins)")
+            raise IndexError(f"sequence {i} out of range (dataset has {len(self)} sequences)")
         k = bisect.bisect_right(self._bin_starts, i) - 1
         handle, bin_offsets, cu_seqlens = self._shard(k)
         b = i - self._bin_starts[k]

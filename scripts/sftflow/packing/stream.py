@@ -16,10 +16,13 @@ import numpy as np
 
 from sftflow.errors import SftflowError
 from sftflow.io import check_input_file, parse_json_object
-from sftflow.packing.tokenize import Segments, row_segments, tokenize_flat
+from sftflow.packing.tokenize import Segments, message_count, row_segments, tokenize_flat
 
 # Sequences gathered from the spool per mapping of a part file (see TokenSpool._gather).
 READ_SEQUENCES = 256
+
+# packing.overlong's values (config/schema.yaml lists the same).
+OVERLONG = ("mask", "truncate", "drop")
 
 # What pack_jsonl counts about the rows it reads (summed over chunks; see pipeline._stats).
 COUNTERS = (
@@ -30,6 +33,8 @@ COUNTERS = (
     "dropped_overlong_tokens",
     "dropped_no_loss",
     "dropped_no_loss_truncated",
+    "masked",
+    "masked_tokens",
 )
 
 
@@ -80,59 +85,84 @@ class ChunkTokenizer:
     overlong: str
     spool: TokenSpool
 
-    def _segments(self, lines: list[tuple[int, bytes]]) -> list[Segments]:
+    def _segments(self, lines: list[tuple[int, bytes]]) -> tuple[list[Segments], np.ndarray]:
         # Each line parsed and split in file order: the first bad line is the one reported, whether it
-        # is bad JSON or a bad row.
+        # is bad JSON or a bad row. Also each row's number of chat messages (for overlong: mask).
         rows_segments = []
-        for line_number, raw in lines:
+        messages = np.zeros(len(lines), np.int64)
+        for k, (line_number, raw) in enumerate(lines):
             where = f"{self.source}:{line_number}"
             row, reason = parse_json_object(raw)
             if reason is not None:
                 raise SftflowError(f"{where}: {reason}")
             rows_segments.append(row_segments(row, where, self.tokenizer, self.chat_template_kwargs))
-        return rows_segments
+            messages[k] = message_count(row)
+        return rows_segments, messages
 
     def __call__(self, lines: list[tuple[int, bytes]]) -> ChunkResult:
         """Tokenize the chunk and append its kept sequences to this process's spool part; only lengths come back."""
-        ids, mask, lengths = tokenize_flat(self.tokenizer, self._segments(lines))
+        rows_segments, messages = self._segments(lines)
+        ids, mask, lengths = tokenize_flat(self.tokenizer, rows_segments)
         starts = np.cumsum(lengths) - lengths
-        counts, kept_lengths = self._keep(ids, mask, starts, lengths)
+        counts, kept_lengths, masked = self._keep(mask, starts, lengths, messages)
+        if masked.any():  # kept for the step's sequence count, never trained on
+            mask[_ranges(starts[masked], kept_lengths[masked])] = 0
         keep = kept_lengths > 0
         if not keep.any():
             return ChunkResult("", 0, np.zeros(0, np.int32), counts)
-        if not keep.all() or (kept_lengths < lengths).any():  # some rows dropped or truncated
+        if not keep.all() or (kept_lengths < lengths).any():  # some rows dropped or cut
             index = _ranges(starts[keep], kept_lengths[keep])
             ids, mask = ids[index], mask[index]
         part, offset = self.spool.append(ids, mask)
         return ChunkResult(part, offset, kept_lengths[keep].astype(np.int32), counts)
 
     def _keep(
-        self, ids: np.ndarray, mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray
-    ) -> tuple[dict[str, int], np.ndarray]:
-        """Counters and each row's kept length: over-long rows truncated to max_len or dropped (0), rows
-        without predictable loss tokens dropped (0)."""
+        self, mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray, messages: np.ndarray
+    ) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+        """Counters, each row's kept length (0: dropped) and which rows are masked. Over-long rows are cut to
+        max_len (truncate), dropped (drop) or cut to masked_length tokens and masked (mask); rows without
+        predictable loss tokens are dropped, masked rows aside (they have none on purpose)."""
         counts = dict.fromkeys(COUNTERS, 0)
         counts["rows"] = len(lengths)
         overlong = lengths > self.max_len
         counts["overlong"] = int(overlong.sum())
-        dropped = overlong if self.overlong == "drop" else np.zeros_like(overlong)
+        no_rows = np.zeros_like(overlong)
+        dropped = overlong if self.overlong == "drop" else no_rows
+        masked = overlong if self.overlong == "mask" else no_rows
+        kept = np.minimum(lengths, self.max_len)
         if self.overlong == "drop":
             counts["dropped_overlong"] = counts["overlong"]
             counts["dropped_overlong_tokens"] = int(lengths[overlong].sum())
+            kept[overlong] = 0
+        elif self.overlong == "mask":
+            kept[overlong] = masked_length(messages[overlong], self.max_len)
+            counts["masked"] = counts["overlong"]
+            counts["masked_tokens"] = int((lengths[overlong] - kept[overlong]).sum())
         else:
             counts["truncated_tokens"] = int((lengths[overlong] - self.max_len).sum())
-        kept = np.where(dropped, 0, np.minimum(lengths, self.max_len))
         # A sequence whose only loss tokens are at position 0 (or none, after truncation) would
         # contribute nothing but padding-like compute; never keep it silently. Loss tokens at
         # positions 1..kept-1 of each row, from the running count of loss tokens:
         running = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
         predictable = running[starts + kept] - running[starts + np.minimum(kept, 1)]
-        no_loss = ~dropped & (predictable == 0)
+        no_loss = ~dropped & ~masked & (predictable == 0)
         counts["dropped_no_loss"] = int(no_loss.sum())
-        if self.overlong != "drop":
+        if self.overlong == "truncate":
             counts["dropped_no_loss_truncated"] = int((no_loss & overlong).sum())
         kept[no_loss] = 0
-        return counts, kept
+        return counts, kept, masked
+
+
+def masked_length(messages: np.ndarray, max_len: int) -> np.ndarray:
+    """Tokens an over-long sequence keeps under overlong: mask, for rows of `messages` chat messages.
+
+    NeMo-Skills' start_sft.py keeps the first min(4, max_len // m) tokens of each of the m messages of an
+    over-long conversation, with loss multiplier 0. The rows here are rendered text, not messages, so
+    the sequence keeps as many tokens from its start: min(4, max_len // m) x m, at least 1 (a row with
+    more messages than max_len tokens would otherwise become empty).
+    """
+    messages = np.asarray(messages, dtype=np.int64)
+    return np.maximum(np.minimum(4, max_len // messages) * messages, 1)
 
 
 _WORKER_JOB: Callable | None = None  # set in the parent just before the pool forks
@@ -259,9 +289,8 @@ class TokenSpool:
 
     def _gather(self, part: str, field: str, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         # Every page a read touches counts in this process's RSS while the file is mapped, and the kernel
-        # maps up to 16 cached neighbours with it (fault-around): ~64 KiB per sequence, as the sequences of
-        # a shard are scattered over the spool. Mapping for READ_SEQUENCES sequences at a time bounds that
-        # to a few MiB, whatever the size of the spool.
+        # maps up to 16 cached neighbours with it (fault-around). Mapping for READ_SEQUENCES sequences at a
+        # time bounds that to those sequences' pages, whatever the size of the spool or of a shard.
         out = np.empty(int(lengths.sum(dtype=np.int64)), dtype=self.FIELDS[field])
         pos = 0
         with open(self.path(part, field), "rb") as f:

@@ -43,6 +43,11 @@ def row_segments(row: dict, where: str, tokenizer: Any = None, chat_template_kwa
     return [(inp, False), (out, True)]
 
 
+def message_count(row: dict) -> int:
+    """The chat messages of a row row_segments accepted: its messages, or 2 for an input/output row (prompt, answer)."""
+    return len(row["messages"]) if "messages" in row else 2
+
+
 def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, where: str, kwargs: dict) -> str:
     try:
         text = tokenizer.apply_chat_template(
