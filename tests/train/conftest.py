@@ -103,24 +103,16 @@ def make_packed(out_dir: Path, num_sequences: int = 96, seed: int = 0, seq_len: 
     """Random sequences written, one per bin in their order, with the packing stage's writer (the trainer packs
     each step's sequences into bins of seq_len tokens)."""
     from sftflow.packing import write_packed
-    from sftflow.packing.shards import BinLayout
 
     seqs = random_sequences(num_sequences, seed, max_len=min(30, seq_len))
-    bins = [[i] for i in range(len(seqs))]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_packed(
         out_dir,
         np.concatenate([ids for ids, _ in seqs]),
         np.concatenate([mask for _, mask in seqs]).astype(np.uint8),
-        BinLayout.from_bins([len(ids) for ids, _ in seqs], bins),
-        bins_per_shard=7,  # several shards, so bins cross shard files
-        meta={
-            "packing": True,
-            "max_total_sequence_length": seq_len,
-            "pad_token_id": PAD_ID,
-            "tokenizer": "test",
-            "source": "random",
-        },
+        [len(ids) for ids, _ in seqs],
+        sequences_per_shard=7,  # several shards, so steps read across shard files
+        meta={"max_total_sequence_length": seq_len, "pad_token_id": PAD_ID, "tokenizer": "test", "source": "random"},
     )
     return out_dir
 
