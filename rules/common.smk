@@ -246,13 +246,19 @@ def prepare_data_config():
     return cfg
 
 
+PACK_DATA_KEYS = ("max_total_sequence_length", "overlong", "sequences_per_shard", "num_workers")
+
+
 def pack_data_config():
     from dataclasses import asdict
 
     from sftflow.packing.pipeline import PackingConfig
 
+    # Only the keys pack_data uses: packing.enabled and packing.algorithm are the trainer's (it packs each
+    # step's sequences), so changing them reruns neither pack_data nor what is made from its output.
+    packing = asdict(PackingConfig.from_section(config["packing"]))
     return {
-        "packing": asdict(PackingConfig.from_section(config["packing"])),
+        "packing": {key: packing[key] for key in PACK_DATA_KEYS},
         "tokenizer": get_tokenizer(),
         "chat_template": config["model"]["chat_template"],
         "chat_template_kwargs": config["prepare_data"]["chat_template_kwargs"],

@@ -24,8 +24,6 @@ from tests.packing.conftest import EOT, make_rows
 STATS_KEYS = {
     "source",
     "tokenizer",
-    "packing",
-    "algorithm",
     "max_total_sequence_length",
     "rows_read",
     "sequences_kept",
@@ -73,7 +71,7 @@ def test_round_trip_one_sequence_per_bin_in_input_order(tmp_path, demo_tok, enab
     assert [s["num_sequences"] for s in idx["shards"]] == [s["num_bins"] for s in idx["shards"]] == [7] * 17 + [1]
     assert idx["num_tokens"] == stats["total_tokens"] == sum(len(s[0]) for s in expected)
     assert set(stats) == STATS_KEYS and stats["shards"] == 18
-    assert stats["packing"] is enabled and stats["algorithm"] == ("best_fit_decreasing" if enabled else None)
+    assert "packing" not in stats and "algorithm" not in stats  # the trainer's keys: pack_data's output ignores them
 
     # Raw shard tensors follow the documented contract.
     shard = load_file(str(tmp_path / "packed" / idx["shards"][1]["file"]))
@@ -321,7 +319,6 @@ def test_cli_in_process(tmp_path, demo_tokenizer_dir, capsys):
             str(demo_tokenizer_dir),
             "--output",
             str(out),
-            "--no-packing",
             "--max-total-sequence-length",
             "256",
             "--overlong",
@@ -334,7 +331,7 @@ def test_cli_in_process(tmp_path, demo_tokenizer_dir, capsys):
     idx = json.loads((out / "index.json").read_text())
     assert idx["num_sequences"] == 20 and len(idx["shards"]) == 4 and idx["max_total_sequence_length"] == 256
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["packing"] is False and stats["overlong"]["action"] == "drop"
+    assert stats["overlong"]["action"] == "drop"
     assert idx["tokenizer"] == str(demo_tokenizer_dir)
     assert (
         main(["--input", str(tmp_path / "missing.jsonl"), "--tokenizer", str(demo_tokenizer_dir), "--output", str(out)])
@@ -366,8 +363,6 @@ def test_cli_script_with_chat_template(tmp_path, demo_tokenizer_dir):
             str(tmp_path / "packed"),
             "--chat-template",
             str(template),
-            "--algorithm",
-            "first_fit_decreasing",
         ],
         capture_output=True,
         text=True,
@@ -381,7 +376,7 @@ def test_cli_script_with_chat_template(tmp_path, demo_tokenizer_dir):
     b = ds[0]
     assert tok.decode(b["input_ids"].tolist()) == "<|im_start|>user:q<|im_end|><|im_start|>assistant:a b c<|im_end|>"
     assert tok.decode(b["input_ids"][b["loss_mask"]].tolist()) == "a b c<|im_end|>"
-    assert "packed per optimizer step by the trainer (first_fit_decreasing, rows of at most 4096 tokens)" in proc.stderr
+    assert "the trainer packs each step's sequences (packing.enabled, packing.algorithm)" in proc.stderr
 
 
 def test_not_a_packed_dir(tmp_path):

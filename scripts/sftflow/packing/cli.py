@@ -9,7 +9,6 @@ import sys
 from sftflow import stage_config
 from sftflow.errors import SftflowError
 from sftflow.logs import setup_logging
-from sftflow.packing.binpack import ALGORITHMS
 from sftflow.packing.pipeline import PackingConfig, pack_jsonl
 from sftflow.packing.stream import OVERLONG
 
@@ -29,8 +28,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-total-sequence-length", type=int, help="longest sequence kept as it is (the trainer's packed row)"
     )
-    p.add_argument("--no-packing", action="store_true", help="recorded in the stats: training packs no sequences")
-    p.add_argument("--algorithm", choices=ALGORITHMS, help="recorded in the stats: the trainer's packing algorithm")
     p.add_argument("--overlong", choices=OVERLONG, help="what to do with a longer sequence")
     p.add_argument("--sequences-per-shard", type=int)
     p.add_argument("--num-workers", type=int, help="tokenizing processes (default: one per available core)")
@@ -41,8 +38,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parser().parse_args(argv)
-    cfg: dict = {"enabled": not args.no_packing}
-    for key in ("max_total_sequence_length", "algorithm", "overlong", "sequences_per_shard", "num_workers"):
+    cfg: dict = {}
+    for key in ("max_total_sequence_length", "overlong", "sequences_per_shard", "num_workers"):
         value = getattr(args, key)
         if value is not None:
             cfg[key] = value

@@ -202,9 +202,6 @@ def _stats(cfg: PackingConfig, counts: dict, lengths: dict, index: dict) -> dict
     return {
         "source": index["source"],
         "tokenizer": index["tokenizer"],
-        # How the trainer packs each step's sequences (pack_data stores them one per bin, in order).
-        "packing": cfg.enabled,
-        "algorithm": cfg.algorithm if cfg.enabled else None,
         "max_total_sequence_length": cfg.max_total_sequence_length,
         "rows_read": counts["rows"],
         "sequences_kept": lengths["sequences"],
@@ -232,12 +229,6 @@ def _stats(cfg: PackingConfig, counts: dict, lengths: dict, index: dict) -> dict
 def summary_lines(stats: dict) -> list[str]:
     """A readable summary of pack_jsonl's stats, for the log."""
     ov, dr = stats["overlong"], stats["dropped"]
-    how = (
-        f"packed per optimizer step by the trainer ({stats['algorithm']}, rows of at most "
-        f"{stats['max_total_sequence_length']} tokens)"
-        if stats["packing"]
-        else "one sequence per row in training (packing disabled)"
-    )
     return [
         f"read {stats['rows_read']} rows from {stats['source']}; kept {stats['sequences_kept']} sequences",
         f"over-long (> {stats['max_total_sequence_length']} tokens): {ov['count']} ({ov['action']}: "
@@ -250,7 +241,8 @@ def summary_lines(stats: dict) -> list[str]:
         f"dropped: {dr['overlong']} over-long, {dr['no_loss_tokens']} with no loss tokens "
         f"({dr['no_loss_tokens_after_truncation']} of them after truncation)",
         f"tokenized: {stats['sequences_kept']} sequences in {stats['shards']} shards, in the input's order, "
-        f"{stats['total_tokens']} tokens ({stats['loss_tokens']} loss tokens); {how}",
+        f"{stats['total_tokens']} tokens ({stats['loss_tokens']} loss tokens); the trainer packs each step's "
+        "sequences (packing.enabled, packing.algorithm)",
         f"sequence length mean {stats['mean_sequence_length']}, max {stats['max_sequence_length']}; "
         f"took {stats['seconds']['total']} s",
     ]
