@@ -174,3 +174,19 @@ def test_the_final_checkpoint_exports_to_a_hf_model_close_to_the_fsdp_export(
     with torch.no_grad():
         torch.testing.assert_close(a(tokens).logits, b(tokens).logits, rtol=0, atol=1e-4)
     assert json.loads((ours / "sftflow_export.json").read_text())["step"] == STEPS
+
+
+@pytest.mark.slow
+def test_without_clipping_megatron_logs_the_grad_norm_and_trains_the_fsdp_curve(tmp_path, tiny_model, packed):
+    """max_grad_norm null (NeMo-Skills' default): megatron-core computes the norm only when it clips, so the engine
+    clips at infinity, which scales nothing; the logged norm and the weights follow the unclipped fsdp run."""
+    run = dict(max_num_steps=STEPS, max_grad_norm=None, learning_rate=0.05, min_learning_rate=0.05, warmup_steps=0)
+    fsdp_job(tmp_path, tiny_model, packed, tmp_path / "fsdp", **run)
+    megatron_job(tmp_path, tiny_model, packed, tmp_path / "megatron", 1, **run)
+    norms = logged(tmp_path / "megatron", "grad_norm")
+    assert norms and all(n == n and n > 1.0 for n in norms.values())  # not NaN; above 1, so clipping at 1 would show
+    for key in ("loss", "grad_norm"):
+        ours, theirs = logged(tmp_path / "megatron", key), logged(tmp_path / "fsdp", key)
+        assert ours.keys() == theirs.keys()
+        for step in ours:
+            assert ours[step] == pytest.approx(theirs[step], rel=1e-4), (key, step)

@@ -281,7 +281,9 @@ class MegatronEngine:
                 adam_beta1=t.adam_beta1,
                 adam_beta2=t.adam_beta2,
                 adam_eps=t.adam_eps,
-                clip_grad=float(t.max_grad_norm or 0.0),
+                # megatron-core computes the grad norm only when it clips: with no clipping (null) an infinite
+                # threshold, which never scales a gradient, still gets the norm logged.
+                clip_grad=float("inf") if t.max_grad_norm is None else float(t.max_grad_norm),
                 bf16=bf16,
                 params_dtype=dtype,
                 use_distributed_optimizer=True,
