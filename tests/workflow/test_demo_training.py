@@ -55,7 +55,7 @@ def test_demo_trains_chained_jobs_and_exports_then_continues(small_demo_run, tmp
     assert model.config.model_type == "llama" and tok.chat_template
     assert (results / "final_hf_model" / "generation_config.json").exists()
     packed_stats = json.loads((results / "data" / "packed" / "stats.json").read_text())
-    assert packed_stats["bins"] > 0
+    assert packed_stats["sequences_kept"] > 0 and packed_stats["overlong"]["action"] == "mask"
 
     # Raising max_num_steps continues from the last checkpoint: job 0 is not redone.
     (workdir / "more.yaml").write_text(SMALL.replace("max_num_steps: 12", "max_num_steps: 16"))

@@ -51,7 +51,7 @@ prepare_data:
   downsampling_method: fair
   num_output_samples: 24
 packing:
-  max_total_sequence_length: 256  # longer solutions are truncated (counted): 4 steps of 512 tokens
+  max_total_sequence_length: 256  # longer solutions are masked (counted; no loss): 4 steps of 2 sequences
 training:
   num_training_jobs: 2
   max_num_steps: 4
