@@ -76,6 +76,15 @@ def test_the_stage_files_change_only_with_their_keys(workdir):
     changed = {name for name, (mtime, _) in stage_files(workdir).items() if mtime != OLD}
     assert changed == {"train.json", "resolved.json"}
     age_stage_files(workdir)
+    # packing.enabled / algorithm are the trainer's (how a step's sequences fill bins): not pack_data's file
+    dry_run(
+        workdir,
+        "training:\n  train_micro_batch_size: 1\n  log_period: 3\n  learning_rate: 0.001\n"
+        "packing:\n  algorithm: first_fit_decreasing\n  enabled: false\n",
+    )
+    changed = {name for name, (mtime, _) in stage_files(workdir).items() if mtime != OLD}
+    assert changed == {"train.run.json", "resolved.json"}
+    age_stage_files(workdir)
     dry_run(workdir, "eval:\n  concurrency: 5\n")  # back to the default training: train.run.json too
     changed = {name for name, (mtime, _) in stage_files(workdir).items() if mtime != OLD}
     assert changed == {"train.json", "train.run.json", "eval.run.json", "resolved.json"}
