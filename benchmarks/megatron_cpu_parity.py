@@ -1,13 +1,16 @@
 """How closely the megatron backend follows the fsdp backend, on CPU: every parallel layout, same data.
 
-    python -m benchmarks.megatron_cpu_parity [--steps 8] [--out result.json]    # from the repo root
+    python -m benchmarks.megatron_cpu_parity [--steps 8] [--families dense,moe] [--layouts single,dp2,...]
+        [--out result.json]    # from the repo root
 
 Builds the trainer tests' tiny Llama (2 layers, hidden 64, tied embeddings) and a tiny Qwen3-MoE (4 experts,
-2 active, first layer dense), packs 96 random sequences into 64-token rows, trains each with the fsdp backend
-(scripts/train.py) and with the megatron backend in several layouts (tests/megatron_backend/cpu_train.py:
-megatron-core's own training path on gloo ranks through the test-only CUDA -> CPU shim), fp32, global batch
-8, micro-batch 2, and reports per layout the largest relative difference of the per-step loss and gradient
-norm from fsdp's, and the wall time of the run (torchrun start included; CPU times say nothing of GPU speed).
+2 active, first layer dense), writes 96 random sequences of 6-30 tokens one per bin (the trainer tests'
+make_packed, sftflow-packed-v2), trains each with the fsdp backend (scripts/train.py) and with the megatron
+backend in several layouts (tests/megatron_backend/cpu_train.py: megatron-core's own training path on gloo
+ranks through the test-only CUDA -> CPU shim), fp32, global batch 8 sequences (the trainer packs each step's
+sequences into 64-token bins, 2-4 of them; the same sequences in every layout), micro-batch 2 bins, and
+reports per layout the largest relative difference of the per-step loss and gradient norm from fsdp's, and
+the wall time of the run (torchrun start included; CPU times say nothing of GPU speed).
 """
 
 from __future__ import annotations
@@ -64,13 +67,22 @@ def max_rel(ours: dict, theirs: dict) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--families", default=",".join(LAYOUTS), help="comma-separated models to run (dense, moe)")
+    p.add_argument("--layouts", default=None, help="comma-separated megatron layouts to run (default: all)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    families = args.families.split(",")
+    wanted = set(args.layouts.split(",")) if args.layouts else None
+    unknown = set(families) - set(LAYOUTS)
+    if unknown:
+        p.error(f"--families: unknown {sorted(unknown)} (known: {', '.join(LAYOUTS)})")
     work = Path(tempfile.mkdtemp(prefix="megatron_parity_"))
     packed = make_packed(work / "packed")
-    models = {"dense": make_model(work / "dense"), "moe": make_moe_model(work / "moe")}
+    builders = {"dense": make_model, "moe": make_moe_model}
+    models = {family: builders[family](work / family) for family in families}
     rows = []
-    for family, layouts in LAYOUTS.items():
+    for family in families:
+        layouts = [layout for layout in LAYOUTS[family] if wanted is None or layout[0] in wanted]
         cfg = training_config(max_num_steps=args.steps, save_period=10**6)
         fsdp_ckpt = work / f"{family}-fsdp"
         seconds = run(train_command(write_config(work / "fsdp.json", cfg), packed, models[family], fsdp_ckpt))

@@ -1,4 +1,4 @@
-"""Training throughput on CPU: our trainer vs TRL's SFTTrainer, same tiny Llama, same packed data.
+"""Training throughput on CPU: our trainer vs TRL's SFTTrainer, same tiny Llama, same SFT sequences.
 
     .venv/bin/python benchmarks/train_bench.py [--steps 20] [--warmup-steps 3] [--threads 2] [--out bench.json]
 
@@ -7,19 +7,29 @@ What it does (everything under a temporary --workdir, removed at the end unless 
 1. Synthesises SFT rows (ChatML-style prompt + step-by-step arithmetic completion, lognormal token lengths,
    median --median-tokens), builds the demo BPE tokenizer (vocab 512) and saves one randomly initialised
    Llama (hidden 128, 4 layers, 4 heads / 2 kv heads, intermediate 512, tied embeddings) with save_pretrained.
-2. Packs the rows with our packer (`pack_jsonl`, best-fit-decreasing) into 1024-token rows.
+2. Tokenizes the rows with our pack_data (`pack_jsonl`: sftflow-packed-v2, one sequence per bin, input order).
 3. Ours: the real CLI, `torchrun --standalone --nproc-per-node=1 scripts/train.py ...` (argv from
-   `sftflow.train.launch.torchrun_command`), throughput read back from its metrics.jsonl.
+   `sftflow.train.launch.torchrun_command`), throughput read back from its metrics.jsonl. Its global batch
+   counts sequences (NeMo-RL's meaning) and it packs each step's sequences (best-fit-decreasing) into
+   1024-token bins, micro-batch --ours-micro-batch bins.
 4. TRL: a child process running `trl.SFTTrainer` on exactly the sequences stored in our shards (token ids +
-   loss mask, read back from the packed data), with its best CPU settings: packing=True, packing_strategy="bfd",
-   padding_free=True, max_length=1024, SDPA attention, fp32, completion-only loss, per-device batch 1 x
-   gradient accumulation 8, gradient checkpointing off, torch.set_num_threads(--threads).
+   loss mask, read back from the packed data), with its best CPU settings: packing=True, packing_strategy="bfd"
+   (the data set packed once, before training), padding_free=True, max_length=1024, SDPA attention, fp32,
+   completion-only loss, per-device batch 1 x gradient accumulation 8, gradient checkpointing off,
+   torch.set_num_threads(--threads).
 
-Both runs: global batch 8 packed rows (micro-batch 1, accumulation 8), AdamW (lr --lr constant, betas 0.9/0.999,
-eps 1e-8, no weight decay, no warm-up), grad-norm clip 1.0, loss = sum of token losses / loss tokens of the global
-batch, OMP_NUM_THREADS=--threads. A step's time is the wall time between the ends of consecutive optimizer steps
-(data loading, collation and logging included); throughput is counted over the steps after --warmup-steps, in
-real (non-padding) tokens per second, and in loss (target) tokens per second. Prints a table, then the JSON.
+The global batch, made equal in tokens: TRL's is 8 packed rows of 1024 tokens. Ours is
+round(8 x S / R) sequences, where S / R is the mean number of sequences in a 1024-token row when the whole data
+set is packed best-fit-decreasing (`sftflow.packing.binpack.pack_lengths`, the packer TRL's bfd mirrors): a step of
+ours then holds, on average, the tokens of 8 such rows. Packed per step, from fewer sequences, ours fills its
+bins a little less well, so a step of ours usually has somewhat more than 8 bins; the sequences, bins and fill of
+every step come from its metrics.jsonl and are reported, and TRL's sequences per step are counted in its collator.
+
+Both runs: AdamW (lr --lr constant, betas 0.9/0.999, eps 1e-8, no weight decay, no warm-up), grad-norm clip 1.0,
+loss = sum of token losses / loss tokens of the global batch, OMP_NUM_THREADS=--threads. A step's time is the
+wall time between the ends of consecutive optimizer steps (data loading, packing, collation and logging
+included); throughput is counted over the steps after --warmup-steps, in real (non-padding) tokens per second,
+and in loss (target) tokens per second, the same way for both. Prints a table, then the JSON.
 """
 
 from __future__ import annotations
@@ -41,8 +51,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 SEQ_LEN = 1024
-GLOBAL_BATCH = 8
-MICRO_BATCH = 1
+TRL_GLOBAL_ROWS = 8  # TRL's global batch: packed rows per optimizer step
+MICRO_BATCH = 1  # TRL's per-device batch (packed rows per forward pass)
 MODEL_SIZES = dict(
     hidden_size=128,
     num_hidden_layers=4,
@@ -97,17 +107,18 @@ def synth_rows(tokenizer, num_tokens: int, median: float, sigma: float, seed: in
 
 
 def prepare_inputs(work: Path, args) -> dict:
-    """Tokenizer + random model (saved once, loaded by both trainers), SFT rows, our packed data."""
+    """Tokenizer + random model (saved once, loaded by both trainers), SFT rows, our tokenized data, and our
+    global batch in sequences (see the module docstring)."""
     from transformers import LlamaForCausalLM
 
     from sftflow.demo.data import corpus
     from sftflow.demo.model import build_model, build_tokenizer
-    from sftflow.packing import PackedDataset, pack_jsonl
+    from sftflow.packing import PackedDataset, pack_jsonl, pack_lengths
 
     model_dir, packed_dir, rows_path = work / "model", work / "packed", work / "sft.jsonl"
     tokenizer = build_tokenizer(corpus(0), args.vocab_size, work / "tokenizer")
     # Enough tokens for every step of both runs, with ~10 % to spare for fill losses.
-    needed = (args.warmup_steps + args.steps) * GLOBAL_BATCH * SEQ_LEN
+    needed = (args.warmup_steps + args.steps) * TRL_GLOBAL_ROWS * SEQ_LEN
     rows = synth_rows(tokenizer, int(needed * 1.1), args.median_tokens, args.sigma, args.seed)
     rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
@@ -119,38 +130,43 @@ def prepare_inputs(work: Path, args) -> dict:
     stats = pack_jsonl(rows_path, packed_dir, tokenizer, {"max_total_sequence_length": SEQ_LEN})
     ds = PackedDataset(packed_dir)
     index = ds.index
-    lengths = [n for i in range(len(ds)) for n in ds.get_bin(i)["seq_lens"]]
+    lengths = ds.lengths()
+    # The whole data set packed once, best-fit-decreasing, as TRL's bfd packs it: how many sequences a
+    # 1024-token row holds on average decides our global batch (sequences) for the tokens of TRL's 8 rows.
+    rows_bfd = pack_lengths(lengths, SEQ_LEN, "best_fit_decreasing")
+    sequences_per_row = len(lengths) / len(rows_bfd)
+    global_batch = max(1, round(TRL_GLOBAL_ROWS * sequences_per_row))
     return {
         "model_dir": model_dir,
         "packed_dir": packed_dir,
         "num_params": num_params,
+        "global_batch_sequences": global_batch,
         "data": {
             "rows": len(rows),
             "sequences": index["num_sequences"],
             "tokens": index["num_tokens"],
             "loss_tokens": index["num_loss_tokens"],
-            "mean_sequence_tokens": round(sum(lengths) / len(lengths), 1),
-            "max_sequence_tokens": max(lengths),
-            "packed_rows": index["num_bins"],
-            "packed_fill": round(index["num_tokens"] / (index["num_bins"] * SEQ_LEN), 4),
+            "mean_sequence_tokens": round(float(lengths.mean()), 1),
+            "max_sequence_tokens": int(lengths.max()),
+            "bfd_rows": len(rows_bfd),
+            "bfd_fill": round(index["num_tokens"] / (len(rows_bfd) * SEQ_LEN), 4),
+            "bfd_sequences_per_row": round(sequences_per_row, 3),
             "overlong_sequences": stats["overlong"]["count"],
         },
     }
 
 
 def packed_sequences(packed_dir: Path) -> tuple[list[list[int]], list[list[int]]]:
-    """Every sequence stored in our shards, as (token ids, loss mask) lists, in stored order."""
+    """Every sequence stored in our shards (sftflow-packed-v2: bin i is sequence i), as (token ids, loss mask)
+    lists, in stored order."""
     from sftflow.packing import PackedDataset
 
     ds = PackedDataset(packed_dir)
     ids_out, mask_out = [], []
     for i in range(len(ds)):
         b = ds.get_bin(i)
-        start = 0
-        for n in b["seq_lens"]:
-            ids_out.append(b["input_ids"][start : start + n].tolist())
-            mask_out.append(b["loss_mask"][start : start + n].to(dtype=int).tolist())
-            start += n
+        ids_out.append(b["input_ids"].tolist())
+        mask_out.append(b["loss_mask"].to(dtype=int).tolist())
     return ids_out, mask_out
 
 
@@ -178,7 +194,7 @@ def _run_logged(argv: list[str], log: Path, env: dict, what: str) -> float:
 
 
 def read_our_metrics(path: Path) -> list[dict]:
-    """Per-step records (tokens, loss tokens, seconds, loss) from our trainer's metrics.jsonl."""
+    """Per-step records (tokens, loss tokens, sequences, bins, seconds, loss) from our trainer's metrics.jsonl."""
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [r for r in rows if "loss" in r]
     steps, prev_elapsed = [], None
@@ -189,8 +205,12 @@ def read_our_metrics(path: Path) -> list[dict]:
         prev_elapsed = r["elapsed_seconds"]
         step = {
             "step": r["step"],
-            "tokens": round(r["tokens_per_second"] * r["step_seconds"]),
+            "tokens": r["tokens"],  # real tokens: the sum of the step's sequence lengths, no padding
             "loss_tokens": r["loss_tokens"],
+            "sequences": r["sequences"],
+            "bins": r["bins"],
+            "micro_batches": r["micro_batches"],
+            "fill_ratio": r["fill_ratio"],
             "seconds": seconds,
             "in_step_seconds": r["step_seconds"],
             "loss": r["loss"],
@@ -210,7 +230,7 @@ def run_ours(work: Path, inputs: dict, args) -> dict:
     config = {
         "training": {
             "num_gpus": 1,
-            "train_global_batch_size": GLOBAL_BATCH,
+            "train_global_batch_size": inputs["global_batch_sequences"],  # sequences: 8 bfd rows' worth
             "train_micro_batch_size": args.ours_micro_batch,
             "max_num_steps": args.warmup_steps + args.steps,
             "max_num_epochs": 1000,
@@ -229,7 +249,7 @@ def run_ours(work: Path, inputs: dict, args) -> dict:
             "log_period": 1,
             "time_margin_seconds": 0,
         },
-        "packing": {"max_total_sequence_length": SEQ_LEN},
+        "packing": {"enabled": True, "algorithm": "best_fit_decreasing", "max_total_sequence_length": SEQ_LEN},
     }
     config_path = out / "config.json"
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
@@ -282,7 +302,7 @@ def trl_child(out: Path, args) -> None:
         output_dir=str(out / "output"),
         max_steps=args.warmup_steps + args.steps,
         per_device_train_batch_size=MICRO_BATCH,
-        gradient_accumulation_steps=GLOBAL_BATCH // MICRO_BATCH,
+        gradient_accumulation_steps=TRL_GLOBAL_ROWS // MICRO_BATCH,
         learning_rate=args.lr,
         lr_scheduler_type="constant",
         warmup_steps=0,
@@ -310,10 +330,10 @@ def trl_child(out: Path, args) -> None:
         seed=args.seed,
     )
 
-    batches: list[tuple[int, int]] = []
+    batches: list[tuple[int, int, int]] = []
 
     class CountingCollator:
-        """TRL's own collator, recording the tokens and loss tokens of every micro-batch it builds."""
+        """TRL's own collator, recording the tokens, loss tokens and sequences of every micro-batch it builds."""
 
         def __init__(self, inner):
             self.inner = inner
@@ -322,7 +342,8 @@ def trl_child(out: Path, args) -> None:
             batch = self.inner(examples)
             # padding-free: one flattened row, no padding; the model shifts labels, so targets are labels[1:].
             loss_tokens = int((batch["labels"][..., 1:] != -100).sum())
-            batches.append((int(batch["input_ids"].numel()), loss_tokens))
+            sequences = int((batch["position_ids"] == 0).sum())  # every sequence restarts its positions at 0
+            batches.append((int(batch["input_ids"].numel()), loss_tokens, sequences))
             return batch
 
     ends: list[float] = []
@@ -347,15 +368,17 @@ def trl_child(out: Path, args) -> None:
     row_tokens = [len(x) for x in packed_rows["input_ids"]]
     trainer.train()
 
-    accum = GLOBAL_BATCH // MICRO_BATCH
+    accum = TRL_GLOBAL_ROWS // MICRO_BATCH
     steps = []
     for k in range(1, len(ends)):
         micro = batches[(k - 1) * accum : k * accum]
         steps.append(
             {
                 "step": k,
-                "tokens": sum(t for t, _ in micro),
-                "loss_tokens": sum(n for _, n in micro),
+                "tokens": sum(t for t, _, _ in micro),
+                "loss_tokens": sum(n for _, n, _ in micro),
+                "sequences": sum(q for _, _, q in micro),
+                "bins": len(micro) * MICRO_BATCH,
                 "seconds": ends[k] - ends[k - 1],
                 "loss": losses.get(k),
             }
@@ -417,6 +440,11 @@ def summarize(steps: list[dict], warmup: int) -> dict:
         "mean_loss_last_5": round(sum(tail) / len(tail), 5) if tail else None,
         "steps_run": len(steps),
     }
+    for key in ("sequences", "bins"):
+        if all(key in s for s in timed):
+            out[f"{key}_per_step"] = round(sum(s[key] for s in timed) / len(timed), 2)
+    if all("fill_ratio" in s for s in timed):
+        out["fill_ratio"] = round(sum(s["fill_ratio"] for s in timed) / len(timed), 4)
     if all("in_step_seconds" in s for s in timed):
         in_step = sum(s["in_step_seconds"] for s in timed)
         out["tokens_per_second_in_step"] = round(tokens / in_step, 1)
@@ -434,6 +462,8 @@ def print_table(result: dict) -> None:
         ("fastest step (s)", "min_step_seconds", "{:.3f}"),
         ("tokens / step", None, "{:,.0f}"),
         ("loss tokens / step", None, "{:,.0f}"),
+        ("sequences / step", "sequences_per_step", "{:.1f}"),
+        ("packed rows (bins) / step", "bins_per_step", "{:.2f}"),
         ("first loss", "first_loss", "{:.4f}"),
         ("final loss", "final_loss", "{:.4f}"),
         ("mean loss, last 5 steps", "mean_loss_last_5", "{:.4f}"),
@@ -473,7 +503,7 @@ def main() -> None:
         "--ours-micro-batch",
         type=int,
         default=MICRO_BATCH,
-        help="packed rows per forward pass in our trainer (the global batch stays 8; TRL keeps 1x8, its best with padding-free packing)",
+        help="bins (packed rows) per forward pass in our trainer (TRL keeps 1 x 8 rows, its best with padding-free packing)",
     )
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.add_argument("--workdir", default=None, help="working directory (default: a temporary one)")
@@ -499,8 +529,8 @@ def main() -> None:
     try:
         inputs = prepare_inputs(work, args)
         print(
-            f"model {inputs['num_params']:,} parameters; data: {json.dumps(inputs['data'])}; "
-            f"prepared in {time.perf_counter() - t0:.1f} s",
+            f"model {inputs['num_params']:,} parameters; data: {json.dumps(inputs['data'])}; our global batch "
+            f"{inputs['global_batch_sequences']} sequences; prepared in {time.perf_counter() - t0:.1f} s",
             flush=True,
         )
         result: dict = {
@@ -509,8 +539,10 @@ def main() -> None:
             "warmup_steps": args.warmup_steps,
             "threads": args.threads,
             "seq_len": SEQ_LEN,
-            "global_batch_rows": GLOBAL_BATCH,
-            "micro_batch_rows": MICRO_BATCH,
+            "trl_global_batch_rows": TRL_GLOBAL_ROWS,
+            "trl_micro_batch_rows": MICRO_BATCH,
+            "ours_global_batch_sequences": inputs["global_batch_sequences"],
+            "ours_micro_batch_bins": args.ours_micro_batch,
             "lr": args.lr,
             "model": {"num_params": inputs["num_params"], **MODEL_SIZES, "vocab_size": args.vocab_size},
             "data": inputs["data"],
@@ -528,7 +560,11 @@ def main() -> None:
             result["ours"] = summarize(raw["ours"]["steps"], args.warmup_steps)
             result["ours"]["process_seconds"] = round(raw["ours"]["process_seconds"], 1)
             result["ours"]["command"] = raw["ours"]["command"]
-            print(f"ours: {result['ours']['tokens_per_second']:,.0f} tokens/s", flush=True)
+            print(
+                f"ours: {result['ours']['tokens_per_second']:,.0f} tokens/s, {result['ours']['sequences_per_step']} sequences "
+                f"in {result['ours']['bins_per_step']} bins per step",
+                flush=True,
+            )
         if args.only in (None, "trl"):
             raw["trl"] = run_trl(work, inputs, args)
             result["trl"] = summarize(raw["trl"]["steps"], args.warmup_steps)

@@ -8,10 +8,12 @@ Needs a CUDA device (exits with status 3 and a message otherwise). Everything is
    tied embeddings: ~0.82B parameters) randomly initialised and saved once with save_pretrained (bf16 on disk;
    the trainer keeps fp32 master weights and computes in bf16);
 2. random-token SFT sequences (lognormal lengths, median --median-tokens, the first ~30 % of each without loss)
-   packed best-fit-decreasing into 4096-token rows with our packer and written in the sftflow-packed-v1 format;
+   written one per bin in the sftflow-packed-v2 format, as pack_data stores them;
 3. our trainer through its CLI: `torchrun --standalone --nproc-per-node=N scripts/train.py ...`, precision bf16,
-   micro-batch 1, global batch --global-batch rows; throughput read back from its metrics.jsonl; once per
-   training.backend in --backends (default: fsdp, then megatron on the same model and data).
+   micro-batch 1 bin; the global batch counts sequences (--global-batch; by default 8 full 4096-token rows' worth,
+   see ROWS_PER_STEP), which the trainer packs per step best-fit-decreasing into 4096-token bins; throughput
+   read back from its metrics.jsonl; once per training.backend in --backends (default: fsdp, then megatron on
+   the same model and data).
 
 Reports real (non-padding) tokens/s over the steps after the warm-up, per GPU and in all, and
 MFU = 6 x parameters x tokens/s per GPU / the GPU's peak dense bf16 FLOP/s (sftflow.train.metrics.PEAK_BF16_FLOPS,
@@ -36,6 +38,12 @@ import numpy as np
 from train_bench import REPO, read_our_metrics, summarize  # a sibling: benchmarks/ is this script's folder
 
 PAD_ID = 0
+# The default global batch holds about the tokens of this many full --seq-len rows. Before issue 27 the global
+# batch counted packed rows and the default was 8 rows of 4,096 tokens (~32.1k tokens at bfd's ~98 % fill);
+# it now counts sequences, so the default is round(8 x the mean sequences per row of a best-fit-decreasing
+# packing of the data): at median 600 / sigma 0.8 (mean ~810 tokens) that is 8 x ~5.0 = ~40 sequences,
+# ~33k tokens a step, packed by the trainer per step into ~8-9 bins.
+ROWS_PER_STEP = 8
 
 
 def require_cuda() -> None:
@@ -82,18 +90,16 @@ def make_model(out_dir: Path, args) -> int:
     return num_params
 
 
-def make_packed(out_dir: Path, args, num_rows: int) -> dict:
-    """Random sequences packed into at least `num_rows` rows of args.seq_len tokens (sftflow-packed-v1)."""
-    from sftflow.packing import write_packed
-    from sftflow.packing.binpack import pack_lengths
-    from sftflow.packing.shards import BinLayout
+def make_packed(out_dir: Path, args, num_tokens: int, min_sequences: int) -> dict:
+    """Random sequences (at least `num_tokens` tokens and `min_sequences` sequences) written one per bin, in order
+    (sftflow-packed-v2, as pack_data writes them; the trainer packs each step's sequences). Returns a data summary
+    with the global batch in sequences: --global-batch, or, when unset, 8 rows' worth of tokens (see main)."""
+    from sftflow.packing import pack_lengths, write_packed
 
     rng = np.random.default_rng(args.seed)
-    # ~2 % fill loss with best-fit-decreasing; 10 % spare.
-    total = int(num_rows * args.seq_len * 1.1)
     lengths: list[int] = []
     acc = 0
-    while acc < total:
+    while acc < num_tokens or len(lengths) < min_sequences:
         lengths.append(int(np.clip(round(rng.lognormal(math.log(args.median_tokens), args.sigma)), 16, args.seq_len)))
         acc += lengths[-1]
     lengths_np = np.array(lengths, dtype=np.int64)
@@ -102,33 +108,34 @@ def make_packed(out_dir: Path, args, num_rows: int) -> dict:
     loss_mask = np.ones(int(offsets[-1]), dtype=np.uint8)
     for start, n in zip(offsets[:-1], lengths_np):
         loss_mask[start : start + max(1, int(0.3 * n))] = 0  # the "prompt"
-    bins = pack_lengths(lengths_np, args.seq_len, "best_fit_decreasing")
-    order = rng.permutation(len(bins))
-    bins = [bins[i] for i in order]
     out_dir.mkdir(parents=True, exist_ok=True)
     index = write_packed(
         out_dir,
         tokens,
         loss_mask,
-        BinLayout.from_bins(lengths_np, bins),
-        bins_per_shard=4096,
+        lengths_np,
+        sequences_per_shard=8192,
         meta={
-            "packing": True,
             "max_total_sequence_length": args.seq_len,
             "pad_token_id": PAD_ID,
             "tokenizer": "none (random token ids)",
             "source": "train_bench_gpu synthetic",
         },
     )
+    # The whole data set packed best-fit-decreasing once: sequences per full row, for the default global batch.
+    rows_bfd = pack_lengths(lengths_np, args.seq_len, "best_fit_decreasing")
+    sequences_per_row = len(lengths) / len(rows_bfd)
     return {
-        "sequences": int(len(lengths)),
+        "sequences": int(index["num_sequences"]),
+        "tokens": int(index["num_tokens"]),
         "mean_sequence_tokens": round(float(lengths_np.mean()), 1),
-        "packed_rows": int(index["num_bins"]),
-        "packed_fill": round(int(index["num_tokens"]) / (int(index["num_bins"]) * args.seq_len), 4),
+        "bfd_rows": len(rows_bfd),
+        "bfd_sequences_per_row": round(sequences_per_row, 3),
+        "global_batch_sequences": args.global_batch or max(1, round(ROWS_PER_STEP * sequences_per_row)),
     }
 
 
-def run_backend(backend: str, work: Path, args, num_params: int, peak: float | None, device_name: str) -> dict:
+def run_backend(backend: str, work: Path, args, data: dict, num_params: int, peak: float | None) -> dict:
     """Train with one backend through scripts/train.py under torchrun; tokens/s and MFU from its metrics."""
     from sftflow.train.launch import torchrun_command
 
@@ -136,7 +143,7 @@ def run_backend(backend: str, work: Path, args, num_params: int, peak: float | N
         "training": {
             "backend": backend,
             "num_gpus": args.nproc,
-            "train_global_batch_size": args.global_batch,
+            "train_global_batch_size": data["global_batch_sequences"],
             "train_micro_batch_size": 1,
             "max_num_steps": args.warmup_steps + args.steps,
             "max_num_epochs": 1000,
@@ -201,7 +208,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps (after the warm-up)")
     p.add_argument("--warmup-steps", type=int, default=5, help="optimizer steps run first and not measured (>= 1)")
     p.add_argument("--nproc", type=int, default=1, help="GPUs (torchrun processes)")
-    p.add_argument("--global-batch", type=int, default=8, help="packed rows per optimizer step (all GPUs)")
+    p.add_argument(
+        "--global-batch",
+        type=int,
+        default=None,
+        help="sequences per optimizer step, all GPUs (training.train_global_batch_size); default: 8 full rows' worth "
+        "of tokens, round(8 x the mean sequences per row of a best-fit-decreasing packing of the data)",
+    )
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=5632)
@@ -224,8 +237,8 @@ def main() -> None:
     args = p.parse_args()
     if args.warmup_steps < 1 or args.steps < 1:
         p.error("--warmup-steps and --steps must be >= 1")
-    if args.global_batch % args.nproc:
-        p.error(f"--global-batch ({args.global_batch}) must be divisible by --nproc ({args.nproc})")
+    if args.global_batch is not None and args.global_batch < 1:
+        p.error("--global-batch must be >= 1")
     if not args.cpu_smoke:
         require_cuda()
 
@@ -244,12 +257,18 @@ def main() -> None:
     try:
         total_steps = args.warmup_steps + args.steps
         num_params = make_model(work / "model", args)
-        data = make_packed(work / "packed", args, total_steps * args.global_batch)
+        # Tokens for every step at 8 rows' worth, 10 % spare; at least one sequence per step of an explicit batch.
+        data = make_packed(
+            work / "packed",
+            args,
+            num_tokens=int(total_steps * ROWS_PER_STEP * args.seq_len * 1.1),
+            min_sequences=total_steps * (args.global_batch or 0),
+        )
         print(f"model {num_params / 1e9:.3f}B parameters; data {json.dumps(data)}; prepared in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
         runs = {}
         for backend in args.backends.split(","):
-            runs[backend] = run_backend(backend, work, args, num_params, peak, device_name)
+            runs[backend] = run_backend(backend, work, args, data, num_params, peak)
         first = runs[args.backends.split(",")[0]]
         result = {
             "benchmark": "train_bench_gpu",
@@ -266,7 +285,7 @@ def main() -> None:
                 "vocab_size": args.vocab_size,
             },
             "seq_len": args.seq_len,
-            "global_batch_rows": args.global_batch,
+            "global_batch_sequences": data["global_batch_sequences"],
             "activation_checkpointing": args.activation_checkpointing,
             "data": data,
             "steps": args.steps,
@@ -292,6 +311,8 @@ def main() -> None:
                   f"{run['tokens_per_second_per_gpu']:,.0f} per GPU")  # fmt: skip
             print(f"    seconds / optimizer step:     {summary['seconds_per_step']:.3f} "
                   f"(median {summary['median_step_seconds']:.3f})")  # fmt: skip
+            print(f"    per step:                     {summary['sequences_per_step']:.1f} sequences in "
+                  f"{summary['bins_per_step']:.2f} bins (fill {summary['fill_ratio']:.3f})")  # fmt: skip
             print(f"    MFU (6N):                     {100 * mfu:.1f}%" if mfu is not None else "    MFU: unknown peak")
             print(f"    loss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
         print()
