@@ -76,11 +76,18 @@ RESULT_KEYS = (
 )
 
 
+def resolve_min_learning_rate(training: dict) -> dict:
+    """The section with min_learning_rate's null replaced by learning_rate (the constant schedule it stands for):
+    what a checkpoint records and resume checks compare, so that null and the value it means are one setting."""
+    training = dict(training)
+    if training.get("min_learning_rate") is None and "learning_rate" in training:
+        training["min_learning_rate"] = training["learning_rate"]
+    return training
+
+
 def check_training_matches(saved: dict | None, training: dict, checkpoint: Path) -> None:
     """Refuse `checkpoint`, trained with the training section `saved` (its meta.json), if a RESULT_KEYS value
     differs from `training`, naming each changed key, both values and the ways out."""
-    from sftflow.train.settings import resolve_min_learning_rate
-
     training = resolve_min_learning_rate(training)
     changed = [key for key in RESULT_KEYS if saved and key in saved and saved[key] != training.get(key)]
     if changed:

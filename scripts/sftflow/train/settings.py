@@ -12,15 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sftflow import config as C
-
-
-def resolve_min_learning_rate(training: Mapping) -> dict:
-    """The section with min_learning_rate's null replaced by learning_rate (the constant schedule it stands for):
-    what a checkpoint records and resume checks compare, so that null and the value it means are one setting."""
-    training = dict(training)
-    if training.get("min_learning_rate") is None and "learning_rate" in training:
-        training["min_learning_rate"] = training["learning_rate"]
-    return training
+from sftflow.train.config import resolve_min_learning_rate
 
 
 @dataclass(frozen=True)
