@@ -36,7 +36,9 @@ def check_steps(ckpt, packed) -> None:
         assert row["tokens"] == sum(len(s["input_ids"]) for s in seqs)
         assert row["loss_tokens"] == sum(int(s["loss_mask"][1:].sum()) for s in seqs)
         assert row["bins"] <= row["micro_batches"] <= GBS  # micro-batch of 1 bin: one per bin, over all ranks
-        assert row["fill_ratio"] == pytest.approx(row["tokens"] / (row["bins"] * data.index["max_total_sequence_length"]))
+        assert row["fill_ratio"] == pytest.approx(
+            row["tokens"] / (row["bins"] * data.index["max_total_sequence_length"])
+        )
         assert row["overlong_masked"] == 0
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from sftflow.errors import SftflowError
-from sftflow.train.settings import TrainingConfig
 from tests.train.conftest import assert_weights_close, final_weights, logged, make_packed, run_inprocess
 
 
