@@ -68,7 +68,7 @@ def one_job_runs(tmp_path_factory, tiny_model, moe_model, packed, reference):
         pytest.param(1, {}, id="single"),
         pytest.param(2, {}, id="dp2", marks=pytest.mark.slow),  # data parallel 2: the optimizer shards its state
         pytest.param(2, {"tensor_model_parallel_size": 2}, id="tp2"),
-        pytest.param(2, {"pipeline_model_parallel_size": 2}, id="pp2", marks=pytest.mark.slow),  # tied embeddings
+        pytest.param(2, {"pipeline_model_parallel_size": 2}, id="pp2"),  # tied embeddings
         pytest.param(
             4, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}, id="tp2pp2", marks=pytest.mark.slow
         ),
@@ -206,3 +206,50 @@ def test_without_clipping_megatron_logs_the_grad_norm_and_trains_the_fsdp_curve(
         assert ours.keys() == theirs.keys()
         for step in ours:
             assert ours[step] == pytest.approx(theirs[step], rel=1e-4), (key, step)
+
+
+# A load-balancing coefficient far above the models' 1e-3, so that the router term moves the gradient norm (by 2x)
+# and the later losses (by 2e-3) far beyond the tolerances of the comparison.
+AUX = 2.0
+
+
+@pytest.fixture(scope="module")
+def aux_reference(tmp_path_factory, moe_model, packed):
+    """fsdp runs of the MoE model with the load-balancing loss at AUX and switched off."""
+    tmp = tmp_path_factory.mktemp("fsdp-aux")
+    for name, coeff in (("aux", AUX), ("off", 0)):
+        fsdp_job(tmp, moe_model, packed, tmp / name, max_num_steps=STEPS, moe_aux_loss_coeff=coeff)
+    return {"aux": tmp / "aux", "off": tmp / "off"}
+
+
+def relative_gap(a: dict[int, float], b: dict[int, float]) -> float:
+    return max(abs(a[s] - b[s]) / abs(b[s]) for s in a)
+
+
+@pytest.mark.parametrize(
+    "nproc, layout",
+    [
+        pytest.param(1, {}, id="single"),
+        # pipeline stages pad micro-batches to the longest: the padding must stay out of the router statistics
+        pytest.param(2, {"pipeline_model_parallel_size": 2}, id="pp2"),
+    ],
+)
+@pytest.mark.slow
+def test_moe_load_balancing_loss_trains_the_same_curve_on_both_backends(
+    tmp_path, moe_model, packed, aux_reference, nproc, layout
+):
+    """With the router load-balancing loss at AUX, megatron gives the fsdp run's loss and gradient norm at every
+    step. The control: both differ from the run without the term (gradient norm from step 1, loss from step 2) by
+    far more than the tolerance, so dropping the term from either backend fails this test."""
+    megatron_job(tmp_path, moe_model, packed, tmp_path / "megatron", nproc, max_num_steps=STEPS,
+                 moe_aux_loss_coeff=AUX, **layout)  # fmt: skip
+    for key, rel in (("loss", 1e-5), ("grad_norm", 1e-4)):
+        ours, theirs, off = (
+            logged(d, key) for d in (tmp_path / "megatron", aux_reference["aux"], aux_reference["off"])
+        )
+        assert ours.keys() == theirs.keys() == off.keys() and len(ours) == STEPS, key
+        for step in ours:
+            assert ours[step] == pytest.approx(theirs[step], rel=rel), (key, step, ours[step], theirs[step])
+        moved = {s: v for s, v in theirs.items() if key == "grad_norm" or s > 1}  # step 1's loss precedes any update
+        assert relative_gap(moved, off) > 20 * rel, (key, theirs, off)
+        assert relative_gap({s: ours[s] for s in moved}, off) > 20 * rel, (key, ours, off)
