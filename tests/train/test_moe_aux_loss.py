@@ -118,3 +118,28 @@ def _inputs(engine, batch):
     from sftflow.train.model import model_inputs
 
     return model_inputs(batch, engine.parallel.device, engine.attention)
+
+
+def test_the_router_loss_gradient_survives_activation_checkpointing(tmp_path, world1, packed, moe_model):
+    """Recomputing each decoder layer in the backward pass gives the same gradients of the objective (the router
+    logits that HF records in the forward pass stay in the autograd graph)."""
+    from sftflow.packing import collate_bins
+
+    grads = {}
+    for recompute in (False, True):
+        engine, bins = _engine(
+            tmp_path / str(recompute),
+            world1,
+            packed,
+            moe_model,
+            moe_aux_loss_coeff=2.0,
+            activation_checkpointing=recompute,
+        )
+        batch = collate_bins(bins, engine.seq_len, engine.pad_id)
+        _, objective = engine.train_loss(bins, batch)
+        objective.backward()
+        grads[recompute] = {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    assert any(".mlp.gate." in n for n in grads[True])  # the router is trained
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-7, msg=name)
