@@ -23,12 +23,26 @@ import pytest
 import torch
 
 from tests.megatron_backend.conftest import STEPS, assert_same_curve, fsdp_job, megatron_job, val_rows
-from tests.train.conftest import WEIGHTS_ATOL, assert_weights_close, logged, make_moe_model
+from tests.train.conftest import (
+    WEIGHTS_ATOL,
+    assert_weights_close,
+    logged,
+    make_moe_model,
+    run_train,
+    training_config,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module")
 def moe_model(tmp_path_factory):
     return make_moe_model(tmp_path_factory.mktemp("moe") / "model")
+
+
+# The layout tests train without the MoE load-balancing loss: its statistics are per micro-batch, so with it a run
+# on 2 data-parallel ranks (EP2, PP2xEP2) trains another objective than the one-process fsdp reference
+# (test_moe_load_balancing_loss_trains_the_same_curve_on_both_backends compares equal layouts).
+NO_AUX = {"moe_aux_loss_coeff": 0}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +52,7 @@ def reference(tmp_path_factory, tiny_model, packed, moe_model):
     val = val_rows(tmp / "val.jsonl")
     runs = {}
     for name, model in (("dense", tiny_model), ("moe", moe_model)):
-        fsdp_job(tmp, model, packed, tmp / name, max_num_steps=STEPS, val_period=2, validation_data=str(val))
+        fsdp_job(tmp, model, packed, tmp / name, max_num_steps=STEPS, val_period=2, validation_data=str(val), **NO_AUX)
         runs[name] = tmp / name
     return {"val": val, **runs}
 
@@ -53,7 +67,7 @@ def one_job_runs(tmp_path_factory, tiny_model, moe_model, packed, reference):
             tmp = tmp_path_factory.mktemp(f"{which}-{layout_id}")
             model = tiny_model if which == "dense" else moe_model
             record = megatron_job(tmp, model, packed, tmp / "ckpt", nproc, max_num_steps=STEPS, val_period=2,
-                                  validation_data=str(reference["val"]), **layout)  # fmt: skip
+                                  validation_data=str(reference["val"]), **NO_AUX, **layout)  # fmt: skip
             assert record["complete"] and record["end_step"] == STEPS
             cache[which, layout_id] = tmp / "ckpt"
         return cache[which, layout_id]
@@ -68,7 +82,7 @@ def one_job_runs(tmp_path_factory, tiny_model, moe_model, packed, reference):
         pytest.param(1, {}, id="single"),
         pytest.param(2, {}, id="dp2", marks=pytest.mark.slow),  # data parallel 2: the optimizer shards its state
         pytest.param(2, {"tensor_model_parallel_size": 2}, id="tp2"),
-        pytest.param(2, {"pipeline_model_parallel_size": 2}, id="pp2", marks=pytest.mark.slow),  # tied embeddings
+        pytest.param(2, {"pipeline_model_parallel_size": 2}, id="pp2"),  # tied embeddings
         pytest.param(
             4, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}, id="tp2pp2", marks=pytest.mark.slow
         ),
@@ -115,7 +129,7 @@ def test_two_chained_jobs_end_bitwise_equal_to_one(
 ):
     one_dir = one_job_runs(which, layout_id, nproc, layout)
     model = tiny_model if which == "dense" else moe_model
-    same = {"max_num_steps": STEPS, "val_period": 2, "validation_data": str(reference["val"]), **layout}
+    same = {"max_num_steps": STEPS, "val_period": 2, "validation_data": str(reference["val"]), **NO_AUX, **layout}
     first = megatron_job(tmp_path, model, packed, tmp_path / "two", nproc, 0, 2, **same)
     second = megatron_job(tmp_path, model, packed, tmp_path / "two", nproc, 1, 2, **same)
     assert (first["end_step"], second["start_step"], second["end_step"]) == (2, 2, STEPS)
@@ -206,3 +220,55 @@ def test_without_clipping_megatron_logs_the_grad_norm_and_trains_the_fsdp_curve(
         assert ours.keys() == theirs.keys()
         for step in ours:
             assert ours[step] == pytest.approx(theirs[step], rel=1e-4), (key, step)
+
+
+# A load-balancing coefficient far above the models' 1e-3, so that the router term moves the gradient norm (by 2x)
+# and the later losses (by 2e-3) far beyond the tolerances of the comparison.
+AUX = 2.0
+
+
+@pytest.fixture(scope="module")
+def aux_reference(tmp_path_factory, moe_model, packed):
+    """fsdp runs of the MoE model with the load-balancing loss at AUX on 1 and 2 processes (the statistics are per
+    micro-batch: 2 data-parallel ranks form other micro-batches), and one without the term."""
+    tmp = tmp_path_factory.mktemp("fsdp-aux")
+    for name, coeff, nproc in (("aux-dp1", AUX, 1), ("aux-dp2", AUX, 2), ("off", 0, 1)):
+        config = write_config(tmp / f"{name}.json", training_config(max_num_steps=STEPS, moe_aux_loss_coeff=coeff))
+        run_train(config, packed, moe_model, tmp / name, nproc=nproc)
+    return tmp
+
+
+def relative_gap(a: dict[int, float], b: dict[int, float]) -> float:
+    return max(abs(a[s] - b[s]) / abs(b[s]) for s in a)
+
+
+@pytest.mark.parametrize(
+    "nproc, layout",
+    [
+        pytest.param(1, {}, id="single"),
+        # pipeline stages pad micro-batches to the longest: the padding must stay out of the router statistics
+        pytest.param(2, {"pipeline_model_parallel_size": 2}, id="pp2"),
+        # 2 data-parallel ranks, each with its own micro-batches and half of the experts
+        pytest.param(2, {"expert_model_parallel_size": 2}, id="ep2"),
+    ],
+)
+@pytest.mark.slow
+def test_moe_load_balancing_loss_trains_the_same_curve_on_both_backends(
+    tmp_path, moe_model, packed, aux_reference, nproc, layout
+):
+    """With the router load-balancing loss at AUX, megatron gives the loss and gradient norm of the fsdp run with as
+    many data-parallel ranks at every step. The control: both differ from the run without the term (gradient norm
+    from step 1, loss from step 2) by far more than the tolerance, so dropping the term from either backend fails."""
+    megatron_job(tmp_path, moe_model, packed, tmp_path / "megatron", nproc, max_num_steps=STEPS,
+                 moe_aux_loss_coeff=AUX, **layout)  # fmt: skip
+    dp = nproc // layout.get("pipeline_model_parallel_size", 1)
+    for key, rel in (("loss", 1e-5), ("grad_norm", 1e-4)):
+        ours, theirs, off = (
+            logged(d, key) for d in (tmp_path / "megatron", aux_reference / f"aux-dp{dp}", aux_reference / "off")
+        )
+        assert ours.keys() == theirs.keys() == off.keys() and len(ours) == STEPS, key
+        for step in ours:
+            assert ours[step] == pytest.approx(theirs[step], rel=rel), (key, step, ours[step], theirs[step])
+        moved = {s: v for s, v in theirs.items() if key == "grad_norm" or s > 1}  # step 1's loss precedes any update
+        assert relative_gap(moved, off) > 20 * rel, (key, theirs, off)
+        assert relative_gap({s: ours[s] for s in moved}, off) > 20 * rel, (key, ours, off)

@@ -65,6 +65,7 @@ def megatron_micro_batch(
     """One micro-batch for megatron-core's GPTModel from `bins` (PackedDataset.get_bin items).
 
     Returns CPU tensors: tokens, labels (IGNORE targets replaced by 0), loss_mask (float), position_ids,
+    padding_mask (bool, True on the padding this function adds: what megatron-core's MoE router leaves out),
     all [1, T_local]; cu_seqlens / cu_seqlens_padded (int32, over the whole row), max_seqlen,
     num_loss_tokens (of this CP rank's part) and, with `block_mask`, attention_mask [1, 1, T, T].
     `context`: with context parallelism, only the chunks this CP rank keeps (cp_chunk_indices);
@@ -75,7 +76,7 @@ def megatron_micro_batch(
     if block_mask and cp_size > 1:
         raise ValueError("the block-diagonal mask path has no context parallelism")
     seq_multiple = 2 * cp_size if cp_size > 1 else 1
-    ids, labels, loss_mask, positions = [], [], [], []
+    ids, labels, loss_mask, positions, padding = [], [], [], [], []
     cu, cu_padded = [0], [0]
     for item in bins:
         n = len(item["input_ids"])
@@ -91,6 +92,7 @@ def megatron_micro_batch(
             labels.append(targets.clamp(min=0))
             loss_mask.append((targets != IGNORE_INDEX).float())
             positions.append(torch.arange(padded))
+            padding.append(torch.arange(padded) >= length)
             cu.append(cu[-1] + length)
             cu_padded.append(cu_padded[-1] + padded)
             start = end
@@ -101,6 +103,7 @@ def megatron_micro_batch(
         labels.append(torch.zeros(row_pad, dtype=torch.long))
         loss_mask.append(torch.zeros(row_pad))
         positions.append(torch.arange(row_pad))
+        padding.append(torch.ones(row_pad, dtype=torch.bool))
         cu.append(cu[-1] + row_pad)
         cu_padded.append(cu_padded[-1] + row_pad)
     tokens = torch.cat(ids).long()
@@ -109,6 +112,7 @@ def megatron_micro_batch(
         "labels": torch.cat(labels).long(),
         "loss_mask": torch.cat(loss_mask),
         "position_ids": torch.cat(positions).long(),
+        "padding_mask": torch.cat(padding),
     }
     if cp_size > 1:
         keep = cp_chunk_indices(cu_padded, cp_size, context.rank)

@@ -16,6 +16,11 @@ plan, chained jobs, deadlines, learning-rate schedule, metrics and done-records.
   training.loss_chunk_tokens), so the full fp32 logits of a long micro-batch never exist at once;
   then the distributed optimizer (fp32 main weights and Adam moments sharded over data parallel,
   gradient-norm clipping);
+* a mixture-of-experts model trains megatron-core's router load-balancing loss (`aux_loss`) with the
+  coefficient of training.moe_aux_loss_coeff (sftflow.train.loss.moe_aux_loss_coeff), over the real
+  tokens only: the padding this engine adds for pipeline shapes, sequence or context parallelism is
+  masked out of routing statistics (GPTModel's padding_mask), so every layout trains the same objective
+  as the fsdp backend (sftflow.train.loss.router_load_balancing_loss says how megatron-core scales it);
 * checkpoints (sftflow.megatron.checkpoint): per-rank model shards as safetensors and the optimizer
   shards, committed by the same rename as the fsdp backend's.
 
@@ -24,6 +29,7 @@ megatron-core's training path runs on CUDA only.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -39,6 +45,7 @@ from sftflow.megatron.batches import ContextShard, megatron_micro_batch
 from sftflow.megatron.hf_config import model_layout, padded_vocab_size
 from sftflow.megatron.loss import OutputLayerLoss
 from sftflow.train.data import eval_micro_batches
+from sftflow.train.loss import moe_aux_loss_coeff
 from sftflow.train.parallel import LaunchEnvironment, ParallelDims, init_process_group
 from sftflow.train.settings import TrainingConfig
 
@@ -159,7 +166,12 @@ class MegatronEngine:
         self.parallel, self.pad_id = parallel, pad_id
         parallel.on_main(lambda: local_model_dir(spec.model))  # a hub model is downloaded once, by rank 0
         model_dir = local_model_dir(spec.model)
-        self.layout = model_layout(read_hf_config(model_dir), where=f"{spec.model}/config.json")
+        hf_config = read_hf_config(model_dir)
+        layout = model_layout(hf_config, where=f"{spec.model}/config.json")
+        coeff = moe_aux_loss_coeff(t.moe_aux_loss_coeff, hf_config)
+        self.layout = dataclasses.replace(layout, moe_aux_loss_coef=coeff) if layout.num_experts else layout
+        if coeff:
+            LOG.info("MoE router load-balancing loss: aux_loss, coefficient %g", coeff)
         self.use_te = transformer_engine_available()
         self.sequence_parallel = bool(t.sequence_parallel) and parallel.tp > 1
         self._check_features()
@@ -350,6 +362,8 @@ class MegatronEngine:
             "position_ids": b["position_ids"].to(dev, non_blocking=True),
             "attention_mask": b["attention_mask"].to(dev, non_blocking=True) if "attention_mask" in b else None,
         }
+        if self.layout.moe_aux_loss_coef:
+            kwargs["padding_mask"] = self._padding_mask(b["padding_mask"]).to(dev, non_blocking=True)
         if self.use_te:
             cu = b["cu_seqlens"].to(dev, non_blocking=True)
             cu_padded = b["cu_seqlens_padded"].to(dev, non_blocking=True)
@@ -372,6 +386,18 @@ class MegatronEngine:
             return loss_sum, count, {"loss_sum": loss_sum.detach().double(), "loss_tokens": count.detach().double()}
 
         return output, loss_func
+
+    def _padding_mask(self, padding: torch.Tensor) -> torch.Tensor:
+        """The padding mask for GPTModel's MoE routers. GPTModel splits it for sequence parallelism only on the
+        first pipeline stage; a later stage's routers see this TP rank's part of the tokens, so it gets that part.
+
+        With it, megatron-core 0.16.1's router counts the real tokens of the micro-batch over the tensor- and
+        context-parallel group (an in-place all-reduce of the routed counts) and multiplies the load-balancing
+        loss by that count, the scaling of sftflow.train.loss.router_load_balancing_loss; without it, by the
+        rank's local token count, 1 / (TP x CP) of it."""
+        if not self.sequence_parallel or self.first_stage:
+            return padding
+        return padding.chunk(self.parallel.tp, dim=1)[self.parallel.tp_rank]
 
     def _run(self, micro: list[dict], forward_only: bool) -> tuple[float, float]:
         """Forward (and backward) over the micro-batches; returns (sum of token losses, loss tokens) of the

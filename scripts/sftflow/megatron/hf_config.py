@@ -42,6 +42,7 @@ class ModelLayout:
     moe_top_k: int = 0
     moe_ffn_hidden_size: int = 0
     moe_norm_topk_prob: bool = False
+    # the router load-balancing loss's coefficient (0: none); the engine sets it from training.moe_aux_loss_coeff
     moe_aux_loss_coef: float = 0.0
     moe_layers: tuple[bool, ...] = ()  # per layer: MoE (True) or dense MLP (False)
 
@@ -116,11 +117,6 @@ def model_layout(cfg: dict, where: str = "config.json") -> ModelLayout:
             "moe_top_k": int(cfg["num_experts_per_tok"]),
             "moe_ffn_hidden_size": int(cfg["moe_intermediate_size"]),
             "moe_norm_topk_prob": bool(cfg.get("norm_topk_prob")),
-            # HF adds the router's load-balancing loss only with output_router_logits (false in Qwen3-MoE
-            # configs), and so does the fsdp backend; megatron follows the same switch.
-            "moe_aux_loss_coef": float(cfg.get("router_aux_loss_coef") or 0.0)
-            if cfg.get("output_router_logits")
-            else 0.0,
             "moe_layers": tuple(i not in dense_only and experts > 0 and (i + 1) % step == 0 for i in range(layers)),
         }
     return ModelLayout(

@@ -73,6 +73,7 @@ RESULT_KEYS = (
     "max_grad_norm",
     "seed",
     "precision",
+    "moe_aux_loss_coeff",
 )
 
 

@@ -4,6 +4,9 @@ Each optimizer step (`FsdpEngine.train_step`):
 
 1. the number of loss tokens of the *whole* global batch is summed over micro-batches and dp ranks
    before any backward, so each micro-batch's backward uses  sum of token losses / global count;
+   a mixture-of-experts model adds megatron-core's router load-balancing loss to that sum, scaled as
+   megatron-core scales it (`training.moe_aux_loss_coeff`; sftflow.train.loss.router_load_balancing_loss),
+   so both backends train the same objective;
 2. FSDP sums (not averages) gradients over dp ranks, so the update equals a single process running the
    whole global batch, whatever the split into ranks and micro-batches;
 3. gradient-norm clipping over the sharded gradients, then AdamW.
@@ -38,6 +41,8 @@ from sftflow.train.loss import (
     attach_chunked_loss,
     chunked_loss_unsupported,
     loss_chunk_size,
+    moe_aux_loss_coeff,
+    router_load_balancing_loss,
     token_loss_sum,
 )
 from sftflow.train.model import build_model, count_parameters, model_inputs
@@ -136,6 +141,11 @@ class FsdpEngine:
             self.loss_chunk_tokens = 0
         else:
             attach_chunked_loss(self.model)
+        model_config = self.model.config.to_dict()
+        self.moe_aux_loss_coeff = moe_aux_loss_coeff(tcfg.moe_aux_loss_coeff, model_config)
+        self.moe_top_k = int(model_config.get("num_experts_per_tok") or 0)
+        if self.moe_aux_loss_coeff:
+            LOG.info("MoE router load-balancing loss: aux_loss, coefficient %g", self.moe_aux_loss_coeff)
         self.checkpointer = Checkpointer(spec.checkpoint_dir, parallel)
 
     @classmethod
@@ -159,26 +169,53 @@ class FsdpEngine:
     def loss_sum(self, batch: dict) -> torch.Tensor:
         """Sum of the token losses of one collated micro-batch: the model's full logits, or chunked
         (training.loss_chunk_tokens) so that only one chunk's logits exist at a time."""
+        return self._forward_loss(batch, router_logits=False)
+
+    def _forward_loss(self, batch: dict, router_logits: bool):
+        """loss_sum; with `router_logits`, (loss_sum, the routers' logits per MoE layer: HF's output_router_logits)."""
         device = self.parallel.device
         inputs, targets = model_inputs(batch, device, self.attention), batch["targets"].to(device)
         chunk = loss_chunk_size(self.loss_chunk_tokens, targets.numel(), self.vocab_size)
-        if chunk <= 0:
+        if chunk > 0:
+            return getattr(self.model, CHUNKED_LOSS_METHOD)(inputs, targets, chunk, router_logits=router_logits)
+        if not router_logits:
             return token_loss_sum(self.model(**inputs).logits, targets)
-        return getattr(self.model, CHUNKED_LOSS_METHOD)(inputs, targets, chunk)
+        out = self.model(**inputs, output_router_logits=True)
+        return token_loss_sum(out.logits, targets), tuple(getattr(out, "router_logits", None) or ())
+
+    def train_loss(self, bins: list[dict], batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token losses, the loss to differentiate) of one micro-batch: for a mixture-of-experts model
+        the second adds moe_aux_loss_coeff x router_load_balancing_loss over the micro-batch's real tokens."""
+        if not self.moe_aux_loss_coeff:
+            loss = self.loss_sum(batch)
+            return loss, loss
+        loss, router_logits = self._forward_loss(batch, router_logits=True)
+        if not router_logits:
+            raise SftflowError(
+                f"config key 'training.moe_aux_loss_coeff' ({self.moe_aux_loss_coeff}): model class "
+                f"{type(self.model).__name__} returns no router logits (HF's output_router_logits), so backend fsdp "
+                "cannot add the load-balancing loss; set it to 0"
+            )
+        seq_len = batch["input_ids"].shape[1]
+        lengths = torch.tensor([len(b["input_ids"]) for b in bins])
+        real = torch.arange(seq_len)[None, :] < lengths[:, None]  # the rest of each row is padding
+        balance = router_load_balancing_loss(router_logits, real, self.moe_top_k)
+        return loss, loss + self.moe_aux_loss_coeff * balance
 
     def train_step(self, micro_bins: list[list[dict]]) -> tuple[float, float, float]:
-        """One optimizer step over this rank's micro-batches; returns (mean token loss, loss tokens, grad norm)."""
+        """One optimizer step over this rank's micro-batches; returns (mean token loss, loss tokens, grad norm).
+        The mean token loss leaves the MoE load-balancing term out, as megatron-core's loss does."""
         from sftflow.packing import collate_bins
 
         device = self.parallel.device
         batches = [collate_bins(bins, self.seq_len, self.pad_id) for bins in micro_bins]
         global_count = self.parallel.dp_sum(sum(b["num_loss_tokens"] for b in batches))
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per micro-batch
-        for batch in batches:
-            micro_loss = self.loss_sum(batch)
-            (micro_loss / max(global_count, 1.0)).backward()
+        for bins, batch in zip(micro_bins, batches):
+            micro_loss, objective = self.train_loss(bins, batch)
+            (objective / max(global_count, 1.0)).backward()
             loss_sum += micro_loss.detach().double()
-            del micro_loss
+            del micro_loss, objective
         grad_norm = clip_grad_norm(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

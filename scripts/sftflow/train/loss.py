@@ -1,11 +1,14 @@
-"""The token loss of a HF causal LM: a sum over target tokens, optionally over chunks of lm_head's logits.
+"""The training loss of a HF causal LM: the sum of its target tokens' cross-entropies, optionally over chunks of
+lm_head's logits, and for a mixture-of-experts model megatron-core's router load-balancing loss.
 
-Shared by both backends: sftflow.megatron.loss sizes its chunks with `loss_chunk_size` too.
+Shared by both backends: sftflow.megatron.loss sizes its chunks with `loss_chunk_size` too, and the megatron
+engine takes its load-balancing coefficient from `moe_aux_loss_coeff`.
 """
 
 from __future__ import annotations
 
 import types
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,11 +71,19 @@ def chunked_token_loss_sum(
     return total
 
 
-def _chunked_loss_forward(model: torch.nn.Module, inputs: dict, targets: torch.Tensor, chunk_tokens: int):
+def _chunked_loss_forward(
+    model: torch.nn.Module, inputs: dict, targets: torch.Tensor, chunk_tokens: int, router_logits: bool = False
+):
     """What model(**inputs).logits feeds into token_loss_sum, without the full logits: the decoder's final
-    (normed) hidden states, then lm_head chunk by chunk."""
-    hidden = model.get_decoder()(**inputs).last_hidden_state
-    return chunked_token_loss_sum(hidden, targets, model.get_output_embeddings(), chunk_tokens)
+    (normed) hidden states, then lm_head chunk by chunk. With `router_logits`, (that loss, the decoder's MoE
+    router logits per layer, as HF's output_router_logits records them; empty if it records none)."""
+    if router_logits:
+        inputs = {**inputs, "output_router_logits": True}
+    out = model.get_decoder()(**inputs)
+    loss = chunked_token_loss_sum(out.last_hidden_state, targets, model.get_output_embeddings(), chunk_tokens)
+    if router_logits:
+        return loss, tuple(getattr(out, "router_logits", None) or ())
+    return loss
 
 
 def chunked_loss_unsupported(model: torch.nn.Module) -> str | None:
@@ -87,7 +98,8 @@ def chunked_loss_unsupported(model: torch.nn.Module) -> str | None:
 
 
 def attach_chunked_loss(model: torch.nn.Module) -> None:
-    """Give `model` the method CHUNKED_LOSS_METHOD(inputs, targets, chunk_tokens) -> loss sum.
+    """Give `model` the method CHUNKED_LOSS_METHOD(inputs, targets, chunk_tokens, router_logits=False) -> loss sum
+    (with router_logits=True: (loss sum, router logits per MoE layer)).
 
     With FSDP2 the root unit (embeddings, final norm, lm_head; tied or not) holds sharded parameters that
     its forward hooks gather: registering the method as an FSDP forward method runs those hooks around it
@@ -97,3 +109,52 @@ def attach_chunked_loss(model: torch.nn.Module) -> None:
     """
     setattr(model, CHUNKED_LOSS_METHOD, types.MethodType(_chunked_loss_forward, model))
     register_fsdp_forward_method(model, CHUNKED_LOSS_METHOD)
+
+
+# --- the MoE router's load-balancing loss ---------------------------------------------------------------
+
+# Megatron-Bridge's Qwen3-MoE provider fixes moe_aux_loss_coeff at 1e-3; transformers' default
+# router_aux_loss_coef (Qwen3-MoE, Mixtral) is the same value.
+DEFAULT_ROUTER_AUX_LOSS_COEF = 1e-3
+
+
+def num_experts(model_config: Mapping) -> int:
+    """The number of routed experts of a HF config dict (num_experts, or Mixtral's num_local_experts); 0: dense."""
+    return int(model_config.get("num_experts") or model_config.get("num_local_experts") or 0)
+
+
+def moe_aux_loss_coeff(setting: float | None, model_config: Mapping) -> float:
+    """The coefficient of the router load-balancing loss a run trains with: 0 for a dense model; else
+    training.moe_aux_loss_coeff (`setting`), or when that is null the model's own config.json
+    router_aux_loss_coef (what NeMo-RL's megatron path reads through Megatron-Bridge), 1e-3 when it has none."""
+    if not num_experts(model_config):
+        return 0.0
+    if setting is not None:
+        return float(setting)
+    value = model_config.get("router_aux_loss_coef")
+    return DEFAULT_ROUTER_AUX_LOSS_COEF if value is None else float(value)
+
+
+def router_load_balancing_loss(router_logits: Sequence[torch.Tensor], valid: torch.Tensor, top_k: int) -> torch.Tensor:
+    """megatron-core's `aux_loss` load-balancing loss of one micro-batch, summed over the MoE layers and
+    multiplied by the micro-batch's token count T, without the coefficient.
+
+    `router_logits`: per MoE layer the router's logits of every token of the micro-batch ([tokens, experts],
+    in `valid`'s flattened order); `valid`: which tokens are real (not padding). Per layer, over the T real
+    tokens, with p = softmax(logits) in fp32 and n_i the tokens whose top_k experts include expert i (no
+    gradient), megatron-core's switch loss is  E / (top_k x T^2) x sum_i n_i x sum_x p(x, i).  Megatron-core
+    with calculate_per_token_loss multiplies each micro-batch's term by T before the gradients are divided by
+    the global batch's loss tokens, so T x that is what a backend adds to the micro-batch's token-loss sum.
+    """
+    keep = valid.reshape(-1).to(router_logits[0].device)
+    total = torch.zeros((), dtype=torch.float32, device=keep.device)
+    for logits in router_logits:
+        probs = torch.softmax(logits.reshape(-1, logits.shape[-1])[keep].float(), dim=-1)
+        tokens, experts = probs.shape
+        if not tokens:
+            continue
+        chosen = probs.detach().topk(top_k, dim=-1).indices.reshape(-1)
+        counts = torch.zeros(experts, dtype=torch.float32, device=probs.device)
+        counts.scatter_add_(0, chosen, torch.ones_like(chosen, dtype=torch.float32))
+        total = total + (probs.sum(dim=0) * counts).sum() * (experts / (top_k * tokens))
+    return total

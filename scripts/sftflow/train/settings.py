@@ -44,6 +44,7 @@ class TrainingConfig:
     pipeline_model_parallel_size: int
     expert_model_parallel_size: int
     expert_tensor_parallel_size: int
+    moe_aux_loss_coeff: float | None  # null: the model's router_aux_loss_coef
     save_period: int
     val_period: int
     validation_data: str | None
