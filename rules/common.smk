@@ -22,12 +22,9 @@ def out(*parts):
 
 
 def all_targets():
-    """Default targets - the eval summary (which brings the report's pages) and the conversion_step export if set."""
-    targets = [out("eval.json")]
-    step = config["training"]["conversion_step"]
-    if step is not None:
-        targets.append(out("hf_models", f"step_{step}"))
-    return targets
+    """Default targets - the eval summary (which brings the report's pages) and the training.export_steps exports."""
+    steps = config["training"]["export_steps"] or []
+    return [out("eval.json"), *(out("hf_models", f"step_{step}") for step in dict.fromkeys(steps))]
 
 
 def report_pages():

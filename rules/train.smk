@@ -13,7 +13,10 @@
 # reruns too (its params change) and, its checkpoint already past its new target, only rewrites its
 # done-file. Start training over by deleting out("checkpoints").
 #
-# training.conversion_step: X is exported by the target out("hf_models", "step_X") (rule convert_step).
+# training.conversion_step: X makes out("final_hf_model") from step X's checkpoint (as NeMo-Skills'
+# --conversion_step; null: the last step). Other steps are exported beside it, each to out("hf_models", "step_X")
+# (rule convert_step): training.export_steps, eval.models' step_N and average_steps ask for them. Every such step
+# is checked at planning time (sftflow.config.check_saved_steps).
 
 
 # The keys that decide the final step and the last job's length (rerun trigger of the last job only).
@@ -105,6 +108,8 @@ rule convert_final:
         model=lambda wildcards, input: (input.model[0] if input.model else get_base_model()),
         tokenizer=lambda wildcards, input: (input.tokenizer[0] if input.tokenizer else get_tokenizer()),
         chat_template=config["model"]["chat_template"],
+        # A rerun trigger: changing it remakes the final model from the other step.
+        step=config["training"]["conversion_step"],
     script:
         "../scripts/convert_checkpoint.py"
 

@@ -13,8 +13,8 @@ temporary name, renamed when complete):
     config.json, tokenizer files, chat template ...  copied from the LAST model (the most trained one)
     sftflow_average.json                             the averaged steps and source dirs, tensors, dtypes
 
-torch and safetensors are imported inside the functions that need them, so `check_average_steps` can run
-at DAG-build time.
+torch and safetensors are imported inside the functions that need them, so `check_average_steps` and
+`SavePlan` can run at DAG-build time.
 """
 
 from __future__ import annotations
@@ -405,6 +405,80 @@ def average_hf_models(
     return record
 
 
+@dataclass(frozen=True)
+class SavePlan:
+    """Which steps a run saves, as far as planning can tell (the trainer, train/trainer.py, saves every
+    training.save_period steps, at the end of each job and at the run's last step).
+
+    The last step is min(max_num_steps, max_num_epochs x floor(num_sequences / train_global_batch_size)) once
+    the packed data exists (`num_sequences` from results/data/packed/index.json), else max_num_steps: the
+    early stop at max_num_epochs is checked only once pack_data has run. `job_ends` are the chained jobs' last
+    steps when they are known (the data packed) and fixed (no training.time_limit; a Slurm job's own end time
+    is not known here): ceil(last x (i+1) / num_training_jobs), as train/data.py job_target_step.
+    """
+
+    save_period: int
+    max_num_steps: int
+    last_step: int
+    why_last: str
+    job_ends: tuple[int, ...] = ()
+
+    @classmethod
+    def from_training(cls, training: dict, num_sequences: int | None = None) -> SavePlan:
+        """From the `training:` section (validated) and, when known, the packed data's number of sequences."""
+        max_steps, gbs = training["max_num_steps"], training["train_global_batch_size"]
+        last, why = max_steps, f"training.max_num_steps = {max_steps}"
+        if num_sequences is not None:
+            epochs, per_epoch = training["max_num_epochs"], num_sequences // gbs
+            if epochs * per_epoch < max_steps:
+                last = epochs * per_epoch
+                why = (
+                    f"{last} = training.max_num_epochs = {epochs} x {per_epoch} steps per epoch (floor of the "
+                    f"packed data's {num_sequences} sequences / training.train_global_batch_size = {gbs}), before "
+                    f"training.max_num_steps = {max_steps}"
+                )
+        jobs = training["num_training_jobs"]
+        job_ends: tuple[int, ...] = ()
+        if num_sequences is not None and training.get("time_limit") is None and jobs > 1:
+            job_ends = tuple(sorted({-(-last * (i + 1) // jobs) for i in range(jobs)}))
+        return cls(training["save_period"], max_steps, last, why, job_ends)
+
+    def saves(self, step: int) -> bool:
+        return 0 < step <= self.last_step and (
+            step % self.save_period == 0 or step == self.last_step or step in self.job_ends
+        )
+
+    def check(self, steps: Sequence[int] | int | None, key: str) -> list[int]:
+        """The steps, sorted, or SftflowError naming config key `key`, the step and the keys that decide it.
+        None or [] -> []; a single int is one step (training.conversion_step)."""
+        if steps is None:
+            return []
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            steps = [steps]
+        if isinstance(steps, str | bytes) or not isinstance(steps, Sequence):
+            raise SftflowError(f"config key '{key}': expected a list of steps, got {steps!r}")
+        seen: set[int] = set()
+        for step in steps:
+            if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+                raise SftflowError(f"config key '{key}': {step!r} is not a positive integer step")
+            if step in seen:
+                raise SftflowError(f"config key '{key}': step {step} is listed twice")
+            seen.add(step)
+            if step > self.last_step:
+                raise SftflowError(
+                    f"config key '{key}': step {step} is after the last step ({self.why_last}); "
+                    f"list saved steps up to {self.last_step}"
+                )
+            if not self.saves(step):
+                jobs = f", at the chained jobs' ends {list(self.job_ends)}" if self.job_ends else ""
+                raise SftflowError(
+                    f"config key '{key}': step {step} is never saved: checkpoints are written every "
+                    f"training.save_period = {self.save_period} steps{jobs} and at the last step ({self.why_last}); "
+                    f"use multiples of {self.save_period} or {self.last_step}"
+                )
+        return sorted(seen)
+
+
 def check_average_steps(
     steps: Sequence[int] | None, save_period: int, max_num_steps: int, key: str = CONFIG_KEY
 ) -> list[int]:
@@ -412,31 +486,22 @@ def check_average_steps(
 
     A step is saved when it is a multiple of training.save_period or the final step training.max_num_steps
     (steps are matched as integers: step 100 is the directory step_100, never step_1000). None or [] -> [].
-    `key` is the config key named in errors (the same check serves eval.models' step_N entries).
+    `key` is the config key named in errors. The planning-time check with the data's epoch length and the
+    chained jobs' ends is SavePlan.check.
     """
-    if steps is None:
-        return []
-    if isinstance(steps, str | bytes) or not isinstance(steps, Sequence):
-        raise SftflowError(f"config key '{key}': expected a list of steps, got {steps!r}")
-    seen: set[int] = set()
-    for step in steps:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-            raise SftflowError(f"config key '{key}': {step!r} is not a positive integer step")
-        if step in seen:
-            raise SftflowError(f"config key '{key}': step {step} is listed twice")
-        seen.add(step)
-        if step > max_num_steps:
-            raise SftflowError(
-                f"config key '{key}': step {step} is after the last step (training.max_num_steps = "
-                f"{max_num_steps}); list saved steps up to {max_num_steps}"
-            )
-        if step % save_period != 0 and step != max_num_steps:
-            raise SftflowError(
-                f"config key '{key}': step {step} is never saved: checkpoints are written every "
-                f"training.save_period = {save_period} steps and at training.max_num_steps = {max_num_steps}; "
-                f"use multiples of {save_period} or {max_num_steps}"
-            )
-    return sorted(seen)
+    plan = SavePlan(save_period, max_num_steps, max_num_steps, f"training.max_num_steps = {max_num_steps}")
+    return plan.check(steps, key)
+
+
+def packed_num_sequences(packed_dir: str | Path) -> int | None:
+    """num_sequences of the packed data's index.json (sftflow.packing), or None when it does not exist yet
+    (or cannot be read: pack_data rewrites it, and the export's own check then names the saved steps)."""
+    try:
+        index = json.loads((Path(packed_dir) / "index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    n = index.get("num_sequences") if isinstance(index, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
 
 
 def average_parser() -> argparse.ArgumentParser:

@@ -256,6 +256,23 @@ def check_cross_keys(config: dict) -> None:
     check_eval_keys(config)
 
 
+def check_saved_steps(config: dict) -> None:
+    """Every step an export or an average needs (training.conversion_step, training.export_steps,
+    training.average_steps, eval.models' step_N) is one the run saves: checked against training.save_period,
+    max_num_steps and, once pack_data has written results/data/packed/index.json, the data's epoch length
+    (the early stop at max_num_epochs) and the chained jobs' ends. Errors name the key and the step."""
+    from sftflow.averaging import SavePlan, packed_num_sequences
+
+    t = config["training"]
+    num_sequences = packed_num_sequences(Path(config["output_dir"]) / "data" / "packed")
+    plan = SavePlan.from_training(t, num_sequences)
+    plan.check(t["conversion_step"], "training.conversion_step")
+    plan.check(t["export_steps"], "training.export_steps")
+    plan.check(t["average_steps"], "training.average_steps")
+    models = config["eval"]["models"] or []
+    plan.check([int(m.split("_", 1)[1]) for m in dict.fromkeys(models) if m.startswith("step_")], "eval.models")
+
+
 def check_eval_keys(config: dict) -> None:
     """eval.*: benchmarks that exist, models that the workflow can make, a server it can reach."""
     from sftflow.evaluation.benchmarks import NORMALIZED_BENCHMARKS, parse_benchmarks_spec
@@ -280,13 +297,7 @@ def check_eval_keys(config: dict) -> None:
         )
     if "base" in models and config["model"]["base_model"] is None and not config["demo"]["enabled"]:
         raise SftflowError("config key 'eval.models' lists 'base', but there is no base model (model.base_model)")
-    from sftflow.averaging import check_average_steps
-
-    if t["average_steps"]:
-        check_average_steps(t["average_steps"], t["save_period"], t["max_num_steps"], key="training.average_steps")
-    steps = [int(m.split("_", 1)[1]) for m in models if m.startswith("step_")]
-    if steps:
-        check_average_steps(steps, t["save_period"], t["max_num_steps"], key="eval.models")
+    check_saved_steps(config)
     try:
         re.compile(e["extract_regex"])
     except re.error as err:

@@ -103,8 +103,9 @@ def resolve_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None) -> P
     saved = ", ".join(str(i.step) for i in found)
     raise SftflowError(
         f"step {step} was never saved in {checkpoint_dir} (asked for by training.conversion_step, "
-        f"training.average_steps or eval.models; checkpoints are written every training.save_period steps and "
-        f"at the end of each job; saved steps: {saved})"
+        f"training.export_steps, training.average_steps or eval.models; checkpoints are written every "
+        f"training.save_period steps and at the end of each job, and the run may have stopped early at "
+        f"training.max_num_epochs: a check that planning makes only once the packed data exists; saved steps: {saved})"
     )
 
 

@@ -52,6 +52,7 @@ class TrainingConfig:
     time_margin_seconds: float
     log_period: int
     conversion_step: int | None
+    export_steps: list | None
     average_steps: list | None
 
     @classmethod
