@@ -1,4 +1,5 @@
-"""Several processes (torchrun, gloo on CPU): FSDP2 and tensor parallelism train like one process."""
+"""Several processes (torchrun, gloo on CPU): FSDP2 resumes bitwise, tensor parallelism trains like one process (FSDP2
+on 2 data-parallel ranks training like one process: tests/train/test_global_batch.py)."""
 
 from __future__ import annotations
 
@@ -25,25 +26,6 @@ def single_process(tmp_path_factory, world1, packed, tiny_model):
     ckpt = tmp_path_factory.mktemp("single") / "ckpt"
     run_inprocess(world1, ckpt, packed, tiny_model, train_micro_batch_size=8, **STEPS)
     return ckpt
-
-
-@pytest.fixture(scope="module")
-def fsdp_two_ranks(tmp_path_factory, packed, tiny_model):
-    """2 dp ranks x micro-batch 2 x 2 accumulation steps = the same global batch of 8."""
-    tmp = tmp_path_factory.mktemp("fsdp2")
-    config = write_config(tmp / "config.json", training_config(train_micro_batch_size=2, **STEPS))
-    run_train(config, packed, tiny_model, tmp / "ckpt", nproc=2)
-    return tmp
-
-
-@pytest.mark.slow
-def test_fsdp_two_processes_train_like_one_process(single_process, fsdp_two_ranks):
-    ckpt = fsdp_two_ranks / "ckpt"
-    for step, loss in logged(single_process).items():
-        assert logged(ckpt)[step] == pytest.approx(loss, rel=1e-6)
-    for step, norm in logged(single_process, "grad_norm").items():
-        assert logged(ckpt, "grad_norm")[step] == pytest.approx(norm, rel=1e-5)
-    assert_weights_close(final_weights(ckpt), final_weights(single_process))
 
 
 @pytest.mark.slow

@@ -75,5 +75,6 @@ def test_two_ranks_one_job_and_two_chained_jobs_train_the_same_steps(tmp_path, d
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert all(torch.equal(one[name], two[name]) for name in one)
     assert_weights_close(one, final_weights(dp1 / "one"))
-    for step, row in metrics_rows(dp1 / "one").items():
+    for step, row in metrics_rows(dp1 / "one").items():  # (this is also the fsdp DP2-trains-like-DP1 test)
         assert metrics_rows(tmp_path / "one")[step]["loss"] == pytest.approx(row["loss"], rel=1e-6)
+        assert metrics_rows(tmp_path / "one")[step]["grad_norm"] == pytest.approx(row["grad_norm"], rel=1e-5)

@@ -26,7 +26,9 @@ def same_weights(a, b) -> bool:
 
 
 @pytest.mark.slow
-def test_conversion_step_makes_the_final_model_from_that_step(small_demo_run, tmp_path):
+def test_conversion_step_makes_the_final_model_from_that_step_and_unreachable_steps_are_refused(
+    small_demo_run, tmp_path
+):
     # SMALL_TRAINING: 2 chained jobs of 6 steps, save_period 5: steps 5, 6, 10 and 12 are saved.
     workdir = copy_with_data(small_demo_run, tmp_path / "run")
     (workdir / "small.yaml").write_text(SMALL_TRAINING + "  conversion_step: 5\n  export_steps: [5, 12]\n")
@@ -47,10 +49,7 @@ def test_conversion_step_makes_the_final_model_from_that_step(small_demo_run, tm
     assert rules_run(result.stderr) == ["convert_final"], result.stderr[-4000:]
     assert same_weights(weights(results / "final_hf_model"), step12)
 
-
-@pytest.mark.slow
-def test_a_step_after_the_datas_last_epoch_is_refused_while_planning(small_demo_run, tmp_path):
-    workdir = copy_with_data(small_demo_run, tmp_path / "run")
+    # With the data packed, a step after the data's last epoch is refused while planning (same workdir).
     sequences = json.loads((workdir / "results" / "data" / "packed" / "index.json").read_text())["num_sequences"]
     last = 2 * (sequences // 4)  # max_num_epochs 2 x steps per epoch (train_global_batch_size 4)
     (workdir / "small.yaml").write_text(
