@@ -216,12 +216,10 @@ class Trainer:
         self.dataset = PackedDataset(spec.packed)
         seq_len, pad_id = int(self.dataset.index["max_total_sequence_length"]), int(self.dataset.index["pad_token_id"])
         self.plan = TrainingPlan.make(tcfg, len(self.dataset), parallel.dp_size)
-        packing = cfg.get("packing") or {}
-        self.packer = Packer(
-            enabled=bool(packing.get("enabled", True)),
-            algorithm=str(packing.get("algorithm", "best_fit_decreasing")),
-            capacity=seq_len,
-        )
+        from sftflow.packing.pipeline import PackingConfig
+
+        packing = PackingConfig.from_section(cfg.get("packing") or {})  # the schema's defaults for unset keys
+        self.packer = Packer(enabled=packing.enabled, algorithm=packing.algorithm, capacity=seq_len)
         self.deadline = _make_deadline(tcfg, parallel, t_process_start, clock)
         has_deadline = parallel.any_rank(self.deadline.end_time is not None)
         # Without a deadline job i of N trains its equal share. With one (a Slurm job, or training.time_limit)
@@ -346,10 +344,9 @@ class Trainer:
         pack_data masked (it keeps no other sequence without loss tokens)."""
         micro_bins, masked = [], 0
         for micro in batch.rank_micro_batches(self.parallel.dp_rank):
-            bins = [join_sequences(self.dataset, ids) for ids in micro] or [join_sequences(self.dataset, [])]
-            micro_bins.append(bins)
-            for ids, b in zip(micro, bins, strict=False):
-                masked += _sequences_without_loss(b) if ids else 0
+            bins = [join_sequences(self.dataset, ids) for ids in micro]
+            masked += sum(_sequences_without_loss(b) for b in bins)
+            micro_bins.append(bins or [join_sequences(self.dataset, [])])
         return micro_bins, masked
 
     def _step_counts(self, batch: StepBatch, overlong_masked: int) -> dict:
