@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import os
+import signal
 import subprocess
 
 import pytest
 
 from sftflow.errors import SftflowError
-from sftflow.train.deadline import Deadline, parse_time_limit, slurm_end_time
+from sftflow.train.deadline import Deadline, StopSignal, parse_time_limit, slurm_end_time
 
 
 @pytest.mark.parametrize(
@@ -99,3 +101,17 @@ def test_slurm_end_time_wins_over_time_limit():
     run, _ = _fake_run({"squeue": "2030-01-02T03:04:05"})
     deadline = Deadline.from_config("00:10:00", 0, start_time=0.0, env={"SLURM_JOB_ID": "7"}, run=run)
     assert deadline.end_time == datetime.datetime(2030, 1, 2, 3, 4, 5).timestamp()
+
+
+def test_first_ctrl_c_asks_for_a_save_the_second_interrupts_at_once(caplog):
+    before = signal.getsignal(signal.SIGINT)
+    stop = StopSignal()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread before kill returns
+        assert stop.received == "SIGINT"
+        assert "press Ctrl-C again to stop at once without saving" in caplog.text
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before

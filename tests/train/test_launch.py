@@ -4,6 +4,7 @@ torchrun command, the placeholders filled in from the Slurm allocation, and the 
 from __future__ import annotations
 
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,17 @@ def test_the_jobs_threads_are_shared_among_the_processes_of_a_node(tmp_path, mon
     monkeypatch.setenv("OMP_NUM_THREADS", "6")
     assert launch_main(argv) == 0
     assert seen.read_text() == "3"
+
+
+def test_ctrl_c_lets_the_ranks_save_and_reports_an_interruption(tmp_path, capsys):
+    """The launcher survives the terminal's SIGINT (the ranks get it through torchrun and save before they exit),
+    waits for them, and exits 130 with a message saying how to resume, instead of a KeyboardInterrupt traceback
+    that would have killed torchrun and the save."""
+    log, done = tmp_path / "train_job0.log", tmp_path / "job0.done"
+    ranks = "import os, signal, time; os.kill(os.getppid(), signal.SIGINT); time.sleep(0.5); print('saved step 4')"
+    before = signal.getsignal(signal.SIGINT)
+    assert launch_main(["--done-file", str(done), "--log", str(log), "--", sys.executable, "-c", ranks]) == 130
+    assert "saved step 4" in log.read_text()  # the ranks ran to their end
+    expected = f"interrupted (Ctrl-C): the training processes stopped after a save; rerun to resume from the latest checkpoint in {tmp_path}"
+    assert expected in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before

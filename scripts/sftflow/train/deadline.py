@@ -10,7 +10,8 @@ before any save it is estimated as twice the time the run took to load its check
 start, when the margin alone covers it).
 
 Independently, SIGTERM or SIGUSR1 (e.g. `sbatch --signal=USR1@300`, or Slurm's SIGTERM before the kill)
-makes the job stop at the next step boundary, save and exit cleanly (`StopSignal`).
+makes the job stop at the next step boundary, save and exit cleanly (`StopSignal`); so does a first Ctrl-C
+(SIGINT) in the terminal, while a second one interrupts at once, without saving.
 """
 
 from __future__ import annotations
@@ -144,13 +145,14 @@ class Deadline:
 
 
 class StopSignal:
-    """Records SIGTERM/SIGUSR1 so the training loop can stop, save and exit between two steps.
+    """Records SIGTERM/SIGUSR1/SIGINT so the training loop can stop, save and exit between two steps.
 
+    A second SIGINT (Ctrl-C pressed again) raises KeyboardInterrupt at once: the user gives up the save.
     Handlers are installed only in the main thread (signal's rule) and `restore()` puts the previous
     ones back; the flag is shared with the other ranks by the loop's per-step all-reduce.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -160,7 +162,15 @@ class StopSignal:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            if self.received == name:
+                raise KeyboardInterrupt
+            LOG.warning(
+                "interrupted (SIGINT): stopping after this step and saving a checkpoint; "
+                "press Ctrl-C again to stop at once without saving"
+            )
+        self.received = name
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -14,7 +14,9 @@ Exit codes of `launch` (launch_main):
 * 1: the training processes failed; the log names the ranks' error (failure_reason);
 * 2: the command cannot run: nothing after '--', or a multi-node job outside a matching Slurm allocation;
 * 3: "unfinished": the last job stopped at its deadline with steps left (last_job_unfinished), so that
-  Snakemake's retry gives it a fresh allocation that resumes from its checkpoint.
+  Snakemake's retry gives it a fresh allocation that resumes from its checkpoint;
+* 130: interrupted with Ctrl-C (SIGINT). torchrun forwards the signal to the ranks (they run in their own
+  session), which finish the step in progress and save before they exit; a rerun resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +40,7 @@ from sftflow.logs import setup_logging
 
 LOG = logging.getLogger("sftflow.train")
 
-EXIT_OK, EXIT_TRAINING_FAILED, EXIT_CANNOT_RUN, EXIT_UNFINISHED = 0, 1, 2, 3
+EXIT_OK, EXIT_TRAINING_FAILED, EXIT_CANNOT_RUN, EXIT_UNFINISHED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 # Placeholders in a planned multi-node command, filled in by `launch` inside the Slurm allocation.
@@ -197,6 +201,7 @@ def launch_main(argv: list[str] | None = None) -> int:
         handler.flush()
     log = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115
     ranks_start = log.tell() if log else 0
+    interrupts = InterruptWatch()
     try:
         rc = subprocess.run(
             command,
@@ -205,8 +210,17 @@ def launch_main(argv: list[str] | None = None) -> int:
             env=worker_environment(os.environ, args.procs_per_node),
         ).returncode
     finally:
+        interrupts.restore()
         if log:
             log.close()
+    if interrupts.count:
+        LOG.error(
+            "interrupted (Ctrl-C): the training processes %s; rerun to resume from the latest checkpoint in %s%s",
+            "stopped after a save" if rc == 0 or interrupts.count == 1 else "stopped without saving",
+            Path(args.done_file).parent,
+            f"\n  full log: {args.log}" if args.log else "",
+        )
+        return EXIT_INTERRUPTED
     if rc != 0:
         ranks_output = Path(args.log).read_bytes()[ranks_start:].decode("utf-8", errors="replace") if log else ""
         reason = failure_reason(ranks_output)
@@ -222,6 +236,25 @@ def launch_main(argv: list[str] | None = None) -> int:
         LOG.error("%s", unfinished)
         return EXIT_UNFINISHED
     return EXIT_OK
+
+
+class InterruptWatch:
+    """Counts Ctrl-C (SIGINT) while the launcher waits for torchrun, instead of dying of KeyboardInterrupt:
+    subprocess.run would kill torchrun, and with it the ranks' save. torchrun gets the terminal's SIGINT
+    itself and passes it on to the ranks. Installed only in the main thread (signal's rule)."""
+
+    def __init__(self) -> None:
+        self.count, self._previous = 0, None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
