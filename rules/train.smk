@@ -40,9 +40,9 @@ rule pack_data:
         tokenizer=local_inputs(get_tokenizer()),
         config=stage_config("pack_data"),
     output:
-        packed=directory(out("data", "packed")),
         # training.val_set_size: the whole problems held out of training, packed for validation.
         **({"validation": directory(out("data", "packed_validation"))} if held_out_config() else {}),
+        packed=directory(out("data", "packed")),
     log:
         out("logs", "pack_data.log"),
     benchmark:

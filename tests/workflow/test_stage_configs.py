@@ -97,7 +97,7 @@ def test_the_stage_files_change_only_with_their_keys(workdir):
         "val_set_size": 0.1,
         "val_set_seed": 42,
     }
-    assert "output: results/data/packed, results/data/packed_validation" in text, text[-3000:]
+    assert "output: results/data/packed_validation, results/data/packed" in text, text[-3000:]
 
 
 def test_a_refused_config_writes_no_stage_file(workdir):
