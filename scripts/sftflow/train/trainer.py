@@ -10,7 +10,9 @@ train_global_batch_size sequences, packed into bins and dealt to the dp ranks (S
 every rank runs its micro-batches of bins, the warmup + cosine schedule sets the learning rate,
 and the backend's engine (training.backend, looked up in sftflow.train.engine) runs the step: its loss is
 the sum of token losses over the loss tokens of the whole global batch, whatever the split into ranks and
-micro-batches.
+micro-batches. Validation (NeMo-RL's validate()) runs the first val_batches batches of val_global_batch_size
+validation sequences through the engine's forward-only evaluate, at step 0 (val_at_start), every val_period
+steps and at the last step (val_at_end), before the save of the same step.
 """
 
 from __future__ import annotations
@@ -219,6 +221,7 @@ class Trainer:
         self.cfg, self.spec = cfg, spec
         self.training = tcfg = TrainingConfig.from_section(cfg["training"])
         self.val_losses: dict[int, float] = {}  # step -> validation loss, of this job's validations
+        self.validation, self.validation_batches = None, []  # set once the job has steps to train
         engine_cls = engine_class(tcfg.backend)
         self.parallel = parallel = parallel or engine_cls.init_parallel(tcfg)
         check_training_keys(cfg, world_size=parallel.world_size)
