@@ -107,6 +107,7 @@ def test_pack_data_packs_the_held_out_rows_apart_and_never_into_training(tmp_pat
     summary = json.loads((tmp_path / "packed_validation" / "held_out.json").read_text())
     assert (summary["held_out_rows"], summary["training_rows"]) == (len(validation), len(training))
     assert stats["rows_read"] == len(training) < len(rows)
+    assert json.loads((tmp_path / "packed" / "stats.json").read_text())["held_out"] == summary == stats["held_out"]
     for name, lines in (("packed", training), ("packed_validation", validation)):
         alone = tmp_path / f"{name}.jsonl"
         alone.write_text("".join(json.dumps(rows[n - 1]) + "\n" for n in lines))

@@ -48,8 +48,9 @@ def parser() -> argparse.ArgumentParser:
 
 def pack_with_held_out(input_path: str, outputs: tuple[str, str | None], held_out: dict | None, **pack) -> dict:
     """pack_jsonl of `input_path` into outputs[0]; with `held_out` ({"val_set_size", "val_set_seed"}), whole problems
-    held out of it first and packed into outputs[1] (held_out.json there has the split's counts). `pack`: pack_jsonl's
-    tokenizer, cfg and keyword arguments. Returns the training side's stats."""
+    held out of it first and packed into outputs[1] (the split's counts: held_out.json there, and "held_out" in
+    outputs[0]'s stats.json). `pack`: pack_jsonl's tokenizer, cfg and keyword arguments. Returns the training side's
+    stats."""
     output, validation_output = outputs
     if not held_out:
         return pack_jsonl(input_path, output, **pack)
@@ -59,6 +60,8 @@ def pack_with_held_out(input_path: str, outputs: tuple[str, str | None], held_ou
     pack_jsonl(split.validation, validation_output, **pack)
     write_json(Path(validation_output) / "held_out.json", split.summary)
     stats = pack_jsonl(split.training, output, **pack)
+    stats["held_out"] = split.summary  # the training side's stats say what was held out (the report's packing page)
+    write_json(Path(output) / "stats.json", stats)
     LOG.info("%s", summary_line(split.summary))
     return stats
 
