@@ -124,3 +124,19 @@ def test_without_a_held_out_share_pack_data_packs_every_row(tmp_path, source, de
     stats = pack_with_held_out(str(source), (str(tmp_path / "packed"), None), None, tokenizer=demo_tok, cfg=PACKING)
     assert stats["rows_read"] == len(problem_rows())
     assert not (tmp_path / "packed_validation").exists()
+
+
+def test_the_command_line_packs_both_sides_and_needs_an_output_for_the_held_out_rows(
+    tmp_path, source, demo_tokenizer_dir
+):
+    from sftflow.packing.cli import main
+
+    common = ["--input", str(source), "--tokenizer", str(demo_tokenizer_dir), "--output", str(tmp_path / "packed")]
+    assert main([*common, "--val-set-size", "0.25", "--val-set-seed", "3"]) == 2  # no --validation-output
+    assert not (tmp_path / "packed").exists()
+    validation = tmp_path / "packed_validation"
+    assert main([*common, "--val-set-size", "0.25", "--val-set-seed", "3", "--validation-output", str(validation)]) == 0
+    training, held = sides(split_problems(source, 0.25, seed=3))
+    index = json.loads((validation / "index.json").read_text())
+    assert index["num_sequences"] == len(held)
+    assert json.loads((tmp_path / "packed" / "index.json").read_text())["num_sequences"] == len(training)

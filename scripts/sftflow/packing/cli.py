@@ -55,7 +55,10 @@ def pack_with_held_out(input_path: str, outputs: tuple[str, str | None], held_ou
     if not held_out:
         return pack_jsonl(input_path, output, **pack)
     if not validation_output:
-        raise SftflowError("training.val_set_size is set: pack_data needs an output for the held-out rows")
+        raise SftflowError(
+            "training.val_set_size (--val-set-size) is set: give the held-out rows an output directory "
+            "(--validation-output; the workflow's is results/data/packed_validation)"
+        )
     split = split_problems(input_path, held_out["val_set_size"], held_out["val_set_seed"])
     pack_jsonl(split.validation, validation_output, **pack)
     write_json(Path(validation_output) / "held_out.json", split.summary)
