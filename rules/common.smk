@@ -184,6 +184,8 @@ def train_command(wildcards, input, output):
     ]
     if config["model"]["chat_template"]:
         worker += ["--chat-template", config["model"]["chat_template"]]
+    if input.validation_packed:
+        worker += ["--validation-packed", input.validation_packed[0]]
     worker += ["--config", input.config, "--config", stage_config("train", run=True)]
     script = Path(workflow.basedir) / "scripts" / "train.py"
     log = out("logs", f"train_job{wildcards.job}.log")
@@ -259,7 +261,22 @@ def pack_data_config():
         "tokenizer": get_tokenizer(),
         "chat_template": config["model"]["chat_template"],
         "chat_template_kwargs": config["prepare_data"]["chat_template_kwargs"],
+        # Only when set, so that runs without a held-out share keep their pack_data.json (and their packed data).
+        **({"held_out": held_out_config()} if held_out_config() else {}),
     }
+
+
+def held_out_config():
+    """The held-out share of the prepared data that pack_data packs for validation, or None (training.val_set_size 0)."""
+    t = config["training"]
+    if not t.get("val_set_size"):
+        return None
+    return {"val_set_size": t["val_set_size"], "val_set_seed": t["val_set_seed"]}
+
+
+def get_validation_packed():
+    """pack_data's held-out rows, packed (training.val_set_size), as a list of zero or one path."""
+    return [out("data", "packed_validation")] if held_out_config() else []
 
 
 def train_configs():

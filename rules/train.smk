@@ -40,6 +40,8 @@ rule pack_data:
         tokenizer=local_inputs(get_tokenizer()),
         config=stage_config("pack_data"),
     output:
+        # training.val_set_size: the whole problems held out of training, packed for validation.
+        **({"validation": directory(out("data", "packed_validation"))} if held_out_config() else {}),
         packed=directory(out("data", "packed")),
     log:
         out("logs", "pack_data.log"),
@@ -60,6 +62,7 @@ rule train_job:
         model=local_inputs(get_base_model()),
         tokenizer=local_inputs(get_tokenizer()),
         validation=local_inputs(*filter(None, [config["training"]["validation_data"]])),
+        validation_packed=get_validation_packed(),
         # The training keys that decide what each step computes (train.run.json, the rest, is not an input).
         config=stage_config("train"),
         previous=lambda wildcards: (

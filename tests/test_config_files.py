@@ -65,6 +65,8 @@ NEMO_SKILLS_TRAINING_KEYS = {
     "training.adam_eps", "training.max_grad_norm", "training.precision", "training.save_period",
     "training.activation_checkpointing", "training.tensor_model_parallel_size", "training.backend",
     "packing.enabled", "packing.max_total_sequence_length", "packing.algorithm", "packing.overlong",
+    "training.validation_data", "training.val_period", "training.val_batches", "training.val_global_batch_size",
+    "training.val_micro_batch_size", "training.val_at_start", "training.val_at_end",
 }  # fmt: skip
 
 

@@ -137,6 +137,16 @@ def test_packing_table_leads_with_the_sequences_and_keeps_every_other_stat():
     assert not [name for name in values if name.startswith(("overlong", "over-long", "dropped", "sequences dropped"))]
 
 
+def test_packing_table_says_what_was_held_out_for_validation():
+    held_out = {"val_set_size": 0.1, "val_set_seed": 42, "rows": 40, "problems": 20, "held_out_rows": 5,
+                "held_out_problems": 3, "training_rows": 35, "training_problems": 17}  # fmt: skip
+    values = statistics(data_prep.packing_frame({**packing_stats(), "held_out": held_out}))
+    assert values["rows held out for validation (training.val_set_size)"] == 5
+    assert values["problems held out for validation"] == 3
+    assert (values["rows left for training"], values["problems left for training"]) == (35, 17)
+    assert values["held_out.val_set_size"] == 0.1 and values["held_out.rows"] == 40  # the others under their names
+
+
 def test_over_long_table_holds_every_over_long_and_dropped_count():
     stats = packing_stats()
     values = statistics(data_prep.overlong_frame(stats))

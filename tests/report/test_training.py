@@ -191,3 +191,26 @@ def test_steps_of_an_older_trainer_are_left_out_of_the_packing_in_training(tmp_p
     section = training.packing_in_training_section(train)
     assert "Only 4 of the 8 steps logged their packing" in section.note
     assert training.throughput_frame(train, []).set_index("run").loc["all", "sequences"] == 32
+
+
+def test_training_summary_page_lists_every_validation_beside_the_training_loss(tmp_path):
+    inputs = write_results(tmp_path / "results")
+    outputs = ReportOutputs.in_dir(tmp_path / "report")
+    write_training_pages(inputs, read_training_inputs(inputs), outputs)
+    page = outputs.training_summary.read_text()
+    (table,) = [t for t in html_tables(page) if t[0][:2] == ["step", "validation loss"]]
+    rows = metrics_rows()
+    train_loss = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    expected = [r for r in rows if "val_loss" in r]
+    assert [row[0] for row in table[1:]] == [str(r["step"]) for r in expected] == ["5", "10", "15", "20", "25", "30"]
+    for row, r in zip(table[1:], expected, strict=True):
+        assert row[1] == format_value(r["val_loss"]) and row[2] == format_value(r["val_loss_tokens"])
+        assert row[-1] == format_value(train_loss[r["step"]])
+    assert "Lowest: 1.0000 at step 30." in page
+
+
+def test_a_run_without_validation_says_how_to_get_one(tmp_path):
+    rows = [r for r in metrics_rows() if "val_loss" not in r]
+    metrics = read_metrics(write_jsonl(tmp_path / "metrics.jsonl", rows))
+    section = training.validation_section(metrics)
+    assert section.table is None and "training.val_set_size" in section.note

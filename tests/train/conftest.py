@@ -211,8 +211,10 @@ def optimizer_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     return want
 
 
-def run_inprocess(parallel, ckpt: Path, packed: Path, model: Path, job: int = 0, jobs: int = 1, **training) -> dict:
-    """One chained job in this process (world of one), returning its done-file's record."""
+def inprocess_trainer(
+    parallel, ckpt: Path, packed: Path, model: Path, job: int = 0, jobs: int = 1, validation_packed=None, **training
+):
+    """The Trainer of one chained job in this process (world of one); validation_packed: JobSpec's held-out share."""
     from sftflow.config import validate_sections
     from sftflow.train.trainer import JobSpec, Trainer
 
@@ -224,8 +226,16 @@ def run_inprocess(parallel, ckpt: Path, packed: Path, model: Path, job: int = 0,
         job_index=job,
         num_jobs=jobs,
         done_file=str(ckpt / f"job{job}.done"),
+        validation_packed=str(validation_packed) if validation_packed else None,
     )
-    record = Trainer(cfg, spec, parallel=parallel).train()
+    return Trainer(cfg, spec, parallel=parallel)
+
+
+def run_inprocess(parallel, ckpt: Path, packed: Path, model: Path, job: int = 0, jobs: int = 1, **training) -> dict:
+    """One chained job in this process (world of one), returning its done-file's record."""
+    trainer = inprocess_trainer(parallel, ckpt, packed, model, job, jobs, **training)
+    spec = trainer.spec
+    record = trainer.train()
     written = json.loads(Path(spec.done_file).read_text())
     assert written == record.to_json()
     return written

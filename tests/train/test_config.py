@@ -51,6 +51,11 @@ def test_defaults_pass(config):
         ({"num_gpus": 4, "tensor_model_parallel_size": 4}, r"\(4\) must divide the model's num_key_value_heads \(2\)"),
         ({"min_learning_rate": 1.0}, r"'training.min_learning_rate' \(1.0\) is above"),
         ({"time_limit": "4 hours"}, r"'training.time_limit': '4 hours' is not a duration"),
+        (
+            {"validation_data": "val.jsonl", "val_set_size": 0.05},
+            r"'training.validation_data' \(val.jsonl\) and 'training.val_set_size' \(0.05\) both give validation",
+        ),
+        ({"val_set_size": 12.5}, r"'training.val_set_size' \(12.5\) is neither a fraction below 1 nor a whole number"),
     ],
 )
 def test_rejected_settings_name_the_key(config, training, message):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sftflow.errors import SftflowError
-from sftflow.train.data import Packer, StepSampler, TrainingPlan, eval_batches, job_target_step
+from sftflow.train.data import Packer, StepSampler, TrainingPlan, job_target_step, validation_batches
 from sftflow.train.lr_schedule import lr_at
 from sftflow.train.settings import TrainingConfig
 from tests.train.conftest import replay_digests
@@ -135,9 +135,23 @@ def test_a_sequence_longer_than_the_bins_is_an_error_naming_the_key():
         _sampler(_plan(num_sequences=8, gbs=8), lengths).next_step()
 
 
-def test_eval_batches_cover_every_bin_once_over_ranks():
-    got = sorted(i for r in range(3) for b in eval_batches(10, 2, r, 3) for i in b)
-    assert got == list(range(10))
+@pytest.mark.parametrize(
+    "val_batches, expected", [(2, [[0, 1, 2, 3], [4, 5, 6, 7]]), (0, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]])]
+)
+def test_validation_batches_are_the_first_val_batches_in_file_order(val_batches, expected):
+    """val_global_batch_size sequences per batch in file order (the last short), val_batches of them (<= 0:
+    all); each packed like a step, every bin once over the dp ranks in micro-batches of val_micro_batch_size."""
+    lengths = _lengths(10)
+    cfg = TrainingConfig.from_section(
+        {"val_batches": val_batches, "val_global_batch_size": 4, "val_micro_batch_size": 1}
+    )
+    batches = validation_batches(lengths, Packer(True, "best_fit_decreasing", CAPACITY), cfg, dp_size=3)
+    assert [b.sample_ids for b in batches] == expected
+    for batch in batches:
+        assert batch.tokens == int(lengths[batch.sample_ids].sum())
+        dealt = [i for r in range(3) for micro in batch.rank_micro_batches(r) for bin_ in micro for i in bin_]
+        assert sorted(dealt) == batch.sample_ids
+        assert all(len(micro) <= 1 for r in range(3) for micro in batch.rank_micro_batches(r))
 
 
 def test_warmup_then_cosine_to_min():

@@ -1,6 +1,7 @@
 """The global batch in sequences, as NeMo-RL's: 3 steps of 8 sequences on 1 and 2 data-parallel ranks, in 1 job
 and in 2 chained jobs. Every step's sample ids match an independent replay of the seeded permutation, the
-weights of 1 and 2 jobs are bitwise equal, and those of 1 and 2 ranks agree within the DP tests' tolerance."""
+weights of 1 and 2 jobs are bitwise equal, and those of 1 and 2 ranks agree within the DP tests' tolerance, as does
+the validation loss at the end (a held-out set in 3 batches of 5, 5 and 2 sequences, dealt over the ranks)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from sftflow.packing import PackedDataset
 from tests.train.conftest import (
     assert_weights_close,
     final_weights,
+    logged,
+    make_packed,
     metrics_rows,
     replay_digests,
     run_inprocess,
@@ -20,7 +23,8 @@ from tests.train.conftest import (
 )
 
 GBS, STEPS, SEED = 8, 3, 7
-RUN = dict(train_global_batch_size=GBS, train_micro_batch_size=1, max_num_steps=STEPS, save_period=2, seed=SEED)
+RUN = dict(train_global_batch_size=GBS, train_micro_batch_size=1, max_num_steps=STEPS, save_period=2, seed=SEED,
+           val_batches=0, val_global_batch_size=5)  # fmt: skip
 
 
 def check_steps(ckpt, packed) -> None:
@@ -43,11 +47,16 @@ def check_steps(ckpt, packed) -> None:
 
 
 @pytest.fixture(scope="module")
-def dp1(tmp_path_factory, world1, packed, tiny_model):
+def val_packed(tmp_path_factory):
+    return make_packed(tmp_path_factory.mktemp("val") / "packed", num_sequences=12, seed=9)
+
+
+@pytest.fixture(scope="module")
+def dp1(tmp_path_factory, world1, packed, tiny_model, val_packed):
     tmp = tmp_path_factory.mktemp("dp1")
-    run_inprocess(world1, tmp / "one", packed, tiny_model, **RUN)
+    run_inprocess(world1, tmp / "one", packed, tiny_model, validation_packed=val_packed, **RUN)
     for job in range(2):
-        run_inprocess(world1, tmp / "two", packed, tiny_model, job=job, jobs=2, **RUN)
+        run_inprocess(world1, tmp / "two", packed, tiny_model, job=job, jobs=2, validation_packed=val_packed, **RUN)
     return tmp
 
 
@@ -60,14 +69,16 @@ def test_one_rank_one_job_and_two_chained_jobs_replay_the_same_steps_bitwise(dp1
     untimed = [{s: {k: v for k, v in r.items() if k not in timing} for s, r in metrics_rows(dp1 / run).items()}
                for run in ("one", "two")]  # fmt: skip
     assert untimed[0] == untimed[1]  # loss, grad norm, lr, counts and digests of every step
+    assert logged(dp1 / "one", "val_loss") == logged(dp1 / "two", "val_loss") and logged(dp1 / "one", "val_loss")
 
 
 @pytest.mark.slow
-def test_two_ranks_one_job_and_two_chained_jobs_train_the_same_steps(tmp_path, dp1, packed, tiny_model):
+def test_two_ranks_one_job_and_two_chained_jobs_train_the_same_steps(tmp_path, dp1, packed, tiny_model, val_packed):
     config = write_config(tmp_path / "config.json", training_config(**RUN))
-    run_train(config, packed, tiny_model, tmp_path / "one", nproc=2)
+    extra = ("--validation-packed", str(val_packed))
+    run_train(config, packed, tiny_model, tmp_path / "one", nproc=2, extra=extra)
     for job in range(2):
-        run_train(config, packed, tiny_model, tmp_path / "two", job=job, jobs=2, nproc=2)
+        run_train(config, packed, tiny_model, tmp_path / "two", job=job, jobs=2, nproc=2, extra=extra)
     for run in ("one", "two"):
         check_steps(tmp_path / run, packed)
         rows = metrics_rows(tmp_path / run)
@@ -78,3 +89,6 @@ def test_two_ranks_one_job_and_two_chained_jobs_train_the_same_steps(tmp_path, d
     for step, row in metrics_rows(dp1 / "one").items():  # (this is also the fsdp DP2-trains-like-DP1 test)
         assert metrics_rows(tmp_path / "one")[step]["loss"] == pytest.approx(row["loss"], rel=1e-6)
         assert metrics_rows(tmp_path / "one")[step]["grad_norm"] == pytest.approx(row["grad_norm"], rel=1e-5)
+    ((val_step, val_loss),) = logged(dp1 / "one", "val_loss").items()  # val_at_end: after step 3
+    assert val_step == STEPS and logged(tmp_path / "one", "val_loss")[STEPS] == pytest.approx(val_loss, rel=1e-6)
+    assert logged(tmp_path / "one", "val_loss_tokens") == logged(dp1 / "one", "val_loss_tokens")

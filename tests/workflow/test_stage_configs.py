@@ -88,6 +88,16 @@ def test_the_stage_files_change_only_with_their_keys(workdir):
     dry_run(workdir, "eval:\n  concurrency: 5\n")  # back to the default training: train.run.json too
     changed = {name for name, (mtime, _) in stage_files(workdir).items() if mtime != OLD}
     assert changed == {"train.json", "train.run.json", "eval.run.json", "resolved.json"}
+    age_stage_files(workdir)
+    # the held-out validation share is pack_data's (it repacks), and the trainer reads what it holds out
+    text = dry_run(workdir, "eval:\n  concurrency: 5\ntraining:\n  val_set_size: 0.1\n  val_period: 5\n")
+    changed = {name for name, (mtime, _) in stage_files(workdir).items() if mtime != OLD}
+    assert changed == {"pack_data.json", "train.run.json", "resolved.json"}
+    assert json.loads(stage_files(workdir)["pack_data.json"][1])["held_out"] == {
+        "val_set_size": 0.1,
+        "val_set_seed": 42,
+    }
+    assert "output: results/data/packed_validation, results/data/packed" in text, text[-3000:]
 
 
 def test_a_refused_config_writes_no_stage_file(workdir):

@@ -44,7 +44,6 @@ from sftflow.errors import SftflowError
 from sftflow.megatron.batches import ContextShard, megatron_micro_batch
 from sftflow.megatron.hf_config import model_layout, padded_vocab_size
 from sftflow.megatron.loss import OutputLayerLoss
-from sftflow.train.data import eval_micro_batches
 from sftflow.train.loss import moe_aux_loss_coeff
 from sftflow.train.parallel import LaunchEnvironment, ParallelDims, init_process_group
 from sftflow.train.settings import TrainingConfig
@@ -433,10 +432,10 @@ class MegatronEngine:
             raise SftflowError("megatron-core's optimizer skipped the step (non-finite gradients)")
         return loss_sum / max(count, 1.0), count, float("nan") if grad_norm is None else float(grad_norm)
 
-    def evaluate(self, dataset, micro_batch: int) -> tuple[float, int]:
+    def evaluate(self, micro_bins: list[list[dict]]) -> tuple[float, int]:
         self.model.eval()
         with torch.no_grad():
-            micro = self._micro_batches(eval_micro_batches(dataset, self.parallel, micro_batch))
+            micro = self._micro_batches(micro_bins)
             loss_sum, count = self._run(micro, forward_only=True)
         self.model.train()
         return loss_sum / max(count, 1.0), int(count)

@@ -34,6 +34,10 @@ The output is a directory, written atomically (built under a temporary name, ren
 ``stats.json``
     Counts and timings of the run (see ``pack_jsonl``); also logged as a readable summary.
 
+Held-out validation rows (``training.val_set_size``, ``held_out``): pack_data can hold whole problems out of the
+prepared file and pack them, in the same format, into a second directory (the workflow's
+``results/data/packed_validation``, with ``held_out.json``); they are left out of the training directory.
+
 Reading: ``PackedDataset(path)``: ``len()`` / ``num_sequences``, ``lengths()`` (every sequence's length),
 ``get_bin(i)`` (sequence i as a bin of one), and ``collate_bins(bins, seq_len, pad_token_id)``. A
 ``sftflow-packed-v1`` directory (bins packed by pack_data) is refused: re-run pack_data.

@@ -16,6 +16,7 @@ import numpy as np
 from sftflow import config as C
 from sftflow.errors import SftflowError
 from sftflow.io import atomic_path, write_json
+from sftflow.packing.held_out import RowSubset
 from sftflow.packing.shards import write_shards
 from sftflow.packing.stream import COUNTERS, ChunkTokenizer, TokenSpool, available_cpus, ordered_map, read_chunks
 
@@ -76,7 +77,7 @@ def _pad_token_id(tokenizer: Any, name: str) -> int:
 
 
 def pack_jsonl(
-    input_path: str | os.PathLike,
+    input_path: str | os.PathLike | RowSubset,
     output_dir: str | os.PathLike,
     tokenizer: Any,
     cfg: Mapping | PackingConfig,
@@ -86,6 +87,7 @@ def pack_jsonl(
 ) -> dict:
     """Tokenize and filter `input_path` into the sftflow-packed-v2 directory `output_dir`; return the stats.
 
+    `input_path` may be a RowSubset (some lines of the file: a side of the held-out split, sftflow.packing.held_out).
     `tokenizer` is a loaded HF tokenizer or a path/hub name (then `chat_template`, a Jinja file, replaces
     its template); `cfg` is a PackingConfig or a `packing:` config section (missing keys take the schema defaults);
     `chat_template_kwargs` go to the template when rendering messages rows. With `packing.num_workers` unset, one
@@ -104,7 +106,8 @@ def pack_jsonl(
     """
     t_start = time.perf_counter()
     cfg = PackingConfig.from_section(cfg)
-    input_path = Path(input_path)
+    keep = input_path.keep if isinstance(input_path, RowSubset) else None
+    input_path = Path(str(input_path))
     tok, tok_name = _load_tokenizer(tokenizer, chat_template)
     pad_id = _pad_token_id(tok, tok_name)
     max_len = cfg.max_total_sequence_length
@@ -114,7 +117,7 @@ def pack_jsonl(
         tmp.mkdir()
         spool = TokenSpool(tmp / ".spool")
         job = ChunkTokenizer(str(input_path), tok, chat_template_kwargs, max_len, cfg.overlong, spool)
-        counts, lens = _tokenize_to_spool(input_path, job, workers, spool)
+        counts, lens = _tokenize_to_spool(input_path, job, workers, spool, keep)
         t_tokenized = time.perf_counter()
         if not len(lens):
             raise SftflowError(
@@ -164,7 +167,7 @@ def _num_workers(cfg: PackingConfig, input_path: Path, cores: int | None = None)
 
 
 def _tokenize_to_spool(
-    input_path: Path, job: ChunkTokenizer, workers: int, spool: TokenSpool
+    input_path: Path, job: ChunkTokenizer, workers: int, spool: TokenSpool, keep: np.ndarray | None
 ) -> tuple[dict[str, int], np.ndarray]:
     """Pass 1: every row tokenized, kept sequences spooled (by the workers); return the counters and lengths (int32).
 
@@ -173,7 +176,7 @@ def _tokenize_to_spool(
     counts = dict.fromkeys(COUNTERS, 0)
     lengths: list[np.ndarray] = []
     next_log = LOG_EVERY_ROWS
-    chunks = read_chunks(input_path, CHUNK_ROWS, CHUNK_BYTES)
+    chunks = read_chunks(input_path, CHUNK_ROWS, CHUNK_BYTES, keep)
     try:
         for result in ordered_map(job, chunks, workers):
             spool.add_chunk(result.part, result.offset, int(result.lengths.sum(dtype=np.int64)))

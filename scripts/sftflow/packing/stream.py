@@ -46,14 +46,17 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def read_chunks(path: Path, chunk_rows: int, chunk_bytes: int) -> Iterator[list[tuple[int, bytes]]]:
-    """The non-blank lines of `path` as (line number, raw bytes), in chunks of at most chunk_rows rows / ~chunk_bytes."""
+def read_chunks(
+    path: Path, chunk_rows: int, chunk_bytes: int, keep: np.ndarray | None = None
+) -> Iterator[list[tuple[int, bytes]]]:
+    """The non-blank lines of `path` as (line number, raw bytes), in chunks of at most chunk_rows rows / ~chunk_bytes;
+    with `keep` (bool by line number), only the lines it marks."""
     path = check_input_file(path)
     chunk: list[tuple[int, bytes]] = []
     size = 0
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
-            if not raw.strip():
+            if not raw.strip() or (keep is not None and not keep[line_number]):
                 continue
             chunk.append((line_number, raw))
             size += len(raw)

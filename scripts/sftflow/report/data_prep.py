@@ -173,6 +173,10 @@ PACKING_KEYS = (
     ("packing in training", ("packing",)),
     ("packing algorithm in training", ("algorithm",)),
     ("shards", ("shards",)),
+    ("rows held out for validation (training.val_set_size)", ("held_out", "held_out_rows")),
+    ("problems held out for validation", ("held_out", "held_out_problems")),
+    ("rows left for training", ("held_out", "training_rows")),
+    ("problems left for training", ("held_out", "training_problems")),
 )
 # The over-long sequences and the dropped ones: a table of their own, every key of these two objects in it.
 OVERLONG_KEYS = (

@@ -192,6 +192,39 @@ def final_values_frame(metrics: Metrics) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["quantity", "value"])
 
 
+def validation_frame(metrics: Metrics) -> pd.DataFrame:
+    """One row per validation: its step, the validation loss, what it was computed on, and the training loss of
+    that step (none at step 0: val_at_start validates before the first step)."""
+    val = metrics.validation
+    if "val_loss" not in val:
+        return pd.DataFrame(columns=["step", "validation loss"])
+    frame = pd.DataFrame({"step": val["step"].astype(int), "validation loss": val["val_loss"].astype(float)})
+    for key, name in (("val_loss_tokens", "loss tokens"), ("val_sequences", "sequences")):
+        if key in val and val[key].notna().any():
+            frame[name] = val[key].astype("Int64")
+    train_loss = metrics.train.set_index("step")["loss"] if "loss" in metrics.train else pd.Series(dtype=float)
+    frame["training loss of the step"] = [train_loss.get(step, np.nan) for step in frame["step"]]
+    return frame.reset_index(drop=True)
+
+
+def validation_section(metrics: Metrics) -> Section:
+    frame = validation_frame(metrics)
+    if frame.empty:
+        return Section(
+            "Validation",
+            note="No validation loss was computed: set training.validation_data or training.val_set_size, with "
+            "training.val_period, val_at_start or val_at_end.",
+        )
+    best = frame.loc[frame["validation loss"].idxmin()]
+    note = (
+        "The validation loss is the token-weighted mean over every loss token of the first training.val_batches "
+        "batches of val_global_batch_size validation sequences (the same sequences every time), with the model in "
+        f"eval mode: at every val_period steps, at the start (val_at_start) and at the end (val_at_end). Lowest: "
+        f"{float(best['validation loss']):.4f} at step {int(best['step'])}."
+    )
+    return Section("Validation", frame, note)
+
+
 def schedule_changes_frame(jobs: list[dict]) -> pd.DataFrame:
     """The run's total-step changes (a resume after max_num_steps / max_num_epochs changed), as the last job's
     done file records them: every job carries the list so far, so the highest job that has one holds them all."""

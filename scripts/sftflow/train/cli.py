@@ -45,6 +45,12 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-dir", default=None, help="metrics.jsonl + tensorboard/ (default: CHECKPOINT_DIR/metrics)")
     p.add_argument("--tokenizer", default=None, help="tokenizer for packing validation_data (default: --model)")
     p.add_argument("--chat-template", default=None, help="Jinja chat template file replacing the tokenizer's")
+    p.add_argument(
+        "--validation-packed",
+        default=None,
+        metavar="DIR",
+        help="packed validation data (pack_data's held-out share, training.val_set_size)",
+    )
     return p
 
 
@@ -104,6 +110,7 @@ def train_main(argv: list[str] | None = None) -> int:
             metrics_dir=args.metrics_dir,
             tokenizer=args.tokenizer,
             chat_template=args.chat_template,
+            validation_packed=args.validation_packed,
         )
         trainer = Trainer(cfg, spec)  # builds the job's TrainingConfig and joins the process group
         if trainer.parallel.is_main:  # the job's resolved config, for the record

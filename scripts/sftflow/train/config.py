@@ -48,10 +48,25 @@ def _check_common(t: dict) -> None:
             f"config key 'training.min_learning_rate' ({t['min_learning_rate']}) is above "
             f"training.learning_rate ({t['learning_rate']})"
         )
+    _check_validation(t)
     if t["time_limit"] is not None:
         from sftflow.train.deadline import parse_time_limit
 
         parse_time_limit(t["time_limit"])
+
+
+def _check_validation(t: dict) -> None:
+    size = t.get("val_set_size") or 0
+    if size and t.get("validation_data"):
+        raise SftflowError(
+            f"config keys 'training.validation_data' ({t['validation_data']}) and 'training.val_set_size' ({size}) "
+            "both give validation data: set one of them (val_set_size 0 for no held-out share, or validation_data null)"
+        )
+    if size >= 1 and size != int(size):
+        raise SftflowError(
+            f"config key 'training.val_set_size' ({size}) is neither a fraction below 1 nor a whole number of rows: "
+            "use e.g. 0.05 or 500"
+        )
 
 
 # The training keys that decide what each step computes. A checkpoint made with other values belongs to

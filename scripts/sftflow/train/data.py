@@ -190,33 +190,19 @@ def join_sequences(dataset, ids: Sequence[int]) -> dict:
     }
 
 
-class PackedBins:
-    """A dataset's sequences packed once into bins (the validation data): len() bins, get_bin(i) the i-th."""
-
-    def __init__(self, dataset, packer: Packer) -> None:
-        self.dataset, self.index = dataset, dataset.index
-        self.bins = packer.bins(range(len(dataset)), dataset.lengths())
-
-    def __len__(self) -> int:
-        return len(self.bins)
-
-    def get_bin(self, i: int) -> dict:
-        return join_sequences(self.dataset, self.bins[i])
-
-
-def eval_batches(num_bins: int, micro_batch: int, dp_rank: int, dp_size: int) -> list[list[int]]:
-    """Every bin once, in order, strided over dp ranks (the last batches may be short or empty)."""
-    mine = list(range(dp_rank, num_bins, dp_size))
-    return [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
-
-
-def eval_micro_batches(dataset, parallel, micro_batch: int) -> list[list[dict]]:
-    """This dp rank's micro-batches (lists of bins) for a pass over every bin of `dataset`.
-
-    Every rank gets the same number of micro-batches (the forwards are collective): ranks short of data
-    get a one-token dummy bin that carries no loss."""
-    per_rank = math.ceil(len(dataset) / parallel.dp_size)
-    num_batches = math.ceil(per_rank / micro_batch)
-    batches = eval_batches(len(dataset), micro_batch, parallel.dp_rank, parallel.dp_size)
-    dummy = join_sequences(dataset, [])
-    return [[dataset.get_bin(i) for i in batches[k]] if k < len(batches) else [dummy] for k in range(num_batches)]
+def validation_batches(lengths: np.ndarray, packer: Packer, cfg: TrainingConfig, dp_size: int) -> list[StepBatch]:
+    """The batches one validation runs, as NeMo-RL's validate() reads them: the validation sequences in file
+    order, val_global_batch_size per batch (the last may be short), the first val_batches of them (every one
+    when val_batches <= 0), the same every time. Each is packed into bins and dealt to the dp ranks as a
+    training step is, in micro-batches of val_micro_batch_size bins."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    size = cfg.val_global_batch_size
+    count = math.ceil(len(lengths) / size)
+    if cfg.val_batches > 0:
+        count = min(count, cfg.val_batches)
+    batches = []
+    for k in range(count):
+        ids = list(range(k * size, min((k + 1) * size, len(lengths))))
+        tokens = int(lengths[ids].sum())
+        batches.append(StepBatch(0, ids, packer.bins(ids, lengths), tokens, dp_size, cfg.val_micro_batch_size))
+    return batches

@@ -40,7 +40,7 @@ class Engine(Protocol):
 
     The Trainer builds it once the resume point is known (`engine_class(name)(training, spec, parallel,
     seq_len, pad_id)`, training being the job's TrainingConfig), sets the learning rate of `optimizer.param_groups` before each step, calls `train_step`
-    with this rank's micro-batches (each a list of packed bins) and `evaluate` with the validation data.
+    with this rank's micro-batches (each a list of packed bins) and `evaluate` with each validation batch.
     Every method is collective: all ranks call it in the same order. tests/train/test_engine_registry.py
     checks every registered engine class against these members.
     """
@@ -78,8 +78,9 @@ class Engine(Protocol):
         """One optimizer step; returns (mean token loss, loss tokens, gradient norm) of the global batch."""
         ...
 
-    def evaluate(self, dataset: Any, micro_batch: int) -> tuple[float, int]:
-        """Mean token loss and loss tokens over every bin of `dataset`."""
+    def evaluate(self, micro_bins: list[list[dict]]) -> tuple[float, int]:
+        """Mean token loss and loss tokens of one validation batch (the model in eval mode, no gradients): this
+        rank's micro-batches as train_step takes them, the mean and count over the whole data-parallel world."""
         ...
 
     def state_dict(self) -> dict:
@@ -103,6 +104,7 @@ class JobSpec:
     metrics_dir: str | None = None
     tokenizer: str | None = None
     chat_template: str | None = None
+    validation_packed: str | None = None  # pack_data's held-out share (training.val_set_size)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ from torch.distributed.tensor import DTensor
 from sftflow.errors import SftflowError
 from sftflow.train.attention import resolve_kernel
 from sftflow.train.checkpoint import Checkpointer
-from sftflow.train.data import eval_micro_batches
 from sftflow.train.engine import JobSpec
 from sftflow.train.loss import (
     CHUNKED_LOSS_METHOD,
@@ -221,14 +220,14 @@ class FsdpEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return self.parallel.dp_sum(float(loss_sum)) / max(global_count, 1.0), global_count, grad_norm
 
-    def evaluate(self, dataset, micro_batch: int) -> tuple[float, int]:
-        """Mean token loss over every bin of `dataset` (each dp rank takes a stride of the bins)."""
+    def evaluate(self, micro_bins: list[list[dict]]) -> tuple[float, int]:
+        """Mean token loss and loss tokens of one validation batch (this rank's micro-batches, as train_step's)."""
         from sftflow.packing import collate_bins
 
         loss_sum, count = 0.0, 0
         self.model.eval()
         with torch.no_grad():
-            for bins in eval_micro_batches(dataset, self.parallel, micro_batch):
+            for bins in micro_bins:
                 batch = collate_bins(bins, self.seq_len, self.pad_id)
                 loss_sum += float(self.loss_sum(batch))
                 count += batch["num_loss_tokens"]

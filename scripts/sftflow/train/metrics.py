@@ -141,11 +141,14 @@ class MetricsLogger:
             parts.append(f"eta {format_duration(eta)} (to step {self.target_step})")
             LOG.info(" | ".join(parts))
 
-    def log_validation(self, step: int, loss: float, num_tokens: int) -> None:
+    def log_validation(self, step: int, loss: float, num_tokens: int, num_sequences: int) -> None:
         if not self.enabled:
             return
-        self._write(step, {"val_loss": loss, "val_loss_tokens": num_tokens}, time.time() - self.start)
-        LOG.info("step %d/%d | val_loss %.4f over %s loss tokens", step, self.total_steps, loss, f"{num_tokens:,}")
+        row = {"val_loss": loss, "val_loss_tokens": num_tokens, "val_sequences": num_sequences}
+        self._write(step, row, time.time() - self.start)
+        LOG.info(
+            "step %d: val_loss %.4f on %s tokens (%s sequences)", step, loss, f"{num_tokens:,}", f"{num_sequences:,}"
+        )
 
     def _write(self, step: int, metrics: dict, elapsed: float) -> None:
         row = {"step": step, **{k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()}}

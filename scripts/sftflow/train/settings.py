@@ -46,8 +46,15 @@ class TrainingConfig:
     expert_tensor_parallel_size: int
     moe_aux_loss_coeff: float | None  # null: the model's router_aux_loss_coef
     save_period: int
-    val_period: int
     validation_data: str | None
+    val_set_size: float  # 0: none; < 1: a fraction of the prepared rows; >= 1: a row count (pack_data holds them out)
+    val_set_seed: int
+    val_period: int
+    val_batches: int  # <= 0: the whole validation set
+    val_global_batch_size: int
+    val_micro_batch_size: int
+    val_at_start: bool
+    val_at_end: bool
     time_limit: str | None
     time_margin_seconds: float
     log_period: int

@@ -10,7 +10,9 @@ train_global_batch_size sequences, packed into bins and dealt to the dp ranks (S
 every rank runs its micro-batches of bins, the warmup + cosine schedule sets the learning rate,
 and the backend's engine (training.backend, looked up in sftflow.train.engine) runs the step: its loss is
 the sum of token losses over the loss tokens of the whole global batch, whatever the split into ranks and
-micro-batches.
+micro-batches. Validation (NeMo-RL's validate()) runs the first val_batches batches of val_global_batch_size
+validation sequences through the engine's forward-only evaluate, at step 0 (val_at_start), every val_period
+steps and at the last step (val_at_end), before the save of the same step.
 """
 
 from __future__ import annotations
@@ -39,7 +41,15 @@ from sftflow.train.checkpoint import (
     read_meta,
 )
 from sftflow.train.config import check_training_keys, check_training_matches
-from sftflow.train.data import PackedBins, Packer, StepBatch, StepSampler, TrainingPlan, job_target_step, join_sequences
+from sftflow.train.data import (
+    Packer,
+    StepBatch,
+    StepSampler,
+    TrainingPlan,
+    job_target_step,
+    join_sequences,
+    validation_batches,
+)
 from sftflow.train.deadline import Deadline, StopSignal
 from sftflow.train.engine import Engine, JobSpec, engine_class
 from sftflow.train.lr_schedule import WarmupCosineSchedule, lr_at
@@ -55,12 +65,20 @@ def data_fingerprint(packed_dir: str | os.PathLike) -> str:
     return hashlib.sha256((Path(packed_dir) / "index.json").read_bytes()).hexdigest()[:16]
 
 
-def _prepare_validation(cfg: dict, spec: JobSpec, parallel: ParallelDims, packer: Packer):
-    """Tokenize training.validation_data like the training data, once, into the checkpoint directory; its
-    sequences are packed into bins once, as the training steps pack theirs."""
+def _prepare_validation(cfg: dict, spec: JobSpec, parallel: ParallelDims):
+    """The validation set as a PackedDataset, or None: pack_data's held-out share (spec.validation_packed,
+    training.val_set_size) or training.validation_data, tokenized like the training data, once, into the
+    checkpoint directory."""
     from sftflow.packing import PackedDataset, pack_jsonl
 
     source = cfg["training"]["validation_data"]
+    if source and spec.validation_packed:
+        raise SftflowError(
+            f"config keys 'training.validation_data' ({source}) and 'training.val_set_size' "
+            f"({cfg['training']['val_set_size']}) both give validation data: set one of them"
+        )
+    if spec.validation_packed:
+        return PackedDataset(spec.validation_packed)
     if not source:
         return None
     if not Path(source).is_file():
@@ -77,7 +95,7 @@ def _prepare_validation(cfg: dict, spec: JobSpec, parallel: ParallelDims, packer
             pack_jsonl(source, target, tokenizer, cfg["packing"], chat_template=spec.chat_template)
 
     parallel.on_main(pack_once)
-    return PackedBins(PackedDataset(target), packer)
+    return PackedDataset(target)
 
 
 def rank_placement(parallel: ParallelDims) -> list[str]:
@@ -202,6 +220,8 @@ class Trainer:
         t_process_start = clock()
         self.cfg, self.spec = cfg, spec
         self.training = tcfg = TrainingConfig.from_section(cfg["training"])
+        self.val_losses: dict[int, float] = {}  # step -> validation loss, of this job's validations
+        self.validation, self.validation_batches = None, []  # set once the job has steps to train
         engine_cls = engine_class(tcfg.backend)
         self.parallel = parallel = parallel or engine_cls.init_parallel(tcfg)
         check_training_keys(cfg, world_size=parallel.world_size)
@@ -262,7 +282,17 @@ class Trainer:
         }
         self.start_step = self._resume()
         self.schedule_changes = _schedule_changes(saved_meta, self.start_step, self.plan.total_steps, tcfg)
-        self.validation = _prepare_validation(cfg, spec, parallel, self.packer)
+        self.validation = _prepare_validation(cfg, spec, parallel)
+        self.validation_batches = (
+            validation_batches(self.validation.lengths(), self.packer, tcfg, parallel.dp_size)
+            if self.validation is not None
+            else []
+        )
+        if self.validation is None and (tcfg.val_period or tcfg.val_at_start):
+            LOG.warning(
+                "training.val_period / val_at_start ask for validation, but there is no validation data "
+                "(training.validation_data or training.val_set_size): no validation loss is computed"
+            )
         self.meta = {  # what every checkpoint of this job records in its meta.json (resume checks read it back)
             "data_fingerprint": fingerprint,
             "model": spec.model,
@@ -298,15 +328,15 @@ class Trainer:
         step = self.start_step
         last_saved = self.latest.path if self.latest is not None else None
         last_saved_step = step if last_saved is not None else -1
-        stopped_early = False
         stop_signal = StopSignal()
+        if tcfg.val_at_start and step == 0:
+            self.validate(0)
         while step < target:
             if self._should_stop(step, stop_signal):
-                stopped_early = True
                 break
             t_step = time.perf_counter()
             batch = self.sampler.next_step()
-            micro_bins, masked = self._micro_bins(batch)
+            micro_bins, masked = self._micro_bins(batch, self.dataset)
             lr = self.schedule.apply(step)
             loss, loss_tokens, grad_norm = self.engine.train_step(micro_bins)
             overlong_masked = int(self.parallel.dp_sum(masked))
@@ -326,27 +356,26 @@ class Trainer:
                     **self._step_counts(batch, overlong_masked),
                 },
             )
-            if tcfg.val_period and step % tcfg.val_period == 0 and step < total:
+            # Before the save of the same step, so that the checkpoint's validation loss is known when it is saved.
+            if (tcfg.val_period and step % tcfg.val_period == 0) or (tcfg.val_at_end and step == total):
                 self.validate(step)
             if step % tcfg.save_period == 0 and step < target:
                 last_saved, last_saved_step = self.save(step), step
         if step != last_saved_step and step > 0:
             last_saved = self.save(step)
         stop_signal.restore()
-        if step >= total and not stopped_early:
-            self.validate(step)
         self.metrics.close()
         return self._finish(step, last_saved)
 
-    def _micro_bins(self, batch: StepBatch) -> tuple[list[list[dict]], int]:
-        """This rank's micro-batches of the step as bins (dicts collate_bins reads; an empty micro-batch is
-        one padding bin with no loss), and how many of its sequences carry no loss token: the over-long ones
-        pack_data masked (it keeps no other sequence without loss tokens)."""
+    def _micro_bins(self, batch: StepBatch, dataset) -> tuple[list[list[dict]], int]:
+        """This rank's micro-batches of the step (or validation batch) of `dataset` as bins (dicts collate_bins
+        reads; an empty micro-batch is one padding bin with no loss), and how many of its sequences carry no
+        loss token: the over-long ones pack_data masked (it keeps no other sequence without loss tokens)."""
         micro_bins, masked = [], 0
         for micro in batch.rank_micro_batches(self.parallel.dp_rank):
-            bins = [join_sequences(self.dataset, ids) for ids in micro]
+            bins = [join_sequences(dataset, ids) for ids in micro]
             masked += sum(_sequences_without_loss(b) for b in bins)
-            micro_bins.append(bins or [join_sequences(self.dataset, [])])
+            micro_bins.append(bins or [join_sequences(dataset, [])])
         return micro_bins, masked
 
     def _step_counts(self, batch: StepBatch, overlong_masked: int) -> dict:
@@ -369,10 +398,22 @@ class Trainer:
         LOG.info("saved %s in %.1f s", path, seconds)
         return path
 
-    def validate(self, step: int) -> None:
-        if self.validation is not None:
-            loss, n = self.engine.evaluate(self.validation, self.plan.micro_batch)
-            self.metrics.log_validation(step, loss, n)
+    def validate(self, step: int) -> float | None:
+        """The validation loss after `step` steps (None without validation data): the token-weighted mean over
+        every loss token of the validation batches (NeMo-RL's sum of batch loss x tokens / tokens). Recorded in
+        self.val_losses and the metrics. Collective."""
+        if self.validation is None:
+            return None
+        loss_sum, tokens, sequences = 0.0, 0, 0
+        for batch in self.validation_batches:
+            loss, n = self.engine.evaluate(self._micro_bins(batch, self.validation)[0])
+            loss_sum, tokens, sequences = loss_sum + loss * n, tokens + n, sequences + len(batch.sample_ids)
+        if not tokens:
+            LOG.warning("step %d: the validation batches have no loss token (all over-long and masked)", step)
+            return None
+        self.val_losses[step] = loss = loss_sum / tokens
+        self.metrics.log_validation(step, loss, tokens, sequences)
+        return loss
 
     def _resume(self) -> int:
         """Load the latest checkpoint (if any) into every Stateful component; returns its step."""
