@@ -139,8 +139,8 @@ def test_two_chained_jobs_end_bitwise_equal_to_one(
     for f in one:
         assert f.read_bytes() == (two / f.name).read_bytes(), f.name
     for r in range(nproc):  # Adam moments, fp32 main weights and step of every rank's optimizer shard
-        a = torch.load(one_dir / "step_00000004" / "optim" / f"rank{r:05d}.pt", weights_only=True)
-        b = torch.load(two.parent / "optim" / f"rank{r:05d}.pt", weights_only=True)
+        a = torch.load(one_dir / "step_00000004" / "optimizer" / f"rank{r:05d}.pt", weights_only=True)
+        b = torch.load(two.parent / "optimizer" / f"rank{r:05d}.pt", weights_only=True)
         for x, y in zip(flat_tensors(a["parameter_states"]), flat_tensors(b["parameter_states"]), strict=True):
             assert torch.equal(x, y)
     for key in ("loss", "grad_norm", "val_loss"):

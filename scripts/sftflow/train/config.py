@@ -48,6 +48,11 @@ def _check_common(t: dict) -> None:
             f"config key 'training.min_learning_rate' ({t['min_learning_rate']}) is above "
             f"training.learning_rate ({t['learning_rate']})"
         )
+    if t.get("remove_checkpoints_after_average") and not t.get("average_steps"):
+        raise SftflowError(
+            "config key 'training.remove_checkpoints_after_average' is true but 'training.average_steps' is empty: "
+            "nothing is averaged, so nothing would be removed; list the steps to average or set it to false"
+        )
     if t["time_limit"] is not None:
         from sftflow.train.deadline import parse_time_limit
 
