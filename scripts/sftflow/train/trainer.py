@@ -397,15 +397,16 @@ class Trainer:
 
     def save(self, step: int) -> Path:
         """Save step `step`, then (rank 0, once it committed) apply retention; every rank waits for it."""
+        start = time.perf_counter()
         self.states["train"].step = step
         metrics = {"train_loss": self.train_loss}
         if step in self.val_losses:
             metrics["val_loss"] = self.val_losses[step]
         path, seconds = self.engine.checkpointer.save(step, self.states, {**self.meta, "metrics": metrics})
-        self.deadline.record_save(seconds)
         if self.parallel.is_main:
             self._retain(step, path, seconds)
         self.parallel.barrier()
+        self.deadline.record_save(time.perf_counter() - start)  # the deadline counts retention in the save
         return path
 
     def _retain(self, step: int, path: Path, seconds: float) -> None:
@@ -447,11 +448,16 @@ class Trainer:
         if self.retention.metric_key != "val_loss" or tcfg.keep_top_k is None or not self.parallel.is_main:
             return
         if tcfg.val_period == 0 or tcfg.save_period % tcfg.val_period != 0:
+            why = (
+                "training.val_period is 0 (validation only at the end)"
+                if tcfg.val_period == 0
+                else f"training.save_period ({tcfg.save_period}) is not a multiple of training.val_period "
+                f"({tcfg.val_period})"
+            )
             LOG.warning(
-                "training.save_period (%d) is not a multiple of training.val_period (%d): checkpoints saved "
-                "without a validation loss rank below those with one for training.keep_top_k (%d by %s)",
-                tcfg.save_period,
-                tcfg.val_period,
+                "%s: checkpoints saved without a validation loss rank below those with one for "
+                "training.keep_top_k (%d by %s)",
+                why,
                 tcfg.keep_top_k,
                 tcfg.metric_name,
             )
