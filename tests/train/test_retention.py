@@ -150,14 +150,26 @@ def test_remove_after_average_keeps_the_newest(tmp_path):
     assert [c.step for c in complete_checkpoints(tmp_path)] == [4, 6]
 
 
-def test_export_average_and_resume_after_retention(tmp_path, world1, packed, tiny_model):
-    """keep_top_k 1 with average_steps [2, 4]: the averaged steps survive without their optimizer state, export
-    and average correctly; resuming from one of them is refused, naming the key."""
+def test_export_average_and_resume_after_retention(tmp_path, world1, packed, tiny_model, caplog):
+    """keep_top_k 1 by val_loss with average_steps [2, 4] and validation only at the end: the averaged steps
+    survive without their optimizer state, export and average correctly; resuming from one of them is refused,
+    naming the key. The trainer warns once that the saves before the end have no validation loss."""
     ckpt = tmp_path / "ckpt"
-    run_inprocess(world1, ckpt, packed, tiny_model, max_num_steps=6, save_period=2, keep_top_k=1, average_steps=[2, 4])
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"input": f"w{i} w7 w9", "output": f"w{i + 3} w5"}) + "\n" for i in range(3, 9)))
+    with caplog.at_level("WARNING", logger="sftflow.train"):
+        run_inprocess(world1, ckpt, packed, tiny_model, max_num_steps=6, save_period=2, keep_top_k=1,
+                      average_steps=[2, 4], validation_data=str(val), val_period=0)  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if "rank below" in r.getMessage()]
+    assert warnings == [
+        "training.val_period is 0 (validation only at the end): checkpoints saved without a validation loss rank "
+        "below those with one for training.keep_top_k (1 by val_loss)"
+    ]
     found = complete_checkpoints(ckpt)
     assert [c.step for c in found] == [2, 4, 6]
     assert [c.step for c in found if (c.path / "optimizer").is_dir()] == [6]
+    metrics = [json.loads((c.path / "meta.json").read_text())["metrics"] for c in found]
+    assert ["val_loss" in m for m in metrics] == [False, False, True]  # the end's validation runs before its save
     exports = []
     for c in found[:2]:
         export_checkpoint(c.path, tmp_path / f"hf{c.step}", str(tiny_model))
