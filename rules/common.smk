@@ -21,8 +21,13 @@ def out(*parts):
     return str(OUT.joinpath(*parts))
 
 
+# What rule remove_averaged_checkpoints removed and kept (training.remove_checkpoints_after_average).
+AVERAGED_REMOVED = out("checkpoints", "averaged_removed.json")
+
+
 def all_targets():
-    """Default targets - the eval summary (which brings the report's pages) and the training.export_steps exports."""
+    """Default targets - the eval summary (which brings the report's pages), the training.export_steps exports and,
+    with training.remove_checkpoints_after_average, the removal of the averaged steps' checkpoints."""
     steps = config["training"]["export_steps"] or []
     removal = [AVERAGED_REMOVED] if config["training"]["remove_checkpoints_after_average"] else []
     return [out("eval.json"), *(out("hf_models", f"step_{step}") for step in dict.fromkeys(steps)), *removal]

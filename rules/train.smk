@@ -37,8 +37,6 @@ TRAINING_PLAN_KEYS = (
     "time_limit",
 )
 LAST_JOB_DONE = out("checkpoints", f"job{config['training']['num_training_jobs'] - 1}.done")
-# What rule remove_averaged_checkpoints removed and kept (training.remove_checkpoints_after_average).
-AVERAGED_REMOVED = out("checkpoints", "averaged_removed.json")
 # Checkpoints of a run with other learning rate, batch size, seed ... are refused before any job (once, in
 # the main process: a job's own re-parse need not read them again).
 if workflow.is_main_process:
