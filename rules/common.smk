@@ -21,10 +21,24 @@ def out(*parts):
     return str(OUT.joinpath(*parts))
 
 
+# What rule remove_averaged_checkpoints removed and kept (training.remove_checkpoints_after_average).
+AVERAGED_REMOVED = out("checkpoints", "averaged_removed.json")
+
+
 def all_targets():
-    """Default targets - the eval summary (which brings the report's pages) and the training.export_steps exports."""
+    """Default targets - the eval summary (which brings the report's pages), the training.export_steps exports and,
+    with training.remove_checkpoints_after_average, the removal of the averaged steps' checkpoints."""
     steps = config["training"]["export_steps"] or []
-    return [out("eval.json"), *(out("hf_models", f"step_{step}") for step in dict.fromkeys(steps))]
+    removal = [AVERAGED_REMOVED] if config["training"]["remove_checkpoints_after_average"] else []
+    return [out("eval.json"), *(out("hf_models", f"step_{step}") for step in dict.fromkeys(steps)), *removal]
+
+
+def exported_step_models():
+    """Every out("hf_models", "step_N") the workflow makes: training.export_steps, average_steps, eval.models' step_N."""
+    t = config["training"]
+    steps = [*(t["export_steps"] or []), *(t["average_steps"] or [])]
+    steps += [int(m.split("_", 1)[1]) for m in eval_models() if m.startswith("step_")]
+    return [out("hf_models", f"step_{step}") for step in sorted(set(steps))]
 
 
 def report_pages():
@@ -289,9 +303,13 @@ def train_configs():
     sections = validate_sections({"training": config["training"], "packing": config["packing"]})
     training = sections["training"]
     tracked = {"training": {key: training[key] for key in RESULT_KEYS}}
+    from sftflow.train.retention import protected_steps
+
     run = {
         "training": {key: value for key, value in training.items() if key not in RESULT_KEYS},
         "packing": sections["packing"],
+        # The steps exported after training (eval.models' step_N included): retention never removes them.
+        "protected_steps": sorted(protected_steps(config)),
     }
     return tracked, run
 

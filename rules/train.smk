@@ -17,6 +17,15 @@
 # --conversion_step; null: the last step). Other steps are exported beside it, each to out("hf_models", "step_X")
 # (rule convert_step): training.export_steps, eval.models' step_N and average_steps ask for them. Every such step
 # is checked at planning time (sftflow.config.check_saved_steps).
+#
+# Checkpoint retention (training.keep_top_k by metric_name, keep_optimizer_state) runs only inside the trainer,
+# on rank 0 after each save commits: no convert rule overlaps a training job (each depends on the last job's
+# done-file), and the trainer never removes the newest checkpoint or a step an export reads (conversion_step,
+# export_steps, average_steps, eval.models' step_N; the workflow hands it the list in train.run.json). Rule
+# remove_averaged_checkpoints (training.remove_checkpoints_after_average) deletes the averaged steps' checkpoints
+# once averaged_hf_model, final_hf_model and every hf_models/step_N export exist (its inputs), keeping the newest;
+# no rule takes a checkpoint directory as an input, so the removal makes nothing rerun (but an export of a removed
+# step, forced or newly asked for, cannot be made again).
 
 
 # The keys that decide the final step and the last job's length (rerun trigger of the last job only).
@@ -162,3 +171,26 @@ rule average_checkpoints:
         steps=sorted(config["training"]["average_steps"] or []),
     script:
         "../scripts/average_checkpoints.py"
+
+
+rule remove_averaged_checkpoints:
+    input:
+        # Every model made from a checkpoint: once they exist, nothing reads the averaged steps' checkpoints.
+        averaged=out("averaged_hf_model"),
+        final=out("final_hf_model"),
+        exports=exported_step_models(),
+    output:
+        record=AVERAGED_REMOVED,
+    log:
+        out("logs", "remove_averaged_checkpoints.log"),
+    benchmark:
+        out("benchmarks_time", "remove_averaged_checkpoints.tsv")
+    conda:
+        "../envs/train.yaml"
+    resources:
+        **cpu_resources(),
+    params:
+        checkpoint_dir=lambda wildcards, output: str(Path(output.record).parent),
+        steps=sorted(config["training"]["average_steps"] or []),
+    script:
+        "../scripts/remove_checkpoints.py"

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sftflow.train.checkpoint import complete_checkpoints
+from sftflow.train.export import export_checkpoint
 from tests.megatron_backend.conftest import STEPS, assert_same_curve, fsdp_job, megatron_job, val_rows
 from tests.train.conftest import (
     WEIGHTS_ATOL,
@@ -130,6 +132,7 @@ def test_two_chained_jobs_end_bitwise_equal_to_one(
     one_dir = one_job_runs(which, layout_id, nproc, layout)
     model = tiny_model if which == "dense" else moe_model
     same = {"max_num_steps": STEPS, "val_period": 2, "validation_data": str(reference["val"]), **NO_AUX, **layout}
+    same["keep_top_k"] = 1  # retention by val_loss; the one job keeps both steps (default keep_top_k 50)
     first = megatron_job(tmp_path, model, packed, tmp_path / "two", nproc, 0, 2, **same)
     second = megatron_job(tmp_path, model, packed, tmp_path / "two", nproc, 1, 2, **same)
     assert (first["end_step"], second["start_step"], second["end_step"]) == (2, 2, STEPS)
@@ -139,12 +142,19 @@ def test_two_chained_jobs_end_bitwise_equal_to_one(
     for f in one:
         assert f.read_bytes() == (two / f.name).read_bytes(), f.name
     for r in range(nproc):  # Adam moments, fp32 main weights and step of every rank's optimizer shard
-        a = torch.load(one_dir / "step_00000004" / "optim" / f"rank{r:05d}.pt", weights_only=True)
-        b = torch.load(two.parent / "optim" / f"rank{r:05d}.pt", weights_only=True)
+        a = torch.load(one_dir / "step_00000004" / "optimizer" / f"rank{r:05d}.pt", weights_only=True)
+        b = torch.load(two.parent / "optimizer" / f"rank{r:05d}.pt", weights_only=True)
         for x, y in zip(flat_tensors(a["parameter_states"]), flat_tensors(b["parameter_states"]), strict=True):
             assert torch.equal(x, y)
     for key in ("loss", "grad_norm", "val_loss"):
         assert logged(tmp_path / "two", key) == logged(one_dir, key), key
+    val = logged(tmp_path / "two", "val_loss")
+    assert [c.step for c in complete_checkpoints(tmp_path / "two")] == ([2, 4] if val[2] < val[4] else [4])
+    # keep_optimizer_state latest: step 2 kept its model and train state, not its optimizer shards; it still exports
+    older = one_dir / "step_00000002"
+    assert not (older / "optimizer").exists() and sorted(p.name for p in (older / "state").iterdir())
+    exported = export_checkpoint(older, tmp_path / "hf_step2", str(model))
+    assert json.loads((exported / "sftflow_export.json").read_text())["step"] == 2
 
 
 def assert_close_but_adam_noise(a: dict, b: dict) -> None:
@@ -182,8 +192,6 @@ def test_the_final_checkpoint_exports_to_a_hf_model_close_to_the_fsdp_export(
     tmp_path, one_job_runs, tiny_model, moe_model, reference, which, layout_id, nproc, layout
 ):
     from transformers import AutoModelForCausalLM
-
-    from sftflow.train.export import export_checkpoint
 
     base = str(tiny_model if which == "dense" else moe_model)
     ckpt = one_job_runs(which, layout_id, nproc, layout)

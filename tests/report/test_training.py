@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -214,3 +216,33 @@ def test_a_run_without_validation_says_how_to_get_one(tmp_path):
     metrics = read_metrics(write_jsonl(tmp_path / "metrics.jsonl", rows))
     section = training.validation_section(metrics)
     assert section.table is None and "training.val_set_size" in section.note
+
+
+def _checkpoint_row(step: int, on_disk: int, removed: list[int], dropped: list[int]) -> dict:
+    return {
+        "step": step,
+        "checkpoint_bytes": 12_300_000,
+        "checkpoints_on_disk": on_disk,
+        "checkpoint_bytes_on_disk": on_disk * 4_100_000 + 8_200_000,
+        "removed_steps": removed,
+        "optimizer_dropped_steps": dropped,
+        "freed_bytes": 1,
+        "save_seconds": 0.5,
+        "elapsed_seconds": 1.0,
+    }
+
+
+def test_training_summary_page_shows_the_bytes_of_every_save_and_what_retention_removed(tmp_path):
+    inputs = write_results(tmp_path / "results")
+    saves = [_checkpoint_row(10, 2, [], [5]), _checkpoint_row(15, 2, [5], [10])]
+    with open(inputs.metrics, "a", encoding="utf-8") as f:  # the trainer appends a row per save
+        f.writelines(json.dumps(row) + "\n" for row in saves)
+    metrics = read_metrics(inputs.metrics)
+    assert metrics.checkpoints["step"].tolist() == [10, 15]
+    assert metrics.train["step"].tolist() == list(range(1, 31))  # save rows are neither steps nor validations
+    outputs = ReportOutputs.in_dir(tmp_path / "report")
+    write_training_pages(inputs, read_training_inputs(inputs), outputs)
+    page = outputs.training_summary.read_text()
+    assert "<h2>Checkpoints on disk</h2>" in page
+    (table,) = [t for t in html_tables(page) if t[0][:2] == ["step", "MB written"]]
+    assert table[1:] == [["10", "12.3", "2", "16.4", "—", "5"], ["15", "12.3", "2", "16.4", "5", "10"]]

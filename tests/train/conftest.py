@@ -198,7 +198,7 @@ def optimizer_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
     from sftflow.train.checkpoint import latest_checkpoint
 
-    path = latest_checkpoint(ckpt_dir).path
+    path = latest_checkpoint(ckpt_dir).path / "optimizer"  # the newest checkpoint keeps its optimizer state
     md = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     want = {
         k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
@@ -208,6 +208,7 @@ def optimizer_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(want, checkpoint_id=str(path), no_dist=True)
+    assert want, f"{path}: no optimizer moments"
     return want
 
 

@@ -28,10 +28,12 @@ def test_the_stage_files_rebuild_the_config_exactly(files, tmp_path):
     run = {
         "training": {k: v for k, v in config["training"].items() if k not in RESULT_KEYS},
         "packing": config["packing"],
+        "protected_steps": [300, 100],  # the workflow's steps exported after training
     }
     write_if_changed(tmp_path / "train.json", tracked)
     write_if_changed(tmp_path / "train.run.json", run)
-    assert load_train_config([tmp_path / "train.json", tmp_path / "train.run.json"]) == config
+    loaded = load_train_config([tmp_path / "train.json", tmp_path / "train.run.json"])
+    assert loaded == {**config, "protected_steps": [100, 300]}
 
 
 def test_later_config_files_win_and_errors_name_the_files(tmp_path):
@@ -40,6 +42,7 @@ def test_later_config_files_win_and_errors_name_the_files(tmp_path):
     config = load_train_config([tmp_path / "a.json", tmp_path / "b.yaml"])
     assert config["training"]["time_limit"] == "4:00:00"  # a string in JSON stays one (no YAML 1.1 sexagesimal)
     assert config["training"]["learning_rate"] == 2e-5 and config["packing"]["max_total_sequence_length"] == 64
+    assert config.pop("protected_steps") == []
     assert config == validate_sections(config)  # the defaults are filled
     (tmp_path / "c.json").write_text('{"training": {"seed": "seven"}}')
     with pytest.raises(SftflowError, match=r"--config .*c.json: config key 'training.seed'"):

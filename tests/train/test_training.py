@@ -168,7 +168,7 @@ def test_validation_loss_every_val_period_and_at_the_end(tmp_path, world1, packe
     from transformers import AutoModelForCausalLM
 
     from sftflow.packing import PackedDataset
-    from sftflow.train.checkpoint import latest_checkpoint
+    from sftflow.train.checkpoint import complete_checkpoints, latest_checkpoint
     from sftflow.train.export import export_checkpoint
 
     rng = pyrandom.Random(0)
@@ -182,9 +182,19 @@ def test_validation_loss_every_val_period_and_at_the_end(tmp_path, world1, packe
     val = tmp_path / "val.jsonl"
     val.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ckpt = tmp_path / "ckpt"
-    run_inprocess(world1, ckpt, packed, tiny_model, max_num_steps=5, val_period=2, validation_data=str(val))
+    # keep_top_k 1 by val_loss (the default metric): the best checkpoint and the newest stay
+    run_inprocess(
+        world1, ckpt, packed, tiny_model, max_num_steps=5, val_period=2, validation_data=str(val), keep_top_k=1
+    )
     val_loss = logged(ckpt, "val_loss")
     assert sorted(val_loss) == [2, 4, 5]
+    best = min(val_loss, key=val_loss.get)
+    assert [c.step for c in complete_checkpoints(ckpt)] == sorted({best, 5})
+    for c in complete_checkpoints(ckpt):  # every save records its step's validation and training loss
+        metrics = json.loads((c.path / "meta.json").read_text())["metrics"]
+        assert metrics == {"val_loss": val_loss[c.step], "train_loss": logged(ckpt)[c.step]}
+    saves = logged(ckpt, "checkpoint_bytes")
+    assert sorted(saves) == [2, 4, 5] and min(saves.values()) > 0
 
     # the final value equals the plain HF model's token-mean loss over every validation sequence
     hf = tmp_path / "hf"

@@ -185,3 +185,21 @@ def test_demo_trains_chained_jobs_and_exports_then_continues(small_demo_run, tmp
     for name, tensor in averaged.items():
         assert torch.allclose(tensor, (step5[name] + step10[name]) / 2, atol=1e-6), name
     assert any(not torch.equal(step5[name], step10[name]) for name in step5)  # the steps do differ
+
+    # remove_checkpoints_after_average: once the averaged model and every export exist, the averaged steps'
+    # checkpoints go, the newest stays (a later run resumes from it), and no model made from them is remade.
+    avg = (workdir / "avg.yaml").read_text()
+    flag = "  average_steps: [10, 5]\n  remove_checkpoints_after_average: true\n"
+    (workdir / "avg_rm.yaml").write_text(avg.replace("  average_steps: [10, 5]\n", flag))
+    removal = ("results/averaged_hf_model", "results/checkpoints/averaged_removed.json")
+    config = ("--configfile", "config/config.yaml", "avg_rm.yaml")
+    result = snakemake("--cores", "2", *removal, *config, cwd=workdir)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    ran = rules_run(result.stderr)
+    assert ran[-1] == "remove_averaged_checkpoints" and not {"train_job", "convert_step"} & set(ran), ran
+    record = json.loads((results / "checkpoints" / "averaged_removed.json").read_text())
+    assert record["removed"] == [5, 10] and record["freed_bytes"] > 0
+    left = sorted(p.name for p in (results / "checkpoints").glob("step_*"))
+    assert left == ["step_00000006", "step_00000012", "step_00000015", "step_00000016"], left
+    plan = snakemake("-n", "--cores", "2", *removal, "results/final_hf_model", *config, cwd=workdir)
+    assert "Nothing to be done" in plan.stdout + plan.stderr, (plan.stdout + plan.stderr)[-3000:]

@@ -6,9 +6,13 @@ the parallel sizes), with megatron-specific contents::
 
     model/dense_tp{t}_pp{p}.safetensors           non-expert weights of tensor rank t, pipeline stage p
     model/experts_pp{p}_ep{e}_etp{x}.safetensors  expert weights of expert rank e, expert-tensor rank x
-    optim/rank{r}.pt                              rank r's distributed-optimizer shard (fp32 main weights,
-                                                  Adam moments, step), CUDA RNG tracker, and the other
-                                                  Stateful components (sampler, schedule, rng, train)
+    state/rank{r}.pt                              rank r's CUDA RNG tracker and the other Stateful
+                                                  components (sampler, schedule, rng, train)
+    optimizer/rank{r}.pt                          rank r's distributed-optimizer shard (fp32 main weights,
+                                                  Adam moments, step): only a resume reads it, retention
+                                                  drops it from every checkpoint but the newest
+
+(Checkpoints written before the optimizer got its own directory hold both in optim/rank{r}.pt; they still load.)
 
 Model shards hold megatron-core local-spec names (sftflow.megatron.weights) whatever the layer spec
 trained them, so the export needs neither a GPU nor Transformer Engine: it reads every shard, unshards
@@ -33,6 +37,7 @@ from sftflow.megatron.hf_config import ModelLayout, model_layout
 from sftflow.megatron.weights import from_te_names, megatron_to_hf, to_te_names, unshard
 from sftflow.train.checkpoint import ENGINE, Checkpointer
 from sftflow.train.parallel import ParallelDims
+from sftflow.train.retention import OPTIMIZER_DIR
 
 LOG = logging.getLogger("sftflow.train")
 
@@ -197,17 +202,30 @@ def load_engine_state_dict(engine, state: dict) -> None:
 
 class MegatronCheckpointer(Checkpointer):
     """Stores a checkpoint's Stateful components in the megatron format (see the module docstring): the
-    engine's model weights as shared model shards, everything else of this rank in optim/rank{r}.pt."""
+    engine's model weights as shared model shards, its optimizer shards in optimizer/rank{r}.pt, everything
+    else of this rank in state/rank{r}.pt."""
 
-    def _rank_file(self, checkpoint: Path) -> Path:
-        return checkpoint / "optim" / f"rank{self.parallel.rank:05d}.pt"
+    OPTIMIZER_KEYS = ("optimizers", "parameter_states")
+
+    def _rank_file(self, checkpoint: Path, part: str) -> Path:
+        return checkpoint / part / f"rank{self.parallel.rank:05d}.pt"
 
     def write(self, tmp: Path, states: dict) -> None:
         engine_state = states[ENGINE].state_dict()
         write_model_shards(tmp / "model", engine_state.pop("model"), self.parallel)
-        (tmp / "optim").mkdir(exist_ok=True)
+        optimizer = {key: engine_state.pop(key) for key in self.OPTIMIZER_KEYS}
+        for part in ("state", OPTIMIZER_DIR):
+            (tmp / part).mkdir(exist_ok=True)
         others = {name: component.state_dict() for name, component in states.items() if name != ENGINE}
-        torch.save({**engine_state, **others}, self._rank_file(tmp))
+        torch.save({**engine_state, **others}, self._rank_file(tmp, "state"))
+        torch.save(optimizer, self._rank_file(tmp, OPTIMIZER_DIR))
+
+    def _read_rank_state(self, path: Path) -> dict:
+        if self._rank_file(path, "optim").is_file():  # written before the optimizer had its own directory
+            return torch.load(self._rank_file(path, "optim"), weights_only=True, map_location="cpu")
+        stored = torch.load(self._rank_file(path, "state"), weights_only=True, map_location="cpu")
+        stored.update(torch.load(self._rank_file(path, OPTIMIZER_DIR), weights_only=True, map_location="cpu"))
+        return stored
 
     def read(self, path: Path, states: dict) -> None:
         from safetensors.torch import load_file
@@ -216,7 +234,7 @@ class MegatronCheckpointer(Checkpointer):
         weights = load_file(str(path / "model" / dense_file(rank)))
         if (path / "model" / experts_file(rank)).is_file():
             weights.update(load_file(str(path / "model" / experts_file(rank))))
-        stored = torch.load(self._rank_file(path), weights_only=True, map_location="cpu")
+        stored = self._read_rank_state(path)
         engine_state = {"model": weights, **{k: v for k, v in stored.items() if k not in states}}
         for name, component in states.items():
             try:

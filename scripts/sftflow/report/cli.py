@@ -119,6 +119,7 @@ def read_training_inputs(inputs: ReportInputs) -> dict:
 def write_training_pages(inputs: ReportInputs, run: dict, outputs: ReportOutputs) -> None:
     """The training pages (rule report_training): curves, throughput, summary by run, packing per step, schedule
     changes and the validation losses."""
+    changes and the checkpoints' bytes on disk."""
     metrics, jobs = run["metrics"], run["jobs"]
     training.plot_training_curves(metrics, jobs, outputs.training_curves)
     training.plot_throughput(metrics, jobs, outputs.throughput)
@@ -136,6 +137,7 @@ def write_training_pages(inputs: ReportInputs, run: dict, outputs: ReportOutputs
             training.packing_in_training_section(metrics.train),
             training.schedule_changes_section(jobs),
             training.validation_section(metrics),
+            training.checkpoints_section(metrics.checkpoints),
             Section("Final values", training.final_values_frame(metrics), f"From {inputs.metrics}."),
         ],
     )

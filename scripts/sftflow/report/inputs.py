@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -79,25 +79,32 @@ def read_contamination_matches(path: str | os.PathLike, input_key: str = "proble
 
 @dataclass
 class Metrics:
-    """metrics.jsonl split into training steps and validation evaluations, one row per step (last one wins)."""
+    """metrics.jsonl split into training steps, validation evaluations and saves, one row per step (last one wins)."""
 
     train: pd.DataFrame
     validation: pd.DataFrame
+    checkpoints: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per save (Trainer.save)
 
 
 def read_metrics(path: str | os.PathLike) -> Metrics:
-    train_rows, val_rows = [], []
+    train_rows, val_rows, checkpoint_rows = [], [], []
     for line, row in iter_jsonl(path):
         step = row.get("step")
         if not isinstance(step, int) or isinstance(step, bool):
             raise SftflowError(f"{path}:{line}: metrics row has no integer 'step'")
-        if "val_loss" in row:
+        if "checkpoint_bytes" in row:
+            checkpoint_rows.append(row)
+        elif "val_loss" in row:
             val_rows.append(row)
         elif "loss" in row:
             train_rows.append(row)
     if not train_rows:
         raise SftflowError(f"{path}: no training step logged (no row with 'loss'); did training run?")
-    return Metrics(train=_one_row_per_step(train_rows), validation=_one_row_per_step(val_rows))
+    return Metrics(
+        train=_one_row_per_step(train_rows),
+        validation=_one_row_per_step(val_rows),
+        checkpoints=_one_row_per_step(checkpoint_rows),
+    )
 
 
 def _one_row_per_step(rows: list[dict]) -> pd.DataFrame:

@@ -325,3 +325,43 @@ def packing_in_training_section(train: pd.DataFrame) -> Section:
     if steps < len(train):
         note += f" Only {steps:,} of the {len(train):,} steps logged their packing (the others: an older trainer)."
     return Section("Packing in training", frame, note)
+
+
+def _step_names(steps) -> str:
+    return ", ".join(str(int(s)) for s in steps) if isinstance(steps, list) and steps else "—"
+
+
+def checkpoints_frame(checkpoints: pd.DataFrame) -> pd.DataFrame:
+    """One row per save (metrics.jsonl's checkpoint rows): its size, what was on disk after retention, and what
+    retention removed (whole checkpoints, or only their optimizer state)."""
+    columns = ["step", "MB written", "checkpoints on disk", "MB on disk", "removed steps", "optimizer state dropped"]
+    if checkpoints.empty:
+        return pd.DataFrame(columns=columns)
+    rows = [
+        {
+            "step": int(row["step"]),
+            "MB written": round(row["checkpoint_bytes"] / 1e6, 1),
+            "checkpoints on disk": int(row["checkpoints_on_disk"]),
+            "MB on disk": round(row["checkpoint_bytes_on_disk"] / 1e6, 1),
+            "removed steps": _step_names(row.get("removed_steps")),
+            "optimizer state dropped": _step_names(row.get("optimizer_dropped_steps")),
+        }
+        for row in checkpoints.to_dict("records")
+    ]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def checkpoints_section(checkpoints: pd.DataFrame) -> Section:
+    frame = checkpoints_frame(checkpoints)
+    if frame.empty:
+        return Section(
+            "Checkpoints on disk", note="metrics.jsonl records no save (a trainer from before issue 28 logged none)."
+        )
+    last = frame.iloc[-1]
+    note = (
+        "Each save: the bytes it wrote, then the checkpoints and bytes on disk once retention ran "
+        "(training.keep_top_k by metric_name; keep_optimizer_state: latest drops the optimizer state of every "
+        f"checkpoint but the newest). After the last save: {int(last['checkpoints on disk'])} checkpoints, "
+        f"{last['MB on disk']:,} MB."
+    )
+    return Section("Checkpoints on disk", frame, note)

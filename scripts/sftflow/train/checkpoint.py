@@ -3,7 +3,10 @@
 Layout of the checkpoint directory (shared by all chained jobs)::
 
     step_00000100/          a complete checkpoint (DCP: .metadata + one __R_0.distcp per rank, meta.json)
+      optimizer/            its optimizer state, a second DCP checkpoint (only a resume reads it; retention
+                            drops it from every checkpoint but the newest, training.keep_optimizer_state)
     step_00000200.tmp/      being written; never read, removed by the next job
+    step_00000050.removing/ being deleted by retention (sftflow.train.retention); removed by the next job
 
 A checkpoint is a dict of Stateful components, torchtitan-style: the engine (its model and optimizer),
 the data order (`sampler`), the learning-rate schedule (`schedule`), every rank's RNG (`rng`) and the
@@ -11,13 +14,15 @@ train state (`train`); saving writes each one's state_dict, resuming is one `loa
 backend stores them as one DCP state dict:
 
     model.<fqn>             full-model parameter names (get_state_dict unshards the names, not the data)
-    optim.state.<fqn>.*     AdamW moments and step counts, same names; optim.param_groups
+    optim.state.<fqn>.*     AdamW moments and step counts, same names; optim.param_groups (in optimizer/)
     sampler.*, schedule.*   data position (epoch, bins consumed), LR schedule state
     train.step              optimizer steps taken
     rng.rank<r>.*           every rank's torch CPU (and CUDA) generator and Python `random` state
 
 All ranks write into `step_N.tmp`; after a barrier rank 0 renames it to `step_N`. The rename is the
-commit point: a job killed mid-save leaves only a `.tmp` directory, which resume never looks at.
+commit point: a job killed mid-save leaves only a `.tmp` directory, which resume never looks at. meta.json
+records the step, the run's settings, the checkpoint's metrics (val_loss, train_loss: retention ranks by
+them) and whether it still holds its optimizer state.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from sftflow.train.checkpoint_dir import (  # noqa: F401  (re-exported: the chec
 )
 from sftflow.train.engine import checkpoint_backend
 from sftflow.train.parallel import ParallelDims
+from sftflow.train.retention import OPTIMIZER_DIR, clean_leftovers, has_optimizer_state
 
 LOG = logging.getLogger("sftflow.train")
 
@@ -151,20 +157,28 @@ def _from_storage(loaded: dict, template: dict) -> dict:
 class Checkpointer:
     """Saves and loads a dict of Stateful components (the engine's model and optimizer, the data order, the
     schedule, RNG, the train state) as one checkpoint directory; this class stores them with DCP, a backend
-    with its own format overrides `write` and `read` (sftflow.megatron.checkpoint)."""
+    with its own format overrides `write` and `read` (sftflow.megatron.checkpoint).
+
+    The engine's OPTIMIZER_KEYS entries go to the checkpoint's `optimizer/` subdirectory, so that retention can
+    remove them without rewriting the rest."""
+
+    OPTIMIZER_KEYS: tuple[str, ...] = ("optim",)
 
     def __init__(self, root: str | os.PathLike, parallel: ParallelDims) -> None:
         self.root = Path(root)
         self.parallel = parallel
 
     def clean_partial(self) -> None:
-        """Remove `.tmp` directories left by a job that died while saving (rank 0, then everyone waits)."""
+        """Remove `.tmp` directories left by a job that died while saving, and finish removals retention began
+        (`.removing`), rank 0, then everyone waits."""
         if self.parallel.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for child in self.root.iterdir():
                 if child.is_dir() and child.name.startswith("step_") and child.name.endswith(TMP_SUFFIX):
                     LOG.info("removing incomplete checkpoint %s", child)
                     shutil.rmtree(child, ignore_errors=True)
+            for leftover in clean_leftovers(self.root):
+                LOG.info("finished removing %s", leftover)
         self.parallel.barrier()
 
     def _state(self, states: dict[str, Stateful]) -> dict:
@@ -178,8 +192,12 @@ class Checkpointer:
         return state
 
     def write(self, tmp: Path, states: dict[str, Stateful]) -> None:
-        """This rank's part of the checkpoint, into the uncommitted directory `tmp`."""
-        dcp.save(self._state(states), checkpoint_id=str(tmp))
+        """This rank's part of the checkpoint, into the uncommitted directory `tmp` (optimizer state into
+        `tmp/optimizer`, a DCP checkpoint of its own)."""
+        state = self._state(states)
+        optimizer = {key: state.pop(key) for key in self.OPTIMIZER_KEYS}
+        dcp.save(state, checkpoint_id=str(tmp))
+        dcp.save(optimizer, checkpoint_id=str(tmp / OPTIMIZER_DIR))
 
     def read(self, path: Path, states: dict[str, Stateful]) -> None:
         """Load every component from `path` (an optional one the checkpoint lacks keeps its state)."""
@@ -195,7 +213,12 @@ class Checkpointer:
                 "%s has no %s state for rank %d (saved with another world size)", path, name, self.parallel.rank
             )
             del state[name]
+        optimizer = {}  # a checkpoint written before the optimizer had its own directory holds it inline
+        if (path / OPTIMIZER_DIR).is_dir():
+            optimizer = {key: state.pop(key) for key in self.OPTIMIZER_KEYS}
+            dcp.load(optimizer, checkpoint_id=str(path / OPTIMIZER_DIR), planner=SafeLoadPlanner())
         dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
+        state.update(optimizer)
         for name, component in states.items():
             if name == ENGINE:
                 component.load_state_dict({k: v for k, v in state.items() if k not in states})
@@ -209,11 +232,12 @@ class Checkpointer:
         tmp = self.root / (step_dir_name(step) + TMP_SUFFIX)
         if self.parallel.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            (tmp / OPTIMIZER_DIR).mkdir(parents=True)
         self.parallel.barrier()
         self.write(tmp, states)
         if self.parallel.is_main:
-            (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2) + "\n", encoding="utf-8")
+            record = {"step": step, **meta, "optimizer_state": True}
+            (tmp / "meta.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         self.parallel.barrier()
         if self.parallel.is_main:
             self.commit(tmp, final)
@@ -229,6 +253,12 @@ class Checkpointer:
 
     def load(self, path: Path, states: dict[str, Stateful]) -> None:
         """Restore every component from the committed checkpoint `path` (resume is this one call)."""
+        if not has_optimizer_state(path):
+            raise SftflowError(
+                f"checkpoint {path} has no optimizer state (training.keep_optimizer_state: latest keeps it only in "
+                "the newest checkpoint): it cannot resume training exactly; export it and train from the exported "
+                "model, or resume from the newest checkpoint"
+            )
         self.read(path, states)
 
 

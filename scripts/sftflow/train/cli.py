@@ -60,8 +60,14 @@ def load_train_config(paths: list[str]) -> dict:
     from sftflow.config import validate_sections
 
     raw: dict[str, dict] = {"training": {}, "packing": {}}
+    protected: set[int] = set()
     for path in paths:
         data = stage_config.read_mapping(path)
+        # The workflow's list of steps exported after training (sftflow.train.retention.protected_steps).
+        steps = data.pop("protected_steps", [])
+        if not isinstance(steps, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+            raise SftflowError(f"--config {path}: 'protected_steps' is not a list of steps")
+        protected.update(steps)
         unknown = set(data) - set(raw)
         if unknown:
             raise SftflowError(f"--config {path}: unknown sections {sorted(unknown)} (expected training, packing)")
@@ -70,7 +76,7 @@ def load_train_config(paths: list[str]) -> dict:
                 raise SftflowError(f"--config {path}: section '{section}' is not a mapping")
             raw[section].update(values)
     try:
-        return validate_sections(raw)
+        return {**validate_sections(raw), "protected_steps": sorted(protected)}
     except SftflowError as err:
         raise SftflowError(f"--config {' + '.join(map(str, paths))}: {err}") from None
 

@@ -49,6 +49,11 @@ def _check_common(t: dict) -> None:
             f"training.learning_rate ({t['learning_rate']})"
         )
     _check_validation(t)
+    if t.get("remove_checkpoints_after_average") and not t.get("average_steps"):
+        raise SftflowError(
+            "config key 'training.remove_checkpoints_after_average' is true but 'training.average_steps' is empty: "
+            "nothing is averaged, so nothing would be removed; list the steps to average or set it to false"
+        )
     if t["time_limit"] is not None:
         from sftflow.train.deadline import parse_time_limit
 

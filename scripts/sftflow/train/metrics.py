@@ -150,6 +150,18 @@ class MetricsLogger:
             "step %d: val_loss %.4f on %s tokens (%s sequences)", step, loss, f"{num_tokens:,}", f"{num_sequences:,}"
         )
 
+    def log_checkpoint(self, step: int, record: dict) -> None:
+        """A save: its bytes, the checkpoints and bytes on disk after retention, what retention removed (a
+        metrics.jsonl row with "checkpoint_bytes"; TensorBoard under checkpoint/)."""
+        if not self.enabled:
+            return
+        row = {"step": step, **record, "elapsed_seconds": round(time.time() - self.start, 3)}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        for key in ("checkpoint_bytes", "checkpoint_bytes_on_disk", "checkpoints_on_disk"):
+            self.writer.add_scalar(f"checkpoint/{key}", record[key], step)
+        self.writer.flush()
+
     def _write(self, step: int, metrics: dict, elapsed: float) -> None:
         row = {"step": step, **{k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()}}
         row["elapsed_seconds"] = round(elapsed, 3)

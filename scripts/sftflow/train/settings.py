@@ -46,6 +46,11 @@ class TrainingConfig:
     expert_tensor_parallel_size: int
     moe_aux_loss_coeff: float | None  # null: the model's router_aux_loss_coef
     save_period: int
+    keep_top_k: int | None  # null: keep every checkpoint
+    metric_name: str
+    higher_is_better: bool
+    keep_optimizer_state: str
+    remove_checkpoints_after_average: bool
     validation_data: str | None
     val_set_size: float  # 0: none; < 1: a fraction of the prepared rows; >= 1: a row count (pack_data holds them out)
     val_set_seed: int

@@ -39,6 +39,7 @@ from sftflow.train.checkpoint import (
     check_layout,
     latest_checkpoint,
     read_meta,
+    step_dir_name,
 )
 from sftflow.train.config import check_training_keys, check_training_matches
 from sftflow.train.data import (
@@ -55,6 +56,15 @@ from sftflow.train.engine import Engine, JobSpec, engine_class
 from sftflow.train.lr_schedule import WarmupCosineSchedule, lr_at
 from sftflow.train.metrics import Hardware, JobSteps, MetricsLogger
 from sftflow.train.parallel import ParallelDims
+from sftflow.train.retention import (
+    RetentionPolicy,
+    RetentionResult,
+    apply_retention,
+    directory_bytes,
+    disk_usage,
+    format_bytes,
+    protected_steps,
+)
 from sftflow.train.settings import TrainingConfig
 
 LOG = logging.getLogger("sftflow.train")
@@ -203,6 +213,20 @@ def _sequences_without_loss(bin_: dict) -> int:
     return count
 
 
+def _describe_retention(result: RetentionResult, policy: RetentionPolicy) -> str:
+    """The tail of the save's log line: what retention removed and why."""
+    parts = []
+    if result.removed:
+        names = ", ".join(step_dir_name(s) for s in result.removed)
+        parts.append(f"removed {names} ({policy.describe()})")
+    if result.optimizer_dropped:
+        names = ", ".join(step_dir_name(s) for s in result.optimizer_dropped)
+        parts.append(f"dropped the optimizer state of {names} (keep_optimizer_state latest)")
+    if result.freed_bytes:
+        parts.append(f"freed {format_bytes(result.freed_bytes)}")
+    return "".join(f"; {p}" for p in parts)
+
+
 class Trainer:
     """One chained job of a training run, for any registered backend.
 
@@ -220,7 +244,8 @@ class Trainer:
         t_process_start = clock()
         self.cfg, self.spec = cfg, spec
         self.training = tcfg = TrainingConfig.from_section(cfg["training"])
-        self.val_losses: dict[int, float] = {}  # step -> validation loss, of this job's validations
+        self.val_losses: dict[int, float] = {}  # step -> validation loss of this job (saves record it for retention)
+        self.train_loss: float | None = None  # the last step's loss (metric_name train_loss)
         self.validation, self.validation_batches = None, []  # set once the job has steps to train
         engine_cls = engine_class(tcfg.backend)
         self.parallel = parallel = parallel or engine_cls.init_parallel(tcfg)
@@ -293,6 +318,12 @@ class Trainer:
                 "training.val_period / val_at_start ask for validation, but there is no validation data "
                 "(training.validation_data or training.val_set_size): no validation loss is computed"
             )
+        self.retention = RetentionPolicy.from_training(
+            cfg["training"],
+            protected=protected_steps(cfg) | set(cfg.get("protected_steps") or []),
+            has_validation=self.validation is not None,
+        )
+        self._warn_unranked_saves()
         self.meta = {  # what every checkpoint of this job records in its meta.json (resume checks read it back)
             "data_fingerprint": fingerprint,
             "model": spec.model,
@@ -339,6 +370,7 @@ class Trainer:
             micro_bins, masked = self._micro_bins(batch, self.dataset)
             lr = self.schedule.apply(step)
             loss, loss_tokens, grad_norm = self.engine.train_step(micro_bins)
+            self.train_loss = loss
             overlong_masked = int(self.parallel.dp_sum(masked))
             step += 1
             seconds = time.perf_counter() - t_step
@@ -392,11 +424,71 @@ class Trainer:
         }
 
     def save(self, step: int) -> Path:
+        """Save step `step`, then (rank 0, once it committed) apply retention; every rank waits for it."""
+        start = time.perf_counter()
         self.states["train"].step = step
-        path, seconds = self.engine.checkpointer.save(step, self.states, self.meta)
-        self.deadline.record_save(seconds)
-        LOG.info("saved %s in %.1f s", path, seconds)
+        metrics = {"train_loss": self.train_loss}
+        if step in self.val_losses:
+            metrics["val_loss"] = self.val_losses[step]
+        path, seconds = self.engine.checkpointer.save(step, self.states, {**self.meta, "metrics": metrics})
+        if self.parallel.is_main:
+            self._retain(step, path, seconds)
+        self.parallel.barrier()
+        self.deadline.record_save(time.perf_counter() - start)  # the deadline counts retention in the save
         return path
+
+    def _retain(self, step: int, path: Path, seconds: float) -> None:
+        """Rank 0: apply the retention policy to what is on disk, log the save's and the run's bytes."""
+        written = directory_bytes(path)
+        tcfg = self.training
+        result = (
+            apply_retention(path.parent, self.retention, tcfg.keep_optimizer_state)
+            if tcfg.keep_top_k is not None or tcfg.keep_optimizer_state == "latest"
+            else RetentionResult([], [], 0, [])
+        )
+        count, total = disk_usage(path.parent)
+        LOG.info(
+            "saved %s (%s) in %.1f s; %d checkpoint%s on disk, %s%s",
+            path,
+            format_bytes(written),
+            seconds,
+            count,
+            "" if count == 1 else "s",
+            format_bytes(total),
+            _describe_retention(result, self.retention),
+        )
+        self.metrics.log_checkpoint(
+            step,
+            {
+                "checkpoint_bytes": written,
+                "checkpoints_on_disk": count,
+                "checkpoint_bytes_on_disk": total,
+                "removed_steps": result.removed,
+                "optimizer_dropped_steps": result.optimizer_dropped,
+                "freed_bytes": result.freed_bytes,
+                "save_seconds": round(seconds, 3),
+            },
+        )
+
+    def _warn_unranked_saves(self) -> None:
+        """Once, at the start: with a validation metric, a save at a step without validation ranks last."""
+        tcfg = self.training
+        if self.retention.metric_key != "val_loss" or tcfg.keep_top_k is None or not self.parallel.is_main:
+            return
+        if tcfg.val_period == 0 or tcfg.save_period % tcfg.val_period != 0:
+            why = (
+                "training.val_period is 0 (validation only at the end)"
+                if tcfg.val_period == 0
+                else f"training.save_period ({tcfg.save_period}) is not a multiple of training.val_period "
+                f"({tcfg.val_period})"
+            )
+            LOG.warning(
+                "%s: checkpoints saved without a validation loss rank below those with one for "
+                "training.keep_top_k (%d by %s)",
+                why,
+                tcfg.keep_top_k,
+                tcfg.metric_name,
+            )
 
     def validate(self, step: int) -> float | None:
         """The validation loss after `step` steps (None without validation data): the token-weighted mean over
