@@ -24,7 +24,7 @@ from sftflow.train.retention import (
     remove_averaged,
     remove_tree,
 )
-from tests.train.conftest import ModelAndOptimizer, run_inprocess, training_config
+from tests.train.conftest import ModelAndOptimizer, logged, run_inprocess, training_config
 
 
 def read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
@@ -186,3 +186,28 @@ def test_export_average_and_resume_after_retention(tmp_path, world1, packed, tin
     with pytest.raises(SftflowError, match=r"step_00000004 has no optimizer state \(training.keep_optimizer_state"):
         Checkpointer(ckpt, world1).load(found[1].path, states)
     Checkpointer(ckpt, world1).load(found[2].path, states)  # the newest resumes
+
+
+def test_keep_top_k_2_by_val_loss_with_average_steps_keeps_exactly_the_best_the_averaged_and_the_newest(
+    tmp_path, world1, packed, tiny_model
+):
+    """Issue 28's run: keep_top_k 2 ranked by the validation loss measured at every save, average_steps [2, 4].
+    On disk at the end: the two lowest val_loss checkpoints (from the logged losses), the averaged steps and the
+    newest, nothing else; only the newest has its optimizer state, and a later job resumes from it."""
+    ckpt = tmp_path / "ckpt"
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"input": f"w{i} w7 w9", "output": f"w{i + 3} w5"}) + "\n" for i in range(3, 9)))
+    settings = dict(save_period=2, val_period=2, keep_top_k=2, average_steps=[2, 4], validation_data=str(val),
+                    max_num_epochs=100)  # fmt: skip
+    run_inprocess(world1, ckpt, packed, tiny_model, max_num_steps=10, **settings)
+    val_losses = logged(ckpt, "val_loss")
+    assert sorted(val_losses) == [2, 4, 6, 8, 10]
+    best_two = sorted(val_losses, key=lambda s: (val_losses[s], -s))[:2]
+    expected = sorted(set(best_two) | {2, 4, 10})
+    found = complete_checkpoints(ckpt)
+    assert [c.step for c in found] == expected and len(expected) < 5  # retention did remove something
+    assert [c.step for c in found if (c.path / "optimizer").is_dir()] == [10]
+    for c in found:
+        assert json.loads((c.path / "meta.json").read_text())["metrics"]["val_loss"] == val_losses[c.step]
+    record = run_inprocess(world1, ckpt, packed, tiny_model, max_num_steps=12, **settings)
+    assert (record["start_step"], record["end_step"]) == (10, 12)

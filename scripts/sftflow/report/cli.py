@@ -118,8 +118,7 @@ def read_training_inputs(inputs: ReportInputs) -> dict:
 
 def write_training_pages(inputs: ReportInputs, run: dict, outputs: ReportOutputs) -> None:
     """The training pages (rule report_training): curves, throughput, summary by run, packing per step, schedule
-    changes and the validation losses."""
-    changes and the checkpoints' bytes on disk."""
+    changes, the validation losses and the checkpoints' bytes on disk."""
     metrics, jobs = run["metrics"], run["jobs"]
     training.plot_training_curves(metrics, jobs, outputs.training_curves)
     training.plot_throughput(metrics, jobs, outputs.throughput)
