@@ -68,7 +68,7 @@ def test_a_user_config_gets_schema_defaults_not_the_demos(tmp_path):
     assert values["training.learning_rate"] == ("1.0e-05", "my.yaml")
     assert values["training.max_num_steps"] == ("10", "my.yaml")
     # What the demo sets and the user did not: the schema's defaults, never the demo's values.
-    assert demo["prepare_data"]["max_solution_length"] == 200 and demo["training"]["warmup_steps"] == 30
+    assert demo["prepare_data"]["max_solution_length"] == 200 and demo["training"]["warmup_steps"] == 60
     demo_keys = ["prepare_data.max_solution_length", "training.min_learning_rate", "training.warmup_steps",
                  "training.max_num_epochs", "demo.enabled", "eval.benchmarks"]  # fmt: skip
     filters = [f"prepare_data.filters.{name}" for name in demo["prepare_data"]["filters"]]
