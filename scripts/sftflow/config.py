@@ -74,7 +74,8 @@ def _describe(error: jsonschema.ValidationError, prefix: str) -> str:
             full = f"{key}.{name}" if key != "<top level>" else name
             close = difflib.get_close_matches(name, allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            msgs.append(f"unknown config key '{full}'{hint}; known keys here: {', '.join(allowed)}")
+            where = "top-level keys" if key == "<top level>" else f"keys of '{key}'"
+            msgs.append(f"unknown config key '{full}'{hint}; the {where} are listed in config/README.md")
         return "; ".join(msgs)
     if error.validator == "enum":
         return f"config key '{key}': {error.instance!r} is not one of {error.validator_value}"

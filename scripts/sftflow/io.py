@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
@@ -87,7 +88,12 @@ def check_input_file(path: str | os.PathLike) -> Path:
 
 
 def parse_json_object(raw: bytes) -> tuple[dict | None, str | None]:
-    """(object, None) for a line holding a JSON object, else (None, why not): bad UTF-8, bad JSON, not an object."""
+    """(object, None) for a line holding a JSON object, else (None, why not): bad UTF-8, bad JSON, not an object.
+
+    A UTF-8 byte-order mark before the object is accepted (editors on Windows write one at the start of a file;
+    `cat` of such files puts one at the start of a line): it is not part of the JSON text."""
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
     try:
         row = orjson.loads(raw)
     except orjson.JSONDecodeError as err:

@@ -148,3 +148,26 @@ def test_zero_rows_written_fails_naming_the_step_and_the_key(tmp_path, capsys):
     assert rc == 0 and out.read_text() == ""
     assert "prepare_data wrote 0 of 5 rows read: selection dropped 5 unlabeled rows" in capsys.readouterr().err
     assert json.loads(out.with_name("sft.stats.json").read_text())["rows_written"] == 0
+
+
+def test_a_byte_order_mark_on_the_first_line_is_accepted_by_prepare_data_and_pack_data(tmp_path, demo_tokenizer_dir):
+    """Issue 29: a JSONL file saved with a UTF-8 byte-order mark (Windows editors write one) reads as without it,
+    in prepare_data (generations) and in pack_data (prepared rows); the outputs are the same bytes."""
+    from transformers import AutoTokenizer
+
+    from sftflow.packing import pack_jsonl
+
+    demo_tok = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
+    second = json.dumps({"problem": "q", "generation": "t \\boxed{2}", "symbolic_correct": True}) + "\n"
+    outputs = {}
+    for name, prefix in (("plain", b""), ("bom", b"\xef\xbb\xbf")):
+        (tmp_path / name).mkdir()
+        rc, out = run(tmp_path / name, prefix + (GOOD + second).encode())
+        assert rc == 0
+        prepared = out.read_bytes()
+        assert prepared.count(b"\n") == 2 and not prepared.startswith(b"\xef\xbb\xbf")
+        (tmp_path / f"{name}.jsonl").write_bytes(prefix + prepared)
+        pack_jsonl(tmp_path / f"{name}.jsonl", tmp_path / f"{name}_packed", demo_tok, {"max_total_sequence_length": 64})
+        shards = sorted((tmp_path / f"{name}_packed").glob("*.safetensors"))
+        outputs[name] = (prepared, [s.read_bytes() for s in shards])
+    assert outputs["bom"] == outputs["plain"] and outputs["plain"][1]
