@@ -59,9 +59,10 @@ def get_generations():
     patterns = config["prepare_data"]["input_files"]
     if patterns is None:
         return [out("demo", "generations", f"output-rs{i}.jsonl") for i in range(config["demo"]["num_seeds"])]
-    from sftflow.prepare.pipeline import expand_input_files
+    from sftflow.prepare.pipeline import expand_input_files, stats_path_for
 
-    return [str(p) for p in expand_input_files(patterns)]
+    own = (out("data", "sft.jsonl"), stats_path_for(out("data", "sft.jsonl")))  # a glob over them leaves them out
+    return [str(p) for p in expand_input_files(patterns, own)]
 
 
 def get_base_model():

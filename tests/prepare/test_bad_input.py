@@ -171,3 +171,31 @@ def test_a_byte_order_mark_on_the_first_line_is_accepted_by_prepare_data_and_pac
         shards = sorted((tmp_path / f"{name}_packed").glob("*.safetensors"))
         outputs[name] = (prepared, [s.read_bytes() for s in shards])
     assert outputs["bom"] == outputs["plain"] and outputs["plain"][1]
+
+
+def test_an_output_path_that_is_an_input_is_refused_and_a_glob_over_the_output_leaves_it_out(tmp_path, capsys):
+    """Issue 29: `++input_files=gen.jsonl ++output_path=gen.jsonl` replaced the generations with the SFT rows; a
+    glob over the output's folder read the previous output back on a rerun."""
+    gen = tmp_path / "gen.jsonl"
+    gen.write_bytes(GOOD.encode())
+    before = gen.read_bytes()
+    rc = main([f"++input_files={gen}", f"++output_path={gen}", *BASE])
+    err = capsys.readouterr().err
+    assert rc != 0 and gen.read_bytes() == before  # nothing written, nothing read
+    assert f"input_files '{gen}' is also this run's output ({gen}): writing it would overwrite the input" in err
+    assert not list(tmp_path.glob("gen.stats.json"))
+
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    (folder / "output-rs0.jsonl").write_bytes(GOOD.encode())
+    args = [f"++input_files={folder}/*.jsonl", f"++output_path={folder}/sft.jsonl", *BASE]
+    assert main(args) == 0
+    first = (folder / "sft.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 0  # the rerun: the glob now matches the first run's output too
+    err = capsys.readouterr().err
+    assert (
+        f"input_files pattern '{folder}/*.jsonl' also matches {folder}/sft.jsonl, this run's own output: left out"
+        in err
+    )
+    assert (folder / "sft.jsonl").read_bytes() == first

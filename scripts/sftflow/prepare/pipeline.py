@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -31,17 +32,30 @@ def stats_path_for(output_path: str | Path) -> Path:
     return output_path.with_name(f"{stem}.stats.json")
 
 
-def expand_input_files(patterns) -> list[Path]:
-    """Glob patterns (a list, or one string separated by spaces/commas), recursive, each must match."""
+def expand_input_files(patterns, outputs: tuple[str | Path, ...] = ()) -> list[Path]:
+    """Glob patterns (a list, or one string separated by spaces/commas), recursive, each must match.
+
+    A user's file is never overwritten or read back: a file named literally that is one of `outputs` (the
+    stage's own output files) is an error naming both, before anything is read; one that a glob matches is left
+    out, and the log says so (e.g. `dir/*.jsonl` with the output in `dir/`, on a rerun)."""
     if patterns is None:
         raise SftflowError("input_files is not set: give ++input_files='dir/output-rs*.jsonl'")
     if isinstance(patterns, str):
         patterns = [p for p in re.split(r"[,\s]+", patterns.strip()) if p]
     if not patterns:
         raise SftflowError("input_files is empty")
+    own = {os.path.realpath(o): str(o) for o in outputs}
     files: set[Path] = set()
     for pattern in patterns:
         matches = [Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file()]
+        if not glob.has_magic(pattern) and os.path.realpath(pattern) in own:
+            raise SftflowError(
+                f"input_files '{pattern}' is also this run's output ({own[os.path.realpath(pattern)]}): writing it "
+                "would overwrite the input; choose another output_path"
+            )
+        for match in [m for m in matches if os.path.realpath(m) in own]:
+            LOG.warning("input_files pattern '%s' also matches %s, this run's own output: left out", pattern, match)
+            matches.remove(match)
         if not matches:
             raise SftflowError(f"input_files pattern '{pattern}' matches no file")
         files.update(matches)
@@ -52,7 +66,7 @@ def prepare(cfg: PrepareConfig, cores: int | None = None) -> dict:
     """Run data preparation: cfg.output_path and its stats file (returned too) are written, each atomically.
     `cores` (the rule's threads) caps the worker count when num_workers is not set."""
     start = time.time()
-    files = expand_input_files(cfg.input_files)
+    files = expand_input_files(cfg.input_files, (cfg.output_path, stats_path_for(cfg.output_path)))
     LOG.info("reading %d file(s): %s", len(files), ", ".join(map(str, files)))
     processor = RowProcessor(cfg)
     funnel = Funnel(processor.filters, processor.length_stages, processor.skipped_stages, cfg.deduplicate)
