@@ -105,3 +105,17 @@ def parse_json_object(raw: bytes) -> tuple[dict | None, str | None]:
     if not isinstance(row, dict):
         return None, f"expected a JSON object, got {type(row).__name__}"
     return row, None
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (a rename into it) to disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 
 from sftflow.errors import SftflowError
+from sftflow.io import fsync_dir
 from sftflow.train.checkpoint_dir import (  # noqa: F401  (re-exported: the checkpoint API in one place)
     STEP_DIR_RE,
     TMP_SUFFIX,
@@ -249,7 +250,7 @@ class Checkpointer:
         if final.exists():  # a re-save of the same step (e.g. after max_num_steps changed): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def load(self, path: Path, states: dict[str, Stateful]) -> None:
         """Restore every component from the committed checkpoint `path` (resume is this one call)."""
@@ -282,16 +283,3 @@ def check_layout(meta: dict, current: dict, path: Path) -> None:
             f"checkpoint {path} was written with other parallel sizes ({'; '.join(changed)}); a {backend} "
             "checkpoint resumes with the sizes it was written with"
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

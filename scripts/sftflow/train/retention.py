@@ -12,7 +12,6 @@ job left. An optimizer state is dropped the same way: `step_N/optimizer` -> `ste
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -20,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sftflow.io import fsync_dir, write_json
 from sftflow.train.checkpoint_dir import complete_checkpoints, read_meta
 
 LOG = logging.getLogger("sftflow.train")
@@ -135,25 +135,12 @@ def directory_bytes(path: Path) -> int:
     return total
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def remove_tree(path: Path) -> None:
     """Rename `path` to `<path>.removing` (the atomic step: no reader takes it for a checkpoint any more), then delete it."""
     marker = path.with_name(path.name + REMOVING_SUFFIX)
     shutil.rmtree(marker, ignore_errors=True)
     os.replace(path, marker)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(marker, ignore_errors=True)
 
 
@@ -170,9 +157,7 @@ def drop_optimizer_state(path: Path) -> int:
     freed = directory_bytes(optimizer)
     meta = read_meta(path)
     meta["optimizer_state"] = False
-    tmp = path / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path / "meta.json")
+    write_json(path / "meta.json", meta)  # atomic: meta.json says so before the state goes
     remove_tree(optimizer)
     return freed
 
@@ -256,7 +241,6 @@ def format_bytes(n: float) -> str:
 
 def remove_averaged_from_snakemake(smk) -> None:
     """Rule remove_averaged_checkpoints: params.checkpoint_dir, params.steps, output.record (JSON), log[0]."""
-    from sftflow.io import write_json
     from sftflow.logs import setup_logging
 
     setup_logging(smk.log[0] if smk.log else None)
