@@ -3,6 +3,7 @@ torchrun command, the placeholders filled in from the Slurm allocation, and the 
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import subprocess
@@ -183,12 +184,28 @@ def test_the_jobs_threads_are_shared_among_the_processes_of_a_node(tmp_path, mon
 def test_ctrl_c_lets_the_ranks_save_and_reports_an_interruption(tmp_path, capsys):
     """The launcher survives the terminal's SIGINT (the ranks get it through torchrun and save before they exit),
     waits for them, and exits 130 with a message saying how to resume, instead of a KeyboardInterrupt traceback
-    that would have killed torchrun and the save."""
+    that would have killed torchrun and the save. Whether the ranks saved comes from the done-file they write
+    after their last save, not from the exit code (torchrun's is non-zero after a SIGINT either way)."""
     log, done = tmp_path / "train_job0.log", tmp_path / "job0.done"
-    ranks = "import os, signal, time; os.kill(os.getppid(), signal.SIGINT); time.sleep(0.5); print('saved step 4')"
+    interrupt = "import os, signal, time; os.kill(os.getppid(), signal.SIGINT); time.sleep(0.5); "
+    saved = (
+        interrupt
+        + f"import pathlib; pathlib.Path({str(done)!r}).write_text('{{\"end_step\": 4}}'); raise SystemExit(1)"
+    )
     before = signal.getsignal(signal.SIGINT)
-    assert launch_main(["--done-file", str(done), "--log", str(log), "--", sys.executable, "-c", ranks]) == 130
-    assert "saved step 4" in log.read_text()  # the ranks ran to their end
-    expected = f"interrupted (Ctrl-C): the training processes stopped after a save; rerun to resume from the latest checkpoint in {tmp_path}"
+    assert launch_main(["--done-file", str(done), "--log", str(log), "--", sys.executable, "-c", saved]) == 130
+    expected = (
+        "interrupted (Ctrl-C): the training processes saved step 4 and stopped; rerun the same command to resume "
+        f"from the latest checkpoint in {tmp_path}"
+    )
     assert expected in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is before
+    # Interrupted while the ranks start up (before the trainer can save): no done-file is written this time.
+    stale = done.stat().st_mtime - 10
+    os.utime(done, (stale, stale))  # an earlier run's done-file does not count
+    started = interrupt + "raise KeyboardInterrupt"
+    assert launch_main(["--done-file", str(done), "--log", str(log), "--", sys.executable, "-c", started]) == 130
+    expected = (
+        "interrupted (Ctrl-C): the training processes stopped before saving (the checkpoints saved before are intact)"
+    )
+    assert expected in capsys.readouterr().err

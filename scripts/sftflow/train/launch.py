@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -31,6 +32,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,7 +203,7 @@ def launch_main(argv: list[str] | None = None) -> int:
         handler.flush()
     log = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115
     ranks_start = log.tell() if log else 0
-    interrupts = InterruptWatch()
+    interrupts, started = InterruptWatch(), time.time()
     try:
         rc = subprocess.run(
             command,
@@ -215,8 +217,8 @@ def launch_main(argv: list[str] | None = None) -> int:
             log.close()
     if interrupts.count:
         LOG.error(
-            "interrupted (Ctrl-C): the training processes %s; rerun to resume from the latest checkpoint in %s%s",
-            "stopped after a save" if rc == 0 or interrupts.count == 1 else "stopped without saving",
+            "interrupted (Ctrl-C): %s; rerun the same command to resume from the latest checkpoint in %s%s",
+            interrupted_state(args.done_file, started),
             Path(args.done_file).parent,
             f"\n  full log: {args.log}" if args.log else "",
         )
@@ -236,6 +238,17 @@ def launch_main(argv: list[str] | None = None) -> int:
         LOG.error("%s", unfinished)
         return EXIT_UNFINISHED
     return EXIT_OK
+
+
+def interrupted_state(done_file: str | os.PathLike, since: float) -> str:
+    """What the ranks did after a Ctrl-C: they write the done-file only after their last save, so one written
+    since `since` (the launch) means they saved; torchrun's exit code does not tell (it exits non-zero on SIGINT
+    either way), and a Ctrl-C while the ranks start up stops them before the trainer can save."""
+    path = Path(done_file)
+    if path.is_file() and path.stat().st_mtime >= math.floor(since):  # floor: filesystems with 1 s mtimes
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return f"the training processes saved step {record['end_step']} and stopped"
+    return "the training processes stopped before saving (the checkpoints saved before are intact)"
 
 
 class InterruptWatch:
